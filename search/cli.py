@@ -1,0 +1,75 @@
+"""The `lora-rank` command line: search, and the analysis subcommands registered by `analysis.cli`.
+
+Exit codes: 0 success, 2 bad input (config, model, data, storage: found before any expensive
+work), 1 a failure during the search, 130 interrupted (resume with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Callable, Optional
+
+from search.config import ConfigError, load_config
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _search(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from search.runner import run_search
+
+    try:
+        experiment = run_search(cfg, resume=args.resume, address=args.address)
+    except KeyboardInterrupt:
+        again = " ".join(["lora-rank search", shlex.quote(args.config), *(f"--set {shlex.quote(s)}" for s in args.set), "--resume"])
+        print(f"\ninterrupted; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
+        return 130
+    from analysis.results import format_table, load_experiment
+
+    trials, _ = load_experiment(experiment)
+    print()
+    print(format_table(trials))
+    print(f"\nexperiment: {experiment}")
+    print(f"next: lora-rank analyze {shlex.quote(experiment)}")
+    failed = int((trials["status"] == "error").sum()) if not trials.empty else 0
+    if failed:
+        print(f"{failed} trial(s) failed: see error.txt in their folders", file=sys.stderr)
+    return 0
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="run (or resume) a rank search from a YAML config")
+    p.add_argument("config", help="path to the search config (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment storage_path/name after an interruption")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray locally")
+    p.set_defaults(handler=_search)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-rank", description="Measure which LoRA rank to use.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_search(sub)
+    try:
+        from analysis.cli import add_subcommands
+    except ImportError:  # analysis commands not available in this build
+        add_subcommands = None
+    if add_subcommands is not None:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

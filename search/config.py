@@ -1,0 +1,529 @@
+"""The search config: one typed schema, the only place defaults live, strict parsing.
+
+Every problem in a config is collected and raised once as a `ConfigError`, each line naming the
+field path and the bad value (``lora.ranks[2]: rank must be a positive integer, got 0``). Unknown
+keys are errors. The parsed `SearchConfig` is plain data (`to_dict`) so it can travel to Ray
+workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+ALPHA_RULES = ("r", "2r", "rslora")
+TARGET_PRESETS = ("attention-qv", "attention", "all-linear")
+DATA_FORMATS = ("instruction", "chat", "text")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULER_TYPES = ("asha", "none")
+CONFIG_FILENAME = "lora_rank_search.yaml"  # the validated config saved in the experiment dir
+META_FILENAME = "search_meta.json"  # what the driver worked out: targets, data counts, resources
+
+
+class ConfigError(ValueError):
+    """One or more config problems; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        self.source = source
+        n = len(self.problems)
+        head = f"{source}: {n} problem{'s' if n != 1 else ''}"
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model every trial loads."""
+
+    name_or_path: str = _doc(
+        "hub id, local folder, or 'builtin:smollm2-135m-instruct' (shipped on PyPI, offline)",
+        default="builtin:smollm2-135m-instruct",
+    )
+    gguf_file: Optional[str] = _doc("GGUF file name inside name_or_path (dequantized on load)", default=None)
+    trust_remote_code: bool = _doc("run the model repo's own Python code (off unless you trust it)", default=False)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How the frozen base is stored: bitsandbytes 4-bit (QLoRA) or plain."""
+
+    load_in_4bit: bool = _doc("NF4/FP4 via bitsandbytes; false = plain weights (for comparison)", default=True)
+    quant_type: str = _doc("nf4 | fp4", default="nf4")
+    double_quant: bool = _doc("also quantize the quantization constants (~0.4 bits/param saved)", default=True)
+    compute_dtype: str = _doc("auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16", default="auto")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training and evaluation data."""
+
+    source: str = _doc(
+        "jsonl/json/csv/parquet/txt file, hub dataset name, or 'builtin:chatterbot' (shipped on PyPI)",
+        default="builtin:chatterbot",
+    )
+    format: str = _doc("instruction | chat | text", default="instruction")
+    prompt_field: str = _doc("instruction format: the prompt column", default="prompt")
+    response_field: str = _doc("instruction format: the response column (the only tokens with loss)", default="response")
+    messages_field: str = _doc("chat format: column of [{role, content}, ...] lists", default="messages")
+    text_field: str = _doc("text format: the text column", default="text")
+    use_chat_template: Union[bool, str] = _doc(
+        "instruction format: render through the tokenizer's chat template (auto = if it has one)", default="auto"
+    )
+    eval_source: Optional[str] = _doc("separate eval file; otherwise a deterministic hash split", default=None)
+    eval_fraction: float = _doc("share of examples (by hash of the prompt) held out for eval", default=0.1)
+    max_eval_examples: Optional[int] = _doc("cap on eval examples (a fixed subset, the same for every trial)", default=None)
+    max_seq_len: int = _doc("tokens per example; longer examples are truncated", default=256)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The adapter: one trial per rank and seed."""
+
+    ranks: tuple = _doc("candidate ranks r (positive integers)", default=(4, 8, 16, 32, 64))
+    alpha: Union[float, str] = _doc(
+        "lora_alpha: a number | 'r' (scale 1) | '2r' (scale 2) | 'rslora' (alpha 16, scale 16/sqrt(r))",
+        default="2r",
+    )
+    dropout: float = _doc("LoRA dropout, in [0, 1)", default=0.05)
+    target_modules: Union[str, tuple] = _doc(
+        "attention-qv | attention | all-linear | explicit list of module names", default="attention"
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The per-trial training loop (steps are optimizer steps)."""
+
+    learning_rate: float = _doc("peak learning rate", default=2.0e-4)
+    lr_schedule: str = _doc("constant | linear | cosine (decay to 0 at max_steps, after warmup)", default="cosine")
+    warmup_steps: int = _doc("linear warm-up, in steps", default=0)
+    weight_decay: float = _doc("AdamW weight decay on the adapter", default=0.0)
+    max_grad_norm: Optional[float] = _doc("gradient clipping norm; null = off", default=1.0)
+    batch_size: int = _doc("examples per micro-batch", default=8)
+    eval_batch_size: Optional[int] = _doc("examples per eval batch (default: 2 x batch_size)", default=None)
+    grad_accum: int = _doc("micro-batches per optimizer step", default=1)
+    max_steps: int = _doc("optimizer steps per trial (= ASHA max_t)", default=200)
+    eval_every: int = _doc("steps between evaluations = between ASHA decisions and checkpoints", default=20)
+    seeds: tuple = _doc("one trial per seed and rank; several seeds give error bars", default=(0,))
+    gradient_checkpointing: bool = _doc("trade compute for activation memory", default=False)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Early stopping of poor ranks."""
+
+    type: str = _doc("asha | none (full grid)", default="asha")
+    grace_period: int = _doc("steps every trial gets before it can be stopped", default=40)
+    reduction_factor: float = _doc("keep the best 1/reduction_factor at each rung (>= 2)", default=2)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What one trial asks Ray for."""
+
+    gpus_per_trial: Union[float, str] = _doc(
+        "fraction like 0.25, a whole number, 0 for CPU, or auto (fit by a memory estimate; 0 without GPUs)",
+        default="auto",
+    )
+    cpus_per_trial: int = _doc("CPU cores per trial (also torch threads on CPU)", default=1)
+    max_concurrent: Optional[int] = _doc("cap on trials running at once; null = as many as fit", default=None)
+    max_failures: int = _doc("retries of a failed trial, each from its last checkpoint", default=1)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A whole rank search."""
+
+    name: str = _doc("experiment name: the folder under storage_path", default="rank-search")
+    storage_path: str = _doc("local folder, shared filesystem, or s3:// / gs:// URI", default="./runs")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists, not tuples), round-trips through `parse_config`."""
+        return _plain(dataclasses.asdict(self))
+
+    @property
+    def experiment_path(self) -> str:
+        """`storage_path/name`: the experiment directory (a path or a URI)."""
+        return self.storage_path.rstrip("/") + "/" + self.name
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- parsing (types)
+
+_ELEMENT_TYPES = {  # tuple-typed fields: element type
+    ("lora", "ranks"): int,
+    ("lora", "target_modules"): str,
+    ("train", "seeds"): int,
+}
+
+
+def _is_number_string(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _coerce_scalar(value: Any, kind: type, path: str, errors: list[str]) -> Any:
+    """Return value converted to `kind`, or the sentinel _BAD after recording an error."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{path}: expected true or false, got {value!r}")
+        return _BAD
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+            return _BAD
+        if isinstance(value, str) and not _is_number_string(value):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+            return _BAD
+        number = float(value)
+        if not math.isfinite(number) or number != int(number):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+            return _BAD
+        return int(number)
+    if kind is float:
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) or _is_number_string(value)):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return _BAD
+        number = float(value)
+        if not math.isfinite(number):
+            errors.append(f"{path}: expected a finite number, got {value!r}")
+            return _BAD
+        return number
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        errors.append(f"{path}: expected a string, got {value!r}")
+        return _BAD
+    raise TypeError(kind)  # pragma: no cover - schema bug
+
+
+class _Bad:
+    def __repr__(self) -> str:
+        return "<bad>"
+
+
+_BAD = _Bad()
+
+
+def _union_args(tp: Any) -> tuple:
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _coerce(value: Any, tp: Any, key: tuple, path: str, errors: list[str]) -> Any:
+    options = _union_args(tp)
+    if value is None:
+        if type(None) in options:
+            return None
+        errors.append(f"{path}: a value is required, got null")
+        return _BAD
+    options = tuple(o for o in options if o is not type(None))
+    if tuple in options and isinstance(value, (list, tuple)):
+        element = _ELEMENT_TYPES[key]
+        items = [_coerce_scalar(v, element, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return _BAD if any(i is _BAD for i in items) else tuple(items)
+    scalars = [o for o in options if o is not tuple]
+    if not scalars:
+        errors.append(f"{path}: expected a list, got {value!r}")
+        return _BAD
+    if len(scalars) == 1:
+        return _coerce_scalar(value, scalars[0], path, errors)
+    # Unions of scalars (float|str, bool|str): numbers (and numeric strings) become floats, bools
+    # stay bools, other strings stay strings.
+    if float in scalars and not isinstance(value, bool) and (isinstance(value, (int, float)) or _is_number_string(value)):
+        return _coerce_scalar(value, float, path, errors)
+    if bool in scalars and isinstance(value, bool):
+        return value
+    if str in scalars and isinstance(value, str):
+        return value
+    names = " or ".join({bool: "true/false", float: "a number", str: "a string", int: "an integer"}[k] for k in scalars)
+    errors.append(f"{path}: expected {names}, got {value!r}")
+    return _BAD
+
+
+def _parse_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{path or 'config'}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            errors.append(f"{where}: unknown key (valid keys: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        where = f"{path}.{name}" if path else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _parse_section(tp, raw[name], where, errors)
+            continue
+        section = path.split(".")[-1] if path else ""
+        value = _coerce(raw[name], tp, (section, name), where, errors)
+        if value is not _BAD:
+            values[name] = value
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- checks (meaning)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _check(cfg: SearchConfig) -> list[str]:
+    """Problems that need more than one field's type: ranges, choices, cross-field rules."""
+    p: list[str] = []
+
+    def choice(path: str, value: Any, options: tuple) -> None:
+        if value not in options:
+            p.append(f"{path}: must be one of {' | '.join(options)}, got {value!r}")
+
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        p.append(f"name: must be a non-empty folder name without '/', got {cfg.name!r}")
+    if not cfg.storage_path:
+        p.append(f"storage_path: must not be empty, got {cfg.storage_path!r}")
+
+    m = cfg.model
+    if not m.name_or_path:
+        p.append(f"model.name_or_path: must not be empty, got {m.name_or_path!r}")
+
+    q = cfg.quantization
+    choice("quantization.quant_type", q.quant_type, ("nf4", "fp4"))
+    choice("quantization.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
+
+    d = cfg.data
+    choice("data.format", d.format, DATA_FORMATS)
+    if isinstance(d.use_chat_template, str) and d.use_chat_template != "auto":
+        p.append(f"data.use_chat_template: must be true, false or auto, got {d.use_chat_template!r}")
+    if d.eval_source is None and not (0.0 < d.eval_fraction < 1.0):
+        p.append(f"data.eval_fraction: must be in (0, 1) when no eval_source is given, got {d.eval_fraction!r}")
+    if d.max_seq_len <= 0:
+        p.append(f"data.max_seq_len: must be a positive integer, got {d.max_seq_len!r}")
+    if d.max_eval_examples is not None and d.max_eval_examples <= 0:
+        p.append(f"data.max_eval_examples: must be positive or null, got {d.max_eval_examples!r}")
+
+    lo = cfg.lora
+    if not lo.ranks:
+        p.append("lora.ranks: must list at least one rank, got []")
+    seen: set[int] = set()
+    for i, r in enumerate(lo.ranks):
+        if r <= 0:
+            p.append(f"lora.ranks[{i}]: rank must be a positive integer, got {r}")
+        elif r in seen:
+            p.append(f"lora.ranks[{i}]: duplicate rank {r}")
+        seen.add(r)
+    if isinstance(lo.alpha, str):
+        if lo.alpha not in ALPHA_RULES:
+            p.append(f"lora.alpha: must be a number or one of {' | '.join(ALPHA_RULES)}, got {lo.alpha!r}")
+    elif lo.alpha <= 0:
+        p.append(f"lora.alpha: must be positive, got {lo.alpha!r}")
+    if not (0.0 <= lo.dropout < 1.0):
+        p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout!r}")
+    if isinstance(lo.target_modules, str):
+        choice("lora.target_modules", lo.target_modules, TARGET_PRESETS)
+    elif not lo.target_modules:
+        p.append("lora.target_modules: an explicit list must name at least one module, got []")
+
+    t = cfg.train
+    if t.learning_rate <= 0:
+        p.append(f"train.learning_rate: must be positive, got {t.learning_rate!r}")
+    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every"):
+        value = getattr(t, name)
+        if value <= 0:
+            p.append(f"train.{name}: must be a positive integer, got {value!r}")
+    if t.eval_batch_size is not None and t.eval_batch_size <= 0:
+        p.append(f"train.eval_batch_size: must be a positive integer or null, got {t.eval_batch_size!r}")
+    if t.warmup_steps < 0:
+        p.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps!r}")
+    elif t.max_steps > 0 and t.warmup_steps >= t.max_steps:
+        p.append(f"train.warmup_steps: must be below train.max_steps ({t.max_steps}), got {t.warmup_steps!r}")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay!r}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        p.append(f"train.max_grad_norm: must be positive or null, got {t.max_grad_norm!r}")
+    if t.eval_every > 0 and t.max_steps > 0 and t.eval_every > t.max_steps:
+        p.append(f"train.eval_every: must be <= train.max_steps ({t.max_steps}), got {t.eval_every!r}")
+    if not t.seeds:
+        p.append("train.seeds: must list at least one seed, got []")
+    if len(set(t.seeds)) != len(t.seeds):
+        p.append(f"train.seeds: duplicate seeds in {list(t.seeds)}")
+
+    s = cfg.scheduler
+    choice("scheduler.type", s.type, SCHEDULER_TYPES)
+    if s.type == "asha":
+        if s.grace_period <= 0:
+            p.append(f"scheduler.grace_period: must be a positive number of steps, got {s.grace_period!r}")
+        elif t.max_steps > 0 and s.grace_period > t.max_steps:
+            p.append(f"scheduler.grace_period: must be <= train.max_steps ({t.max_steps}), got {s.grace_period!r}")
+        elif 0 < t.eval_every <= t.max_steps and s.grace_period < t.eval_every:
+            p.append(
+                f"scheduler.grace_period: must be >= train.eval_every ({t.eval_every}) so every trial"
+                f" is evaluated before it can be stopped, got {s.grace_period!r}"
+            )
+        if s.reduction_factor < 2:
+            p.append(f"scheduler.reduction_factor: must be >= 2, got {s.reduction_factor!r}")
+
+    r = cfg.resources
+    g = r.gpus_per_trial
+    if isinstance(g, str):
+        if g != "auto":
+            p.append(f"resources.gpus_per_trial: must be a number or auto, got {g!r}")
+    elif g < 0:
+        p.append(f"resources.gpus_per_trial: must be >= 0, got {g!r}")
+    elif g > 1 and g != int(g):
+        p.append(f"resources.gpus_per_trial: above 1 it must be a whole number of GPUs, got {g!r}")
+    if r.cpus_per_trial <= 0:
+        p.append(f"resources.cpus_per_trial: must be a positive integer, got {r.cpus_per_trial!r}")
+    if r.max_concurrent is not None and r.max_concurrent <= 0:
+        p.append(f"resources.max_concurrent: must be a positive integer or null, got {r.max_concurrent!r}")
+    if r.max_failures < 0:
+        p.append(f"resources.max_failures: must be >= 0, got {r.max_failures!r}")
+    return p
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _absolutize(cfg: SearchConfig, base: Path) -> SearchConfig:
+    """Local relative paths are relative to the working directory; made absolute for Ray workers."""
+
+    def fix(path: Optional[str]) -> Optional[str]:
+        if path is None or _is_uri(path) or path.startswith("builtin:"):
+            return path
+        expanded = os.path.expanduser(path)
+        candidate = base / expanded
+        if os.path.isabs(expanded) or candidate.exists() or path.startswith((".", "~")):
+            return str(candidate.resolve())
+        return path  # a hub id like org/name
+
+    storage = cfg.storage_path
+    if storage and not _is_uri(storage):
+        storage = str((base / os.path.expanduser(storage)).resolve())
+    return dataclasses.replace(
+        cfg,
+        storage_path=storage,
+        model=dataclasses.replace(cfg.model, name_or_path=fix(cfg.model.name_or_path)),
+        data=dataclasses.replace(cfg.data, source=fix(cfg.data.source), eval_source=fix(cfg.data.eval_source)),
+    )
+
+
+def apply_overrides(raw: dict, overrides: list[str], errors: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) onto a raw config dict."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"--set {item}: expected key.sub=value")
+            continue
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def parse_config(raw: Any, source: str = "config", base_dir: Optional[Path] = None) -> SearchConfig:
+    """Parse and validate a raw (YAML-loaded) mapping; raises ConfigError listing every problem."""
+    errors: list[str] = []
+    cfg = _parse_section(SearchConfig, raw, "", errors)
+    # Fields with a type error keep their default; skip meaning checks that involve them.
+    bad = {e.split(":", 1)[0].split("[", 1)[0] for e in errors}
+    errors.extend(p for p in _check(cfg) if not any(b in p for b in bad))
+    if errors:
+        raise ConfigError(errors, source)
+    return _absolutize(cfg, base_dir or Path.cwd())
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> SearchConfig:
+    """Read a YAML config file (safe loader), apply ``--set`` overrides, validate."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file ({exc.strerror or exc})"], source) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({str(exc).splitlines()[0]})"], source) from None
+    if raw is None:
+        raw = {}
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}"], source)
+    raw = apply_overrides(raw, overrides or [], errors)
+    try:
+        cfg = parse_config(raw, source)
+    except ConfigError as exc:
+        errors.extend(exc.problems)
+        raise ConfigError(errors, source) from None
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def describe_schema() -> str:
+    """Markdown table of every key, its default and its description (for the README)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            shown = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata.get('doc', '')} |")
+
+    walk(SearchConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""One line per event on the driver: trial start, each evaluation, ASHA stops, completion, errors."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, TextIO
+
+from ray.tune import Callback
+
+
+class ProgressPrinter(Callback):
+    """Concise progress for `lora-rank search` (Tune's own tables are switched off)."""
+
+    def __init__(self, max_steps: int, stream: Optional[TextIO] = None):
+        self.max_steps = max_steps
+        self.stream = stream  # None = sys.stdout at the time of writing (keeps the callback picklable)
+        self.t0 = time.time()
+
+    def _say(self, text: str) -> None:
+        stream = self.stream or sys.stdout
+        stream.write(f"[{time.time() - self.t0:6.0f}s] {text}\n")
+        stream.flush()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "stream": None}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(f"{str(trial):<14} started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "eval_loss" not in result:
+            return
+        self._say(
+            f"{str(trial):<14} step {result['step']:>5}/{self.max_steps}  eval_loss {result['eval_loss']:.4f}"
+            f"  train_loss {result['train_loss']:.4f}  {result['tokens_per_s']:,.0f} tok/s"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        step = last.get("step", 0)
+        best = last.get("best_eval_loss")
+        best_text = f" (best eval_loss {best:.4f} at step {last.get('best_step')})" if best is not None else ""
+        if step and step < self.max_steps:
+            self._say(f"{str(trial):<14} stopped early by ASHA at step {step}{best_text}")
+        else:
+            self._say(f"{str(trial):<14} finished at step {step}{best_text}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(f"{str(trial):<14} FAILED (see {trial.storage.trial_fs_path if trial.storage else 'its folder'}/error.txt)")

@@ -1,0 +1,287 @@
+"""Run a search: check everything that can be checked before Ray starts, then build and fit the Tuner.
+
+Order matters: config → model (architecture only) → targets → data → storage are checked first,
+every problem collected into one ConfigError; only then does Ray start and a GPU get touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import yaml
+
+from search import storage
+from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig
+from search.resources import cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
+from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, trial_settings
+
+@dataclass
+class Prepared:
+    """What the driver worked out before starting Ray."""
+
+    cfg: SearchConfig
+    model_path: str = ""
+    targets: list = field(default_factory=list)
+    linear_shapes: dict = field(default_factory=dict)
+    dims: dict = field(default_factory=dict)
+    data: Any = None
+    data_stats: dict = field(default_factory=dict)
+
+
+def _model_dims(meta, shapes: dict) -> dict:
+    config = meta.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    total = sum(p.numel() for p in meta.parameters())
+    linear = sum(i * o for i, o in shapes.values())
+    return {
+        "hidden": int(getattr(text, "hidden_size", 0) or 0),
+        "layers": int(getattr(text, "num_hidden_layers", 0) or 0),
+        "vocab": int(getattr(text, "vocab_size", 0) or 0),
+        "total_params": int(total),
+        "other_params": int(total - linear),
+        "model_type": getattr(config, "model_type", ""),
+    }
+
+
+def _check_storage(path: str) -> Optional[str]:
+    if storage.is_uri(path):
+        return None  # remote storage is checked by Ray/pyarrow when the experiment starts
+    probe = os.path.join(path, ".lora-rank-search-write-test")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        return f"storage_path: cannot write to {path!r} ({exc.strerror or exc})"
+    return None
+
+
+def prepare(cfg: SearchConfig, log: Callable[[str], None] = print) -> Prepared:
+    """Resolve the model, the LoRA targets and the data; raise one ConfigError listing every problem."""
+    from trainables.data import DataError, load_splits, tokenize_splits
+    from trainables.lora import TargetError, linear_layers, resolve_targets
+    from trainables.model import ModelSourceError, load_tokenizer, meta_model, resolve_model
+
+    problems: list[str] = []
+    out = Prepared(cfg)
+    d = cfg.to_dict()["data"]
+    tokenizer = None
+    try:
+        out.model_path = resolve_model(cfg.model.name_or_path, cfg.model.gguf_file)
+        meta = meta_model(out.model_path, cfg.model.trust_remote_code)
+        out.linear_shapes = linear_layers(meta)
+        out.dims = _model_dims(meta, out.linear_shapes)
+        try:
+            out.targets = resolve_targets(cfg.lora.target_modules, out.linear_shapes)
+        except TargetError as exc:
+            problems.append(f"lora.target_modules: {exc}")
+        tokenizer = load_tokenizer(out.model_path, cfg.model.trust_remote_code)
+    except ModelSourceError as exc:
+        problems.append(str(exc) if str(exc).startswith("model.") else f"model.name_or_path: {exc}")
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        problems.append(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} as a local folder or hub model ({first})")
+    try:
+        train_records, eval_records = load_splits(d)
+        if tokenizer is not None:
+            out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
+    except DataError as exc:
+        problems.append(str(exc))
+    storage_problem = _check_storage(cfg.storage_path)
+    if storage_problem:
+        problems.append(storage_problem)
+    if problems:
+        raise ConfigError(problems, "input")
+    from trainables.data import describe
+
+    out.data_stats = describe(out.data)
+    return out
+
+
+def resolve_resources(cfg: SearchConfig, prepared: Prepared, log: Callable[[str], None] = print) -> dict:
+    """Ray resources per trial: {'cpu': n, 'gpu': fraction}; `auto` fits the memory estimate."""
+    import ray
+
+    from trainables.lora import lora_param_count
+
+    gpus = cfg.resources.gpus_per_trial
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus == "auto":
+        total = local_gpu_memory() or cluster_gpu_memory()
+        if not total:
+            gpus = 0.0
+            log("resources: no GPU found; trials run on CPU")
+        else:
+            dims = prepared.dims
+            estimate = estimate_trial_memory(
+                prepared.linear_shapes,
+                dims["other_params"],
+                lora_param_count(prepared.linear_shapes, prepared.targets, max(cfg.lora.ranks)),
+                hidden=dims["hidden"],
+                layers=dims["layers"],
+                vocab=dims["vocab"],
+                batch_size=cfg.train.batch_size,
+                seq_len=cfg.data.max_seq_len,
+                load_in_4bit=cfg.quantization.load_in_4bit,
+                double_quant=cfg.quantization.double_quant,
+                gradient_checkpointing=cfg.train.gradient_checkpointing,
+            )
+            gpus = gpu_fraction_for(estimate.total, total)
+            log(f"resources: auto: ~{estimate.total / 2**30:.1f} GiB per trial on a {total / 2**30:.0f} GiB GPU -> {gpus:g} GPU per trial")
+    elif gpus > 0 and cluster_gpus <= 0 and not _autoscaling():
+        raise ConfigError(
+            [f"resources.gpus_per_trial: {gpus:g} GPUs asked for, but this Ray cluster has no GPUs (use 0 or auto)"], "input"
+        )
+    return {"cpu": cfg.resources.cpus_per_trial, "gpu": float(gpus)}
+
+
+def _autoscaling() -> bool:
+    """True on a Ray cluster whose autoscaler may add GPU nodes later."""
+    return bool(os.environ.get("RAY_ADDRESS")) or os.environ.get("LORA_RANK_SEARCH_AUTOSCALING") == "1"
+
+
+def trial_name(trial) -> str:
+    return f"r{trial.config['r']}-seed{trial.config['seed']}"
+
+
+def trial_dirname(trial) -> str:
+    return f"r{trial.config['r']:04d}_seed{trial.config['seed']}_{trial.trial_id}"
+
+
+def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
+    import peft
+    import ray
+    import torch
+    import transformers
+
+    exp = cfg.experiment_path
+    storage.write_text(storage.join(exp, CONFIG_FILENAME), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    meta = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model_path": prepared.model_path,
+        "targets": prepared.targets,
+        "model": prepared.dims,
+        "data": prepared.data_stats,
+        "resources_per_trial": resources,
+        "num_trials": num_trials(cfg),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+    storage.write_text(storage.join(exp, META_FILENAME), json.dumps(meta, indent=2))
+
+
+def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
+    """Refuse to merge into an existing experiment without --resume, and to resume nothing."""
+    from ray.tune import Tuner
+
+    exp = cfg.experiment_path
+    started = storage.exists(storage.join(exp, "tuner.pkl")) or Tuner.can_restore(exp)
+    if not resume and started:
+        raise ConfigError(
+            [f"name: experiment {exp!r} already exists; add --resume to continue it, or choose another name (--set name=...)"],
+            "input",
+        )
+    if resume and not Tuner.can_restore(exp):
+        raise ConfigError([f"name: nothing to resume at {exp!r} (no saved experiment state)"], "input")
+    if resume:
+        saved_path = storage.join(exp, CONFIG_FILENAME)
+        if storage.exists(saved_path):
+            saved = yaml.safe_load(storage.read_text(saved_path))
+            now, before = _flatten(cfg.to_dict()), _flatten(saved or {})
+            changed = [k for k in sorted(set(now) | set(before)) if not k.startswith("resources.") and now.get(k) != before.get(k)]
+            if changed:
+                raise ConfigError(
+                    [f"{k}: {now.get(k)!r} differs from {before.get(k)!r} in the experiment being resumed ({exp})" for k in changed],
+                    "input",
+                )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool):
+    """The Tuner (new or restored), one trial per Ray worker process."""
+    from ray import tune
+
+    from search.progress import ProgressPrinter
+    from trainables.trial import lora_trial
+
+    settings = trial_settings(cfg, prepared.model_path, prepared.targets)
+    trainable = tune.with_resources(tune.with_parameters(lora_trial, settings=settings, data=prepared.data), resources)
+    if resume:
+        return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            scheduler=make_scheduler(cfg),
+            max_concurrent_trials=cfg.resources.max_concurrent,
+            reuse_actors=False,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+            callbacks=[ProgressPrinter(cfg.train.max_steps)],
+            verbose=0,
+        ),
+    )
+
+
+def run_search(
+    cfg: SearchConfig, *, resume: bool = False, address: Optional[str] = None, log: Callable[[str], None] = print
+) -> str:
+    """Run (or resume) the search; returns the experiment path. Raises ConfigError before Ray starts."""
+    import ray
+
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    check_experiment_dir(cfg, resume)
+    log(f"preparing: model {cfg.model.name_or_path}, data {cfg.data.source}")
+    prepared = prepare(cfg, log)
+    s = prepared.data_stats
+    log(
+        f"data: {s['train_examples']} train / {s['eval_examples']} eval examples ({s['eval_tokens']} eval tokens); "
+        f"LoRA targets: {', '.join(prepared.targets)}"
+    )
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    try:
+        resources = resolve_resources(cfg, prepared, log)
+        if not resume:
+            _write_meta(cfg, prepared, resources)
+        log(f"search: {num_trials(cfg)} trials (ranks {list(cfg.lora.ranks)} x seeds {list(cfg.train.seeds)}), "
+            f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}")
+        tuner = build_tuner(cfg, prepared, resources, resume)
+        tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    return cfg.experiment_path

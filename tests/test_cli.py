@@ -1,0 +1,64 @@
+"""The CLI end to end (a real subprocess) and its refusal of bad input before Ray starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import yaml
+
+from search.cli import main
+
+
+def _write(tmp_path, raw: dict) -> str:
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_bad_config_lists_every_problem_exits_2_and_starts_no_ray(raw_config, tmp_path, capsys):
+    import ray
+
+    raw = raw_config(lora={"ranks": [8, 0], "dropout": 2.0}, train={"batch_size": -1}, extra_key=1)
+    code = main(["search", _write(tmp_path, raw)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "4 problems" in err
+    for line in ("extra_key: unknown key", "lora.ranks[1]: rank must be a positive integer, got 0",
+                 "lora.dropout: must be in [0, 1), got 2.0", "train.batch_size: must be a positive integer, got -1"):
+        assert line in err
+    assert "Traceback" not in err
+    assert not ray.is_initialized()
+    assert not os.path.exists(tmp_path / "runs" / "test"), "nothing written"
+
+
+def test_bad_model_data_and_targets_are_found_before_ray(raw_config, tmp_path, capsys):
+    import ray
+
+    raw = raw_config(lora={"target_modules": ["q_proj", "qkv"]}, data={"source": str(tmp_path / "missing.jsonl")})
+    assert main(["search", _write(tmp_path, raw)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules: 'qkv' not found; the model's linear layers are: down_proj, gate_proj, k_proj" in err
+    assert "data.source: data file not found" in err
+    assert not ray.is_initialized()
+
+
+def test_cli_search_end_to_end_prints_the_table_and_writes_the_experiment(raw_config, tmp_path):
+    raw = raw_config(name="cli", lora={"ranks": [2, 16]}, train={"max_steps": 20, "eval_every": 10})
+    config = _write(tmp_path, raw)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "search.cli", "search", config]
+    done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "best eval loss" in out and "tokens/s" in out and "peak mem" in out
+    table = out[out.index("best eval loss"):].splitlines()
+    assert sum(1 for line in table if line.split() and line.split()[0] in ("2", "16")) == 2
+    experiment = tmp_path / "runs" / "cli"
+    assert f"experiment: {experiment}" in out
+    assert len(list(experiment.glob("r*_seed0_*/result.json"))) == 2
+    assert (experiment / "lora_rank_search.yaml").is_file()
+    # Running it again without --resume is refused: no silent merge into the old experiment.
+    again = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 2 and "already exists; add --resume" in again.stderr

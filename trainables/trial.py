@@ -1,0 +1,317 @@
+"""One trial: 4-bit base + LoRA of rank r → train → evaluate every `eval_every` steps → report.
+
+`run_trial` reads top to bottom and knows nothing about Ray: it is handed a `report` callable
+(metrics, checkpoint folder) and an optional checkpoint folder to resume from. `lora_trial` is the
+Ray Tune function trainable that wires it to `tune.report` / `tune.get_checkpoint`, and a bare loop
+(bench/overhead.py) can call `run_trial` directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
+from trainables.lora import lora_alpha, peft_config
+
+ADAPTER_DIR = "adapter"
+STATE_FILE = "trainer_state.pt"
+Report = Callable[[dict, str], None]  # (metrics, checkpoint folder) -> None
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def trial_device() -> str:
+    """'cuda:0' when Ray gave this worker a GPU that torch can see, else 'cpu'."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+
+
+def peak_memory_bytes(device: str) -> int:
+    """CUDA max allocated on GPU; the process's peak resident set size on CPU (bytes)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def lr_factor(step: int, schedule: str, warmup: int, max_steps: int) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def build_model(settings: dict, r: int, device: str):
+    """Load the base (4-bit per settings) and attach a fresh LoRA adapter of rank r."""
+    from peft import get_peft_model
+
+    from trainables.model import load_base_model
+
+    base = load_base_model(settings["model_path"], settings["quantization"], device, settings["trust_remote_code"])
+    if device == "cpu":
+        _keep_4bit_layout_fixed(base)
+    if settings["train"]["gradient_checkpointing"]:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    lora = settings["lora"]
+    return get_peft_model(base, peft_config(r, lora["alpha"], lora["dropout"], settings["targets"]))
+
+
+def _keep_4bit_layout_fixed(model) -> None:
+    """bitsandbytes repacks 4-bit weights for a bf16 CPU kernel the first time a layer runs in
+    eval mode without gradients, which shifts outputs by ~0.3% from then on. Keep one layout so
+    train and eval losses (and a resumed trial) stay comparable."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def evaluate(model, data: TokenizedData, batch_size: int, device: str) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over the whole eval split (nats/token), and the token count."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches(data, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            shift_logits = logits[:, :-1, :].float()
+            shift_labels = batch["labels"][:, 1:]
+            loss = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((shift_labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1), count
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> int:
+    """Adapter (PEFT format) + optimizer/scheduler/loop state; returns the adapter file's bytes."""
+    import torch
+
+    model.save_pretrained(folder / ADAPTER_DIR)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), **state},
+        folder / STATE_FILE,
+    )
+    return adapter_bytes(folder)
+
+
+def adapter_bytes(folder: Path) -> int:
+    """Size in bytes of the saved adapter weights file."""
+    return sum(p.stat().st_size for p in (Path(folder) / ADAPTER_DIR).glob("adapter_model.*"))
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG; returns the saved loop state."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"checkpoint adapter does not fit the model: unexpected keys {result.unexpected_keys[:3]}")
+    state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    torch.set_rng_state(state.pop("rng"))
+    return state
+
+
+def run_trial(
+    config: dict,
+    settings: dict,
+    data: TokenizedData,
+    report: Report,
+    restore_from: Optional[str] = None,
+    threads: Optional[int] = None,
+) -> dict:
+    """Train one (rank, seed) trial to max_steps, reporting at every evaluation.
+
+    Args:
+        config: the trial's Tune config: ``r`` and ``seed`` (plus labels such as alpha_rule).
+        settings: the search-wide settings made by `search.space.trial_settings` (plain data).
+        data: tokenized train/eval data.
+        report: called with (metrics, checkpoint folder) after every evaluation.
+        restore_from: a checkpoint folder written by an earlier run of this trial.
+        threads: torch CPU threads (defaults to cpus_per_trial).
+    Returns the last metrics.
+    """
+    import torch
+
+    # ---- setup
+    started = time.time()
+    r, seed = int(config["r"]), int(config["seed"])
+    train_cfg = settings["train"]
+    device = trial_device()
+    if device == "cpu":
+        torch.set_num_threads(threads or settings["cpus_per_trial"])
+    torch.manual_seed(seed)
+    model = build_model(settings, r, device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
+    max_steps, eval_every = train_cfg["max_steps"], train_cfg["eval_every"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, train_cfg["lr_schedule"], train_cfg["warmup_steps"], max_steps)
+    )
+    step, tokens_seen = 0, 0
+    best = {"best_eval_loss": math.inf, "best_step": 0}
+    lengths = [len(x) for x in data.train_ids]
+    order = BatchOrder(len(data.train_ids), seed, lengths=lengths, batch_size=train_cfg["batch_size"])
+    if restore_from:
+        state = load_checkpoint(Path(restore_from), model, optimizer, scheduler)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        best = {"best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"]}
+        order = BatchOrder.from_state(len(data.train_ids), state["order"], lengths, train_cfg["batch_size"])
+    alpha, rslora = lora_alpha(settings["lora"]["alpha"], r)
+    fixed = {
+        "r": r,
+        "seed": seed,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "alpha_rule": str(settings["lora"]["alpha"]),
+        "target_modules": ",".join(settings["targets"]),
+        "trainable_params": trainable_params,
+        "device": device,
+        "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "node_id": _node_id(),
+        "pid": os.getpid(),
+        "started_at": started,
+        "resumed_from_step": step,
+        "load_seconds": time.time() - started,
+    }
+    eval_batch = train_cfg["eval_batch_size"] or 2 * train_cfg["batch_size"]
+    micro = train_cfg["batch_size"]
+    accum = train_cfg["grad_accum"]
+    metrics: dict[str, Any] = {}
+
+    # ---- train
+    losses: list[float] = []
+    interval_tokens, interval_time = 0, 0.0
+    while step < max_steps:
+        tick = time.perf_counter()
+        step_loss = 0.0
+        for _ in range(accum):
+            idx = order.next_indices(micro)
+            batch = collate([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx], data.pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss / accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            interval_tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss):
+            raise TrialDiverged(f"training loss became {step_loss} at step {step + 1} (r={r}, seed={seed})")
+        if train_cfg["max_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"])
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(step_loss)
+        interval_time += time.perf_counter() - tick
+
+        # ---- evaluate and report
+        if step % eval_every == 0 or step == max_steps:
+            tick = time.perf_counter()
+            eval_loss, _ = evaluate(model, data, eval_batch, device)
+            eval_seconds = time.perf_counter() - tick
+            tokens_seen += interval_tokens
+            if eval_loss < best["best_eval_loss"]:
+                best = {"best_eval_loss": eval_loss, "best_step": step}
+            metrics = {
+                **fixed,
+                "step": step,
+                "eval_loss": eval_loss,
+                "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+                "train_loss": sum(losses) / len(losses),
+                "tokens_seen": tokens_seen,
+                "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
+                "lr": lr,
+                "eval_seconds": eval_seconds,
+                **best,
+            }
+            losses, interval_tokens, interval_time = [], 0, 0.0
+            folder = Path(tempfile.mkdtemp(prefix=f"lrs-ckpt-r{r}-"))
+            try:
+                state = {"step": step, "tokens_seen": tokens_seen, "order": order.state(), **best}
+                metrics["adapter_bytes"] = save_checkpoint(folder, model, optimizer, scheduler, state)
+                metrics["peak_memory_bytes"] = peak_memory_bytes(device)
+                report(metrics, str(folder))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    return metrics
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - outside Ray there is no node
+        return ""
+
+
+def quiet_libraries() -> None:
+    """Keep trial logs to what matters: no progress bars, kernel-hub notices or deprecation noise."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("bitsandbytes", "ray.train._internal.storage", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def lora_trial(config: dict, settings: Optional[dict] = None, data: Optional[TokenizedData] = None) -> None:
+    """Ray Tune function trainable (wrap with tune.with_parameters(settings=..., data=...))."""
+    from ray import tune
+
+    quiet_libraries()
+
+    def report(metrics: dict, folder: str) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run_trial(config, settings, data, report)
+        return
+    with checkpoint.as_directory() as folder:
+        local = tempfile.mkdtemp(prefix="lrs-restore-")
+        shutil.copytree(folder, local, dirs_exist_ok=True)
+    try:
+        run_trial(config, settings, data, report, restore_from=local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
