@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test docs clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+docs: install
+	$(PY) -c 'from search.config import update_readme; update_readme("README.md")'
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -523,7 +523,23 @@ def describe_schema() -> str:
                 walk(type(default), f"{prefix}{f.name}.")
                 continue
             shown = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata.get('doc', '')} |")
+            doc = f.metadata.get("doc", "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {doc} |")
 
     walk(SearchConfig, "")
     return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+
+
+def update_readme(path: str | os.PathLike = "README.md") -> bool:
+    """Rewrite the config reference between the README markers; True if it changed (`make docs`)."""
+    text = Path(path).read_text()
+    start, end = README_MARKERS
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{describe_schema()}\n{end}{tail}"
+    if new != text:
+        Path(path).write_text(new)
+    return new != text

@@ -259,7 +259,11 @@ def run_search(
     """Run (or resume) the search; returns the experiment path. Raises ConfigError before Ray starts."""
     import ray
 
+    from trainables.trial import quiet_libraries
+
+    quiet_libraries()
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our ProgressPrinter replaces Tune's tables
     # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_experiment_dir(cfg, resume)

@@ -8,7 +8,15 @@ import os
 import pytest
 import yaml
 
-from search.config import ConfigError, SearchConfig, apply_overrides, describe_schema, load_config, parse_config
+from search.config import (
+    README_MARKERS,
+    ConfigError,
+    SearchConfig,
+    apply_overrides,
+    describe_schema,
+    load_config,
+    parse_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,3 +168,10 @@ def test_every_shipped_search_config_parses(path):
     with open(path) as handle:
         first = handle.readline()
     assert first.startswith("# lora-rank search"), "example configs start with the command that runs them"
+
+
+def test_readme_config_reference_matches_the_schema():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    start, end = README_MARKERS
+    block = text.split(start, 1)[1].split(end, 1)[0].strip()
+    assert block == describe_schema(), "README config reference is stale: run `make docs`"
