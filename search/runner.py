@@ -276,6 +276,9 @@ def run_search(
     )
     started_here = not ray.is_initialized()
     if started_here:
+        # Without --address: the cluster of a `ray job submit` (RAY_ADDRESS), else a private local
+        # Ray, even if a `ray start` cluster runs on this machine (--address auto joins that one).
+        address = address or (None if os.environ.get("RAY_ADDRESS") else "local")
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     try:
         resources = resolve_resources(cfg, prepared, log)

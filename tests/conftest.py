@@ -65,7 +65,7 @@ def ray_session():
     import ray
 
     def start(**resources):
-        ray.init(include_dashboard=False, logging_level="ERROR", **resources)
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", **resources)
 
     yield start
     ray.shutdown()
