@@ -14,9 +14,13 @@ import pandas as pd
 import yaml
 
 from search.config import CONFIG_FILENAME, META_FILENAME
+from trainables.failures import DIVERGED, OOM
 
-# Trial status as analysis names it (Ray's TERMINATED covers both finished and ASHA-stopped).
+# Trial status as analysis names it (Ray's TERMINATED covers both finished and ASHA-stopped; a
+# trial that diverged or ran out of memory ends itself and says so in its last report).
 COMPLETED, STOPPED, ERROR, INTERRUPTED, PENDING = "completed", "stopped", "error", "interrupted", "pending"
+FAILED = (ERROR, DIVERGED, OOM)  # statuses whose `failure` column says why
+DONE = (COMPLETED, STOPPED, *FAILED)  # trials that ended; the rest were interrupted before they could
 
 
 def _fs(path: str):
@@ -53,8 +57,8 @@ def read_meta(experiment: str) -> dict:
         return {}
 
 
-def _ray_statuses(fs, root: str, listing: dict) -> dict[str, str]:
-    """trial_id -> Ray status from the newest experiment_state snapshot."""
+def _ray_statuses(fs, root: str, listing: dict) -> dict[str, tuple[str, int]]:
+    """trial_id -> (Ray status, number of failures Tune retried) from the newest experiment_state snapshot."""
     states = sorted(name for name in listing if name.startswith("experiment_state-") and name.endswith(".json"))
     if not states:
         return {}
@@ -62,8 +66,18 @@ def _ray_statuses(fs, root: str, listing: dict) -> dict[str, str]:
     out = {}
     for entry in data.get("trial_data", []):
         state = json.loads(entry[0])
-        out[state["trial_id"]] = state.get("status", "")
+        runtime = json.loads(entry[1]) if len(entry) > 1 and isinstance(entry[1], str) else {}
+        out[state["trial_id"]] = (state.get("status", ""), int(runtime.get("num_failures", 0) or 0))
     return out
+
+
+def _error_line(fs, trial_root: str) -> str:
+    """The last line of Tune's error.txt: the exception that ended the trial."""
+    try:
+        lines = [line.strip() for line in _read(fs, f"{trial_root}/error.txt").splitlines() if line.strip()]
+    except (FileNotFoundError, OSError):
+        return ""
+    return lines[-1] if lines else ""
 
 
 def _history(fs, trial_root: str) -> pd.DataFrame:
@@ -105,7 +119,11 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         trial_id = "_".join(name.split("_")[-2:])  # dirs are r<r>_seed<s>_<trial id>
         if not history.empty and "trial_id" in history:
             trial_id = str(history["trial_id"].iloc[-1])
-        row = _trial_row(name, trial_id, params, history, files, statuses.get(trial_id, ""), max_steps)
+        ray_status, failures = statuses.get(trial_id, ("", 0))
+        row = _trial_row(name, trial_id, params, history, files, ray_status, max_steps)
+        row["retries"] = failures if row["status"] != ERROR else max(failures - 1, 0)
+        if row["status"] == ERROR:
+            row["failure"] = _error_line(fs, trial_root)
         trials.append(row)
         if not history.empty:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
@@ -125,9 +143,13 @@ def _last(history: pd.DataFrame, column: str, default=math.nan):
 
 def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, files: dict, ray_status: str, max_steps: Optional[int]) -> dict:
     steps = int(_last(history, "step", 0))
-    has_error = "error.txt" in files or "error.pkl" in files or ray_status == "ERROR"
-    if has_error:
+    reported = str(_last(history, "trial_status", ""))
+    # error.txt stays after a retry that succeeded: without Ray's status, trust it only if unfinished.
+    error_file = "error.txt" in files or "error.pkl" in files
+    if ray_status == "ERROR" or (not ray_status and error_file and not (max_steps and steps >= max_steps)):
         status = ERROR
+    elif reported in (DIVERGED, OOM):
+        status = reported
     elif ray_status in ("RUNNING", "PENDING", "PAUSED") or (ray_status == "" and steps and max_steps and steps < max_steps):
         status = INTERRUPTED if steps else PENDING
     elif max_steps and steps >= max_steps:
@@ -146,6 +168,7 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         "lora_alpha": float(_last(history, "lora_alpha")),
         "targets": str(_last(history, "target_modules", params.get("target_preset", ""))),
         "status": status,
+        "failure": str(_last(history, "failure", "")) if status in (DIVERGED, OOM) else "",
         "stopped_early": status == STOPPED,
         "steps": steps,
         "max_steps": max_steps,
@@ -190,6 +213,9 @@ def format_table(trials: pd.DataFrame) -> str:
     for t in trials.itertuples():
         steps = f"{t.steps}/{t.max_steps}" if t.max_steps else str(t.steps)
         status = "stopped early" if t.stopped_early else t.status
+        retries = getattr(t, "retries", 0)
+        if retries and not math.isnan(retries):
+            status += f" ({int(retries)} {'retry' if retries == 1 else 'retries'})"
         rows.append([
             str(t.r),
             "-" if math.isnan(t.lora_alpha) else f"{t.lora_alpha:g}",
@@ -207,3 +233,11 @@ def format_table(trials: pd.DataFrame) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(out)
+
+
+def format_failures(trials: pd.DataFrame) -> str:
+    """One line per failed trial (error, diverged, oom) saying why; empty when none failed."""
+    if trials.empty or "failure" not in trials:
+        return ""
+    failed = trials[trials["status"].isin(FAILED)]
+    return "\n".join(f"r={t.r} seed={t.seed} {t.status}: {t.failure or 'see error.txt in ' + t.trial_dir}" for t in failed.itertuples())

@@ -20,22 +20,28 @@ def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     from search.runner import run_search
 
+    again = " ".join(["lora-rank search", shlex.quote(args.config), *(f"--set {shlex.quote(s)}" for s in args.set), "--resume"])
     try:
         experiment = run_search(cfg, resume=args.resume, address=args.address)
     except KeyboardInterrupt:
-        again = " ".join(["lora-rank search", shlex.quote(args.config), *(f"--set {shlex.quote(s)}" for s in args.set), "--resume"])
         print(f"\ninterrupted; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
-    from analysis.results import format_table, load_experiment
+    from analysis.results import DONE, format_failures, format_table, load_experiment
+    from search.space import num_trials
 
     trials, _ = load_experiment(experiment)
     print()
     print(format_table(trials))
+    failures = format_failures(trials)
+    if failures:
+        print(f"\nfailed trials (the others are unaffected):\n{failures}")
     print(f"\nexperiment: {experiment}")
+    # Tune catches the first Ctrl-C itself, saves its state and returns as if done: count what finished.
+    unfinished = num_trials(cfg) - (int(trials["status"].isin(DONE).sum()) if not trials.empty else 0)
+    if unfinished:
+        print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
+        return 130
     print(f"next: lora-rank analyze {shlex.quote(experiment)}")
-    failed = int((trials["status"] == "error").sum()) if not trials.empty else 0
-    if failed:
-        print(f"{failed} trial(s) failed: see error.txt in their folders", file=sys.stderr)
     return 0
 
 
@@ -67,7 +73,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if len(exc.problems) == 1:  # one problem, one line
+            where = "" if exc.source == "input" or exc.problems[0].startswith(exc.source) else f"{exc.source}: "
+            print(f"error: {where}{exc.problems[0]}", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

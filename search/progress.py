@@ -29,6 +29,9 @@ class ProgressPrinter(Callback):
         self._say(f"{str(trial):<14} started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("failure"):  # diverged or out of memory: the trial ends itself
+            self._say(f"{str(trial):<14} {str(result.get('trial_status', 'failed')).upper()}: {result['failure']}")
+            return
         if "eval_loss" not in result:
             return
         self._say(
@@ -41,10 +44,16 @@ class ProgressPrinter(Callback):
         step = last.get("step", 0)
         best = last.get("best_eval_loss")
         best_text = f" (best eval_loss {best:.4f} at step {last.get('best_step')})" if best is not None else ""
-        if step and step < self.max_steps:
+        if last.get("failure"):
+            self._say(f"{str(trial):<14} ended at step {step}: {last.get('trial_status')}")
+        elif step and step < self.max_steps:
             self._say(f"{str(trial):<14} stopped early by ASHA at step {step}{best_text}")
         else:
             self._say(f"{str(trial):<14} finished at step {step}{best_text}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        step = (trial.last_result or {}).get("step", 0)
+        self._say(f"{str(trial):<14} crashed (last report at step {step}); retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._say(f"{str(trial):<14} FAILED (see {trial.storage.trial_fs_path if trial.storage else 'its folder'}/error.txt)")

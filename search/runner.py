@@ -62,13 +62,49 @@ def _check_storage(path: str) -> Optional[str]:
     return None
 
 
-def prepare(cfg: SearchConfig, log: Callable[[str], None] = print) -> Prepared:
-    """Resolve the model, the LoRA targets and the data; raise one ConfigError listing every problem."""
+def local_resource_problems(cfg: SearchConfig) -> list[str]:
+    """What a private local Ray could never give one trial (it would wait forever): more CPUs than
+    this machine has, or GPUs that torch cannot see. Checked before Ray starts."""
+    import torch
+
+    problems = []
+    cpus = _local_cpus()
+    if cfg.resources.cpus_per_trial > cpus:
+        problems.append(
+            f"resources.cpus_per_trial: {cfg.resources.cpus_per_trial} CPUs asked for per trial, but this machine has {cpus}"
+        )
+    gpus = cfg.resources.gpus_per_trial
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus != "auto" and gpus > have:
+        found = f"only {have} GPU(s)" if have else "no GPU that torch can use"
+        problems.append(
+            f"resources.gpus_per_trial: {gpus:g} GPU(s) asked for per trial, but this machine has {found}"
+            " (use 0 or auto here, or --address to run on a Ray cluster with GPUs)"
+        )
+    return problems
+
+
+def _local_cpus() -> int:
+    """CPUs a local Ray sees (it honours cgroup quotas); falls back to the CPU affinity."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved
+        return len(os.sched_getaffinity(0))
+
+
+def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bool = False) -> Prepared:
+    """Resolve the model, the LoRA targets and the data; raise one ConfigError listing every problem.
+
+    With local_ray (the search will start its own Ray on this machine) the resources per trial are
+    checked against this machine too.
+    """
     from trainables.data import DataError, load_splits, tokenize_splits
     from trainables.lora import TargetError, linear_layers, resolve_targets
     from trainables.model import ModelSourceError, load_tokenizer, meta_model, resolve_model
 
-    problems: list[str] = []
+    problems: list[str] = local_resource_problems(cfg) if local_ray else []
     out = Prepared(cfg)
     d = cfg.to_dict()["data"]
     tokenizer = None
@@ -182,18 +218,28 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
 
 
 def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
-    """Refuse to merge into an existing experiment without --resume, and to resume nothing."""
-    from ray.tune import Tuner
+    """Refuse to merge into an existing experiment without --resume, and to resume nothing.
 
+    Resumable means Tune's tuner.pkl and at least one experiment_state snapshot exist; a folder
+    with less (a run that died in its first seconds) can be neither resumed nor reused.
+    """
     exp = cfg.experiment_path
-    started = storage.exists(storage.join(exp, "tuner.pkl")) or Tuner.can_restore(exp)
-    if not resume and started:
+    names = storage.listdir(exp)
+    resumable = "tuner.pkl" in names and any(n.startswith("experiment_state-") for n in names)
+    if not resume and resumable:
         raise ConfigError(
             [f"name: experiment {exp!r} already exists; add --resume to continue it, or choose another name (--set name=...)"],
             "input",
         )
-    if resume and not Tuner.can_restore(exp):
-        raise ConfigError([f"name: nothing to resume at {exp!r} (no saved experiment state)"], "input")
+    if not resume and names:
+        raise ConfigError(
+            [f"name: folder {exp!r} already exists but holds no resumable search (a run that stopped before its"
+             " first snapshot?); delete it or choose another name (--set name=...)"],
+            "input",
+        )
+    if resume and not resumable:
+        why = "the run stopped before its first snapshot; delete the folder and" if names else "no experiment there;"
+        raise ConfigError([f"name: nothing to resume at {exp!r} ({why} start without --resume)"], "input")
     if resume:
         saved_path = storage.join(exp, CONFIG_FILENAME)
         if storage.exists(saved_path):
@@ -268,16 +314,17 @@ def run_search(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_experiment_dir(cfg, resume)
     log(f"preparing: model {cfg.model.name_or_path}, data {cfg.data.source}")
-    prepared = prepare(cfg, log)
+    # Without --address: the cluster of a `ray job submit` (RAY_ADDRESS), else a private local
+    # Ray, even if a `ray start` cluster runs on this machine (--address auto joins that one).
+    started_here = not ray.is_initialized()
+    local_ray = started_here and not address and not os.environ.get("RAY_ADDRESS")
+    prepared = prepare(cfg, log, local_ray=local_ray)
     s = prepared.data_stats
     log(
         f"data: {s['train_examples']} train / {s['eval_examples']} eval examples ({s['eval_tokens']} eval tokens); "
         f"LoRA targets: {', '.join(prepared.targets)}"
     )
-    started_here = not ray.is_initialized()
     if started_here:
-        # Without --address: the cluster of a `ray job submit` (RAY_ADDRESS), else a private local
-        # Ray, even if a `ray start` cluster runs on this machine (--address auto joins that one).
         address = address or (None if os.environ.get("RAY_ADDRESS") else "local")
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     try:

@@ -26,6 +26,17 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
 
 
+def listdir(path: str) -> list[str]:
+    """Names inside a folder at the path or URI; [] if it does not exist (or is not a folder)."""
+    if not is_uri(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    import pyarrow.fs
+
+    fs, inner = _fs(path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    return sorted(info.base_name for info in infos)
+
+
 def write_text(path: str, text: str) -> None:
     """Write a small text file, creating parent folders."""
     if not is_uri(path):

@@ -85,6 +85,26 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_local_folder(path: str) -> None:
+    """A local model (an absolute path, as the config makes local paths) must be a folder with a
+    config.json and weights; hub ids (org/name) are left to from_pretrained."""
+    folder = Path(path)
+    if not folder.is_absolute():
+        return
+    if folder.is_file():
+        hint = " (for a GGUF file, set model.name_or_path to its folder and model.gguf_file to its name)" if folder.suffix == ".gguf" else ""
+        raise ModelSourceError(f"model.name_or_path: {path!r} is a file, not a model folder{hint}")
+    if not folder.is_dir():
+        raise ModelSourceError(f"model.name_or_path: model folder not found: {path!r}")
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"model.name_or_path: no config.json in {path!r} (not a Hugging Face model folder)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        raise ModelSourceError(f"model.name_or_path: no weights ({', '.join(WEIGHT_FILES[::2])}) in {path!r}")
+
+
 def resolve_model(name_or_path: str, gguf_file: Optional[str] = None) -> str:
     """A folder or hub id that `from_pretrained` loads directly (and in 4-bit).
 
@@ -98,6 +118,7 @@ def resolve_model(name_or_path: str, gguf_file: Optional[str] = None) -> str:
         if not (folder / gguf_file).is_file():
             raise ModelSourceError(f"model.gguf_file: {gguf_file!r} not found in {str(folder)!r}")
     else:
+        _check_local_folder(name_or_path)
         return name_or_path
     target = _gguf_cache_dir(folder, gguf_file)
     if (target / "config.json").is_file():
@@ -133,16 +154,29 @@ def meta_model(path: str, trust_remote_code: bool = False) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # a config.json without a known model_type
+        raise ModelSourceError(f"model.name_or_path: cannot read the model config of {path!r} ({str(exc).splitlines()[0]})") from None
+    not_causal = f"model.name_or_path: {path!r} is not a causal language model (model_type {getattr(config, 'model_type', '?')!r}"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelSourceError(f"{not_causal}: an encoder-decoder model)")
+    if _is_encoder(config):
+        raise ModelSourceError(f"{not_causal}: a bidirectional encoder, whose next-token loss would see the answer)")
     try:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         model.tie_weights()  # tied embeddings are one parameter, as in the loaded model
         return model
     except ValueError as exc:
-        raise ModelSourceError(
-            f"model.name_or_path: {path!r} is not a causal language model ({type(config).__name__}): {str(exc).splitlines()[0]}"
-        ) from None
+        raise ModelSourceError(f"{not_causal}, {type(config).__name__}): {str(exc).splitlines()[0]}") from None
+
+
+def _is_encoder(config) -> bool:
+    """BERT-style encoders also have a *ForCausalLM class, which is only causal with is_decoder=True."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return getattr(config, "model_type", "") in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
 def load_base_model(path: str, quantization: dict, device: str, trust_remote_code: bool = False):

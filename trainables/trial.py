@@ -18,15 +18,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
+from trainables.failures import DIVERGED, OK, OOM, TrialDiverged, out_of_memory_detail, planned_fault
 from trainables.lora import lora_alpha, peft_config
 
 ADAPTER_DIR = "adapter"
 STATE_FILE = "trainer_state.pt"
-Report = Callable[[dict, str], None]  # (metrics, checkpoint folder) -> None
-
-
-class TrialDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+Report = Callable[[dict, Optional[str]], None]  # (metrics, checkpoint folder or None) -> None
 
 
 def trial_device() -> str:
@@ -132,7 +129,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"checkpoint adapter does not fit the model: unexpected keys {result.unexpected_keys[:3]}")
-    state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    state = torch.load(Path(folder) / STATE_FILE, weights_only=True)  # plain tensors and numbers, no pickled code
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     torch.set_rng_state(state.pop("rng"))
@@ -153,10 +150,11 @@ def run_trial(
         config: the trial's Tune config: ``r`` and ``seed`` (plus labels such as alpha_rule).
         settings: the search-wide settings made by `search.space.trial_settings` (plain data).
         data: tokenized train/eval data.
-        report: called with (metrics, checkpoint folder) after every evaluation.
+        report: called with (metrics, checkpoint folder) after every evaluation, and once with
+            (metrics with trial_status diverged/oom and a `failure` line, None) if the trial fails so.
         restore_from: a checkpoint folder written by an earlier run of this trial.
         threads: torch CPU threads (defaults to cpus_per_trial).
-    Returns the last metrics.
+    Returns the last metrics. Other exceptions propagate (Tune retries from the last checkpoint).
     """
     import torch
 
@@ -207,62 +205,90 @@ def run_trial(
     micro = train_cfg["batch_size"]
     accum = train_cfg["grad_accum"]
     metrics: dict[str, Any] = {}
+    fault = planned_fault(r, resumed=restore_from is not None)  # test hook, None in normal runs
 
     # ---- train
     losses: list[float] = []
     interval_tokens, interval_time = 0, 0.0
-    while step < max_steps:
-        tick = time.perf_counter()
-        step_loss = 0.0
-        for _ in range(accum):
-            idx = order.next_indices(micro)
-            batch = collate([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx], data.pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss / accum
-            loss.backward()
-            step_loss += float(loss.detach())
-            interval_tokens += int(batch["attention_mask"].sum())
-        if not math.isfinite(step_loss):
-            raise TrialDiverged(f"training loss became {step_loss} at step {step + 1} (r={r}, seed={seed})")
-        if train_cfg["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"])
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(step_loss)
-        interval_time += time.perf_counter() - tick
-
-        # ---- evaluate and report
-        if step % eval_every == 0 or step == max_steps:
+    evaluating = False
+    try:
+        while step < max_steps:
             tick = time.perf_counter()
-            eval_loss, _ = evaluate(model, data, eval_batch, device)
-            eval_seconds = time.perf_counter() - tick
-            tokens_seen += interval_tokens
-            if eval_loss < best["best_eval_loss"]:
-                best = {"best_eval_loss": eval_loss, "best_step": step}
-            metrics = {
-                **fixed,
-                "step": step,
-                "eval_loss": eval_loss,
-                "eval_perplexity": math.exp(min(eval_loss, 50.0)),
-                "train_loss": sum(losses) / len(losses),
-                "tokens_seen": tokens_seen,
-                "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
-                "lr": lr,
-                "eval_seconds": eval_seconds,
-                **best,
-            }
-            losses, interval_tokens, interval_time = [], 0, 0.0
-            folder = Path(tempfile.mkdtemp(prefix=f"lrs-ckpt-r{r}-"))
-            try:
-                state = {"step": step, "tokens_seen": tokens_seen, "order": order.state(), **best}
-                metrics["adapter_bytes"] = save_checkpoint(folder, model, optimizer, scheduler, state)
-                metrics["peak_memory_bytes"] = peak_memory_bytes(device)
-                report(metrics, str(folder))
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
+            step_loss = 0.0
+            for _ in range(accum):
+                idx = order.next_indices(micro)
+                batch = collate([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx], data.pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch).loss / accum
+                if fault and fault.step == step + 1:
+                    loss = fault.apply(loss)
+                loss.backward()
+                step_loss += float(loss.detach())
+                interval_tokens += int(batch["attention_mask"].sum())
+            if not math.isfinite(step_loss):
+                raise TrialDiverged(f"training loss became {step_loss} at step {step + 1} (r={r}, seed={seed})")
+            if train_cfg["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"])
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            interval_time += time.perf_counter() - tick
+
+            # ---- evaluate and report
+            if step % eval_every == 0 or step == max_steps:
+                tick = time.perf_counter()
+                evaluating = True
+                eval_loss, _ = evaluate(model, data, eval_batch, device)
+                evaluating = False
+                eval_seconds = time.perf_counter() - tick
+                tokens_seen += interval_tokens
+                if eval_loss < best["best_eval_loss"]:
+                    best = {"best_eval_loss": eval_loss, "best_step": step}
+                metrics = {
+                    **fixed,
+                    "step": step,
+                    "eval_loss": eval_loss,
+                    "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+                    "train_loss": sum(losses) / len(losses),
+                    "tokens_seen": tokens_seen,
+                    "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
+                    "lr": lr,
+                    "eval_seconds": eval_seconds,
+                    "trial_status": OK,
+                    "failure": "",
+                    **best,
+                }
+                losses, interval_tokens, interval_time = [], 0, 0.0
+                folder = Path(tempfile.mkdtemp(prefix=f"lrs-ckpt-r{r}-"))
+                try:
+                    state = {"step": step, "tokens_seen": tokens_seen, "order": order.state(), **best}
+                    metrics["adapter_bytes"] = save_checkpoint(folder, model, optimizer, scheduler, state)
+                    metrics["peak_memory_bytes"] = peak_memory_bytes(device)
+                    report(metrics, str(folder))
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- a diverged or out-of-memory trial reports why and ends (a retry would fail the same way)
+    except (TrialDiverged, torch.OutOfMemoryError) as exc:
+        at = step if evaluating else step + 1
+        if isinstance(exc, TrialDiverged):
+            status, detail = DIVERGED, str(exc)
+        else:
+            status, detail = OOM, out_of_memory_detail(device, at, evaluating, r, micro, max(lengths))
+        metrics = {
+            **fixed,
+            **metrics,
+            "step": at,
+            "eval_loss": math.nan,
+            "eval_perplexity": math.nan,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "trial_status": status,
+            "failure": detail,
+        }
+        report(metrics, None)
     return metrics
 
 
@@ -301,8 +327,8 @@ def lora_trial(config: dict, settings: Optional[dict] = None, data: Optional[Tok
 
     quiet_libraries()
 
-    def report(metrics: dict, folder: str) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    def report(metrics: dict, folder: Optional[str]) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

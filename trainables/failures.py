@@ -1,0 +1,89 @@
+"""How a trial fails: the statuses it reports, the out-of-memory explanation, and a test hook.
+
+A trial whose loss turns NaN/inf (``diverged``) or that runs out of GPU memory (``oom``) does not
+raise: it reports one last result with ``trial_status`` and ``failure`` and ends, because a retry
+from its checkpoint would fail the same way. Any other exception propagates, and Tune retries the
+trial from its last checkpoint up to ``resources.max_failures`` times.
+
+Test hook (not for production use): ``LORA_RANK_SEARCH_FAULT="r=2:step=20:kind=raise"`` makes the
+trial of rank 2 fail at optimizer step 20 (1-based): ``raise`` a RuntimeError, make the loss
+``nan``, or raise ``oom`` (torch.OutOfMemoryError, also on CPU). Add ``:once`` to fire only in a
+run that started from scratch (so a retry from a checkpoint gets past it); separate several
+faults with ``;``. Workers inherit it from the driver's environment on a local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+FAULT_ENV = "LORA_RANK_SEARCH_FAULT"
+OK, DIVERGED, OOM = "ok", "diverged", "oom"  # values of the `trial_status` metric
+FAULT_KINDS = ("raise", "nan", "oom")
+GIB = 1024**3
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: in the trial of rank `r`, at optimizer step `step` (1-based)."""
+
+    r: int
+    step: int
+    kind: str
+    once: bool = False
+
+    def apply(self, loss):
+        """The micro-batch loss, made NaN, or an exception raised instead (kind)."""
+        import torch
+
+        if self.kind == "nan":
+            return loss * float("nan")
+        if self.kind == "oom":
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV} at step {self.step})")
+        raise RuntimeError(f"injected fault ({FAULT_ENV} at step {self.step})")
+
+
+def planned_fault(r: int, resumed: bool, spec: Optional[str] = None) -> Optional[Fault]:
+    """The fault the test hook plans for the trial of rank r, or None (the normal case)."""
+    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        parts = dict(p.split("=", 1) if "=" in p else (p, "1") for p in item.split(":"))
+        fault = Fault(int(parts["r"]), int(parts["step"]), parts["kind"], "once" in parts)
+        if fault.kind not in FAULT_KINDS:
+            raise ValueError(f"{FAULT_ENV}: kind must be one of {', '.join(FAULT_KINDS)}, got {fault.kind!r}")
+        if fault.r == r and not (fault.once and resumed):
+            return fault
+    return None
+
+
+def out_of_memory_detail(device: str, step: int, evaluating: bool, r: int, batch_size: int, seq_len: int) -> str:
+    """One line for the results: where it ran out, the memory numbers (GiB), and what to change.
+
+    Args:
+        step: the optimizer step being trained, or the one just trained when evaluating.
+        batch_size, seq_len: the training micro-batch (examples) and its longest example (tokens).
+    """
+    import torch
+
+    phase = f"in the evaluation after step {step}" if evaluating else f"at step {step}"
+    where = f"out of memory {phase} (r={r}, batch {batch_size} x {seq_len} tokens)"
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(device)
+        numbers = (
+            f"{torch.cuda.memory_allocated(device) / GIB:.2f} GiB allocated, peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB,"
+            f" {free / GIB:.2f} GiB free of {total / GIB:.2f} GiB on the GPU"
+        )
+    else:
+        import resource
+
+        numbers = f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB:.2f} GiB (CPU)"
+    hint = (
+        "fewer trials per GPU (a larger resources.gpus_per_trial, or auto), a smaller train.batch_size,"
+        " or train.gradient_checkpointing: true"
+    )
+    return f"{where}: {numbers}; try {hint}"
