@@ -25,6 +25,9 @@ class ProgressPrinter(Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "stream": None}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, t0=time.time())  # a resumed search counts from its own start
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(f"{str(trial):<14} started")
 

@@ -7,6 +7,7 @@ every problem collected into one ConfigError; only then does Ray start and a GPU
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -299,6 +300,17 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     )
 
 
+class _QuietTuneHints(logging.Filter):
+    """Drop Tune's driver notes that the CLI says better: its `Tuner.restore(...)` resume hint
+    (users resume with `lora-rank search CONFIG --resume`), and missing metrics of trials that
+    had not reported yet when a search was interrupted."""
+
+    PREFIXES = ("Experiment has been interrupted", "Failed to fetch metrics")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
 def run_search(
     cfg: SearchConfig, *, resume: bool = False, address: Optional[str] = None, log: Callable[[str], None] = print
 ) -> str:
@@ -308,6 +320,10 @@ def run_search(
     from trainables.trial import quiet_libraries
 
     quiet_libraries()
+    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietTuneHints) for f in logger.filters):
+            logger.addFilter(_QuietTuneHints())
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our ProgressPrinter replaces Tune's tables
     # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.

@@ -1,0 +1,162 @@
+"""An interrupted search loses nothing: the real `lora-rank search` driver is stopped with SIGINT,
+resumed, killed with SIGKILL, and resumed again; finished trials are not re-run, unfinished ones
+continue from their last checkpoint, and the end result has every trial of the grid."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+import yaml
+
+from analysis.results import load_experiment
+
+MAX_STEPS, EVAL_EVERY = 300, 30
+RANKS = [1, 2, 16, 32]
+
+
+def _snapshot(experiment: str) -> dict[str, tuple[str, int]]:
+    """trial folder -> (Tune status, step of its last registered report) in the newest experiment state."""
+    states = sorted(glob.glob(os.path.join(experiment, "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        with open(states[-1]) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):  # being rewritten right now
+        return {}
+    out = {}
+    for state, runtime in data["trial_data"]:
+        state, runtime = json.loads(state), json.loads(runtime)
+        out[state["relative_logdir"]] = (state["status"], int((runtime.get("last_result") or {}).get("step", 0)))
+    return out
+
+
+def _wait_for(experiment: str, driver: subprocess.Popen, ready, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        snap = _snapshot(experiment)
+        if ready(snap):
+            return snap
+        assert driver.poll() is None, "the search ended before it could be interrupted"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting; last snapshot {_snapshot(experiment)}")
+
+
+def _mid_run(snap: dict) -> bool:
+    """Some trial has a registered checkpoint and is still running."""
+    return any(status == "RUNNING" and 0 < step < MAX_STEPS for status, step in snap.values())
+
+
+def _results(experiment: str) -> dict[str, bytes]:
+    out = {}
+    for path in glob.glob(os.path.join(experiment, "*", "result.json")):
+        with open(path, "rb") as handle:
+            out[os.path.basename(os.path.dirname(path))] = handle.read()
+    return out
+
+
+@pytest.fixture
+def driver_env():
+    """Environment for driver subprocesses: a private Ray temp dir and a marker every Ray process
+    of these runs inherits, so processes a killed driver leaves behind are found and ended by PID."""
+    marker = f"LRS_TEST_RUN={uuid.uuid4().hex}".encode()
+    temp = tempfile.mkdtemp(prefix="lrs-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": temp, "LRS_TEST_RUN": marker.split(b"=")[1].decode()}
+    env.pop("RAY_ADDRESS", None)
+    yield env
+    _kill_marked(marker)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_marked(marker: bytes) -> list[int]:
+    """SIGKILL every process whose environment holds the marker (ours only); returns their PIDs."""
+    killed = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if marker not in handle.read().split(b"\0"):
+                    continue
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_config, tmp_path, driver_env):
+    raw = raw_config(
+        name="interrupted",
+        lora={"ranks": RANKS},
+        train={"max_steps": MAX_STEPS, "eval_every": EVAL_EVERY},
+        scheduler={"type": "none"},
+    )
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    experiment = str(tmp_path / "runs" / "interrupted")
+    cli = [sys.executable, "-m", "search.cli", "search", str(config)]
+
+    def start(*extra: str) -> subprocess.Popen:  # output to files: a full pipe would stall the driver
+        n = len(list(tmp_path.glob("out-*")))
+        out, err = open(tmp_path / f"out-{n}.txt", "w+"), open(tmp_path / f"err-{n}.txt", "w+")
+        driver = subprocess.Popen([*cli, *extra], stdout=out, stderr=err, text=True, env=driver_env)
+        driver.output = lambda: (out.seek(0) or out.read(), err.seek(0) or err.read())
+        return driver
+
+    def finish(driver: subprocess.Popen, timeout: float) -> tuple[str, str]:
+        driver.wait(timeout=timeout)
+        return driver.output()
+
+    # 1. Ctrl-C while a trial with a checkpoint is running: Tune saves its state and returns;
+    #    the CLI must not pretend the search is done.
+    first = start()
+    _wait_for(experiment, first, _mid_run)
+    first.send_signal(signal.SIGINT)
+    out, err = finish(first, 120)
+    assert first.returncode == 130, err[-3000:]
+    assert f"Continue with:\n  lora-rank search {config} --resume" in err
+    assert "Tuner.restore" not in err and "Traceback" not in err
+    assert "next: lora-rank analyze" not in out
+    after_sigint, results_at_sigint = _snapshot(experiment), _results(experiment)
+    assert any(0 < step < MAX_STEPS for _, step in after_sigint.values())
+
+    # 2. Resume, then SIGKILL the driver once a trial has finished and another is mid-run.
+    second = start("--resume")
+    after_sigkill = _wait_for(
+        experiment, second, lambda s: _mid_run(s) and any(st == "TERMINATED" for st, _ in s.values()) and len(s) == len(RANKS)
+    )
+    second.send_signal(signal.SIGKILL)
+    finish(second, 60)
+    _kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())  # the Ray processes it leaves
+    after_sigkill, results_at_sigkill = _snapshot(experiment), _results(experiment)
+
+    # 3. Resume again: it completes.
+    third = start("--resume")
+    out, err = finish(third, 300)
+    assert third.returncode == 0, err[-3000:]
+    assert "next: lora-rank analyze" in out
+
+    trials, history = load_experiment(experiment)
+    assert sorted(zip(trials["r"], trials["seed"])) == [(r, 0) for r in RANKS], "the same trials as an uninterrupted run"
+    assert trials["status"].eq("completed").all() and trials["steps"].eq(MAX_STEPS).all()
+    final = _results(experiment)
+    for snap, before in ((after_sigint, results_at_sigint), (after_sigkill, results_at_sigkill)):
+        for folder, (status, step) in snap.items():
+            rows = history[history["trial_dir"] == folder]
+            if status == "TERMINATED":
+                assert final[folder] == before[folder], f"{folder} finished before the interruption and was re-run"
+            elif step:
+                continued = rows[rows["resumed_from_step"] == step]
+                assert len(continued) and continued["step"].min() == step + EVAL_EVERY, (
+                    f"{folder} did not continue from its step-{step} checkpoint"
+                )
+    assert (history["resumed_from_step"] > 0).any()
