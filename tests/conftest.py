@@ -69,3 +69,19 @@ def ray_session():
 
     yield start
     ray.shutdown()
+
+
+@pytest.fixture
+def weight_loads(monkeypatch) -> list:
+    """Every from_pretrained of model weights (the call goes through; the list records it)."""
+    from transformers import PreTrainedModel
+
+    calls: list = []
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        calls.append((cls.__name__, args[:1]))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
+    return calls

@@ -163,22 +163,6 @@ def _done_experiment(bad: str, raw: dict) -> None:
         open(os.path.join(folder, name), "w").close()
 
 
-@pytest.fixture
-def weight_loads(monkeypatch) -> list:
-    """Every from_pretrained of model weights (the call goes through; the list records it)."""
-    from transformers import PreTrainedModel
-
-    calls: list = []
-    original = PreTrainedModel.from_pretrained.__func__
-
-    def recording(cls, *args, **kwargs):
-        calls.append((cls.__name__, args[:1]))
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
-    return calls
-
-
 @pytest.mark.parametrize("case, config, argv, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_any_model_loads_or_ray_starts(case, config, argv, expected, bad, raw_config, tmp_path, capsys, weight_loads):
     import ray

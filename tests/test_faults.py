@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import yaml
@@ -109,3 +110,16 @@ def test_failing_trials_leave_the_others_finishing_and_show_in_the_results(raw_c
     with open(os.path.join(tmp_path, "runs", "faults", by_r[1].trial_dir, "result.json")) as handle:
         last = [json.loads(line) for line in handle][-1]
     assert last["trial_status"] == "diverged" and last["failure"]
+
+
+def test_a_trial_restored_from_its_final_checkpoint_ends_without_loading_the_model(raw_config, tmp_path, weight_loads):
+    """What a driver killed between a trial's last report and the next snapshot leaves behind."""
+    cfg = parse_config(raw_config(train={"max_steps": 10, "eval_every": 10}))
+    prepared = prepare(cfg, log=lambda _: None)
+    settings = trial_settings(cfg, prepared.model_path, prepared.targets)
+    final = tmp_path / "final"
+    run_trial({"r": 2, "seed": 0}, settings, prepared.data, lambda m, folder: shutil.copytree(folder, final))
+    loads = len(weight_loads)
+    reports = []
+    assert run_trial({"r": 2, "seed": 0}, settings, prepared.data, lambda *a: reports.append(a), restore_from=str(final)) == {}
+    assert reports == [] and len(weight_loads) == loads

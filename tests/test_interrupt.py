@@ -20,8 +20,8 @@ import yaml
 
 from analysis.results import load_experiment
 
-MAX_STEPS, EVAL_EVERY = 300, 30
-RANKS = [1, 2, 16, 32]
+MAX_STEPS, EVAL_EVERY = 240, 30
+RANKS = [2, 8, 32]
 
 
 def _snapshot(experiment: str) -> dict[str, tuple[str, int]]:

@@ -75,7 +75,7 @@ def test_hf_token_appears_in_no_file_log_or_output_of_a_real_search(raw_config, 
         return context
 
     monkeypatch.setattr(ray, "init", recording_init)
-    raw = raw_config(name="secret", lora={"ranks": [2, 16]}, train={"max_steps": 20, "eval_every": 10})
+    raw = raw_config(name="secret", lora={"ranks": [8]}, train={"max_steps": 20, "eval_every": 10})
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     try:

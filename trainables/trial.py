@@ -119,6 +119,13 @@ def adapter_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in (Path(folder) / ADAPTER_DIR).glob("adapter_model.*"))
 
 
+def saved_step(folder: str) -> int:
+    """The optimizer step a checkpoint folder was saved at."""
+    import torch
+
+    return int(torch.load(Path(folder) / STATE_FILE, weights_only=True)["step"])
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; returns the saved loop state."""
     import torch
@@ -162,6 +169,8 @@ def run_trial(
     started = time.time()
     r, seed = int(config["r"]), int(config["seed"])
     train_cfg = settings["train"]
+    if restore_from and saved_step(restore_from) >= train_cfg["max_steps"]:
+        return {}  # it had finished when its driver was killed: nothing to redo, no model to load
     device = trial_device()
     if device == "cpu":
         torch.set_num_threads(threads or settings["cpus_per_trial"])
