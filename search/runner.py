@@ -103,7 +103,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     """
     from trainables.data import DataError, load_splits, tokenize_splits
     from trainables.lora import TargetError, linear_layers, resolve_targets
-    from trainables.model import ModelSourceError, load_tokenizer, meta_model, resolve_model
+    from trainables.model import ModelSourceError, check_weights, load_tokenizer, meta_model, resolve_model
 
     problems: list[str] = local_resource_problems(cfg) if local_ray else []
     out = Prepared(cfg)
@@ -112,6 +112,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     try:
         out.model_path = resolve_model(cfg.model.name_or_path, cfg.model.gguf_file)
         meta = meta_model(out.model_path, cfg.model.trust_remote_code)
+        check_weights(out.model_path)
         out.linear_shapes = linear_layers(meta)
         out.dims = _model_dims(meta, out.linear_shapes)
         try:

@@ -90,7 +90,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def _check_local_folder(path: str) -> None:
     """A local model (an absolute path, as the config makes local paths) must be a folder with a
-    config.json and weights; hub ids (org/name) are left to from_pretrained."""
+    config.json; hub ids (org/name) are left to from_pretrained."""
     folder = Path(path)
     if not folder.is_absolute():
         return
@@ -101,7 +101,13 @@ def _check_local_folder(path: str) -> None:
         raise ModelSourceError(f"model.name_or_path: model folder not found: {path!r}")
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"model.name_or_path: no config.json in {path!r} (not a Hugging Face model folder)")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+
+
+def check_weights(path: str) -> None:
+    """Raise ModelSourceError if a local model folder has no weight files (every trial would fail
+    to load it); hub ids are not checked."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
         raise ModelSourceError(f"model.name_or_path: no weights ({', '.join(WEIGHT_FILES[::2])}) in {path!r}")
 
 
