@@ -25,7 +25,13 @@ RANKS = [2, 8, 32]
 
 
 def _snapshot(experiment: str) -> dict[str, tuple[str, int]]:
-    """trial folder -> (Tune status, step of its last registered report) in the newest experiment state."""
+    """trial folder -> (Tune status, step of its last *recorded* checkpoint) in the newest experiment state.
+
+    A trial's report and its checkpoint reach the driver in two steps; a driver stopped between
+    them has the report but not the checkpoint, and the trial resumes from the one before.
+    """
+    from ray import cloudpickle
+
     states = sorted(glob.glob(os.path.join(experiment, "experiment_state-*.json")))
     if not states:
         return {}
@@ -37,7 +43,9 @@ def _snapshot(experiment: str) -> dict[str, tuple[str, int]]:
     out = {}
     for state, runtime in data["trial_data"]:
         state, runtime = json.loads(state), json.loads(runtime)
-        out[state["relative_logdir"]] = (state["status"], int((runtime.get("last_result") or {}).get("step", 0)))
+        manager = cloudpickle.loads(bytes.fromhex(runtime["checkpoint_manager"]["value"]))
+        latest = manager._latest_checkpoint_result
+        out[state["relative_logdir"]] = (state["status"], int(latest.metrics["step"]) if latest else 0)
     return out
 
 
@@ -53,7 +61,7 @@ def _wait_for(experiment: str, driver: subprocess.Popen, ready, timeout: float =
 
 
 def _mid_run(snap: dict) -> bool:
-    """Some trial has a registered checkpoint and is still running."""
+    """Some trial has a recorded checkpoint and is still running."""
     return any(status == "RUNNING" and 0 < step < MAX_STEPS for status, step in snap.values())
 
 
