@@ -7,7 +7,8 @@ all. The signs (from practice):
 - grid too small: the largest rank is the only adequate one (and still improving) -> extend upward;
 - grid too large: the best rank sits far below the largest, or the smallest rank already
   suffices -> drop the big ranks, or extend downward;
-- a recommendation judged before max_steps (ASHA stopped it): confirm, and train it fully.
+- a recommendation judged before max_steps (ASHA stopped it): confirm, and train it fully;
+- a smaller rank stopped early only narrowly outside the tolerance: re-run it for the full budget.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def _grid(rec: Recommendation, history: pd.DataFrame) -> list[Finding]:
         wasted = [r for r in ranks if r > 2 * max(rec.best_rank, rec.rank)]
         if wasted:
             out.append(Finding("grid-too-large", (
-                f"The grid is larger than needed: the best rank is r={rec.best_rank} and ranks "
-                f"{', '.join(str(r) for r in wasted)} add nothing within the tolerance; leave them out of the next search to save compute."
+                f"The grid is larger than needed: the best rank is r={rec.best_rank}, and "
+                f"{', '.join(f'r={r}' for r in wasted)} add{'s' if len(wasted) == 1 else ''} nothing within the tolerance; "
+                f"leave {'it' if len(wasted) == 1 else 'them'} out of the next search to save compute."
             )))
     return out
 
@@ -116,6 +118,30 @@ def _judged_early(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFra
     )
     widening = _gap_widening(rec, history)
     return [Finding("judged-early", text + widening)]
+
+
+NEAR_MISS = 5.0  # a smaller rank cut early within this many tolerances of the best is worth a re-check
+
+
+def _cut_early(rec: Recommendation) -> list[Finding]:
+    """Smaller ranks judged before the recommendation's step, and only narrowly outside the tolerance.
+
+    Early in training a larger LoRA learns faster (with alpha = 2r its updates span more
+    directions from the first step), so an early gap overstates what a smaller rank reaches later.
+    """
+    chosen = rec.evidence(rec.rank) if rec.rank is not None else None
+    if chosen is None:
+        return []
+    near = [e for e in rec.ranks if e.r < chosen.r and not e.adequate and e.evidence_step < chosen.evidence_step
+            and e.gap <= NEAR_MISS * max(rec.tolerance, 1e-9)]
+    if not near:
+        return []
+    parts = ", ".join(f"r={e.r} ({e.gap:+.2%} at step {e.evidence_step})" for e in near)
+    return [Finding("smaller-rank-cut-early", (
+        f"Smaller rank(s) were stopped early only narrowly outside the tolerance: {parts}, while r={chosen.r} was judged at "
+        f"step {chosen.evidence_step}. Larger ranks learn faster at first, so an early gap overstates the final one: re-run "
+        f"r={near[-1].r} for the full budget (scheduler.type: none, or a larger grace_period) before settling on r={chosen.r}."
+    ))]
 
 
 def _gap_widening(rec: Recommendation, history: pd.DataFrame) -> str:
@@ -159,6 +185,7 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
         return [Finding("no-result", text)]
     out = _grid(rec, history)
     out += _judged_early(rec, trials, history)
+    out += _cut_early(rec)
     out += _overfitting(trials, history, rec.tolerance)
     out += _noise(rec)
     for note in rec.excluded:

@@ -115,14 +115,14 @@ def evidence_sentence(table: pd.DataFrame, recommended: Optional[int]) -> str:
     """Plain words: do the large-rank adapters use all their directions?"""
     if table.empty or "energy_rank_median" not in table:
         return "No adapter checkpoints were found, so the effective rank could not be measured."
-    by_rank = table.groupby("r")["energy_rank_median"].median()
+    by_rank = table.groupby("r")[["energy_rank_median", "stable_rank_median"]].median()
     top = int(by_rank.index.max())
-    used = float(by_rank.loc[top])
+    used, stable = float(by_rank.loc[top, "energy_rank_median"]), float(by_rank.loc[top, "stable_rank_median"])
     text = (f"Effective rank: the largest adapter (r={top}) puts {ENERGY:.0%} of its update energy into a median of "
-            f"{used:g} of its {top} directions per module")
+            f"{used:g} of its {top} directions per module (stable rank {stable:.1f})")
     if recommended is None:
         return text + "."
-    if recommended < top and used <= recommended:
+    if recommended < top and min(used, stable) <= recommended:
         return text + f", no more than the recommended r={recommended}: independent evidence that r={recommended} suffices."
     if recommended < top:
         return text + (f", more than the recommended r={recommended}; energy is not loss: those extra directions did not "

@@ -73,6 +73,13 @@ def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _effective_rows(eff: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["r", "seed", "checkpoint step", "eval loss", "energy rank (90%)", "stable rank", "modules"]
+    rows = [[str(t.r), str(t.seed), str(t.step), f"{t.eval_loss:.4f}", f"{t.energy_rank_median:g} ({t.energy_rank_max})",
+             f"{t.stable_rank_median:.2f} ({t.stable_rank_max:.2f})", str(t.modules)] for t in eff.sort_values(["r", "seed"]).itertuples()]
+    return headers, rows
+
+
 def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, findings: list[Finding],
                  eff_sentence: str, eff: Optional[pd.DataFrame], plots: dict, snippet: str, config: dict) -> list[tuple]:
     """The report as (kind, payload) blocks: h1/h2/p/list/code/table/figure."""
@@ -88,9 +95,10 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
     blocks.append(("p", f"**Rule:** {rec.rule}."))
     if rec.knee is not None:
         blocks.append(("p", f"Knee of the gap-vs-log2(r) curve (an estimate, not used by the rule): r = {rec.knee}."))
-    if findings:
+    shown = [f.text for f in findings if f.kind != "effective-rank"]  # that one has its own section below
+    if shown:
         blocks.append(("h2", "Diagnosis"))
-        blocks.append(("list", [f.text for f in findings]))
+        blocks.append(("list", shown))
     if snippet:
         blocks.append(("h2", "Use it"))
         blocks.append(("code", snippet))
@@ -106,8 +114,10 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
                           ("effective_rank", "Effective rank of the trained adapters")):
         if name in plots:
             blocks.append(("figure", (caption, plots[name])))
-            if name == "effective_rank":
-                blocks.append(("p", eff_sentence))
+    if eff is not None and not eff.empty:
+        blocks.append(("h2", "Effective rank of the trained adapters"))
+        blocks.append(("p", eff_sentence + " Per trial, its best checkpoint; median (max) over the adapted modules."))
+        blocks.append(("table", _effective_rows(eff)))
     blocks.append(("h2", "All trials"))
     blocks.append(("code", format_table(trials) if not trials.empty else "(no trials)"))
     return blocks

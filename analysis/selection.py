@@ -41,6 +41,7 @@ import pandas as pd
 
 DEFAULT_TOLERANCE = 0.01  # relative: 1% of the best eval loss
 FAILED_STATUSES = ("error",)
+KNEE_MIN_BEND = 0.1  # the knee must sit this far below the chord (in [0, 1] scaled units), else no knee
 
 RULE = (
     "smallest rank r whose mean eval loss (each trial's best so far, at the last step all of r's seeds "
@@ -191,7 +192,8 @@ def _reference(table: dict[int, dict], step: int) -> tuple[int, float, float]:
 def knee_rank(ranks: Sequence[int], gaps: Sequence[float]) -> Optional[int]:
     """The Kneedle knee of gap vs log2(r) over the ranks up to the one with the smallest gap.
 
-    Needs at least three ranks up to the best; returns None otherwise or when the curve is flat.
+    Needs at least three ranks up to the best; returns None otherwise, or when no point lies at
+    least KNEE_MIN_BEND below the chord (a straight or concave curve has no knee).
     """
     pairs = sorted((int(r), float(g)) for r, g in zip(ranks, gaps) if math.isfinite(float(g)))
     if len(pairs) < 3:
@@ -208,7 +210,7 @@ def knee_rank(ranks: Sequence[int], gaps: Sequence[float]) -> Optional[int]:
     yn = (y - y[-1]) / (y[0] - y[-1])
     below = (1.0 - xn) - yn  # the chord from (0, 1) to (1, 0), minus the curve
     i = int(np.argmax(below))
-    return pairs[i][0] if below[i] > 0 else None
+    return pairs[i][0] if below[i] >= KNEE_MIN_BEND else None
 
 
 def _excluded(trials: pd.DataFrame, curves: pd.DataFrame) -> tuple[list[str], dict[int, int]]:
