@@ -21,6 +21,9 @@ import pandas as pd
 from analysis.selection import Recommendation, trial_curves
 
 
+OVERFIT_RISE = 0.5  # eval loss above its best by more than this many tolerances (train loss falling): overfitting
+
+
 @dataclass
 class Finding:
     """One diagnosis: a short kind tag (for scripts) and a sentence (for people)."""
@@ -38,7 +41,7 @@ def _overfitting(trials: pd.DataFrame, history: pd.DataFrame, tol: float) -> lis
         c = c.sort_values("step")
         best_i = c["eval_loss"].idxmin()
         best, last = c.loc[best_i], c.iloc[-1]
-        if best["step"] >= last["step"] or last["eval_loss"] <= best["eval_loss"] * (1 + max(tol, 1e-9)):
+        if best["step"] >= last["step"] or last["eval_loss"] <= best["eval_loss"] * (1 + OVERFIT_RISE * max(tol, 1e-9)):
             continue
         h = history[(history["trial_id"] == trial_id)].set_index("step")
         train_text = ""

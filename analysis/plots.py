@@ -105,7 +105,7 @@ def loss_vs_rank(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendatio
 
     handles += [Line2D([], [], ls="", marker="o", color="#1f77b4", label="trial that ran to max_steps"),
                 Line2D([], [], ls="", marker="o", mfc="none", color="#1f77b4", label="trial stopped early (step it reached)")]
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     _gap_panel(gx, rec)
     fig.suptitle(f"Which rank? {rec.reason}" if rec.rank is not None else rec.reason, fontsize=9)
     return _save(fig, out_dir, "loss_vs_rank")
@@ -247,7 +247,9 @@ def effective_rank(table: pd.DataFrame, rec: Recommendation, out_dir: str) -> Op
         ax.axvline(rec.rank, color=HIGHLIGHT, ls=":", lw=1, label=f"recommended r={rec.rank}")
     _rank_axis(ax, ranks)
     ax.set_yscale("log", base=2)
+    ax.set_yticks([2**i for i in range(0, int(math.log2(max(ranks))) + 1)])
     ax.get_yaxis().set_major_formatter(_int_formatter())
+    ax.minorticks_off()
     ax.set_ylabel("effective rank of ΔW = scale·B·A (directions, log2)")
     ax.set_title("How many directions do the trained adapters use?")
     ax.legend(fontsize=7)
