@@ -1,0 +1,196 @@
+"""Diagnosis in plain words: what the results say about the grid, the training and the answer.
+
+Each check is a small pure function of the selection result and the tables; `diagnose` runs them
+all. The signs (from practice):
+- overfitting: eval loss rising while train loss falls (the best eval step well before the last);
+- rank does not matter: every rank within tolerance -> take the smallest;
+- grid too small: the largest rank is the only adequate one (and still improving) -> extend upward;
+- grid too large: the best rank sits far below the largest, or the smallest rank already
+  suffices -> drop the big ranks, or extend downward;
+- a recommendation judged before max_steps (ASHA stopped it): confirm, and train it fully;
+- a smaller rank stopped early only narrowly outside the tolerance: re-run it for the full budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from analysis.selection import Recommendation, trial_curves
+
+
+OVERFIT_RISE = 0.5  # eval loss above its best by more than this many tolerances (train loss falling): overfitting
+
+
+@dataclass
+class Finding:
+    """One diagnosis: a short kind tag (for scripts) and a sentence (for people)."""
+
+    kind: str
+    text: str
+
+
+def _overfitting(trials: pd.DataFrame, history: pd.DataFrame, tol: float) -> list[Finding]:
+    out = []
+    if history.empty or "eval_loss" not in history:
+        return out
+    curves = trial_curves(trials, history)
+    for trial_id, c in curves.groupby("trial_id"):
+        c = c.sort_values("step")
+        best_i = c["eval_loss"].idxmin()
+        best, last = c.loc[best_i], c.iloc[-1]
+        if best["step"] >= last["step"] or last["eval_loss"] <= best["eval_loss"] * (1 + OVERFIT_RISE * max(tol, 1e-9)):
+            continue
+        h = history[(history["trial_id"] == trial_id)].set_index("step")
+        train_text = ""
+        if "train_loss" in h and best["step"] in h.index and last["step"] in h.index:
+            t_best, t_last = float(h.loc[best["step"], "train_loss"]), float(h.loc[last["step"], "train_loss"])
+            if not t_last < t_best:
+                continue  # both rose: not the overfitting sign
+            train_text = f" while train loss kept falling ({t_best:.4f} -> {t_last:.4f})"
+        rise = last["eval_loss"] / best["eval_loss"] - 1
+        out.append(Finding("overfitting", (
+            f"r={int(c['r'].iloc[0])} (seed {int(c['seed'].iloc[0])}) overfits: eval loss rose {rise:.1%} from its best at "
+            f"step {int(best['step'])} to step {int(last['step'])}{train_text}. The selection uses each trial's best "
+            f"checkpoint; for the final run use fewer steps, more data, more dropout or a lower learning rate."
+        )))
+    return out
+
+
+def _still_improving(history: pd.DataFrame, trial_ids: list, tol: float) -> bool:
+    """True if the last evaluation of any of these trials improved on the previous one by > tol/2."""
+    for trial_id in trial_ids:
+        c = history[history["trial_id"] == trial_id].sort_values("step")["eval_loss"].dropna()
+        if len(c) >= 2 and c.iloc[-1] < c.iloc[-2] * (1 - tol / 2):
+            return True
+    return False
+
+
+def _grid(rec: Recommendation, history: pd.DataFrame) -> list[Finding]:
+    ranks = [e.r for e in rec.ranks]
+    if len(ranks) == 1:
+        return [Finding("single-rank", f"Only one rank (r={ranks[0]}) has results: there is nothing to compare it with. "
+                        "Search at least three ranks around it (e.g. r/2, r, 2r).")]
+    out = []
+    adequate = [e.r for e in rec.ranks if e.adequate]
+    smallest, largest = min(ranks), max(ranks)
+    if len(adequate) == len(ranks):
+        spread = max(e.gap for e in rec.ranks)
+        out.append(Finding("rank-does-not-matter", (
+            f"Rank does not matter here: every rank from {smallest} to {largest} is within the tolerance of the best "
+            f"(largest gap {spread:+.2%}). Take the smallest, r={smallest}; an even smaller rank may do as well."
+        )))
+        return out
+    if rec.rank == largest:
+        top = rec.evidence(largest)
+        improving = _still_improving(history, top.trial_ids, rec.tolerance)
+        out.append(Finding("grid-too-small", (
+            f"The grid may be too small: only the largest rank, r={largest}, is adequate"
+            + (", and its eval loss was still improving at its last evaluation" if improving else "")
+            + f". Extend the grid upward (e.g. r={2 * largest}, {4 * largest}) before trusting r={largest} as the answer."
+        )))
+    elif rec.rank == smallest:
+        out.append(Finding("extend-downward", (
+            f"The smallest rank in the grid, r={smallest}, is already adequate: a smaller rank may suffice "
+            f"(try r={max(1, smallest // 2)}{', ' + str(max(1, smallest // 4)) if smallest >= 4 else ''})."
+        )))
+    if rec.best_rank is not None and rec.rank is not None and largest >= 4 * max(rec.best_rank, rec.rank):
+        wasted = [r for r in ranks if r > 2 * max(rec.best_rank, rec.rank)]
+        if wasted:
+            out.append(Finding("grid-too-large", (
+                f"The grid is larger than needed: the best rank is r={rec.best_rank}, and "
+                f"{', '.join(f'r={r}' for r in wasted)} add{'s' if len(wasted) == 1 else ''} nothing within the tolerance; "
+                f"leave {'it' if len(wasted) == 1 else 'them'} out of the next search to save compute."
+            )))
+    return out
+
+
+def _judged_early(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -> list[Finding]:
+    chosen = rec.evidence(rec.rank) if rec.rank is not None else None
+    if chosen is None or not chosen.stopped_early:
+        return []
+    max_steps = int(pd.to_numeric(trials["max_steps"], errors="coerce").max()) if "max_steps" in trials else None
+    text = (
+        f"r={rec.rank} was judged at step {chosen.evidence_step}"
+        + (f" of {max_steps}" if max_steps else "")
+        + " (ASHA stopped it, or the trial was interrupted): at that step it was within the tolerance of the best rank "
+        f"that got as far. Its adapter is under-trained; train r={rec.rank} for the full budget before using it, and "
+        f"re-check with `scheduler.type: none` on ranks {rec.rank} and {2 * rec.rank} if the decision matters."
+    )
+    widening = _gap_widening(rec, history)
+    return [Finding("judged-early", text + widening)]
+
+
+NEAR_MISS = 5.0  # a smaller rank cut early within this many tolerances of the best is worth a re-check
+
+
+def _cut_early(rec: Recommendation) -> list[Finding]:
+    """Smaller ranks judged before the recommendation's step, and only narrowly outside the tolerance.
+
+    Early in training a larger LoRA learns faster (with alpha = 2r its updates span more
+    directions from the first step), so an early gap overstates what a smaller rank reaches later.
+    """
+    chosen = rec.evidence(rec.rank) if rec.rank is not None else None
+    if chosen is None:
+        return []
+    near = [e for e in rec.ranks if e.r < chosen.r and not e.adequate and e.evidence_step < chosen.evidence_step
+            and e.gap <= NEAR_MISS * max(rec.tolerance, 1e-9)]
+    if not near:
+        return []
+    parts = ", ".join(f"r={e.r} ({e.gap:+.2%} at step {e.evidence_step})" for e in near)
+    return [Finding("smaller-rank-cut-early", (
+        f"Smaller rank(s) were stopped early only narrowly outside the tolerance: {parts}, while r={chosen.r} was judged at "
+        f"step {chosen.evidence_step}. Larger ranks learn faster at first, so an early gap overstates the final one: re-run "
+        f"r={near[-1].r} for the full budget (scheduler.type: none, or a larger grace_period) before settling on r={chosen.r}."
+    ))]
+
+
+def _gap_widening(rec: Recommendation, history: pd.DataFrame) -> str:
+    """' Its gap to the reference widened ...' if it grew over the recommended rank's last two steps."""
+    chosen = rec.evidence(rec.rank)
+    ref = rec.evidence(chosen.ref_rank)
+    if ref is None or chosen.r == ref.r:
+        return ""
+    def at(trial_ids, step):
+        values = history[history["trial_id"].isin(trial_ids) & (history["step"] <= step)].groupby("trial_id")["eval_loss"].min()
+        return float(values.mean()) if len(values) == len(trial_ids) else math.nan
+    steps = sorted(history[history["trial_id"].isin(chosen.trial_ids)]["step"].unique())
+    steps = [s for s in steps if s <= chosen.evidence_step]
+    if len(steps) < 2:
+        return ""
+    before, now = steps[-2], steps[-1]
+    g0 = at(chosen.trial_ids, before) / at(ref.trial_ids, before) - 1
+    g1 = at(chosen.trial_ids, now) / at(ref.trial_ids, now) - 1
+    if math.isfinite(g0) and math.isfinite(g1) and g1 > g0 + 1e-9:
+        return f" Caution: its gap to r={ref.r} widened from {g0:+.2%} at step {before} to {g1:+.2%} at step {now}."
+    return ""
+
+
+def _noise(rec: Recommendation) -> list[Finding]:
+    noisy = [e for e in rec.ranks if len(e.seeds) >= 2 and e.se > rec.tolerance * abs(e.loss)]
+    if not noisy:
+        return []
+    worst = max(noisy, key=lambda e: e.se / abs(e.loss))
+    return [Finding("noisy-seeds", (
+        f"Seed-to-seed noise exceeds the tolerance for r={', '.join(str(e.r) for e in noisy)} (r={worst.r}: standard "
+        f"error {worst.se / abs(worst.loss):.2%} of its loss), so the one-standard-error rule, not the tolerance, decided. "
+        "More seeds or a larger eval set would sharpen the answer."
+    ))]
+
+
+def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -> list[Finding]:
+    """Every finding that applies, most important first."""
+    if rec.rank is None:
+        failed = int((trials["status"] == "error").sum()) if not trials.empty and "status" in trials else 0
+        text = rec.reason + (f" ({failed} trial(s) failed: see error.txt in their folders)." if failed else ".")
+        return [Finding("no-result", text)]
+    out = _grid(rec, history)
+    out += _judged_early(rec, trials, history)
+    out += _cut_early(rec)
+    out += _overfitting(trials, history, rec.tolerance)
+    out += _noise(rec)
+    for note in rec.excluded:
+        out.append(Finding("excluded", note + "."))
+    return out

@@ -1,0 +1,122 @@
+"""Exact LoRA parameter counts and adapter file sizes from a model's config alone.
+
+The model is built on the meta device (names and shapes, no weights, no memory), its linear
+layers are listed, the target preset is resolved against them exactly as a search does, and for
+each rank r the adapter has r * (in + out) parameters per targeted layer (A is r x in, B is out x r)
+- what PEFT's `get_nb_trainable_parameters()` reports for the same LoraConfig.
+
+Adapter size (bytes) is the size of PEFT's `adapter_model.safetensors`, computed exactly without
+writing it: an 8-byte header length, the JSON header (one entry per tensor, named
+`base_model.model.<module>.lora_{A,B}.weight`, dtype F32, shape, data offsets, plus PEFT's
+`{"format": "pt"}` metadata; tensors sorted by name; padded with spaces to a multiple of 8), then
+params x 4 bytes (fp32, PEFT's default adapter dtype). A test checks it against real files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
+
+BYTES_PER_PARAM = 4  # fp32: the dtype PEFT saves a LoRA adapter in by default
+SAFETENSORS_METADATA = {"format": "pt"}  # what PEFT passes to safetensors' save_file
+
+
+@dataclass
+class ParamRow:
+    """One (target preset, rank) line of the calculator; sizes in bytes."""
+
+    targets_spec: str
+    targets: list
+    r: int
+    layers: int  # number of adapted linear layers
+    params: int
+    adapter_bytes: int
+    base_params: int
+
+    @property
+    def percent_of_base(self) -> float:
+        return 100.0 * self.params / self.base_params if self.base_params else float("nan")
+
+
+def adapter_file_bytes(shapes: Mapping[str, tuple[int, int]], r: int, dtype_bytes: int = BYTES_PER_PARAM) -> int:
+    """Exact size of PEFT's adapter_model.safetensors for rank r on these layers (name -> (in, out))."""
+    entries = []
+    for name, (fan_in, fan_out) in shapes.items():
+        prefix = f"base_model.model.{name}"
+        entries.append((f"{prefix}.lora_A.weight", [r, fan_in]))
+        entries.append((f"{prefix}.lora_B.weight", [fan_out, r]))
+    entries.sort()
+    header: dict = {"__metadata__": SAFETENSORS_METADATA}
+    offset = 0
+    for tensor, shape in entries:
+        size = shape[0] * shape[1] * dtype_bytes
+        header[tensor] = {"dtype": "F32" if dtype_bytes == 4 else f"{dtype_bytes * 8}BIT", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"))
+    padded = len(text) + (-len(text)) % 8
+    return 8 + padded + offset
+
+
+def parameter_table(
+    model: str, ranks: Sequence[int], target_specs: Sequence[Union[str, Sequence[str]]], trust_remote_code: bool = False
+) -> tuple[list[ParamRow], dict]:
+    """Rows for every (target spec, rank) and facts about the model (no weights are loaded).
+
+    Raises ValueError naming the bad rank or target (with the model's linear layers listed).
+    """
+    from trainables.lora import TargetError, linear_layers, lora_param_count, resolve_targets, targeted_layers
+    from trainables.model import meta_model, resolve_model
+
+    bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
+    if bad or not ranks:
+        raise ValueError(f"--ranks: ranks must be positive integers, got {list(ranks)!r}")
+    started = time.perf_counter()
+    path = resolve_model(model)
+    meta = meta_model(path, trust_remote_code)
+    shapes = linear_layers(meta)
+    base = sum(p.numel() for p in meta.parameters())
+    rows = []
+    problems = []
+    for spec in target_specs:
+        try:
+            targets = resolve_targets(spec, shapes)
+        except TargetError as exc:
+            problems.append(f"--targets {spec if isinstance(spec, str) else ','.join(spec)}: {exc}")
+            continue
+        chosen = targeted_layers(shapes, targets)
+        label = spec if isinstance(spec, str) else ",".join(spec)
+        for r in ranks:
+            rows.append(ParamRow(label, targets, int(r), len(chosen), lora_param_count(shapes, targets, r),
+                                 adapter_file_bytes(chosen, r), int(base)))
+    if problems:
+        raise ValueError("\n".join(problems))
+    config = meta.config
+    facts = {
+        "model": model,
+        "model_type": getattr(config, "model_type", ""),
+        "base_params": int(base),
+        "linear_layers": len(shapes),
+        "seconds": time.perf_counter() - started,
+    }
+    return rows, facts
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def format_params(rows: list[ParamRow], facts: dict) -> str:
+    """The calculator's table as text."""
+    head = (f"{facts['model']} ({facts['model_type']}, {facts['base_params']:,} parameters, "
+            f"{facts['linear_layers']} linear layers; config only, no weights loaded)")
+    headers = ["targets", "r", "layers", "trainable params", "% of base", "adapter (fp32 safetensors)"]
+    body = [[row.targets_spec, str(row.r), str(row.layers), _count(row.params), f"{row.percent_of_base:.3f}%",
+             f"{row.adapter_bytes / 1e6:,.2f} MB ({row.adapter_bytes:,} B)"] for row in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+    lines = [head, "", "  ".join(h.rjust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+    resolved = {row.targets_spec: row.targets for row in rows}
+    lines += [""] + [f"{spec}: {', '.join(t)}" for spec, t in resolved.items()]
+    return "\n".join(lines)

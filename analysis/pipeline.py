@@ -1,0 +1,73 @@
+"""`lora-rank analyze` as a library call: experiment dir -> tables -> selection -> plots -> report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from analysis.diagnosis import Finding, diagnose
+from analysis.results import load_experiment, read_config
+from analysis.selection import DEFAULT_TOLERANCE, Recommendation, recommend
+
+
+@dataclass
+class Analysis:
+    experiment: str
+    trials: pd.DataFrame
+    history: pd.DataFrame
+    recommendation: Recommendation
+    findings: list = field(default_factory=list)
+    effective: pd.DataFrame = field(default_factory=pd.DataFrame)
+    config: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+
+class ExperimentNotFound(FileNotFoundError):
+    """The experiment folder does not exist or holds no trials."""
+
+
+def experiment_path(path: str) -> str:
+    """A URI as is; a local path made absolute (pyarrow needs absolute local paths)."""
+    return path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def load(experiment: str, tolerance: float = DEFAULT_TOLERANCE) -> Analysis:
+    """Read the experiment and select the rank (no files written)."""
+    experiment = experiment_path(experiment)
+    try:
+        trials, history = load_experiment(experiment)
+    except FileNotFoundError:
+        raise ExperimentNotFound(f"EXPERIMENT_DIR: no experiment at {experiment!r}") from None
+    if trials.empty:
+        raise ExperimentNotFound(f"EXPERIMENT_DIR: {experiment!r} holds no trial folders (is it storage_path/name of a search?)")
+    rec = recommend(trials, history, tolerance)
+    return Analysis(experiment, trials, history, rec, diagnose(rec, trials, history), config=read_config(experiment))
+
+
+def default_out(experiment: str) -> str:
+    """`<experiment>/analysis` for a local experiment; ./analysis-<name> for a remote one."""
+    if "://" in experiment:
+        return os.path.abspath(f"analysis-{experiment.rstrip('/').rsplit('/', 1)[-1]}")
+    return os.path.join(experiment, "analysis")
+
+
+def run_analysis(experiment: str, tolerance: float = DEFAULT_TOLERANCE, out: str | None = None) -> Analysis:
+    """Everything `lora-rank analyze` writes: results.csv/.parquet, recommendation.json, plots,
+    REPORT.md, report.html (into `out`, default `<experiment>/analysis`)."""
+    from analysis.effective_rank import effective_rank_table, evidence_sentence
+    from analysis.plots import all_plots
+    from analysis.report import PLOTS_DIR, write_outputs
+
+    result = load(experiment, tolerance)
+    out = out or default_out(result.experiment)
+    result.effective = effective_rank_table(result.experiment, result.trials, result.history)
+    plots = all_plots(result.trials, result.history, result.recommendation, result.effective, os.path.join(out, PLOTS_DIR))
+    sentence = evidence_sentence(result.effective, result.recommendation.rank)
+    if not result.effective.empty:
+        result.findings.append(Finding("effective-rank", sentence))
+    result.files = write_outputs(out, result.experiment, result.trials, result.recommendation, result.findings,
+                                 result.effective, sentence, plots, result.config)
+    result.files["plots"] = plots
+    return result

@@ -1,0 +1,269 @@
+"""The evidence as figures (matplotlib, Agg backend), each saved as PNG and SVG.
+
+- `loss_vs_rank`: eval loss vs r (log2 axis), one point per seed, the mean ± spread per rank,
+  ASHA-stopped trials hollow and labelled with the step they reached, the recommendation
+  highlighted; beside it, the gap to the best rank at the same step, the quantity the rule uses.
+- `loss_vs_cost`: eval loss vs trainable parameters and vs adapter size (MB), Pareto frontier drawn.
+- `learning_curves`: eval and train loss vs optimizer step, one line per trial, coloured by rank.
+- `effective_rank`: energy rank (90%) and stable rank of each trained adapter vs r.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis.selection import Recommendation, trial_curves
+
+LOSS_LABEL = "eval loss (nats/token)"
+RANK_LABEL = "LoRA rank r (log2 scale)"
+HIGHLIGHT = "#d62728"
+OK_COLOR = "#2ca02c"
+MUTED = "#7f7f7f"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "lora-rank-search", "font.size": 9,
+                         "axes.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+def _save(fig, out_dir: str, name: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for ext in ("png", "svg"):
+        path = os.path.join(out_dir, f"{name}.{ext}")
+        fig.savefig(path, dpi=110 if ext == "png" else None, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+        paths[ext] = path
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
+def _rank_axis(ax, ranks) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(int(r) for r in ranks)))
+    ax.get_xaxis().set_major_formatter(_int_formatter())
+    ax.minorticks_off()
+    ax.set_xlabel(RANK_LABEL)
+
+
+def _int_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def _trial_points(trials: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """Per usable trial: r, seed, last step, best-so-far at its last step, stopped_early."""
+    curves = trial_curves(trials, history)
+    if curves.empty:
+        return pd.DataFrame(columns=["trial_id", "r", "seed", "step", "best_loss", "stopped_early"])
+    last = curves.sort_values("step").groupby("trial_id").tail(1)
+    flags = trials.set_index(trials["trial_id"].astype(str))["stopped_early"] if "stopped_early" in trials else None
+    last = last.assign(stopped_early=[bool(flags.get(t, False)) if flags is not None else False for t in last["trial_id"]])
+    return last.reset_index(drop=True)
+
+
+def loss_vs_rank(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendation, out_dir: str) -> dict:
+    plt = _plt()
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    points = _trial_points(trials, history)
+    ranks = [e.r for e in rec.ranks]
+    for p in points.itertuples():
+        ax.scatter(p.r, p.best_loss, s=28, zorder=3, facecolors="none" if p.stopped_early else "#1f77b4", edgecolors="#1f77b4")
+        if p.stopped_early:
+            ax.annotate(f"stopped @{p.step}", (p.r, p.best_loss), textcoords="offset points", xytext=(5, 4), fontsize=7, color=MUTED)
+    if rec.ranks:
+        r = np.array(ranks, dtype=float)
+        mean = np.array([e.loss for e in rec.ranks])
+        se = np.array([e.se for e in rec.ranks])
+        spread = points.groupby("r")["best_loss"].agg(["min", "max"]).reindex(ranks)
+        ax.plot(r, mean, "-", color="#1f77b4", lw=1.2, label="mean over seeds (at the step each rank was judged)")
+        ax.errorbar(r, mean, yerr=se, fmt="none", ecolor="#1f77b4", capsize=3, lw=1)
+        ax.fill_between(r, spread["min"], spread["max"], color="#1f77b4", alpha=0.12, label="spread over seeds (min-max)")
+    if rec.rank is not None:
+        ax.scatter([rec.rank], [rec.loss], s=220, marker="*", color=HIGHLIGHT, zorder=4, label=f"recommended r={rec.rank}")
+        ax.axvline(rec.rank, color=HIGHLIGHT, ls=":", lw=1)
+        ax.axhline(rec.best_loss * (1 + rec.tolerance), color=OK_COLOR, ls="--", lw=0.8,
+                   label=f"best at step {rec.best_step} + {rec.tolerance:.1%}")
+    _rank_axis(ax, ranks or [1])
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title("Eval loss vs rank (best so far, per trial)")
+    handles, _ = ax.get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles += [Line2D([], [], ls="", marker="o", color="#1f77b4", label="trial that ran to max_steps"),
+                Line2D([], [], ls="", marker="o", mfc="none", color="#1f77b4", label="trial stopped early (step it reached)")]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    _gap_panel(gx, rec)
+    fig.suptitle(f"Which rank? {rec.reason}" if rec.rank is not None else rec.reason, fontsize=9)
+    return _save(fig, out_dir, "loss_vs_rank")
+
+
+def _gap_panel(ax, rec: Recommendation) -> None:
+    if not rec.ranks:
+        ax.set_axis_off()
+        return
+    gaps = [100 * e.gap for e in rec.ranks]
+    colors = [HIGHLIGHT if e.r == rec.rank else (OK_COLOR if e.adequate else MUTED) for e in rec.ranks]
+    xs = [e.r for e in rec.ranks]
+    ax.bar(xs, gaps, width=[0.35 * x for x in xs], color=colors, align="center")
+    for e, g in zip(rec.ranks, gaps):
+        what = "best" if e.r == e.ref_rank else f"vs r={e.ref_rank}"
+        ax.annotate(f"step {e.evidence_step}\n{what}", (e.r, g), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=7, color=HIGHLIGHT if e.r == rec.rank else MUTED)
+    tol = 100 * rec.tolerance
+    ax.axhspan(0, max(tol, 1e-9), color=OK_COLOR, alpha=0.15, label=f"within tolerance ({rec.tolerance:.1%})")
+    if max(gaps) > 20 * max(tol, 1e-3):
+        ax.set_yscale("symlog", linthresh=max(tol, 0.1))
+    _rank_axis(ax, xs)
+    ax.margins(y=0.15)
+    ax.set_ylabel("gap to the best rank at the same step (%)")
+    ax.set_title("The rule: gap to the best rank at the same step")
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def _pareto(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated points (no cheaper-or-equal point with a lower loss), by cost."""
+    order = np.lexsort((losses, costs))
+    keep, best = [], math.inf
+    for i in order:
+        if losses[i] < best:
+            keep.append(i)
+            best = losses[i]
+    return np.array(keep, dtype=int)
+
+
+def loss_vs_cost(trials: pd.DataFrame, rec: Recommendation, out_dir: str) -> dict:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    per_rank = trials.groupby("r")[["trainable_params", "adapter_bytes"]].max() if not trials.empty else pd.DataFrame()
+    evidence = [e for e in rec.ranks if e.r in per_rank.index]
+    losses = np.array([e.loss for e in evidence])
+    for ax, column, label, scale in ((axes[0], "trainable_params", "trainable parameters (log scale)", 1.0),
+                                     (axes[1], "adapter_bytes", "adapter size on disk (MB, fp32 safetensors; log scale)", 1e-6)):
+        if not evidence:
+            ax.set_axis_off()
+            continue
+        costs = np.array([float(per_rank.loc[e.r, column]) * scale for e in evidence])
+        front = _pareto(costs, losses)
+        ax.step(costs[front], losses[front], where="post", color=OK_COLOR, lw=1.2, label="Pareto frontier")
+        for e, c, loss in zip(evidence, costs, losses):
+            ax.scatter(c, loss, s=36, zorder=3, color="#1f77b4", facecolors="none" if e.stopped_early else "#1f77b4")
+            note = f"r={e.r}" + (f" (@{e.evidence_step})" if e.stopped_early else "")
+            ax.annotate(note, (c, loss), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if rec.rank is not None and rec.rank in per_rank.index:
+            ax.scatter([float(per_rank.loc[rec.rank, column]) * scale], [rec.loss], s=220, marker="*", color=HIGHLIGHT,
+                       zorder=4, label=f"recommended r={rec.rank}")
+        ax.set_xscale("log")
+        ax.set_xticks(costs, [_short(c, column) for c in costs])
+        ax.minorticks_off()
+        ax.set_xlabel(label)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(LOSS_LABEL)
+    axes[0].set_title("Eval loss vs trainable parameters")
+    axes[1].set_title("Eval loss vs adapter size")
+    fig.suptitle("What each rank costs (hollow: judged before max_steps)", fontsize=9)
+    return _save(fig, out_dir, "loss_vs_cost")
+
+
+def _short(value: float, column: str) -> str:
+    if column == "adapter_bytes":
+        return f"{value:.3g}"
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if value >= div:
+            return f"{value / div:.3g}{suffix}"
+    return f"{value:g}"
+
+
+def _rank_colors(ranks) -> dict:
+    plt = _plt()
+    ranks = sorted(set(int(r) for r in ranks))
+    cmap = plt.get_cmap("viridis")
+    span = max(1.0, math.log2(max(ranks)) - math.log2(min(ranks))) if ranks else 1.0
+    return {r: cmap(0.9 * (math.log2(r) - math.log2(ranks[0])) / span) for r in ranks}
+
+
+def learning_curves(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendation, out_dir: str) -> dict:
+    plt = _plt()
+    fig, (ev, tr) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    if history.empty or trials.empty:
+        for ax in (ev, tr):
+            ax.set_axis_off()
+        return _save(fig, out_dir, "learning_curves")
+    colors = _rank_colors(trials["r"])
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted(set(int(s) for s in trials["seed"]))
+    labelled = set()
+    for t in trials.sort_values(["r", "seed"]).itertuples():
+        h = history[history["trial_id"].astype(str) == str(t.trial_id)].sort_values("step")
+        if h.empty:
+            continue
+        style = styles[seeds.index(int(t.seed)) % len(styles)]
+        label = f"r={t.r}" if t.r not in labelled else None
+        labelled.add(t.r)
+        width = 2.4 if rec.rank == t.r else 1.2
+        for ax, column in ((ev, "eval_loss"), (tr, "train_loss")):
+            if column not in h:
+                continue
+            ax.plot(h["step"], h[column], style, marker="o", ms=2.5, color=colors[int(t.r)], lw=width,
+                    label=label if ax is ev else None)
+            if t.stopped_early or t.status == "error":
+                ax.scatter(h["step"].iloc[-1], h[column].iloc[-1], marker="x", color=colors[int(t.r)], s=30, zorder=3)
+    for ax, what in ((ev, "Eval loss"), (tr, "Train loss (mean over the steps since the last evaluation)")):
+        ax.set_xlabel("optimizer step")
+        ax.set_title(what)
+    ev.set_ylabel(LOSS_LABEL)
+    tr.set_ylabel("train loss (nats/token)")
+    ev.legend(fontsize=7, title="rank" + (" (line style: seed)" if len(seeds) > 1 else ""), title_fontsize=7)
+    note = f"; thick: recommended r={rec.rank}" if rec.rank is not None else ""
+    fig.suptitle(f"Learning curves per rank (x: stopped early or failed{note})", fontsize=9)
+    return _save(fig, out_dir, "learning_curves")
+
+
+def effective_rank(table: pd.DataFrame, rec: Recommendation, out_dir: str) -> Optional[dict]:
+    if table is None or table.empty or "energy_rank_median" not in table:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    ranks = sorted(set(int(r) for r in table["r"]))
+    ax.plot(ranks, ranks, "--", color=MUTED, lw=1, label="r (every direction used)")
+    ax.scatter(table["r"], table["energy_rank_median"], color="#1f77b4", s=30, zorder=3,
+               label="energy rank: directions holding 90% of ||ΔW||² (median over modules)")
+    ax.scatter(table["r"], table["stable_rank_median"], color="#ff7f0e", marker="s", s=24, zorder=3,
+               label="stable rank: ||ΔW||²_F / ||ΔW||²_2 (median over modules)")
+    if rec.rank is not None:
+        ax.axvline(rec.rank, color=HIGHLIGHT, ls=":", lw=1, label=f"recommended r={rec.rank}")
+    _rank_axis(ax, ranks)
+    ax.set_yscale("log", base=2)
+    ax.set_yticks([2**i for i in range(0, int(math.log2(max(ranks))) + 1)])
+    ax.get_yaxis().set_major_formatter(_int_formatter())
+    ax.minorticks_off()
+    ax.set_ylabel("effective rank of ΔW = scale·B·A (directions, log2)")
+    ax.set_title("How many directions do the trained adapters use?")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, "effective_rank")
+
+
+def all_plots(trials, history, rec, eff_table, out_dir: str) -> dict:
+    """Every figure; returns {name: {'png': path, 'svg': path}} for those drawn."""
+    out = {
+        "loss_vs_rank": loss_vs_rank(trials, history, rec, out_dir),
+        "loss_vs_cost": loss_vs_cost(trials, rec, out_dir),
+        "learning_curves": learning_curves(trials, history, rec, out_dir),
+    }
+    eff = effective_rank(eff_table, rec, out_dir)
+    if eff:
+        out["effective_rank"] = eff
+    return out

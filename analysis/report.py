@@ -1,0 +1,215 @@
+"""Write the analysis: results.csv/.parquet, recommendation.json, REPORT.md and a self-contained
+report.html (the same content; figures inlined as SVG), from one list of content blocks."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+from typing import Optional
+
+import pandas as pd
+
+from analysis.diagnosis import Finding
+from analysis.results import format_table
+from analysis.selection import Recommendation
+
+RESULTS_CSV, RESULTS_PARQUET = "results.csv", "results.parquet"
+RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md", "report.html"
+PLOTS_DIR = "plots"
+
+
+def lora_config_snippet(rec: Recommendation, dropout: Optional[float]) -> str:
+    """Ready-to-paste `peft.LoraConfig(...)` for the recommended rank, as the search trained it."""
+    if rec.rank is None:
+        return ""
+    rslora = rec.alpha_rule == "rslora"
+    alpha = rec.lora_alpha if rec.lora_alpha == rec.lora_alpha else None  # NaN -> unknown
+    alpha_text = f"{alpha:g}" if alpha is not None else "?"
+    scale = f"alpha/sqrt(r) = {alpha / rec.rank ** 0.5:.3g}" if rslora and alpha else (f"alpha/r = {alpha / rec.rank:g}" if alpha else "")
+    lines = [
+        "from peft import LoraConfig",
+        "",
+        "lora_config = LoraConfig(",
+        f"    r={rec.rank},",
+        f"    lora_alpha={alpha_text},  # alpha rule {rec.alpha_rule or '?'}: scale {scale}, as in the search",
+    ]
+    if rslora:
+        lines.append("    use_rslora=True,")
+    lines += [
+        f"    lora_dropout={dropout if dropout is not None else 0.05:g},",
+        f"    target_modules={json.dumps(list(rec.targets))},",
+        '    bias="none",',
+        '    task_type="CAUSAL_LM",',
+        ")",
+    ]
+    return "\n".join(lines)
+
+
+def results_frame(trials: pd.DataFrame, rec: Recommendation, eff: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """The per-trial table plus how each rank was judged and its adapter's effective rank."""
+    out = trials.copy()
+    judged = {e.r: e for e in rec.ranks}
+    out["judged_at_step"] = [judged[r].evidence_step if r in judged else None for r in out["r"]]
+    out["rank_gap_to_best"] = [judged[r].gap if r in judged else None for r in out["r"]]
+    out["rank_adequate"] = [bool(judged[r].adequate) if r in judged else False for r in out["r"]]
+    out["recommended_rank"] = out["r"] == rec.rank
+    out["exported_trial"] = out["trial_id"].astype(str) == str(rec.trial_id)
+    if eff is not None and not eff.empty:
+        keep = ["trial_id", "checkpoint", "energy_rank_median", "stable_rank_median", "energy_rank_max"]
+        out = out.merge(eff[keep].rename(columns={"checkpoint": "best_checkpoint"}), on="trial_id", how="left")
+    return out
+
+
+def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
+    headers = ["r", "seeds", "judged at step", "eval loss", "best rank there", "its loss", "gap", "adequate"]
+    rows = []
+    for e in rec.ranks:
+        loss = f"{e.loss:.4f}" + (f" ± {e.se:.4f}" if len(e.seeds) > 1 else "")
+        mark = "**yes (recommended)**" if e.r == rec.rank else ("yes" if e.adequate else "no")
+        step = f"{e.evidence_step}" + (" (stopped early)" if e.stopped_early else "")
+        rows.append([str(e.r), str(len(e.seeds)), step, loss, f"r={e.ref_rank}", f"{e.ref_loss:.4f}", f"{e.gap:+.2%}", mark])
+    return headers, rows
+
+
+def _effective_rows(eff: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["r", "seed", "checkpoint step", "eval loss", "energy rank (90%)", "stable rank", "modules"]
+    rows = [[str(t.r), str(t.seed), str(t.step), f"{t.eval_loss:.4f}", f"{t.energy_rank_median:g} ({t.energy_rank_max})",
+             f"{t.stable_rank_median:.2f} ({t.stable_rank_max:.2f})", str(t.modules)] for t in eff.sort_values(["r", "seed"]).itertuples()]
+    return headers, rows
+
+
+def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, findings: list[Finding],
+                 eff_sentence: str, eff: Optional[pd.DataFrame], plots: dict, snippet: str, config: dict) -> list[tuple]:
+    """The report as (kind, payload) blocks: h1/h2/p/list/code/table/figure."""
+    model = (config.get("model") or {}).get("name_or_path", "?")
+    blocks: list[tuple] = [("h1", f"LoRA rank search: {os.path.basename(experiment.rstrip('/'))}")]
+    blocks.append(("p", f"Experiment `{experiment}` · model `{model}` · {len(trials)} trials · analysed {time.strftime('%Y-%m-%d %H:%M')}"))
+    if rec.rank is not None:
+        blocks.append(("h2", f"Recommendation: r = {rec.rank}"))
+        blocks.append(("p", f"{rec.reason}. Tolerance {rec.tolerance:.2%} (relative)."))
+    else:
+        blocks.append(("h2", "No recommendation"))
+        blocks.append(("p", rec.reason + "."))
+    blocks.append(("p", f"**Rule:** {rec.rule}."))
+    if rec.knee is not None:
+        blocks.append(("p", f"Knee of the gap-vs-log2(r) curve (an estimate, not used by the rule): r = {rec.knee}."))
+    shown = [f.text for f in findings if f.kind != "effective-rank"]  # that one has its own section below
+    if shown:
+        blocks.append(("h2", "Diagnosis"))
+        blocks.append(("list", shown))
+    if snippet:
+        blocks.append(("h2", "Use it"))
+        blocks.append(("code", snippet))
+        blocks.append(("p", f"`lora-rank export {experiment} --out DIR` writes that trial's trained adapter (PEFT format)."))
+    if rec.ranks:
+        blocks.append(("h2", "Evidence per rank"))
+        blocks.append(("p", "Each rank is judged at the last step all its seeds reached, against the best rank at that same step "
+                            "(loss = each trial's best eval loss so far, mean ± standard error over seeds)."))
+        blocks.append(("table", _evidence_rows(rec)))
+    for name, caption in (("loss_vs_rank", "Eval loss vs rank, and the gap the rule compares"),
+                          ("loss_vs_cost", "Eval loss vs parameter cost, with the Pareto frontier"),
+                          ("learning_curves", "Learning curves"),
+                          ("effective_rank", "Effective rank of the trained adapters")):
+        if name in plots:
+            blocks.append(("figure", (caption, plots[name])))
+    if eff is not None and not eff.empty:
+        blocks.append(("h2", "Effective rank of the trained adapters"))
+        blocks.append(("p", eff_sentence + " Per trial, its best checkpoint; median (max) over the adapted modules."))
+        blocks.append(("table", _effective_rows(eff)))
+    blocks.append(("h2", "All trials"))
+    blocks.append(("code", format_table(trials) if not trials.empty else "(no trials)"))
+    return blocks
+
+
+def render_markdown(blocks: list[tuple], out_dir: str) -> str:
+    parts = []
+    for kind, payload in blocks:
+        if kind == "h1":
+            parts.append(f"# {payload}")
+        elif kind == "h2":
+            parts.append(f"## {payload}")
+        elif kind == "p":
+            parts.append(payload)
+        elif kind == "list":
+            parts.append("\n".join(f"- {item}" for item in payload))
+        elif kind == "code":
+            parts.append(f"```\n{payload}\n```" if not payload.startswith("from peft") else f"```python\n{payload}\n```")
+        elif kind == "table":
+            headers, rows = payload
+            lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            parts.append("\n".join(lines))
+        elif kind == "figure":
+            caption, paths = payload
+            parts.append(f"![{caption}]({os.path.relpath(paths['png'], out_dir)})")
+    return "\n\n".join(parts) + "\n"
+
+
+def _inline(text: str) -> str:
+    """Escape, then the two inline marks the blocks use: `code` and **bold**."""
+    import re
+
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def _svg_inline(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        svg = handle.read()
+    return svg[svg.index("<svg"):]  # drop the XML prolog and doctype
+
+
+def render_html(blocks: list[tuple]) -> str:
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "pre{background:#f6f8fa;padding:10px;overflow-x:auto}figure{margin:1em 0}svg{max-width:100%;height:auto}"
+             "figcaption{color:#555;font-size:90%}")
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">']
+    title = next((p for k, p in blocks if k == "h1"), "LoRA rank search")
+    parts.append(f"<title>{html.escape(title)}</title><style>{style}</style></head><body>")
+    for kind, payload in blocks:
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{_inline(payload)}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(payload)}</p>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in payload) + "</ul>")
+        elif kind == "code":
+            parts.append(f"<pre><code>{html.escape(payload)}</code></pre>")
+        elif kind == "table":
+            headers, rows = payload
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "figure":
+            caption, paths = payload
+            parts.append(f"<figure>{_svg_inline(paths['svg'])}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Recommendation, findings: list[Finding],
+                  eff: Optional[pd.DataFrame], eff_sentence: str, plots: dict, config: dict) -> dict:
+    """Write every file; returns {kind: path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    dropout = (config.get("lora") or {}).get("dropout")
+    snippet = lora_config_snippet(rec, dropout)
+    frame = results_frame(trials, rec, eff)
+    paths = {"csv": os.path.join(out_dir, RESULTS_CSV), "parquet": os.path.join(out_dir, RESULTS_PARQUET),
+             "json": os.path.join(out_dir, RECOMMENDATION_JSON), "md": os.path.join(out_dir, REPORT_MD),
+             "html": os.path.join(out_dir, REPORT_HTML)}
+    frame.to_csv(paths["csv"], index=False)
+    frame.to_parquet(paths["parquet"], index=False)
+    payload = {"experiment": experiment, **rec.to_dict(), "lora_dropout": dropout,
+               "lora_config": snippet, "diagnosis": [{"kind": f.kind, "text": f.text} for f in findings]}
+    with open(paths["json"], "w") as handle:
+        json.dump(payload, handle, indent=2)
+    blocks = build_blocks(experiment, trials, rec, findings, eff_sentence, eff, plots, snippet, config)
+    with open(paths["md"], "w") as handle:
+        handle.write(render_markdown(blocks, out_dir))
+    with open(paths["html"], "w") as handle:
+        handle.write(render_html(blocks))
+    return paths
