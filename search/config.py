@@ -64,6 +64,9 @@ class QuantizationConfig:
     quant_type: str = _doc("nf4 | fp4", default="nf4")
     double_quant: bool = _doc("also quantize the quantization constants (~0.4 bits/param saved)", default=True)
     compute_dtype: str = _doc("auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16", default="auto")
+    prequantized_cache: bool = _doc(
+        "quantize once per machine, save the 4-bit checkpoint in the cache, load that in every trial", default=True
+    )
 
 
 @dataclass(frozen=True)

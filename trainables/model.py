@@ -185,26 +185,101 @@ def _is_encoder(config) -> bool:
     return getattr(config, "model_type", "") in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
+def _source_fingerprint(path: str) -> str:
+    """Identity of the original weights: each weight/config file's name, size and mtime in the
+    local folder (or the hub snapshot folder that `from_pretrained` reads from)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from transformers.utils import cached_file
+
+        folder = Path(cached_file(path, "config.json")).parent
+    parts = [str(folder.resolve())]
+    for item in sorted(folder.iterdir()):
+        if item.suffix in (".safetensors", ".bin", ".json", ".pt"):
+            stat = item.stat()
+            parts.append(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def prequantized_dir(path: str, quantization: dict, device: str) -> Path:
+    """Cache folder of the 4-bit checkpoint for these weights and quantization settings on this
+    kind of device (cpu / cuda)."""
+    import bitsandbytes
+    import transformers
+
+    key = json.dumps(
+        {
+            "source": _source_fingerprint(path),
+            "quant_type": quantization["quant_type"],
+            "double_quant": quantization["double_quant"],
+            "compute_dtype": str(compute_dtype(quantization["compute_dtype"], device)),
+            "device": device.split(":")[0],
+            "bitsandbytes": bitsandbytes.__version__,
+            "transformers": transformers.__version__,
+        },
+        sort_keys=True,
+    )
+    name = Path(str(path).rstrip("/")).name or "model"
+    return cache_root() / "prequantized" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _from_pretrained(path: str, device: str, dtype, trust_remote_code: bool, quantization_config=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device_map = {"": torch.device(device).index or 0} if device.startswith("cuda") else "cpu"
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map, "trust_remote_code": trust_remote_code}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _quantize_from_original(path: str, quantization: dict, device: str, dtype, trust_remote_code: bool):
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization["quant_type"],
+        bnb_4bit_use_double_quant=quantization["double_quant"],
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return _from_pretrained(path, device, dtype, trust_remote_code, config)
+
+
+def _load_4bit_cached(path: str, quantization: dict, device: str, dtype, trust_remote_code: bool):
+    """Quantize once per machine and save the 4-bit checkpoint (bitsandbytes serializes packed
+    weights and quantization state); every later trial loads that instead (~8x faster)."""
+    target = prequantized_dir(path, quantization, device)
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(target.with_suffix(".lock")):
+            if not (target / "config.json").is_file():
+                model = _quantize_from_original(path, quantization, device, dtype, trust_remote_code)
+                tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+                try:
+                    model.save_pretrained(tmp)
+                    os.replace(tmp, target)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                return model
+    return _from_pretrained(str(target), device, dtype, trust_remote_code)
+
+
 def load_base_model(path: str, quantization: dict, device: str, trust_remote_code: bool = False):
     """Load the frozen base for one trial, on `device` only ('cpu' or 'cuda:N').
 
     With load_in_4bit the linear layers become bitsandbytes Linear4bit (NF4/FP4, optional double
-    quantization); embeddings, norms and the LM head stay in the compute dtype.
+    quantization); embeddings, norms and the LM head stay in the compute dtype. With
+    `prequantized_cache` (default) the quantized checkpoint is cached per machine (not for
+    trust_remote_code models, whose code a saved copy would not carry).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     dtype = compute_dtype(quantization["compute_dtype"], device)
-    device_map = {"": torch.device(device).index or 0} if device.startswith("cuda") else "cpu"
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map, "trust_remote_code": trust_remote_code}
-    if quantization["load_in_4bit"]:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quantization["quant_type"],
-            bnb_4bit_use_double_quant=quantization["double_quant"],
-            bnb_4bit_compute_dtype=dtype,
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not quantization["load_in_4bit"]:
+        model = _from_pretrained(path, device, dtype, trust_remote_code)
+    elif quantization.get("prequantized_cache", True) and not trust_remote_code:
+        model = _load_4bit_cached(path, quantization, device, dtype, trust_remote_code)
+    else:
+        model = _quantize_from_original(path, quantization, device, dtype, trust_remote_code)
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)

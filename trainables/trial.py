@@ -266,6 +266,7 @@ def run_trial(
                     "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
                     "lr": lr,
                     "eval_seconds": eval_seconds,
+                    "elapsed_s": time.time() - started,  # since the trial function started (seconds)
                     "trial_status": OK,
                     "failure": "",
                     **best,
