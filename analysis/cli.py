@@ -53,7 +53,7 @@ def _params(args: argparse.Namespace) -> int:
     try:
         rows, facts = parameter_table(args.model, args.ranks, _targets(args.targets), args.trust_remote_code)
     except (ValueError, ModelSourceError) as exc:
-        return _fail(str(exc))
+        return _fail(str(exc).replace("model.name_or_path:", "MODEL:", 1))  # here the model is an argument
     except OSError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _fail(f"MODEL: cannot read a model config from {args.model!r} (a local folder with config.json, a config.json "

@@ -101,4 +101,4 @@ def test_cli_prints_the_table_and_names_bad_input(tmp_path, capsys):
     assert main(["params", str(tmp_path / "llama"), "--ranks", "0"]) == 2
     assert "--ranks: ranks must be positive integers, got [0]" in capsys.readouterr().err
     assert main(["params", str(tmp_path / "missing")]) == 2
-    assert "MODEL: cannot read a model config" in capsys.readouterr().err
+    assert "MODEL: model folder not found" in capsys.readouterr().err
