@@ -142,8 +142,14 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     return out
 
 
-def resolve_resources(cfg: SearchConfig, prepared: Prepared, log: Callable[[str], None] = print) -> dict:
-    """Ray resources per trial: {'cpu': n, 'gpu': fraction}; `auto` fits the memory estimate."""
+def resolve_resources(
+    cfg: SearchConfig, prepared: Prepared, log: Callable[[str], None] = print, joined: bool = False
+) -> dict:
+    """Ray resources per trial: {'cpu': n, 'gpu': fraction}; `auto` fits the memory estimate.
+
+    joined: the search runs on a cluster it did not start (`--address`, `ray job submit`), whose
+    autoscaler may add GPU nodes that do not exist yet (min_workers: 0).
+    """
     import ray
 
     from trainables.lora import lora_param_count
@@ -172,10 +178,12 @@ def resolve_resources(cfg: SearchConfig, prepared: Prepared, log: Callable[[str]
             )
             gpus = gpu_fraction_for(estimate.total, total)
             log(f"resources: auto: ~{estimate.total / 2**30:.1f} GiB per trial on a {total / 2**30:.0f} GiB GPU -> {gpus:g} GPU per trial")
-    elif gpus > 0 and cluster_gpus <= 0 and not _autoscaling():
-        raise ConfigError(
-            [f"resources.gpus_per_trial: {gpus:g} GPUs asked for, but this Ray cluster has no GPUs (use 0 or auto)"], "input"
-        )
+    elif gpus > 0 and cluster_gpus <= 0:
+        if not (joined or _autoscaling()):
+            raise ConfigError(
+                [f"resources.gpus_per_trial: {gpus:g} GPUs asked for, but this Ray cluster has no GPUs (use 0 or auto)"], "input"
+            )
+        log("resources: no GPU node in the cluster yet; trials wait for the autoscaler to add GPU nodes")
     return {"cpu": cfg.resources.cpus_per_trial, "gpu": float(gpus)}
 
 
@@ -265,14 +273,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool):
-    """The Tuner (new or restored), one trial per Ray worker process."""
+def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None):
+    """The Tuner (new or restored), one trial per Ray worker process.
+
+    storage_marker: {'path', 'token', 'storage_path'} of the marker the driver wrote into the
+    experiment folder (`storage.write_marker`); every trial checks its node sees it.
+    """
     from ray import tune
 
     from search.progress import ProgressPrinter
     from trainables.trial import lora_trial
 
-    settings = trial_settings(cfg, prepared.model_path, prepared.targets)
+    settings = {**trial_settings(cfg, prepared.model_path, prepared.targets), "storage_marker": storage_marker}
     trainable = tune.with_resources(tune.with_parameters(lora_trial, settings=settings, data=prepared.data), resources)
     if resume:
         return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -345,12 +357,18 @@ def run_search(
         address = address or (None if os.environ.get("RAY_ADDRESS") else "local")
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     try:
-        resources = resolve_resources(cfg, prepared, log)
+        joined = bool(address and address != "local") or bool(os.environ.get("RAY_ADDRESS"))
+        resources = resolve_resources(cfg, prepared, log, joined=joined)
+        # Trials write checkpoints on their own node: a local storage_path must be one shared filesystem.
+        problem = storage.check_shared_with_nodes(cfg.storage_path)
+        if problem:
+            raise ConfigError([problem], "input")
         if not resume:
             _write_meta(cfg, prepared, resources)
+        marker = storage.write_marker(cfg.experiment_path)
         log(f"search: {num_trials(cfg)} trials (ranks {list(cfg.lora.ranks)} x seeds {list(cfg.train.seeds)}), "
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}")
-        tuner = build_tuner(cfg, prepared, resources, resume)
+        tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)
         tuner.fit()
     finally:
         if started_here:

@@ -34,10 +34,16 @@ def num_trials(cfg: SearchConfig) -> int:
 
 
 def trial_settings(cfg: SearchConfig, model_path: str, targets: list[str]) -> dict[str, Any]:
-    """Everything a trial needs besides its (r, seed), as plain data for Ray workers."""
+    """Everything a trial needs besides its (r, seed), as plain data for Ray workers.
+
+    `model_path` is where the driver resolved the model (a per-machine cache folder for builtin and
+    GGUF models); `model` is the configured source, which a trial on a cluster node resolves again
+    on its own machine (`trainables.trial.on_this_node`).
+    """
     d = cfg.to_dict()
     return {
         "model_path": model_path,
+        "model": {"name_or_path": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file},
         "trust_remote_code": cfg.model.trust_remote_code,
         "quantization": d["quantization"],
         "lora": d["lora"],

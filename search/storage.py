@@ -59,3 +59,95 @@ def read_text(path: str) -> str:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts])
+
+
+# --------------------------------------------------------------------------- shared storage on a cluster
+# Since Ray 2.7 Tune does not copy trial folders to the head node: each trial writes its
+# checkpoints to storage_path *on the node it runs on*. A local storage_path that is not the same
+# shared filesystem on every node therefore scatters checkpoints across machines, and a trial
+# restored on another node cannot find them. The driver checks every node before the search; each
+# trial checks its own node when it starts (nodes an autoscaler adds later).
+
+MARKER = ".lora-rank-search-storage"  # in the experiment folder: the token of the current run
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "hdfs://")
+
+
+def local_path(path: str) -> str | None:
+    """The filesystem path behind a local storage path or file:// URI; None for object stores
+    (s3://, gs://, ...: the same bucket from every node)."""
+    if str(path).startswith("file://"):
+        return str(path)[len("file://"):].split("?", 1)[0]
+    return None if is_uri(path) else str(path)
+
+
+def sees_marker(marker: str, token: str) -> bool:
+    """True if the marker file at this local path holds the token (read on the node that asks)."""
+    try:
+        with open(marker) as handle:
+            return handle.read().strip() == token
+    except OSError:
+        return False
+
+
+def not_shared_problem(storage_path: str, answers: dict[str, bool | None]) -> str | None:
+    """Decide from each node's answer (node ip -> saw the driver's marker; None: did not answer)
+    whether storage_path is shared; the problem line, or None. Nodes that did not answer are left
+    to the trial's own check."""
+    missing = sorted(ip for ip, seen in answers.items() if seen is False)
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return (
+        f"storage_path: {storage_path!r} is not shared with node {missing[0]}{more} (it cannot see a file the driver"
+        " wrote there); on a multi-node cluster use s3://, gs:// or a shared filesystem mounted at the same path on every node"
+    )
+
+
+def check_shared_with_nodes(storage_path: str, timeout_s: float = 60.0) -> str | None:
+    """On a Ray cluster of more than one node, write a marker into the local storage_path and ask
+    a tiny task pinned to each alive node whether it sees it; the problem line, or None.
+    Object-store URIs and one-node clusters need no check. Needs a connected Ray."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = local_path(storage_path)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if folder is None or len(nodes) < 2:
+        return None
+    token = uuid.uuid4().hex
+    marker = os.path.join(folder, f"{MARKER}-check-{token}")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(marker).write_text(token)
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(sees_marker)
+        refs = {
+            n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(marker, token)
+            for n in nodes
+        }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        answers = {}
+        for node, ref in refs.items():
+            try:
+                answers[node] = ray.get(ref) if ref in ready else None
+            except Exception:  # noqa: BLE001 - a node that died meanwhile: left to the trial's check
+                answers[node] = None
+        return not_shared_problem(storage_path, answers)
+    finally:
+        os.remove(marker)
+
+
+def write_marker(experiment_path: str) -> dict | None:
+    """Write this run's token into the experiment folder; what a trial needs to check its node
+    ({'path', 'token'}), or None for object-store URIs."""
+    import uuid
+
+    folder = local_path(experiment_path)
+    if folder is None:
+        return None
+    token = uuid.uuid4().hex
+    write_text(os.path.join(folder, MARKER), token)
+    return {"path": os.path.join(folder, MARKER), "token": token, "storage_path": experiment_path.rsplit("/", 1)[0]}

@@ -331,11 +331,58 @@ def quiet_libraries() -> None:
         pass
 
 
+class NodeSetupError(RuntimeError):
+    """The node a trial landed on cannot run it: the model or the storage_path is missing there."""
+
+
+def on_this_node(settings: dict) -> dict:
+    """The settings made fit for the node this trial runs on (a cluster node may not be the
+    driver's machine): the model resolved here (builtin/GGUF models are converted once per
+    machine, into this machine's cache), and the experiment's storage checked to be the driver's.
+
+    Raises NodeSetupError, before any weights load, naming the node and what to fix.
+    """
+    from search.storage import sees_marker
+    from trainables.model import ModelSourceError, resolve_model
+
+    node = _node_ip()
+    marker = settings.get("storage_marker")
+    if marker and not sees_marker(marker["path"], marker["token"]):
+        raise NodeSetupError(
+            f"storage_path: {marker['storage_path']!r} is not shared with node {node} (the experiment folder the driver"
+            " wrote is not there); on a multi-node cluster use s3://, gs:// or a shared filesystem mounted at the same"
+            " path on every node"
+        )
+    model = settings.get("model")
+    if not model:  # settings made without the model source: use the driver's path as it is
+        return settings
+    try:
+        path = resolve_model(model["name_or_path"], model["gguf_file"])
+    except ModelSourceError as exc:
+        raise NodeSetupError(
+            f"{exc} on node {node}; a local model folder must exist at the same path on every node of the cluster"
+            " (copy it there with the cluster's file_mounts or setup_commands, or use a hub id or a builtin model)"
+        ) from None
+    return {**settings, "model_path": path}
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray
+        import socket
+
+        return socket.gethostname()
+
+
 def lora_trial(config: dict, settings: Optional[dict] = None, data: Optional[TokenizedData] = None) -> None:
     """Ray Tune function trainable (wrap with tune.with_parameters(settings=..., data=...))."""
     from ray import tune
 
     quiet_libraries()
+    settings = on_this_node(settings)
 
     def report(metrics: dict, folder: Optional[str]) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
