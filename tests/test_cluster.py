@@ -175,4 +175,7 @@ def test_trials_spread_over_nodes_and_a_lost_node_resumes_from_checkpoints(raw_c
             assert handle.read() == before, f"{folder} finished before the node was lost and changed afterwards"
     # The storage check ran against every node (one host: really shared) and left its marker.
     assert os.path.isfile(os.path.join(experiment, storage.MARKER))
+    # Analysis reads the experiment through a filesystem URI (pyarrow, as for s3:// and gs://) alike.
+    via_uri, _ = load_experiment("file://" + experiment)
+    assert via_uri[["r", "status", "steps", "best_eval_loss"]].equals(trials[["r", "status", "steps", "best_eval_loss"]])
     print(f"cluster search: {elapsed:.0f} s; removed node {seen['node'][:8]} with {seen['folder']} at step {seen['step']}")

@@ -142,7 +142,11 @@ def run(work: Path, log=print, settle_s: float = 60.0) -> dict:
     try:
         subprocess.run(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
-             f"--autoscaling-config={fake_config}", "--include-dashboard=false", "--disable-usage-stats"],
+             f"--autoscaling-config={fake_config}", "--include-dashboard=false", "--disable-usage-stats",
+             # free ports for every service: another Ray on this machine keeps its defaults
+             *(f"--{name}={_free_port()}" for name in (
+                 "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "metrics-export-port", "runtime-env-agent-port"))],
             # The head gets the node id the fake provider knows it by (workers get theirs from it).
             env={**env, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID},
             check=True, capture_output=True, timeout=120,
