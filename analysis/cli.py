@@ -103,7 +103,7 @@ def _export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc).replace("tolerance:", "--tolerance:"))
     early = "" if info["max_steps"] is None or info["trial_steps"] >= info["max_steps"] else (
-        f" (ASHA stopped this trial at step {info['trial_steps']} of {info['max_steps']}: train it fully before shipping)")
+        f" (the scheduler stopped this trial at step {info['trial_steps']} of {info['max_steps']}: train it fully before shipping)")
     print(f"exported r={info['rank']} (trial {info['trial_dir']}, {info['checkpoint']} at step {info['step']}, "
           f"eval loss {info['eval_loss']:.4f}){early} to {args.out}")
     print(f"load it: PeftModel.from_pretrained(base_model, {args.out!r})")

@@ -7,7 +7,7 @@ all. The signs (from practice):
 - grid too small: the largest rank is the only adequate one (and still improving) -> extend upward;
 - grid too large: the best rank sits far below the largest, or the smallest rank already
   suffices -> drop the big ranks, or extend downward;
-- a recommendation judged before max_steps (ASHA stopped it): confirm, and train it fully;
+- a recommendation judged before max_steps (the scheduler stopped it): confirm, and train it fully;
 - a smaller rank stopped early only narrowly outside the tolerance: re-run it for the full budget.
 """
 
@@ -115,7 +115,7 @@ def _judged_early(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFra
     text = (
         f"r={rec.rank} was judged at step {chosen.evidence_step}"
         + (f" of {max_steps}" if max_steps else "")
-        + " (ASHA stopped it, or the trial was interrupted): at that step it was within the tolerance of the best rank "
+        + " (the scheduler stopped it, or the trial was interrupted): at that step it was within the tolerance of the best rank "
         f"that got as far. Its adapter is under-trained; train r={rec.rank} for the full budget before using it, and "
         f"re-check with `scheduler.type: none` on ranks {rec.rank} and {2 * rec.rank} if the decision matters."
     )

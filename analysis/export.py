@@ -3,7 +3,7 @@
 Which adapter: the recommended rank's best seed (lowest eval loss at the step the rank was
 judged), and of that trial the kept checkpoint with the lowest eval loss, i.e. Tune's
 best-by-eval_loss checkpoint (it keeps that one and the latest). That is the adapter whose eval
-loss the recommendation reports. If ASHA stopped the trial early, the adapter is the one it had
+loss the recommendation reports. If the scheduler stopped the trial early, the adapter is the one it had
 then (the report says so): train the rank for the full budget before shipping it.
 """
 

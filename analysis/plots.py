@@ -1,7 +1,7 @@
 """The evidence as figures (matplotlib, Agg backend), each saved as PNG and SVG.
 
 - `loss_vs_rank`: eval loss vs r (log2 axis), one point per seed, the mean ± spread per rank,
-  ASHA-stopped trials hollow and labelled with the step they reached, the recommendation
+  early-stopped trials hollow and labelled with the step they reached, the recommendation
   highlighted; beside it, the gap to the best rank at the same step, the quantity the rule uses.
 - `loss_vs_cost`: eval loss vs trainable parameters and vs adapter size (MB), Pareto frontier drawn.
 - `learning_curves`: eval and train loss vs optimizer step, one line per trial, coloured by rank.

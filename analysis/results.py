@@ -16,7 +16,7 @@ import yaml
 from search.config import CONFIG_FILENAME, META_FILENAME
 from trainables.failures import DIVERGED, OOM
 
-# Trial status as analysis names it (Ray's TERMINATED covers both finished and ASHA-stopped; a
+# Trial status as analysis names it (Ray's TERMINATED covers both finished and early-stopped; a
 # trial that diverged or ran out of memory ends itself and says so in its last report).
 COMPLETED, STOPPED, ERROR, INTERRUPTED, PENDING = "completed", "stopped", "error", "interrupted", "pending"
 FAILED = (ERROR, DIVERGED, OOM)  # statuses whose `failure` column says why

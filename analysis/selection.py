@@ -6,7 +6,7 @@ The rule (`RULE` below is what every report prints):
    (best so far: the checkpoint Tune keeps by eval_loss). Non-finite evaluations and failed
    trials are left out.
 2. **A rank's evidence step** s_r is the last step that *all* of its seeds reached (a trial
-   stopped by ASHA, or interrupted, ends before max_steps; every trial evaluates on the same grid
+   stopped early by the scheduler, or interrupted, ends before max_steps; every trial evaluates on the same grid
    of steps). Its loss L_r is the mean over its seeds at s_r; with n >= 2 seeds its standard error
    is SE_r = sd / sqrt(n) (sample sd), else 0.
 3. **The reference at step s** is the best rank among those whose seeds all reached s:
@@ -17,12 +17,12 @@ The rule (`RULE` below is what every report prints):
    seed-to-seed noise does not justify a larger rank).
 5. **The recommendation** is the smallest adequate rank. Ties go to the smaller rank.
 
-Why at the same step: ASHA stops a trial at a rung when its loss there is worse than the rung's
-cutoff (the 1/reduction_factor quantile of the losses recorded at that rung). A stopped rank's
+Why at the same step: the scheduler (successive halving, or ASHA) stops a trial at a rung when its
+loss there is not among the best 1/reduction_factor recorded at that rung. A stopped rank's
 loss is known only up to that step; comparing it with other ranks after more training would
 penalize it for the budget it was denied, not for its rank. Comparing it at its own last step
 against every rank that got that far uses all the evidence the search produced and nothing it did
-not. Without ASHA (the full grid) every rank is judged at max_steps. The report states the step
+not. Without early stopping (the full grid) every rank is judged at max_steps. The report states the step
 each rank was judged at, and the diagnosis flags a recommendation resting on an early stop.
 
 The knee (reported beside the recommendation, not used by it) is where the curve of relative gap
@@ -66,7 +66,7 @@ class RankEvidence:
     threshold: float  # ref_loss + max(tol*|ref_loss|, ref_se)
     gap: float  # loss / ref_loss - 1 (relative)
     adequate: bool
-    stopped_early: bool  # at least one seed ended before max_steps (ASHA stop or interruption)
+    stopped_early: bool  # at least one seed ended before max_steps (early stop or interruption)
     max_step: int  # the furthest step any seed of this rank reached
     failed_seeds: int = 0
 

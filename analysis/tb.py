@@ -8,7 +8,7 @@ own folder, one run per trial:
 - scalars by optimizer step: loss/eval, loss/train, loss/eval_best, eval/perplexity, optim/lr,
   speed/tokens_per_s, memory/peak_bytes, data/tokens_seen;
 - HParams: r, lora_alpha, alpha_rule, targets, seed, status, stopped_early -> final/eval_loss,
-  final/best_eval_loss, final/steps, for every trial that reported (ASHA-stopped ones included);
+  final/best_eval_loss, final/steps, for every trial that reported (early-stopped ones included);
   one experiment summary at the root declares them (with the values seen) for the dashboard.
 """
 

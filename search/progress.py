@@ -1,4 +1,4 @@
-"""One line per event on the driver: trial start, each evaluation, ASHA stops, completion, errors."""
+"""One line per event on the driver: trial start, each evaluation, early stops, completion, errors."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ class ProgressPrinter(Callback):
         self.__dict__.update(state, t0=time.time())  # a resumed search counts from its own start
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._say(f"{str(trial):<14} started")
+        step = (trial.last_result or {}).get("step")
+        # A trial that starts again after a report: its rank passed a halving rung, or --resume.
+        self._say(f"{str(trial):<14} {'resumed from step ' + str(step) if step else 'started'}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("failure"):  # diverged or out of memory: the trial ends itself
@@ -50,7 +52,7 @@ class ProgressPrinter(Callback):
         if last.get("failure"):
             self._say(f"{str(trial):<14} ended at step {step}: {last.get('trial_status')}")
         elif step and step < self.max_steps:
-            self._say(f"{str(trial):<14} stopped early by ASHA at step {step}{best_text}")
+            self._say(f"{str(trial):<14} stopped early by the scheduler at step {step}{best_text}")
         else:
             self._say(f"{str(trial):<14} finished at step {step}{best_text}")
 

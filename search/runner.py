@@ -19,7 +19,7 @@ import yaml
 from search import storage
 from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig
 from search.resources import cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
-from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, trial_settings
+from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
 
 @dataclass
 class Prepared:
@@ -366,8 +366,10 @@ def run_search(
         if not resume:
             _write_meta(cfg, prepared, resources)
         marker = storage.write_marker(cfg.experiment_path)
+        rungs = rung_steps(cfg)
         log(f"search: {num_trials(cfg)} trials (ranks {list(cfg.lora.ranks)} x seeds {list(cfg.train.seeds)}), "
-            f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}")
+            f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
+            + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
         tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)
         tuner.fit()
     finally:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
-from search.config import SearchConfig
+from search.config import GRACE_FRACTION, SearchConfig
 
 METRIC = "eval_loss"
 MODE = "min"
-TIME_ATTR = "step"  # ASHA's clock: optimizer steps, the same on any hardware
+TIME_ATTR = "step"  # the scheduler's clock: optimizer steps, the same on any hardware
 
 
 def rank_order(ranks: Sequence[int]) -> list[int]:
-    """Largest rank first: the most expensive trials start first (better packing), and they set
-    the bar at each ASHA rung so clearly worse small ranks can be stopped early."""
+    """Largest rank first: the most expensive trials start first (better packing), and under
+    ASHA they set the bar at each rung so clearly worse small ranks can be stopped early."""
     return sorted((int(r) for r in ranks), reverse=True)
 
 
@@ -50,27 +51,54 @@ def trial_settings(cfg: SearchConfig, model_path: str, targets: list[str]) -> di
         "train": d["train"],
         "targets": list(targets),
         "cpus_per_trial": cfg.resources.cpus_per_trial,
+        "rungs": rung_steps(cfg),  # extra evaluation steps: where the scheduler compares ranks
     }
 
 
-def asha_rungs(grace_period: int, max_steps: int, reduction_factor: float) -> list[int]:
-    """The steps at which ASHA compares trials (ascending), as Ray's bracket computes them."""
-    import math
+def grace_steps(cfg: SearchConfig) -> int:
+    """The grace period in optimizer steps: as configured, or GRACE_FRACTION of max_steps (every
+    rank trains that long before any can be stopped)."""
+    if cfg.scheduler.grace_period is not None:
+        return int(cfg.scheduler.grace_period)
+    return max(1, math.ceil(cfg.train.max_steps * GRACE_FRACTION))
 
-    count = int(math.log(max_steps / grace_period) / math.log(reduction_factor) + 1)
-    return [int(grace_period * reduction_factor**k) for k in range(count) if grace_period * reduction_factor**k < max_steps]
+
+def rung_steps(cfg: SearchConfig) -> list[int]:
+    """The steps at which the scheduler compares ranks (empty for the full grid). Trials evaluate
+    at these steps besides every eval_every, so a rung never waits for the next evaluation."""
+    s, t = cfg.scheduler, cfg.train
+    if s.type == "none":
+        return []
+    grace = grace_steps(cfg)
+    if s.type == "sha":
+        from search.halving import halving_rungs
+
+        return halving_rungs(grace, t.max_steps, s.reduction_factor)
+    # ASHA's milestones, as Ray's bracket computes them
+    count = int(math.log(t.max_steps / grace) / math.log(s.reduction_factor) + 1)
+    return [int(grace * s.reduction_factor**k) for k in range(count) if grace * s.reduction_factor**k < t.max_steps]
 
 
 def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
-    """ASHA on `step` (grace period and max_t in optimizer steps), or None for the full grid."""
+    """Successive halving (default) or ASHA on `step` (grace period and max_t in optimizer
+    steps), or None for the full grid. Metric and mode come from TuneConfig."""
     if cfg.scheduler.type == "none":
         return None
+    if cfg.scheduler.type == "sha":
+        from search.halving import SuccessiveHalving
+
+        return SuccessiveHalving(
+            time_attr=TIME_ATTR,
+            max_t=cfg.train.max_steps,
+            rungs=rung_steps(cfg),
+            reduction_factor=cfg.scheduler.reduction_factor,
+        )
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
         time_attr=TIME_ATTR,
         max_t=cfg.train.max_steps,
-        grace_period=cfg.scheduler.grace_period,
+        grace_period=grace_steps(cfg),
         reduction_factor=cfg.scheduler.reduction_factor,
         brackets=1,
     )

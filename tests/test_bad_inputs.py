@@ -89,9 +89,9 @@ CASES = [
     ("warm-up as long as training", {"train": {"warmup_steps": 40}}, [], "train.warmup_steps: must be below train.max_steps (40), got 40"),
     ("seeds duplicated", {"train": {"seeds": [0, 0]}}, [], "train.seeds: duplicate seeds in [0, 0]"),
     ("grace_period above max_steps", {"scheduler": {"grace_period": 80}}, [], "scheduler.grace_period: must be <= train.max_steps (40), got 80"),
-    ("grace_period below eval_every", {"scheduler": {"grace_period": 5}}, [], "scheduler.grace_period: must be >= train.eval_every (10)"),
+    ("grace_period zero", {"scheduler": {"grace_period": 0}}, [], "scheduler.grace_period: must be a positive number of steps, got 0"),
     ("reduction_factor below 2", {"scheduler": {"reduction_factor": 1}}, [], "scheduler.reduction_factor: must be >= 2, got 1.0"),
-    ("unknown scheduler", {"scheduler": {"type": "hyperband"}}, [], "scheduler.type: must be one of asha | none, got 'hyperband'"),
+    ("unknown scheduler", {"scheduler": {"type": "hyperband"}}, [], "scheduler.type: must be one of sha | asha | none, got 'hyperband'"),
     ("unknown quant type", {"quantization": {"quant_type": "int3"}}, [], "quantization.quant_type: must be one of nf4 | fp4, got 'int3'"),
     ("unknown compute dtype", {"quantization": {"compute_dtype": "fp8"}}, [], "quantization.compute_dtype: must be one of auto | float32 | bfloat16 | float16, got 'fp8'"),
     # --- resources

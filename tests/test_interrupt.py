@@ -168,3 +168,43 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
                     f"{folder} did not continue from its step-{step} checkpoint"
                 )
     assert (history["resumed_from_step"] > 0).any()
+
+
+def test_a_killed_halving_search_resumes_with_the_same_decisions(raw_config, tmp_path, driver_env):
+    """SIGKILL while ranks wait at a successive-halving rung; --resume reads the rung losses back
+    and finishes: the ranks that go on are the best at each rung, and stopped ranks stay stopped."""
+    from search.halving import decide
+
+    raw = raw_config(name="halving", lora={"ranks": [1, 2, 16, 32]}, train={"max_steps": 40, "eval_every": 10},
+                     scheduler={"type": "sha", "grace_period": 10, "reduction_factor": 2})
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    experiment = str(tmp_path / "runs" / "halving")
+    cli = [sys.executable, "-m", "search.cli", "search", str(config)]
+    logs = [open(tmp_path / name, "w+") for name in ("out-0.txt", "err-0.txt", "out-1.txt", "err-1.txt")]
+
+    first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env=driver_env)
+    at_rung = _wait_for(experiment, first, lambda s: any(status == "PAUSED" for status, _ in s.values()))
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    _kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())
+    before = _results(experiment)
+
+    second = subprocess.Popen([*cli, "--resume"], stdout=logs[2], stderr=logs[3], env=driver_env)
+    second.wait(timeout=300)
+    assert second.returncode == 0, (logs[3].seek(0) or logs[3].read())[-3000:]
+
+    trials, history = load_experiment(experiment)
+    assert set(trials["status"]) <= {"completed", "stopped"} and (trials["status"] == "completed").sum() == 1
+    # The decisions equal those successive halving makes on the losses reported at the rungs, and
+    # no trial trained past a rung before its decision (a resumed rung waiter came back paused).
+    rung_losses = {t: dict(zip(rows["step"], rows["eval_loss"])) for t, rows in history.groupby("trial_id")}
+    d = decide(dict(zip(trials["trial_id"], trials["r"])), rung_losses, ended=[], rungs=[10, 20], reduction_factor=2)
+    steps = dict(zip(trials["r"], trials["steps"]))
+    assert len(d.survivors[0]) == 2 and all(steps[r] >= 20 for r in d.survivors[0])
+    assert {r for r, s in steps.items() if s == 10} == set(trials["r"]) - set(d.survivors[0])
+    assert {r for r, s in steps.items() if s == 40} == set(d.survivors[1])
+    for folder, (status, step) in at_rung.items():
+        if status == "TERMINATED":
+            assert _results(experiment)[folder] == before[folder], f"{folder} was stopped before the kill and ran again"
+    assert _snapshot(experiment) and all(status == "TERMINATED" for status, _ in _snapshot(experiment).values())

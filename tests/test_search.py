@@ -69,3 +69,23 @@ def test_fractional_gpus_pack_four_trials_onto_two_logical_gpus(raw_config, ray_
     ids = trials["gpu_ids"].tolist()
     assert all(len(i.split(",")) == 1 and i in ("0", "1") for i in ids), ids
     assert sorted(ids) == ["0", "0", "1", "1"], "two trials per GPU"
+
+
+def test_successive_halving_compares_all_ranks_at_each_rung_and_resumes_survivors(raw_config, ray_session):
+    ray_session(num_cpus=2)
+    cfg = parse_config(raw_config(scheduler={"type": "sha", "grace_period": 10, "reduction_factor": 2}))
+    experiment = run_search(cfg, log=lambda _: None)
+    trials, history = load_experiment(experiment)
+    # Rungs at steps 10 and 20: 4 ranks to step 10, the best 2 to 20, the best 1 to 40.
+    assert sorted(trials["steps"]) == [10, 10, 20, 40]
+    loss_at = history.pivot_table(index="step", columns="r", values="eval_loss")
+    survivors = set(trials.loc[trials["steps"] >= 20, "r"])
+    assert survivors == set(loss_at.loc[10].nsmallest(2).index), "the best two at step 10 went on"
+    assert trials.loc[trials["steps"].idxmax(), "r"] == loss_at.loc[20, list(survivors)].idxmin()
+    # Survivors were paused at the rung and resumed from the checkpoint they reported there; the
+    # lone survivor of step 20 went on to 40 without another pause.
+    after = history[history["r"].isin(survivors) & (history["step"] > 10)].set_index(["r", "step"])["resumed_from_step"]
+    assert (after >= 10).all() and after.max() == 20
+    # Every trial ended and the experiment snapshot says so (a resume would re-run nothing).
+    assert set(trials["status"]) == {"completed", "stopped"}
+    assert trials.loc[trials["status"] == "stopped", "steps"].lt(40).all()

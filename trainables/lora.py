@@ -26,7 +26,7 @@ def lora_alpha(rule: Union[float, str], r: int) -> tuple[float, bool]:
     """(lora_alpha, use_rslora) for an alpha rule at rank r.
 
     'r' gives scale alpha/r = 1, '2r' gives scale 2 (the same effective step size at every rank,
-    so ASHA compares ranks fairly); 'rslora' gives alpha 16 with PEFT's alpha/sqrt(r) scaling; a
+    so early stopping compares ranks fairly); 'rslora' gives alpha 16 with PEFT's alpha/sqrt(r) scaling; a
     number is used as is (PEFT's default behaviour: the scale shrinks as r grows).
     """
     if rule == "r":

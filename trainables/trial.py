@@ -181,6 +181,7 @@ def run_trial(
     trainable_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
     max_steps, eval_every = train_cfg["max_steps"], train_cfg["eval_every"]
+    rungs = set(settings.get("rungs", ()))  # the scheduler compares ranks at these steps: evaluate there too
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, train_cfg["lr_schedule"], train_cfg["warmup_steps"], max_steps)
     )
@@ -247,7 +248,7 @@ def run_trial(
             interval_time += time.perf_counter() - tick
 
             # ---- evaluate and report
-            if step % eval_every == 0 or step == max_steps:
+            if step % eval_every == 0 or step == max_steps or step in rungs:
                 tick = time.perf_counter()
                 evaluating = True
                 eval_loss, _ = evaluate(model, data, eval_batch, device)

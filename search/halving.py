@@ -1,0 +1,284 @@
+"""Synchronous successive halving over all ranks at once (`scheduler.type: sha`, the default).
+
+A rank search has few trials (5-8 ranks), all known before it starts. Asynchronous ASHA lets the
+first trials to reach a rung through unconditionally (there is nothing to compare them with yet),
+so with a handful of trials which ranks survive depends on who arrives first, not on how good
+they are, and the early arrivals always train to the end. Successive halving waits until every
+rank has reached the rung, keeps the best ceil(n / reduction_factor) ranks (the mean over seeds;
+all seeds of a rank go on or stop together) and stops the rest, so each decision compares all
+ranks at the same step. Trials that arrive early are paused (their slot goes to the others) and
+resume from the checkpoint they reported at the rung. Once one rank is left it trains to the end
+without further pauses.
+
+The decisions are a pure function of the losses reported at the rungs (`decide`), recomputed at
+every event; a rung's survivors are frozen once decided, so a late report cannot undo a stop.
+After `--resume` the scheduler reads the rung losses back from each trial's result.json, so the
+decisions come out as they would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Mapping, Optional, Sequence
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+logger = logging.getLogger(__name__)
+
+
+def halving_rungs(grace_period: int, max_steps: int, reduction_factor: float) -> list[int]:
+    """The steps (ascending, all below max_steps) at which ranks are compared:
+    ceil(grace_period · reduction_factor^k). Trials evaluate at these steps (besides every
+    eval_every), so every rank is compared on a loss measured at the same step."""
+    rungs: list[int] = []
+    step = float(grace_period)
+    while math.ceil(round(step, 6)) < max_steps:
+        rung = math.ceil(round(step, 6))
+        if not rungs or rung > rungs[-1]:
+            rungs.append(rung)
+        step *= reduction_factor
+    return rungs
+
+
+def halving_survivors(num_ranks: int, rungs: int, reduction_factor: float) -> list[int]:
+    """How many ranks train past each rung (ceil(n / rf) each time, at least 1)."""
+    out, n = [], num_ranks
+    for _ in range(rungs):
+        n = max(1, math.ceil(n / reduction_factor))
+        out.append(n)
+    return out
+
+
+def halving_steps(num_ranks: int, grace_period: int, max_steps: int, reduction_factor: float) -> int:
+    """Training steps a halving search spends per seed when no trial fails (the grid spends
+    num_ranks · max_steps); a lone survivor skips the remaining rungs."""
+    rungs = halving_rungs(grace_period, max_steps, reduction_factor)
+    alive, done, total = num_ranks, 0, 0
+    for rung, survivors in zip(rungs, halving_survivors(num_ranks, len(rungs), reduction_factor)):
+        total += alive * (rung - done)
+        alive, done = survivors, rung
+        if alive == 1:
+            break
+    return total + alive * (max_steps - done)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where every trial stands.
+
+    Attributes:
+        level: trial -> how many rungs its rank has passed; it may train up to rungs[level]
+            (to the end when level == len(rungs)).
+        stopped: trials whose rank was cut at a rung.
+        survivors: rung index -> the ranks that passed it (only for decided rungs).
+    """
+
+    level: dict
+    stopped: frozenset
+    survivors: dict
+
+
+def decide(
+    groups: Mapping[Any, Hashable],
+    scores: Mapping[Any, Mapping[int, float]],
+    ended: Iterable[Any],
+    rungs: Sequence[int],
+    reduction_factor: float,
+    frozen: Optional[Mapping[int, Sequence[Hashable]]] = None,
+) -> Decision:
+    """Successive halving as a pure function of what was reported.
+
+    Args:
+        groups: trial -> its rank (the unit that survives or is cut; seeds of a rank move together).
+        scores: trial -> {rung step: eval loss reported there} (NaN/inf for a failed evaluation).
+        ended: trials that ended on their own (finished, failed for good): not waited for.
+        rungs: the rung steps, ascending.
+        reduction_factor: keep the best ceil(n / reduction_factor) ranks at each rung.
+        frozen: rung index -> survivors already decided (kept as they are).
+
+    A rung is decided once every live trial of every surviving rank has reported there. Ranks are
+    ordered by their mean loss over the seeds that reported a finite one; ties go to the smaller rank.
+    """
+    frozen = frozen or {}
+    ended = set(ended)
+    level = {t: 0 for t in groups}
+    stopped: set = set()
+    survivors: dict = {}
+    alive = sorted(set(groups.values()))
+    for k, rung in enumerate(rungs):
+        if len(alive) <= 1:
+            break
+        members = [t for t in groups if groups[t] in alive]
+        arrived = [t for t in members if rung in scores.get(t, {})]
+        if k in frozen:
+            keep = list(frozen[k])
+        elif any(t not in arrived and t not in ended for t in members):
+            break  # someone is still on the way to this rung
+        else:
+            means = {}
+            for g in alive:
+                losses = [scores[t][rung] for t in arrived if groups[t] == g and math.isfinite(scores[t][rung])]
+                if losses:
+                    means[g] = sum(losses) / len(losses)
+            ranked = sorted(means, key=lambda g: (means[g], g))
+            keep = ranked[: max(1, math.ceil(len(ranked) / reduction_factor))]
+        survivors[k] = keep
+        stopped |= {t for t in members if groups[t] not in keep}
+        alive = [g for g in alive if g in keep]
+        for t in groups:
+            if groups[t] in alive:
+                level[t] = k + 1
+    if len(alive) <= 1:  # a lone rank has nobody to be compared with: it trains to the end
+        for t in groups:
+            if groups[t] in alive:
+                level[t] = len(rungs)
+    return Decision(level, frozenset(stopped), survivors)
+
+
+class SuccessiveHalving(TrialScheduler):
+    """Synchronous successive halving of ranks, on `time_attr` (optimizer steps).
+
+    Args:
+        time_attr: the result key that counts progress (optimizer steps here).
+        max_t: steps at which every trial ends.
+        rungs: steps at which ranks are compared (see `halving_rungs`), all below max_t.
+        reduction_factor: keep the best 1/reduction_factor of the ranks at each rung.
+        group_key: the trial config key whose trials move together (the rank, "r").
+        metric, mode: set by TuneConfig.
+    """
+
+    def __init__(self, time_attr: str, max_t: int, rungs: Sequence[int], reduction_factor: float,
+                 group_key: str = "r", metric: Optional[str] = None, mode: Optional[str] = None):
+        super().__init__()
+        self._time_attr = time_attr
+        self._max_t = int(max_t)
+        self._rungs = [int(r) for r in rungs]
+        self._rf = float(reduction_factor)
+        self._group_key = group_key
+        self._metric, self._mode = metric, mode
+        self._trials: list[Trial] = []
+        self._scores: dict[str, dict[int, float]] = {}
+        self._frozen: dict[int, list] = {}
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
+        if (self._metric and metric) or (self._mode and mode):
+            return False
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
+        return True
+
+    # ---- bookkeeping
+
+    def _loss(self, result: Mapping) -> float:
+        value = result.get(self._metric, math.nan)
+        value = float(value) if isinstance(value, (int, float)) else math.nan
+        return -value if self._mode == "max" else value
+
+    def _record(self, trial: Trial, step: int, loss: float) -> None:
+        """The first report at or after a rung is the trial's loss there (never overwritten)."""
+        mine = self._scores.setdefault(trial.trial_id, {})
+        for rung in self._rungs:
+            if step >= rung and rung not in mine:
+                mine[rung] = loss
+
+    def _decision(self) -> Decision:
+        ended = [t.trial_id for t in self._trials if t.status in (Trial.TERMINATED, Trial.ERROR)]
+        groups = {t.trial_id: t.config[self._group_key] for t in self._trials}
+        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen)
+        self._frozen.update(d.survivors)
+        return d
+
+    def _waiting(self, trial: Trial, d: Decision) -> bool:
+        """At (or past) a rung whose decision is still open."""
+        level = d.level[trial.trial_id]
+        return level < len(self._rungs) and trial.last_result.get(self._time_attr, 0) >= self._rungs[level]
+
+    def _stop_cut_trials(self, tune_controller, d: Decision) -> None:
+        """Stop paused or queued trials whose rank was cut. A trial still saving its pause
+        checkpoint is left for the next call (stopping it mid-save can leave it PAUSED)."""
+        for trial in self._trials:
+            if trial.trial_id in d.stopped and trial.status in (Trial.PAUSED, Trial.PENDING) and not trial.is_saving:
+                tune_controller.stop_trial(trial)
+                # Ray 2.60 does not mark a trial without an actor for the next experiment snapshot,
+                # which would keep it PAUSED there (and resume it on --resume).
+                controller = getattr(tune_controller, "_tune_controller", tune_controller)
+                if hasattr(controller, "_mark_trial_to_checkpoint"):
+                    controller._mark_trial_to_checkpoint(trial)
+
+    # ---- TrialScheduler interface
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        self._trials.append(trial)
+        last = trial.last_result.get(self._time_attr)
+        if not last:
+            return
+        # Restored by --resume: read back its rung losses. One that had reported at a rung comes
+        # back paused (Tune re-queues it as pending, and a pending trial would train past the
+        # rung before the decision); the decision restarts or stops it.
+        for step, loss in _reported_losses(trial, self._metric, self._time_attr):
+            self._record(trial, step, -loss if self._mode == "max" else loss)
+        if trial.status == Trial.PENDING and int(last) in self._rungs:
+            trial.set_status(Trial.PAUSED)
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        step = int(result.get(self._time_attr, 0))
+        loss = self._loss(result)
+        if not math.isfinite(loss):
+            return TrialScheduler.STOP  # a diverged / out-of-memory trial reports once and ends
+        self._record(trial, step, loss)
+        d = self._decision()
+        self._stop_cut_trials(tune_controller, d)
+        if trial.trial_id in d.stopped:
+            return TrialScheduler.STOP
+        if step >= self._max_t:
+            return TrialScheduler.STOP
+        level = d.level[trial.trial_id]
+        if level < len(self._rungs) and step >= self._rungs[level]:
+            return TrialScheduler.PAUSE
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        self._stop_cut_trials(tune_controller, self._decision())
+
+    def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        pass  # a retried trial comes back PENDING; one that failed for good counts as ended
+
+    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        pass
+
+    def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
+        d = self._decision()
+        self._stop_cut_trials(tune_controller, d)
+        for trial in self._trials:
+            if trial.status == Trial.PENDING and trial.trial_id not in d.stopped:
+                return trial
+        for trial in self._trials:
+            if trial.status == Trial.PAUSED and trial.trial_id not in d.stopped and not self._waiting(trial, d):
+                return trial  # its rank passed the rung: resume it from the rung's checkpoint
+        return None
+
+    def debug_string(self) -> str:
+        decided = ", ".join(f"step {self._rungs[k]}: r={list(v)}" for k, v in sorted(self._frozen.items()))
+        return f"Successive halving at steps {self._rungs} (keep 1/{self._rf:g}); survivors {decided or 'none yet'}"
+
+
+def _reported_losses(trial: Trial, metric: str, time_attr: str) -> list[tuple[int, float]]:
+    """(step, metric) of every report in the trial's result.json (as persisted in storage)."""
+    try:
+        storage = trial.storage
+        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/result.json") as handle:
+            lines = handle.read().decode("utf-8").splitlines()
+    except (OSError, AttributeError, RuntimeError) as exc:
+        logger.warning("successive halving: cannot read the reports of %s (%s); it re-enters at its next rung", trial, exc)
+        return []
+    out = []
+    for line in lines:
+        if line.strip():
+            report = json.loads(line)
+            if time_attr in report and isinstance(report.get(metric), (int, float)):
+                out.append((int(report[time_attr]), float(report[metric])))
+    return out

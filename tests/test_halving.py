@@ -1,0 +1,139 @@
+"""Successive halving as a pure state machine on hand-made reports, and the step arithmetic
+behind the scheduler defaults (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from search.config import parse_config
+from search.halving import decide, halving_rungs, halving_steps, halving_survivors
+from search.space import grace_steps, rung_steps
+
+NAN = math.nan
+RANKS = {"t1": 1, "t2": 2, "t4": 4, "t8": 8, "t16": 16}
+
+
+def test_rungs_are_geometric_whole_steps_below_max_steps():
+    assert halving_rungs(30, 200, 3) == [30, 90]
+    assert halving_rungs(10, 40, 2) == [10, 20]
+    assert halving_rungs(9, 60, 3) == [9, 27]
+    assert halving_rungs(40, 200, 5) == [40]
+    assert halving_rungs(200, 200, 3) == [], "a grace period of max_steps is the full grid"
+    assert halving_rungs(1, 10, 1.5) == [1, 2, 3, 4, 6, 8], "ceil(1.5^k): whole steps, never one twice"
+
+
+def test_survivors_and_the_steps_a_search_spends():
+    assert halving_survivors(5, 2, 3) == [2, 1]
+    assert halving_survivors(7, 2, 3) == [3, 1]
+    assert halving_survivors(1, 2, 3) == [1, 1]
+    # The default on 5 ranks: 5 x 30 steps, 2 ranks 30 -> 90, 1 rank 90 -> 200: 380 of the grid's 1,000.
+    assert halving_steps(5, 30, 200, 3) == 5 * 30 + 2 * 60 + 1 * 110 == 380
+    # A lone survivor after the first rung trains straight to the end.
+    assert halving_steps(5, 40, 200, 5) == 5 * 40 + 1 * 160
+    assert halving_steps(3, 200, 200, 3) == 3 * 200
+
+
+def test_default_grace_period_is_15_percent_of_max_steps_and_rungs_are_evaluated():
+    from search.space import trial_settings
+
+    def cfg(**train):
+        return parse_config({"train": train, "scheduler": {"type": "sha"}})
+
+    assert grace_steps(cfg(max_steps=200, eval_every=20)) == 30
+    assert grace_steps(cfg(max_steps=60, eval_every=10)) == 9
+    assert grace_steps(cfg(max_steps=1000, eval_every=50)) == 150
+    assert grace_steps(parse_config({"scheduler": {"grace_period": 60}})) == 60
+    assert rung_steps(parse_config({"scheduler": {"type": "none"}})) == []
+    default = parse_config({})
+    assert default.scheduler.type == "sha" and rung_steps(default) == [30, 90], "rungs at 30 and 90 of 200"
+    assert trial_settings(default, "m", ["q_proj"])["rungs"] == [30, 90], "trials evaluate at the rungs"
+    asha = parse_config({"scheduler": {"type": "asha", "grace_period": 25, "reduction_factor": 2}})
+    assert rung_steps(asha) == [25, 50, 100], "ASHA's milestones, as Ray computes them"
+
+
+def test_nothing_is_decided_while_a_rank_is_still_on_its_way_to_the_rung():
+    scores = {"t16": {40: 2.5}, "t8": {40: 2.4}, "t4": {40: 2.6}, "t2": {40: 2.9}}
+    d = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3)
+    assert d.stopped == set() and d.survivors == {}
+    assert all(level == 0 for level in d.level.values())
+
+
+def test_the_best_third_of_the_ranks_goes_on_and_the_rest_stop():
+    scores = {"t16": {40: 2.50}, "t8": {40: 2.40}, "t4": {40: 2.45}, "t2": {40: 2.90}, "t1": {40: 3.00}}
+    d = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3)
+    assert d.survivors == {0: [8, 4]}, "ceil(5 / 3) = 2 ranks, best first"
+    assert d.stopped == {"t16", "t2", "t1"}
+    assert d.level["t8"] == d.level["t4"] == 1 and d.level["t16"] == 0
+
+
+def test_a_lone_survivor_trains_to_the_end_without_another_rung():
+    scores = {"t16": {40: 2.5}, "t8": {40: 2.4}, "t4": {40: 2.6}, "t2": {40: 2.9}, "t1": {40: 3.0}}
+    d = decide(RANKS, scores, ended=[], rungs=[40, 80, 160], reduction_factor=5)
+    assert d.survivors == {0: [8]}
+    assert d.level["t8"] == 3, "no pause at 80 or 160: there is nobody left to compare it with"
+    single = decide({"a": 4}, {}, ended=[], rungs=[40, 120], reduction_factor=3)
+    assert single.level["a"] == 2 and single.survivors == {}
+
+
+def test_ties_go_to_the_smaller_rank():
+    scores = {"t16": {40: 2.0}, "t8": {40: 2.0}, "t4": {40: 2.0}, "t2": {40: 3.0}, "t1": {40: 3.0}}
+    d = decide(RANKS, scores, ended=[], rungs=[40], reduction_factor=3)
+    assert d.survivors == {0: [4, 8]}
+
+
+def test_seeds_of_a_rank_go_on_or_stop_together_by_their_mean():
+    groups = {"a0": 4, "a1": 4, "b0": 8, "b1": 8, "c0": 16, "c1": 16}
+    scores = {"a0": {40: 2.0}, "a1": {40: 2.6}, "b0": {40: 2.2}, "b1": {40: 2.2}, "c0": {40: 2.5}, "c1": {40: 2.5}}
+    d = decide(groups, scores, ended=[], rungs=[40, 120], reduction_factor=3)
+    assert d.survivors == {0: [8]}, "mean 2.2 beats r=4's mean 2.3 although r=4 has the best single seed"
+    assert d.stopped == {"a0", "a1", "c0", "c1"}
+    # One seed still training holds the rung open for everyone.
+    del scores["a1"]
+    assert decide(groups, scores, ended=[], rungs=[40, 120], reduction_factor=3).survivors == {}
+
+
+def test_failed_trials_are_not_waited_for_and_non_finite_losses_never_survive():
+    scores = {"t16": {40: NAN}, "t8": {40: 2.4}, "t4": {40: 2.45}, "t2": {40: 2.9}}
+    d = decide(RANKS, scores, ended=["t1", "t16"], rungs=[40, 120], reduction_factor=3)
+    # r=1 failed before the rung, r=16 diverged at it: 3 ranks compete, ceil(3 / 3) = 1 goes on.
+    assert d.survivors == {0: [8]}
+    assert {"t16", "t4", "t2"} <= d.stopped
+
+
+def test_a_decided_rung_stands_when_a_late_report_arrives():
+    scores = {"t16": {40: 2.5}, "t8": {40: 2.4}, "t4": {40: 2.45}, "t2": {40: 2.9}}
+    first = decide(RANKS, scores, ended=["t1"], rungs=[40, 120], reduction_factor=3)
+    assert first.survivors == {0: [8, 4]}
+    # r=1 was retried and reports a better loss later: the cut already made is not undone.
+    scores["t1"] = {40: 1.0}
+    again = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3, frozen=first.survivors)
+    assert again.survivors[0] == [8, 4] and "t1" in again.stopped
+
+
+@pytest.mark.parametrize("rf", [2, 3, 4])
+def test_invariants_over_a_whole_run(rf):
+    """Rung by rung on made-up curves: survivors shrink by ceil(n / rf), the best rank at each rung
+    always survives it, and the final survivor is the rank with the best last-rung loss."""
+    ranks = {f"t{r}": r for r in (1, 2, 4, 8, 16, 32, 64)}
+    rungs = halving_rungs(20, 400, rf)
+
+    def loss(r: int, step: int) -> float:
+        return 2.0 + 1.0 / (1 + r) + 50.0 / (step + 10 * r)
+
+    scores: dict = {}
+    frozen: dict = {}
+    alive = set(ranks)
+    for k, rung in enumerate(rungs):
+        for t in alive:
+            scores.setdefault(t, {})[rung] = loss(ranks[t], rung)
+        d = decide(ranks, scores, ended=[], rungs=rungs, reduction_factor=rf, frozen=frozen)
+        frozen = d.survivors
+        assert len(d.survivors[k]) == max(1, math.ceil(len(alive) / rf))
+        best = min(alive, key=lambda t: scores[t][rung])
+        assert ranks[best] in d.survivors[k]
+        alive = {t for t in alive if ranks[t] in d.survivors[k]}
+        if len(alive) == 1:
+            assert d.level[next(iter(alive))] == len(rungs)
+            break
