@@ -148,13 +148,17 @@ class SuccessiveHalving(TrialScheduler):
         rungs: steps at which ranks are compared (see `halving_rungs`), all below max_t.
         reduction_factor: keep the best 1/reduction_factor of the ranks at each rung.
         group_key: the trial config key whose trials move together (the rank, "r").
-        metric, mode: set by TuneConfig.
+        score_attr: the result key ranks are compared on (default: the metric). The search uses
+            best_eval_loss, the best so far, as the selection rule does (and Tune's kept checkpoint).
+        metric, mode: set by TuneConfig; a non-finite metric ends the trial.
     """
 
     def __init__(self, time_attr: str, max_t: int, rungs: Sequence[int], reduction_factor: float,
-                 group_key: str = "r", metric: Optional[str] = None, mode: Optional[str] = None):
+                 group_key: str = "r", score_attr: Optional[str] = None,
+                 metric: Optional[str] = None, mode: Optional[str] = None):
         super().__init__()
         self._time_attr = time_attr
+        self._score_attr = score_attr
         self._max_t = int(max_t)
         self._rungs = [int(r) for r in rungs]
         self._rf = float(reduction_factor)
@@ -173,8 +177,9 @@ class SuccessiveHalving(TrialScheduler):
 
     # ---- bookkeeping
 
-    def _loss(self, result: Mapping) -> float:
-        value = result.get(self._metric, math.nan)
+    def _loss(self, result: Mapping, key: Optional[str] = None) -> float:
+        """The result's value at key (default: the score attribute), as a loss (lower is better)."""
+        value = result.get(key or self._score_attr or self._metric, math.nan)
         value = float(value) if isinstance(value, (int, float)) else math.nan
         return -value if self._mode == "max" else value
 
@@ -219,17 +224,17 @@ class SuccessiveHalving(TrialScheduler):
         # Restored by --resume: read back its rung losses. One that had reported at a rung comes
         # back paused (Tune re-queues it as pending, and a pending trial would train past the
         # rung before the decision); the decision restarts or stops it.
-        for step, loss in _reported_losses(trial, self._metric, self._time_attr):
-            self._record(trial, step, -loss if self._mode == "max" else loss)
+        for report in _reports(trial):
+            if self._time_attr in report:
+                self._record(trial, int(report[self._time_attr]), self._loss(report))
         if trial.status == Trial.PENDING and int(last) in self._rungs:
             trial.set_status(Trial.PAUSED)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         step = int(result.get(self._time_attr, 0))
-        loss = self._loss(result)
-        if not math.isfinite(loss):
+        if not math.isfinite(self._loss(result, self._metric)):
             return TrialScheduler.STOP  # a diverged / out-of-memory trial reports once and ends
-        self._record(trial, step, loss)
+        self._record(trial, step, self._loss(result))
         d = self._decision()
         self._stop_cut_trials(tune_controller, d)
         if trial.trial_id in d.stopped:
@@ -266,8 +271,8 @@ class SuccessiveHalving(TrialScheduler):
         return f"Successive halving at steps {self._rungs} (keep 1/{self._rf:g}); survivors {decided or 'none yet'}"
 
 
-def _reported_losses(trial: Trial, metric: str, time_attr: str) -> list[tuple[int, float]]:
-    """(step, metric) of every report in the trial's result.json (as persisted in storage)."""
+def _reports(trial: Trial) -> list[dict]:
+    """Every report in the trial's result.json (as persisted in storage)."""
     try:
         storage = trial.storage
         with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/result.json") as handle:
@@ -275,10 +280,4 @@ def _reported_losses(trial: Trial, metric: str, time_attr: str) -> list[tuple[in
     except (OSError, AttributeError, RuntimeError) as exc:
         logger.warning("successive halving: cannot read the reports of %s (%s); it re-enters at its next rung", trial, exc)
         return []
-    out = []
-    for line in lines:
-        if line.strip():
-            report = json.loads(line)
-            if time_attr in report and isinstance(report.get(metric), (int, float)):
-                out.append((int(report[time_attr]), float(report[metric])))
-    return out
+    return [json.loads(line) for line in lines if line.strip()]

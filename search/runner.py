@@ -6,6 +6,7 @@ every problem collected into one ConfigError; only then does Ray start and a GPU
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -313,6 +314,21 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     )
 
 
+@contextlib.contextmanager
+def _environ(values: dict):
+    """Set environment variables for the duration of the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class _QuietTuneHints(logging.Filter):
     """Drop Tune's driver notes that the CLI says better: its `Tuner.restore(...)` resume hint
     (users resume with `lora-rank search CONFIG --resume`), and missing metrics of trials that
@@ -355,7 +371,11 @@ def run_search(
     )
     if started_here:
         address = address or (None if os.environ.get("RAY_ADDRESS") else "local")
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+        # Workers of a Ray started here inherit its environment: no INFO lines from them ("Restored
+        # on ... from checkpoint": the progress lines say so).
+        level = {"RAY_LOGGER_LEVEL": os.environ.get("RAY_LOGGER_LEVEL", "warning")} if local_ray else {}
+        with _environ(level):
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     try:
         joined = bool(address and address != "local") or bool(os.environ.get("RAY_ADDRESS"))
         resources = resolve_resources(cfg, prepared, log, joined=joined)

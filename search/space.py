@@ -92,6 +92,7 @@ def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
             max_t=cfg.train.max_steps,
             rungs=rung_steps(cfg),
             reduction_factor=cfg.scheduler.reduction_factor,
+            score_attr="best_eval_loss",  # best so far, as the selection rule compares ranks
         )
     from ray.tune.schedulers import ASHAScheduler
 

@@ -78,7 +78,7 @@ def test_successive_halving_compares_all_ranks_at_each_rung_and_resumes_survivor
     trials, history = load_experiment(experiment)
     # Rungs at steps 10 and 20: 4 ranks to step 10, the best 2 to 20, the best 1 to 40.
     assert sorted(trials["steps"]) == [10, 10, 20, 40]
-    loss_at = history.pivot_table(index="step", columns="r", values="eval_loss")
+    loss_at = history.pivot_table(index="step", columns="r", values="best_eval_loss")  # best so far, as the rule
     survivors = set(trials.loc[trials["steps"] >= 20, "r"])
     assert survivors == set(loss_at.loc[10].nsmallest(2).index), "the best two at step 10 went on"
     assert trials.loc[trials["steps"].idxmax(), "r"] == loss_at.loc[20, list(survivors)].idxmin()
