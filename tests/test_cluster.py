@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -18,6 +17,7 @@ import uuid
 import pytest
 
 from analysis.results import load_experiment
+from processes import kill_marked
 from search import storage
 from search.config import parse_config
 from search.runner import run_search
@@ -62,19 +62,6 @@ def test_a_trial_refuses_a_node_without_the_storage_or_the_model(tmp_path, tiny_
 # --------------------------------------------------------------------------- a real multi-node cluster
 
 
-def _kill_marked(marker: bytes) -> None:
-    """SIGKILL every process but this one whose environment holds the marker (ours only)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                if marker in handle.read().split(b"\0"):
-                    os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
-
-
 @pytest.fixture
 def cluster(monkeypatch):
     """A head (no GPU, so trials never run there) and two worker nodes with one logical GPU each,
@@ -93,7 +80,7 @@ def cluster(monkeypatch):
         yield made, workers
     finally:
         made.shutdown()
-        _kill_marked(f"LRS_TEST_RUN={tag}".encode())
+        kill_marked(f"LRS_TEST_RUN={tag}".encode())
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from analysis.results import load_experiment
+from processes import kill_marked
 
 MAX_STEPS, EVAL_EVERY = 240, 30
 RANKS = [2, 8, 32]
@@ -82,23 +83,9 @@ def driver_env():
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": temp, "LRS_TEST_RUN": marker.split(b"=")[1].decode()}
     env.pop("RAY_ADDRESS", None)
     yield env
-    _kill_marked(marker)
+    kill_marked(marker)
     shutil.rmtree(temp, ignore_errors=True)
 
-
-def _kill_marked(marker: bytes) -> list[int]:
-    """SIGKILL every process whose environment holds the marker (ours only); returns their PIDs."""
-    killed = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                if marker not in handle.read().split(b"\0"):
-                    continue
-            os.kill(int(pid), signal.SIGKILL)
-            killed.append(int(pid))
-        except (OSError, ProcessLookupError):
-            continue
-    return killed
 
 
 def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_config, tmp_path, driver_env):
@@ -144,7 +131,7 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
     )
     second.send_signal(signal.SIGKILL)
     finish(second, 60)
-    _kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())  # the Ray processes it leaves
+    kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())  # the Ray processes it leaves
     after_sigkill, results_at_sigkill = _snapshot(experiment), _results(experiment)
 
     # 3. Resume again: it completes.
@@ -187,7 +174,7 @@ def test_a_killed_halving_search_resumes_with_the_same_decisions(raw_config, tmp
     at_rung = _wait_for(experiment, first, lambda s: any(status == "PAUSED" for status, _ in s.values()))
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
-    _kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())
+    kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())
     before = _results(experiment)
 
     second = subprocess.Popen([*cli, "--resume"], stdout=logs[2], stderr=logs[3], env=driver_env)
@@ -198,7 +185,7 @@ def test_a_killed_halving_search_resumes_with_the_same_decisions(raw_config, tmp
     assert set(trials["status"]) <= {"completed", "stopped"} and (trials["status"] == "completed").sum() == 1
     # The decisions equal those successive halving makes on the losses reported at the rungs, and
     # no trial trained past a rung before its decision (a resumed rung waiter came back paused).
-    rung_losses = {t: dict(zip(rows["step"], rows["eval_loss"])) for t, rows in history.groupby("trial_id")}
+    rung_losses = {t: dict(zip(rows["step"], rows["best_eval_loss"])) for t, rows in history.groupby("trial_id")}
     d = decide(dict(zip(trials["trial_id"], trials["r"])), rung_losses, ended=[], rungs=[10, 20], reduction_factor=2)
     steps = dict(zip(trials["r"], trials["steps"]))
     assert len(d.survivors[0]) == 2 and all(steps[r] >= 20 for r in d.survivors[0])

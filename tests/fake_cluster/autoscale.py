@@ -11,10 +11,8 @@ by PID (never `ray stop`: other Ray clusters on the machine are left alone).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +25,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+from processes import kill_marked  # noqa: E402  (tests/processes.py; this file also runs as a script)
 CONFIG = HERE / "autoscaling.yaml"
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # as the fake provider numbers nodes
 
@@ -35,22 +35,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
-
-
-def _kill_marked(marker: bytes) -> int:
-    """SIGKILL every process (but this one) whose environment holds the marker; returns how many."""
-    count = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                if marker in handle.read().split(b"\0"):
-                    os.kill(int(pid), signal.SIGKILL)
-                    count += 1
-        except (OSError, ProcessLookupError):
-            continue
-    return count
 
 
 def _search_config(work: Path) -> Path:
@@ -174,7 +158,7 @@ def run(work: Path, log=print, settle_s: float = 60.0) -> dict:
     finally:
         for log_file in Path(temp).glob("ray/session_latest/logs/monitor.*"):  # the autoscaler's own account
             shutil.copy(log_file, work / log_file.name)
-        _kill_marked(f"LRS_TEST_RUN={tag}".encode())
+        kill_marked(f"LRS_TEST_RUN={tag}".encode())
         shutil.rmtree(temp, ignore_errors=True)
 
 
