@@ -109,7 +109,7 @@ def main() -> None:
         same = "same rank" if res["rank"] == grid["rank"] else f"a different rank (r={res['rank']})"
         print(f"RATIO {res['scheduler']} / grid: training steps {res['steps'] / grid['steps']:.2f}, "
               f"trial time {res['trial_s'] / grid['trial_s']:.2f}, search wall time {res['wall_s'] / grid['wall_s']:.2f}; {same}"
-              + ("  (target: steps <= 0.40 and the same rank)" if res["scheduler"] == "sha" else ""))
+              + (f"  (target: steps <= {TARGET:.2f} and the same rank)" if res["scheduler"] == "sha" else ""))
 
 
 if __name__ == "__main__":
