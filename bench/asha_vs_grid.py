@@ -64,7 +64,6 @@ def run(task, ranks: list[int], steps: int, root: str, scheduler: str, grace: Op
         "trial_s": float(trials["wall_time_s"].sum()),
         "wall_s": wall,
         "rank": rec.rank,
-        "judged": {e.r: e.evidence_step for e in rec.ranks},
     }
 
 

@@ -69,7 +69,7 @@ def join(base: str, *parts: str) -> str:
 # trial checks its own node when it starts (nodes an autoscaler adds later).
 
 MARKER = ".lora-rank-search-storage"  # in the experiment folder: the token of the current run
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "hdfs://")
+SHARED_STORAGE_HINT = "on a multi-node cluster use s3://, gs:// or a shared filesystem mounted at the same path on every node"
 
 
 def local_path(path: str) -> str | None:
@@ -99,7 +99,7 @@ def not_shared_problem(storage_path: str, answers: dict[str, bool | None]) -> st
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     return (
         f"storage_path: {storage_path!r} is not shared with node {missing[0]}{more} (it cannot see a file the driver"
-        " wrote there); on a multi-node cluster use s3://, gs:// or a shared filesystem mounted at the same path on every node"
+        f" wrote there); {SHARED_STORAGE_HINT}"
     )
 
 

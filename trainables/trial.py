@@ -343,7 +343,7 @@ def on_this_node(settings: dict) -> dict:
 
     Raises NodeSetupError, before any weights load, naming the node and what to fix.
     """
-    from search.storage import sees_marker
+    from search.storage import SHARED_STORAGE_HINT, sees_marker
     from trainables.model import ModelSourceError, resolve_model
 
     node = _node_ip()
@@ -351,8 +351,7 @@ def on_this_node(settings: dict) -> dict:
     if marker and not sees_marker(marker["path"], marker["token"]):
         raise NodeSetupError(
             f"storage_path: {marker['storage_path']!r} is not shared with node {node} (the experiment folder the driver"
-            " wrote is not there); on a multi-node cluster use s3://, gs:// or a shared filesystem mounted at the same"
-            " path on every node"
+            f" wrote is not there); {SHARED_STORAGE_HINT}"
         )
     model = settings.get("model")
     if not model:  # settings made without the model source: use the driver's path as it is
