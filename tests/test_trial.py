@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,27 @@ def test_lr_schedules():
     assert lr_factor(9, "cosine", 10, 100) == pytest.approx(1.0)
     assert lr_factor(100, "cosine", 10, 100) == pytest.approx(0.0)
     assert lr_factor(55, "linear", 10, 100) == pytest.approx(0.5)
+
+
+_EXIT_IN_CALLBACK = """
+import sys, time, weakref
+{install}
+class Thing: pass
+def on_collect(_):  # what Ray's SIGTERM handler does when the signal lands in a weakref callback
+    raise SystemExit(1)
+thing = Thing()
+ref = weakref.ref(thing, on_collect)
+del thing
+print("kept running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_a_sigterm_exit_inside_a_callback_exits_without_a_traceback(installed):
+    install = "from trainables.trial import exit_quietly_on_sigterm; exit_quietly_on_sigterm()" if installed else ""
+    done = subprocess.run([sys.executable, "-c", _EXIT_IN_CALLBACK.format(install=install)], capture_output=True, text=True, timeout=60)
+    if installed:
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", "")
+    else:  # plain Python: the exit is ignored, with a traceback, and the process goes on
+        assert done.returncode == 0 and "kept running" in done.stdout
+        assert "Traceback" in done.stderr and "SystemExit" in done.stderr

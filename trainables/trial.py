@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -332,6 +333,29 @@ def quiet_libraries() -> None:
         pass
 
 
+def exit_quietly_on_sigterm() -> None:
+    """When Ray stops a trial (Ctrl-C on the driver, a stopped or preempted trial) it SIGTERMs the
+    worker, whose handler raises SystemExit in the main thread. If that lands inside a weakref or
+    __del__ callback, Python ignores the exit and prints a traceback the driver relays to the user's
+    console, and the worker lingers until Ray kills it. Here such an exit is carried out instead,
+    silently: everything the trial reported is already persisted with its checkpoint.
+    """
+    if getattr(sys.unraisablehook, "lrs_exit_on_sigterm", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            code = unraisable.exc_value.code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+        previous(unraisable)
+
+    hook.lrs_exit_on_sigterm = True
+    sys.unraisablehook = hook
+
+
 class NodeSetupError(RuntimeError):
     """The node a trial landed on cannot run it: the model or the storage_path is missing there."""
 
@@ -382,6 +406,7 @@ def lora_trial(config: dict, settings: Optional[dict] = None, data: Optional[Tok
     from ray import tune
 
     quiet_libraries()
+    exit_quietly_on_sigterm()
     settings = on_this_node(settings)
 
     def report(metrics: dict, folder: Optional[str]) -> None:
