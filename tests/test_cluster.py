@@ -21,10 +21,15 @@ from processes import kill_marked
 from search import storage
 from search.config import parse_config
 from search.runner import run_search
+from trainables.failures import FAULT_ENV
 from trainables.trial import NodeSetupError, on_this_node
 
 MAX_STEPS, EVAL_EVERY = 80, 10
 RANKS = [2, 4, 8, 16]
+# The tiny model trains 80 steps in about a second, faster than a node can be removed: without this
+# the trial picked could reach its last step first. r=8 (started second, after r=16) hangs once
+# before step 50, with its step-40 checkpoint recorded, and its node is removed while it hangs.
+HANG = "r=8:step=50:kind=hang:once"
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -72,6 +77,7 @@ def cluster(monkeypatch):
     tag = uuid.uuid4().hex
     monkeypatch.setenv("RAY_TMPDIR", temp)
     monkeypatch.setenv("LRS_TEST_RUN", tag)
+    monkeypatch.setenv(FAULT_ENV, HANG)  # before the nodes start: their workers inherit it
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
     try:

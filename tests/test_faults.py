@@ -27,7 +27,7 @@ def test_the_fault_hook_is_off_unless_set_and_once_skips_a_resumed_run():
     assert planned_fault(2, resumed=True, spec=spec) is None
     assert planned_fault(4, resumed=True, spec=spec).kind == "nan"
     assert planned_fault(8, resumed=False, spec=spec) is None
-    with pytest.raises(ValueError, match="kind must be one of raise, nan, oom"):
+    with pytest.raises(ValueError, match="kind must be one of raise, nan, oom, hang"):
         planned_fault(2, resumed=False, spec="r=2:step=1:kind=segfault")
 
 

@@ -7,7 +7,8 @@ trial from its last checkpoint up to ``resources.max_failures`` times.
 
 Test hook (not for production use): ``LORA_RANK_SEARCH_FAULT="r=2:step=20:kind=raise"`` makes the
 trial of rank 2 fail at optimizer step 20 (1-based): ``raise`` a RuntimeError, make the loss
-``nan``, or raise ``oom`` (torch.OutOfMemoryError, also on CPU). Add ``:once`` to fire only in a
+``nan``, raise ``oom`` (torch.OutOfMemoryError, also on CPU), or ``hang`` for HANG_SECONDS
+before that step (a stuck step: what a lost node looks like from inside the trial). Add ``:once`` to fire only in a
 run that started from scratch (so a retry from a checkpoint gets past it); separate several
 faults with ``;``. Workers inherit it from the driver's environment on a local Ray.
 """
@@ -15,12 +16,14 @@ faults with ``;``. Workers inherit it from the driver's environment on a local R
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 FAULT_ENV = "LORA_RANK_SEARCH_FAULT"
 OK, DIVERGED, OOM = "ok", "diverged", "oom"  # values of the `trial_status` metric
-FAULT_KINDS = ("raise", "nan", "oom")
+FAULT_KINDS = ("raise", "nan", "oom", "hang")
+HANG_SECONDS = 60.0
 GIB = 1024**3
 
 
@@ -38,9 +41,12 @@ class Fault:
     once: bool = False
 
     def apply(self, loss):
-        """The micro-batch loss, made NaN, or an exception raised instead (kind)."""
+        """The micro-batch loss, made NaN, returned after a hang, or an exception raised instead (kind)."""
         import torch
 
+        if self.kind == "hang":
+            time.sleep(HANG_SECONDS)
+            return loss
         if self.kind == "nan":
             return loss * float("nan")
         if self.kind == "oom":
