@@ -85,7 +85,7 @@ def test_lr_schedules():
 
 
 _EXIT_IN_CALLBACK = """
-import sys, time, weakref
+import weakref
 {install}
 class Thing: pass
 def on_collect(_):  # what Ray's SIGTERM handler does when the signal lands in a weakref callback

@@ -8,9 +8,10 @@ trial from its last checkpoint up to ``resources.max_failures`` times.
 Test hook (not for production use): ``LORA_RANK_SEARCH_FAULT="r=2:step=20:kind=raise"`` makes the
 trial of rank 2 fail at optimizer step 20 (1-based): ``raise`` a RuntimeError, make the loss
 ``nan``, raise ``oom`` (torch.OutOfMemoryError, also on CPU), or ``hang`` for HANG_SECONDS
-before that step (a stuck step: what a lost node looks like from inside the trial). Add ``:once`` to fire only in a
-run that started from scratch (so a retry from a checkpoint gets past it); separate several
-faults with ``;``. Workers inherit it from the driver's environment on a local Ray.
+before that step (a stuck step: what a lost node looks like from inside the trial). Add
+``:once`` to fire only in a run that started from scratch (so a retry from a checkpoint gets past
+it); separate several faults with ``;``. Workers inherit it from the driver's environment on a
+local Ray.
 """
 
 from __future__ import annotations
