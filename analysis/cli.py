@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from analysis.selection import DEFAULT_TOLERANCE, check_tolerance
+from analysis.selection import DEFAULT_RULE, RULES, check_rule, check_tolerance
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -23,22 +23,48 @@ def _analyze(args: argparse.Namespace) -> int:
     from analysis.results import format_table
 
     try:
-        check_tolerance(args.tolerance)
-        result = run_analysis(args.experiment, args.tolerance, args.out)
+        _check_rule_args(args)
+        result = run_analysis(args.experiment, args.tolerance, args.out, args.rule)
     except (ValueError, ExperimentNotFound) as exc:
-        return _fail(str(exc).replace("tolerance:", "--tolerance:"))
-    rec = result.recommendation
+        return _fail(_flag_names(exc))
     print(format_table(result.trials))
     print()
-    if rec.rank is not None:
-        print(f"recommended rank: r={rec.rank} (lora_alpha {rec.lora_alpha:g}, targets {','.join(rec.targets)})")
-    print(f"  {rec.reason}")
-    for finding in result.findings:
-        print(f"  - {finding.text}")
+    print(verdict_lines(result, details=True))
     print()
     for kind in ("md", "html", "json", "csv", "parquet"):
         print(f"{kind:>8}: {result.files[kind]}")
-    return 0 if rec.rank is not None else 1
+    return 0 if result.recommendation.rank is not None else 1
+
+
+def _check_rule_args(args: argparse.Namespace) -> None:
+    check_rule(args.rule)
+    if args.tolerance is not None:
+        check_tolerance(args.tolerance, args.rule)
+
+
+def _flag_names(exc: Exception) -> str:
+    return str(exc).replace("tolerance:", "--tolerance:", 1).replace("rule:", "--rule:", 1)
+
+
+def verdict_lines(result, details: bool = False) -> str:
+    """The verdict in three lines (rank, learning rate, targets, gain share; why; the report), plus
+    every diagnosis with details."""
+    from search.arms import format_lr
+
+    rec = result.recommendation
+    lines = []
+    if rec.rank is not None:
+        lr = f"learning rate {format_lr(rec.learning_rate)}" if rec.learning_rate == rec.learning_rate else "learning rate ?"
+        share = f", {rec.gain_share:.1%} of the best gain" if rec.gain_share == rec.gain_share else ""
+        lines.append(f"recommended: r={rec.rank}, {lr}, lora_alpha {rec.lora_alpha:g}, targets {','.join(rec.targets)}{share}")
+    else:
+        lines.append("no recommendation")
+    lines.append(f"  {rec.reason}")
+    if details:
+        lines += [f"  - {finding.text}" for finding in result.findings]
+    if result.files.get("md"):
+        lines.append(f"  report: {result.files['md']}")
+    return "\n".join(lines)
 
 
 def _targets(values: list[str]) -> list:
@@ -90,24 +116,34 @@ def _tensorboard(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from analysis.export import ExportError, export_adapter
+    from search.arms import format_lr
     from analysis.pipeline import ExperimentNotFound, load
 
     try:
-        check_tolerance(args.tolerance)
-        result = load(args.experiment, args.tolerance)
+        _check_rule_args(args)
+        result = load(args.experiment, args.tolerance, args.rule)
         info = export_adapter(result.experiment, result.trials, result.history, result.recommendation, args.out, result.config)
     except ExperimentNotFound as exc:
         return _fail(str(exc))
     except ExportError as exc:
         return _fail(str(exc), 1 if str(exc).startswith("nothing to export") else 2)
     except ValueError as exc:
-        return _fail(str(exc).replace("tolerance:", "--tolerance:"))
+        return _fail(_flag_names(exc))
     early = "" if info["max_steps"] is None or info["trial_steps"] >= info["max_steps"] else (
         f" (the scheduler stopped this trial at step {info['trial_steps']} of {info['max_steps']}: train it fully before shipping)")
-    print(f"exported r={info['rank']} (trial {info['trial_dir']}, {info['checkpoint']} at step {info['step']}, "
+    print(f"exported r={info['rank']} lr={format_lr(result.recommendation.learning_rate)} (trial {info['trial_dir']}, {info['checkpoint']} at step {info['step']}, "
           f"eval loss {info['eval_loss']:.4f}){early} to {args.out}")
     print(f"load it: PeftModel.from_pretrained(base_model, {args.out!r})")
     return 0
+
+
+def _rule_args(p) -> None:
+    defaults = ", ".join(f"{rule} {tol:g}" for rule, tol in RULES.items())
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
+                   help="adequacy rule: gain (share of the best rank's gain over the untouched base, the default), "
+                        "relative (to the best loss) or absolute (nats/token)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help=f"the rule's tolerance (defaults: {defaults}; gain 0.05 = at least 95%% of the best gain)")
 
 
 def add_subcommands(sub) -> None:
@@ -116,7 +152,7 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("analyze", help="recommend a rank from an experiment folder; write tables, plots and a report")
     p.add_argument("experiment", help="the experiment folder (storage_path/name), local or s3://, gs://")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative tolerance to the best eval loss (default 0.01 = 1%%)")
+    _rule_args(p)
     p.add_argument("--out", default=None, help="output folder (default EXPERIMENT/analysis)")
     p.set_defaults(handler=_analyze)
 
@@ -140,5 +176,5 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("export", help="copy the recommended trial's adapter (PEFT format) to a folder")
     p.add_argument("experiment", help="the experiment folder")
     p.add_argument("--out", required=True, help="destination folder (new or empty)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="as for analyze (default 0.01)")
+    _rule_args(p)
     p.set_defaults(handler=_export)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analysis.selection import Recommendation, trial_curves
+from search.arms import format_lr
 
 
 OVERFIT_RISE = 0.5  # eval loss above its best by more than this many tolerances (train loss falling): overfitting
@@ -77,15 +78,14 @@ def _grid(rec: Recommendation, history: pd.DataFrame) -> list[Finding]:
     adequate = [e.r for e in rec.ranks if e.adequate]
     smallest, largest = min(ranks), max(ranks)
     if len(adequate) == len(ranks):
-        spread = max(e.gap for e in rec.ranks)
         out.append(Finding("rank-does-not-matter", (
             f"Rank does not matter here: every rank from {smallest} to {largest} is within the tolerance of the best "
-            f"(largest gap {spread:+.2%}). Take the smallest, r={smallest}; an even smaller rank may do as well."
+            f"({_spread(rec)}). Take the smallest, r={smallest}; an even smaller rank may do as well."
         )))
         return out
     if rec.rank == largest:
         top = rec.evidence(largest)
-        improving = _still_improving(history, top.trial_ids, rec.tolerance)
+        improving = _still_improving(history, top.trial_ids, rec.relative_tolerance)
         out.append(Finding("grid-too-small", (
             f"The grid may be too small: only the largest rank, r={largest}, is adequate"
             + (", and its eval loss was still improving at its last evaluation" if improving else "")
@@ -107,6 +107,13 @@ def _grid(rec: Recommendation, history: pd.DataFrame) -> list[Finding]:
     return out
 
 
+def _spread(rec: Recommendation) -> str:
+    worst = max(rec.ranks, key=rec.shortfall)
+    if rec.rule_name == "gain" and math.isfinite(worst.gain_share):
+        return f"the smallest share of the best gain: {worst.gain_share:.1%}"
+    return f"largest gap {max(e.gap for e in rec.ranks):+.2%}"
+
+
 def _judged_early(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -> list[Finding]:
     chosen = rec.evidence(rec.rank) if rec.rank is not None else None
     if chosen is None or not chosen.stopped_early:
@@ -123,7 +130,7 @@ def _judged_early(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFra
     return [Finding("judged-early", text + widening)]
 
 
-NEAR_MISS = 5.0  # a smaller rank cut early within this many tolerances of the best is worth a re-check
+NEAR_MISS = 3.0  # a smaller rank cut early within this many tolerances of the best is worth a re-check
 
 
 def _cut_early(rec: Recommendation) -> list[Finding]:
@@ -136,15 +143,22 @@ def _cut_early(rec: Recommendation) -> list[Finding]:
     if chosen is None:
         return []
     near = [e for e in rec.ranks if e.r < chosen.r and not e.adequate and e.evidence_step < chosen.evidence_step
-            and e.gap <= NEAR_MISS * max(rec.tolerance, 1e-9)]
+            and rec.shortfall(e) <= NEAR_MISS * max(rec.tolerance, 1e-9)]
     if not near:
         return []
-    parts = ", ".join(f"r={e.r} ({e.gap:+.2%} at step {e.evidence_step})" for e in near)
+    parts = ", ".join(f"r={e.r} ({_standing(rec, e)} at step {e.evidence_step})" for e in near)
     return [Finding("smaller-rank-cut-early", (
         f"Smaller rank(s) were stopped early only narrowly outside the tolerance: {parts}, while r={chosen.r} was judged at "
         f"step {chosen.evidence_step}. Larger ranks learn faster at first, so an early gap overstates the final one: re-run "
         f"r={near[-1].r} for the full budget (scheduler.type: none, or a larger grace_period) before settling on r={chosen.r}."
     ))]
+
+
+def _standing(rec: Recommendation, e) -> str:
+    """How a rank stood where it was judged, in the rule's terms."""
+    if rec.rule_name == "gain" and math.isfinite(e.gain_share):
+        return f"{e.gain_share:.1%} of the best gain"
+    return f"{e.gap:+.2%}"
 
 
 def _gap_widening(rec: Recommendation, history: pd.DataFrame) -> str:
@@ -169,7 +183,7 @@ def _gap_widening(rec: Recommendation, history: pd.DataFrame) -> str:
 
 
 def _noise(rec: Recommendation) -> list[Finding]:
-    noisy = [e for e in rec.ranks if len(e.seeds) >= 2 and e.se > rec.tolerance * abs(e.loss)]
+    noisy = [e for e in rec.ranks if len(e.seeds) >= 2 and e.se > rec.relative_tolerance * abs(e.loss)]
     if not noisy:
         return []
     worst = max(noisy, key=lambda e: e.se / abs(e.loss))
@@ -180,16 +194,49 @@ def _noise(rec: Recommendation) -> list[Finding]:
     ))]
 
 
+def _unstable(rec: Recommendation) -> list[Finding]:
+    """Ranks whose every learning rate ended worse than the untouched base."""
+    bad = [e for e in rec.ranks if e.unstable]
+    if not bad:
+        return []
+    rates = ", ".join(sorted({format_lr(a.lr) for e in bad for a in e.arms if math.isfinite(a.lr)}, key=float))
+    return [Finding("unstable", (
+        f"Unstable: {', '.join(f'r={e.r}' for e in bad)} ended worse than the untouched base at every learning rate tried"
+        + (f" ({rates})" if rates else "") + f"; the evidence for {'it' if len(bad) == 1 else 'them'} is its best loss before "
+        f"it got worse. Lower the learning rate for {', '.join(f'r={e.r}' for e in bad)} (add smaller values to "
+        "train.learning_rate) or use a fixed lora_alpha."
+    ))]
+
+
+def _learning_rate_edges(rec: Recommendation) -> list[Finding]:
+    """A rank whose best learning rate is the smallest or largest searched: the optimum may lie beyond."""
+    rates = sorted(rec.learning_rates)
+    if len(rates) < 2:
+        return []
+    out = []
+    for edge, word, direction in ((rates[0], "smallest", "downward"), (rates[-1], "largest", "upward")):
+        ranks = [e.r for e in rec.ranks if len(e.arms) >= 2 and e.lr == edge and not e.unstable]
+        if ranks:
+            out.append(Finding(f"lr-edge-{'low' if direction == 'downward' else 'high'}", (
+                f"The best learning rate of {', '.join(f'r={r}' for r in ranks)} is the {word} searched ({format_lr(edge)}): "
+                f"its optimum may lie beyond the list. Extend train.learning_rate {direction} "
+                f"(e.g. {format_lr(edge / 3 if direction == 'downward' else edge * 3)}) to be sure."
+            )))
+    return out
+
+
 def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -> list[Finding]:
     """Every finding that applies, most important first."""
     if rec.rank is None:
         failed = int((trials["status"] == "error").sum()) if not trials.empty and "status" in trials else 0
         text = rec.reason + (f" ({failed} trial(s) failed: see error.txt in their folders)." if failed else ".")
-        return [Finding("no-result", text)]
+        return [Finding("no-signal" if rec.no_signal else "no-result", text)] + _unstable(rec)
     out = _grid(rec, history)
     out += _judged_early(rec, trials, history)
     out += _cut_early(rec)
-    out += _overfitting(trials, history, rec.tolerance)
+    out += _unstable(rec)
+    out += _learning_rate_edges(rec)
+    out += _overfitting(trials, history, rec.relative_tolerance)
     out += _noise(rec)
     for note in rec.excluded:
         out.append(Finding("excluded", note + "."))

@@ -15,7 +15,7 @@ import os
 import pandas as pd
 
 from analysis.checkpoints import best_checkpoint, copy_tree
-from analysis.selection import Recommendation
+from analysis.selection import Recommendation, json_safe
 
 EXPORT_INFO = "lora_rank_export.json"
 
@@ -41,6 +41,9 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     row = trials[trials["trial_id"].astype(str) == str(rec.trial_id)].iloc[0]
     info = {
         "rank": rec.rank,
+        "learning_rate": rec.learning_rate,
+        "gain_share": rec.gain_share,
+        "base_eval_loss": rec.base_eval_loss,
         "lora_alpha": rec.lora_alpha,
         "alpha_rule": rec.alpha_rule,
         "targets": rec.targets,
@@ -55,9 +58,10 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
         "base_model": ((config or {}).get("model") or {}).get("name_or_path"),
         "experiment": experiment,
         "tolerance": rec.tolerance,
+        "rule_name": rec.rule_name,
         "rule": rec.rule,
         "files": files,
     }
     with open(os.path.join(out, EXPORT_INFO), "w") as handle:
-        json.dump(info, handle, indent=2)
+        json.dump(json_safe(info), handle, indent=2)
     return info

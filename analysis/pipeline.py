@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import pandas as pd
 
 from analysis.diagnosis import Finding, diagnose
 from analysis.results import load_experiment, read_config
-from analysis.selection import DEFAULT_TOLERANCE, Recommendation, recommend
+from analysis.selection import DEFAULT_RULE, Recommendation, recommend
 
 
 @dataclass
@@ -33,7 +34,7 @@ def experiment_path(path: str) -> str:
     return path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def load(experiment: str, tolerance: float = DEFAULT_TOLERANCE) -> Analysis:
+def load(experiment: str, tolerance: Optional[float] = None, rule: str = DEFAULT_RULE) -> Analysis:
     """Read the experiment and select the rank (no files written)."""
     experiment = experiment_path(experiment)
     try:
@@ -42,7 +43,7 @@ def load(experiment: str, tolerance: float = DEFAULT_TOLERANCE) -> Analysis:
         raise ExperimentNotFound(f"EXPERIMENT_DIR: no experiment at {experiment!r}") from None
     if trials.empty:
         raise ExperimentNotFound(f"EXPERIMENT_DIR: {experiment!r} holds no trial folders (is it storage_path/name of a search?)")
-    rec = recommend(trials, history, tolerance)
+    rec = recommend(trials, history, tolerance, rule)
     return Analysis(experiment, trials, history, rec, diagnose(rec, trials, history), config=read_config(experiment))
 
 
@@ -53,14 +54,15 @@ def default_out(experiment: str) -> str:
     return os.path.join(experiment, "analysis")
 
 
-def run_analysis(experiment: str, tolerance: float = DEFAULT_TOLERANCE, out: str | None = None) -> Analysis:
+def run_analysis(experiment: str, tolerance: Optional[float] = None, out: Optional[str] = None,
+                 rule: str = DEFAULT_RULE) -> Analysis:
     """Everything `lora-rank analyze` writes: results.csv/.parquet, recommendation.json, plots,
     REPORT.md, report.html (into `out`, default `<experiment>/analysis`)."""
     from analysis.effective_rank import effective_rank_table, evidence_sentence
     from analysis.plots import all_plots
     from analysis.report import PLOTS_DIR, write_outputs
 
-    result = load(experiment, tolerance)
+    result = load(experiment, tolerance, rule)
     out = out or default_out(result.experiment)
     result.effective = effective_rank_table(result.experiment, result.trials, result.history)
     plots = all_plots(result.trials, result.history, result.recommendation, result.effective, os.path.join(out, PLOTS_DIR))

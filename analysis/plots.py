@@ -2,7 +2,9 @@
 
 - `loss_vs_rank`: eval loss vs r (log2 axis), one point per seed, the mean ± spread per rank,
   early-stopped trials hollow and labelled with the step they reached, the recommendation
-  highlighted; beside it, the gap to the best rank at the same step, the quantity the rule uses.
+  highlighted, each rank's adequacy threshold at the step it was judged; beside it the quantity the
+  rule uses: the share of the best rank's gain over the base (or the gap, for the other rules).
+- `loss_vs_lr`: each rank's loss at each learning rate searched (unstable arms crossed).
 - `loss_vs_cost`: eval loss vs trainable parameters and vs adapter size (MB), Pareto frontier drawn.
 - `learning_curves`: eval and train loss vs optimizer step, one line per trial, coloured by rank.
 - `effective_rank`: energy rank (90%) and stable rank of each trained adapter vs r.
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.selection import Recommendation, trial_curves
+from search.arms import format_lr
 
 LOSS_LABEL = "eval loss (nats/token)"
 RANK_LABEL = "LoRA rank r (log2 scale)"
@@ -83,20 +86,23 @@ def loss_vs_rank(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendatio
     for p in points.itertuples():
         ax.scatter(p.r, p.best_loss, s=28, zorder=3, facecolors="none" if p.stopped_early else "#1f77b4", edgecolors="#1f77b4")
         if p.stopped_early:
-            ax.annotate(f"stopped @{p.step}", (p.r, p.best_loss), textcoords="offset points", xytext=(5, 4), fontsize=7, color=MUTED)
+            ax.annotate(f"@{p.step}", (p.r, p.best_loss), textcoords="offset points", xytext=(4, 3), fontsize=6, color=MUTED)
     if rec.ranks:
         r = np.array(ranks, dtype=float)
         mean = np.array([e.loss for e in rec.ranks])
         se = np.array([e.se for e in rec.ranks])
         spread = points.groupby("r")["best_loss"].agg(["min", "max"]).reindex(ranks)
-        ax.plot(r, mean, "-", color="#1f77b4", lw=1.2, label="mean over seeds (at the step each rank was judged)")
+        ax.plot(r, mean, ":", color="#1f77b4", lw=0.8, label="mean over seeds, best learning rate (each at its judged step)")
         ax.errorbar(r, mean, yerr=se, fmt="none", ecolor="#1f77b4", capsize=3, lw=1)
         ax.fill_between(r, spread["min"], spread["max"], color="#1f77b4", alpha=0.12, label="spread over seeds (min-max)")
     if rec.rank is not None:
         ax.scatter([rec.rank], [rec.loss], s=220, marker="*", color=HIGHLIGHT, zorder=4, label=f"recommended r={rec.rank}")
         ax.axvline(rec.rank, color=HIGHLIGHT, ls=":", lw=1)
-        ax.axhline(rec.best_loss * (1 + rec.tolerance), color=OK_COLOR, ls="--", lw=0.8,
-                   label=f"best at step {rec.best_step} + {rec.tolerance:.1%}")
+    for i, e in enumerate(rec.ranks):  # each rank against the threshold of the step it was judged at
+        ax.plot([e.r / 1.25, e.r * 1.25], [e.threshold] * 2, "-", color=OK_COLOR, lw=1.6,
+                label="adequate up to here (at the step each rank was judged)" if i == 0 else None)
+    if math.isfinite(rec.base_eval_loss):
+        ax.axhline(rec.base_eval_loss, color=MUTED, ls="--", lw=0.8, label=f"untouched base {rec.base_eval_loss:.4f}")
     _rank_axis(ax, ranks or [1])
     ax.set_ylabel(LOSS_LABEL)
     ax.set_title("Eval loss vs rank (best so far, per trial)")
@@ -106,9 +112,34 @@ def loss_vs_rank(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendatio
     handles += [Line2D([], [], ls="", marker="o", color="#1f77b4", label="trial that ran to max_steps"),
                 Line2D([], [], ls="", marker="o", mfc="none", color="#1f77b4", label="trial stopped early (step it reached)")]
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    _gap_panel(gx, rec)
+    if rec.rule_name == "gain":
+        _gain_panel(gx, rec)
+    else:
+        _gap_panel(gx, rec)
     fig.suptitle(f"Which rank? {rec.reason}" if rec.rank is not None else rec.reason, fontsize=9)
     return _save(fig, out_dir, "loss_vs_rank")
+
+
+def _gain_panel(ax, rec: Recommendation) -> None:
+    """Each rank's share of the best rank's gain over the base, at the step it was judged."""
+    if not rec.ranks:
+        ax.set_axis_off()
+        return
+    xs = [e.r for e in rec.ranks]
+    shares = [100 * e.gain_share if math.isfinite(e.gain_share) else 0.0 for e in rec.ranks]
+    colors = [HIGHLIGHT if e.r == rec.rank else (OK_COLOR if e.adequate else MUTED) for e in rec.ranks]
+    ax.bar(xs, shares, width=[0.35 * x for x in xs], color=colors, align="center")
+    for e, share in zip(rec.ranks, shares):
+        what = "best" if e.r == e.ref_rank else f"vs r={e.ref_rank}"
+        ax.annotate(f"{share:.0f}%\nstep {e.evidence_step}\n{what}", (e.r, share), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=6.5, color=HIGHLIGHT if e.r == rec.rank else MUTED)
+    ax.axhline(100 * (1 - rec.tolerance), color=OK_COLOR, ls="--", lw=1,
+               label=f"adequate: at least {1 - rec.tolerance:.0%} of the best gain at the same step")
+    _rank_axis(ax, xs)
+    ax.set_ylim(min(0.0, min(shares) * 1.1), 125)
+    ax.set_ylabel("share of the best rank's gain over the base (%)")
+    ax.set_title("The rule: share of the achievable gain, at the same step")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _gap_panel(ax, rec: Recommendation) -> None:
@@ -124,7 +155,8 @@ def _gap_panel(ax, rec: Recommendation) -> None:
         ax.annotate(f"step {e.evidence_step}\n{what}", (e.r, g), textcoords="offset points", xytext=(0, 3),
                     ha="center", fontsize=7, color=HIGHLIGHT if e.r == rec.rank else MUTED)
     tol = 100 * rec.tolerance
-    ax.axhspan(0, max(tol, 1e-9), color=OK_COLOR, alpha=0.15, label=f"within tolerance ({rec.tolerance:.1%})")
+    ax.axhspan(0, max(tol, 1e-9), color=OK_COLOR, alpha=0.15, label=f"within tolerance ({rec.tolerance:.1%})"
+               if rec.rule_name == "relative" else f"within tolerance ({rec.tolerance:g} nats/token at the best)")
     if max(gaps) > 20 * max(tol, 1e-3):
         ax.set_yscale("symlog", linthresh=max(tol, 0.1))
     _rank_axis(ax, xs)
@@ -232,6 +264,35 @@ def learning_curves(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommenda
     return _save(fig, out_dir, "learning_curves")
 
 
+def loss_vs_lr(rec: Recommendation, out_dir: str) -> Optional[dict]:
+    """Each rank's loss at each learning rate (best so far, seed mean, at the last step that arm
+    reached); unstable arms crossed. Drawn when more than one learning rate was searched."""
+    if len(rec.learning_rates) < 2 or not rec.ranks:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    colors = _rank_colors([e.r for e in rec.ranks])
+    for e in rec.ranks:
+        arms = [a for a in e.arms if math.isfinite(a.lr)]
+        if not arms:
+            continue
+        ax.plot([a.lr for a in arms], [a.loss for a in arms], "-", color=colors[e.r], lw=2.4 if e.r == rec.rank else 1.1,
+                label=f"r={e.r} (best lr {format_lr(e.lr)})")
+        for a in arms:
+            ax.scatter(a.lr, a.loss, color=colors[e.r], marker="x" if a.unstable else "o", s=40 if a.unstable else 18, zorder=3)
+            ax.annotate(f"@{a.step}", (a.lr, a.loss), textcoords="offset points", xytext=(3, 3), fontsize=6, color=MUTED)
+    if math.isfinite(rec.base_eval_loss):
+        ax.axhline(rec.base_eval_loss, color=MUTED, ls="--", lw=0.8, label="untouched base")
+    ax.set_xscale("log")
+    ax.set_xticks(rec.learning_rates, [format_lr(v) for v in rec.learning_rates])
+    ax.minorticks_off()
+    ax.set_xlabel("peak learning rate (log scale)")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title("Eval loss vs learning rate, per rank (x: unstable; @: step reached)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, out_dir, "loss_vs_lr")
+
+
 def effective_rank(table: pd.DataFrame, rec: Recommendation, out_dir: str) -> Optional[dict]:
     if table is None or table.empty or "energy_rank_median" not in table:
         return None
@@ -263,7 +324,7 @@ def all_plots(trials, history, rec, eff_table, out_dir: str) -> dict:
         "loss_vs_cost": loss_vs_cost(trials, rec, out_dir),
         "learning_curves": learning_curves(trials, history, rec, out_dir),
     }
-    eff = effective_rank(eff_table, rec, out_dir)
-    if eff:
-        out["effective_rank"] = eff
+    for name, figure in (("loss_vs_lr", loss_vs_lr(rec, out_dir)), ("effective_rank", effective_rank(eff_table, rec, out_dir))):
+        if figure:
+            out[name] = figure
     return out

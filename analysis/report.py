@@ -14,6 +14,7 @@ import pandas as pd
 from analysis.diagnosis import Finding
 from analysis.results import format_table
 from analysis.selection import Recommendation
+from search.arms import format_lr
 
 RESULTS_CSV, RESULTS_PARQUET = "results.csv", "results.parquet"
 RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md", "report.html"
@@ -44,6 +45,8 @@ def lora_config_snippet(rec: Recommendation, dropout: Optional[float]) -> str:
         '    task_type="CAUSAL_LM",',
         ")",
     ]
+    if rec.learning_rate == rec.learning_rate:
+        lines.append(f"# trained at peak learning rate {format_lr(rec.learning_rate)} (this rank's best in the search)")
     return "\n".join(lines)
 
 
@@ -53,8 +56,12 @@ def results_frame(trials: pd.DataFrame, rec: Recommendation, eff: Optional[pd.Da
     judged = {e.r: e for e in rec.ranks}
     out["judged_at_step"] = [judged[r].evidence_step if r in judged else None for r in out["r"]]
     out["rank_gap_to_best"] = [judged[r].gap if r in judged else None for r in out["r"]]
+    out["rank_gain_share"] = [judged[r].gain_share if r in judged else None for r in out["r"]]
+    out["rank_best_lr"] = [judged[r].lr if r in judged else None for r in out["r"]]
+    out["rank_base_eval_loss"] = rec.base_eval_loss
     out["rank_adequate"] = [bool(judged[r].adequate) if r in judged else False for r in out["r"]]
     out["recommended_rank"] = out["r"] == rec.rank
+    out["recommended_arm"] = (out["r"] == rec.rank) & (out["lr"] == rec.learning_rate) if "lr" in out else out["recommended_rank"]
     out["exported_trial"] = out["trial_id"].astype(str) == str(rec.trial_id)
     if eff is not None and not eff.empty:
         keep = ["trial_id", "checkpoint", "energy_rank_median", "stable_rank_median", "energy_rank_max"]
@@ -63,14 +70,46 @@ def results_frame(trials: pd.DataFrame, rec: Recommendation, eff: Optional[pd.Da
 
 
 def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
-    headers = ["r", "seeds", "judged at step", "eval loss", "best rank there", "its loss", "gap", "adequate"]
+    several = len(rec.learning_rates) > 1
+    headers = ["r", "seeds", "judged at step", "eval loss"] + (["best lr"] if several else []) + [
+        "best rank there", "its loss", "share of its gain" if rec.rule_name == "gain" else "gap", "adequate"]
     rows = []
     for e in rec.ranks:
         loss = f"{e.loss:.4f}" + (f" ± {e.se:.4f}" if len(e.seeds) > 1 else "")
         mark = "**yes (recommended)**" if e.r == rec.rank else ("yes" if e.adequate else "no")
+        if e.unstable:
+            mark += " (unstable)"
         step = f"{e.evidence_step}" + (" (stopped early)" if e.stopped_early else "")
-        rows.append([str(e.r), str(len(e.seeds)), step, loss, f"r={e.ref_rank}", f"{e.ref_loss:.4f}", f"{e.gap:+.2%}", mark])
+        lr = [format_lr(e.lr) + "".join(f", {format_lr(a.lr)} unstable" for a in e.arms if a.unstable and a.lr != e.lr)] if several else []
+        measure = f"{e.gain_share:.1%}" if rec.rule_name == "gain" else f"{e.gap:+.2%}"
+        rows.append([str(e.r), str(len(e.seeds)), step, loss, *lr, f"r={e.ref_rank}", f"{e.ref_loss:.4f}", measure, mark])
     return headers, rows
+
+
+def _lr_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
+    """Loss per rank (rows) and learning rate (columns), each at the last step that arm reached."""
+    headers = ["r"] + [format_lr(lr) for lr in rec.learning_rates]
+    rows = []
+    for e in rec.ranks:
+        cells = []
+        for lr in rec.learning_rates:
+            arm = next((a for a in e.arms if a.lr == lr), None)
+            if arm is None:
+                cells.append("-")
+                continue
+            text = f"{arm.loss:.4f} @{arm.step}" + (" unstable" if arm.unstable else "")
+            cells.append(f"**{text}**" if lr == e.lr else text)
+        rows.append([str(e.r), *cells])
+    return headers, rows
+
+
+def _tolerance_text(rec: Recommendation) -> str:
+    if rec.rule_name == "gain":
+        return (f"Rule `gain`: a rank is adequate when it recovers at least {1 - rec.tolerance:.0%} of the best rank's gain over "
+                f"the untouched base (eval loss {rec.base_eval_loss:.4f}), compared at the same step.")
+    if rec.rule_name == "relative":
+        return f"Rule `relative`: tolerance {rec.tolerance:.2%} of the best eval loss at the same step."
+    return f"Rule `absolute`: tolerance {rec.tolerance:g} nats/token above the best eval loss at the same step."
 
 
 def _effective_rows(eff: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -87,11 +126,14 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
     blocks: list[tuple] = [("h1", f"LoRA rank search: {os.path.basename(experiment.rstrip('/'))}")]
     blocks.append(("p", f"Experiment `{experiment}` · model `{model}` · {len(trials)} trials · analysed {time.strftime('%Y-%m-%d %H:%M')}"))
     if rec.rank is not None:
-        blocks.append(("h2", f"Recommendation: r = {rec.rank}"))
-        blocks.append(("p", f"{rec.reason}. Tolerance {rec.tolerance:.2%} (relative)."))
+        lr = f", learning rate {format_lr(rec.learning_rate)}" if rec.learning_rate == rec.learning_rate else ""
+        blocks.append(("h2", f"Recommendation: r = {rec.rank}{lr}"))
+        blocks.append(("p", f"{rec.reason}. {_tolerance_text(rec)}"))
     else:
         blocks.append(("h2", "No recommendation"))
         blocks.append(("p", rec.reason + "."))
+    if rec.base_eval_loss == rec.base_eval_loss:
+        blocks.append(("p", f"Untouched base model (every trial's step-0 evaluation): eval loss {rec.base_eval_loss:.4f}."))
     blocks.append(("p", f"**Rule:** {rec.rule}."))
     if rec.knee is not None:
         blocks.append(("p", f"Knee of the gap-vs-log2(r) curve (an estimate, not used by the rule): r = {rec.knee}."))
@@ -105,10 +147,18 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
         blocks.append(("p", f"`lora-rank export {experiment} --out DIR` writes that trial's trained adapter (PEFT format)."))
     if rec.ranks:
         blocks.append(("h2", "Evidence per rank"))
-        blocks.append(("p", "Each rank is judged at the last step all its seeds reached, against the best rank at that same step "
-                            "(loss = each trial's best eval loss so far, mean ± standard error over seeds)."))
+        blocks.append(("p", "Each rank is judged at the last step it reached, against the best rank at that same step "
+                            "(loss = each trial's best eval loss so far, mean ± standard error over seeds, at the rank's best "
+                            "learning rate)."))
         blocks.append(("table", _evidence_rows(rec)))
-    for name, caption in (("loss_vs_rank", "Eval loss vs rank, and the gap the rule compares"),
+        if len(rec.learning_rates) > 1:
+            blocks.append(("h2", "Learning rates"))
+            blocks.append(("p", "Eval loss (best so far, seed mean) of every rank at every learning rate, at the last step that arm "
+                                "reached (@step; successive halving drops a rank's worse rates at the first rung). Bold: the "
+                                "rank's best, on which it is judged. Unstable: ended worse than the untouched base."))
+            blocks.append(("table", _lr_rows(rec)))
+    for name, caption in (("loss_vs_rank", "Eval loss vs rank, and the quantity the rule compares"),
+                          ("loss_vs_lr", "Eval loss vs learning rate, per rank"),
                           ("loss_vs_cost", "Eval loss vs parameter cost, with the Pareto frontier"),
                           ("learning_curves", "Learning curves"),
                           ("effective_rank", "Effective rank of the trained adapters")):
@@ -203,7 +253,7 @@ def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Reco
              "html": os.path.join(out_dir, REPORT_HTML)}
     frame.to_csv(paths["csv"], index=False)
     frame.to_parquet(paths["parquet"], index=False)
-    payload = {"experiment": experiment, **rec.to_dict(), "lora_dropout": dropout,
+    payload = {"experiment": experiment, **rec.to_dict(), "lora_dropout": dropout, "rule_name": rec.rule_name,
                "lora_config": snippet, "diagnosis": [{"kind": f.kind, "text": f.text} for f in findings]}
     with open(paths["json"], "w") as handle:
         json.dump(payload, handle, indent=2)

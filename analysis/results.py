@@ -13,6 +13,7 @@ from typing import Optional
 import pandas as pd
 import yaml
 
+from search.arms import format_lr
 from search.config import CONFIG_FILENAME, META_FILENAME
 from trainables.failures import DIVERGED, OOM
 
@@ -120,7 +121,7 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if not history.empty and "trial_id" in history:
             trial_id = str(history["trial_id"].iloc[-1])
         ray_status, failures = statuses.get(trial_id, ("", 0))
-        row = _trial_row(name, trial_id, params, history, files, ray_status, max_steps)
+        row = _trial_row(name, trial_id, params, history, files, ray_status, max_steps, _configured_lr(config))
         row["retries"] = failures if row["status"] != ERROR else max(failures - 1, 0)
         if row["status"] == ERROR:
             row["failure"] = _error_line(fs, trial_root)
@@ -129,9 +130,16 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
     trials_df = pd.DataFrame(trials)
     if not trials_df.empty:
-        trials_df = trials_df.sort_values(["r", "seed"]).reset_index(drop=True)
+        trials_df = trials_df.sort_values(["r", "lr", "seed"]).reset_index(drop=True)
     history_df = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return trials_df, history_df
+
+
+def _first(history: pd.DataFrame, column: str, default=math.nan):
+    if history.empty or column not in history:
+        return default
+    values = pd.to_numeric(history[column], errors="coerce").dropna()
+    return values.iloc[0] if len(values) else default
 
 
 def _last(history: pd.DataFrame, column: str, default=math.nan):
@@ -141,7 +149,14 @@ def _last(history: pd.DataFrame, column: str, default=math.nan):
     return values.iloc[-1] if len(values) else default
 
 
-def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, files: dict, ray_status: str, max_steps: Optional[int]) -> dict:
+def _configured_lr(config: dict) -> float:
+    """The learning rate of an experiment from before learning-rate lists (one value), else NaN."""
+    lr = (config.get("train") or {}).get("learning_rate")
+    return float(lr) if isinstance(lr, (int, float)) else math.nan
+
+
+def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, files: dict, ray_status: str,
+               max_steps: Optional[int], configured_lr: float = math.nan) -> dict:
     steps = int(_last(history, "step", 0))
     reported = str(_last(history, "trial_status", ""))
     # error.txt stays after a retry that succeeded: without Ray's status, trust it only if unfinished.
@@ -159,11 +174,14 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
     else:
         status = PENDING
     eval_loss = history["eval_loss"] if "eval_loss" in history else pd.Series(dtype=float)
+    base = float(_first(history, "base_eval_loss"))
+    final = float(_last(history, "eval_loss"))
     return {
         "trial_id": trial_id,
         "trial_dir": name,
         "r": int(params.get("r", _last(history, "r", 0))),
         "seed": int(params.get("seed", _last(history, "seed", 0))),
+        "lr": float(params.get("lr", _last(history, "learning_rate", configured_lr))),
         "alpha_rule": str(params.get("alpha_rule", _last(history, "alpha_rule", ""))),
         "lora_alpha": float(_last(history, "lora_alpha")),
         "targets": str(_last(history, "target_modules", params.get("target_preset", ""))),
@@ -172,7 +190,10 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         "stopped_early": status == STOPPED,
         "steps": steps,
         "max_steps": max_steps,
-        "final_eval_loss": float(_last(history, "eval_loss")),
+        "base_eval_loss": base,
+        "final_eval_loss": final,
+        # Ended worse than the untouched base (or diverged): the learning rate was too high for this arm.
+        "unstable": status == DIVERGED or bool(math.isfinite(base) and math.isfinite(final) and final > base),
         "best_eval_loss": float(eval_loss.min()) if len(eval_loss.dropna()) else math.nan,
         "best_step": int(history.loc[eval_loss.idxmin(), "step"]) if len(eval_loss.dropna()) else 0,
         "final_train_loss": float(_last(history, "train_loss")),
@@ -208,17 +229,20 @@ def _count(n: float) -> str:
 
 def format_table(trials: pd.DataFrame) -> str:
     """The per-trial table the CLI prints at the end of a search (and `analyze` reuses)."""
-    headers = ["r", "alpha", "seed", "steps", "status", "best eval loss", "params", "adapter", "peak mem", "tokens/s"]
+    headers = ["r", "alpha", "lr", "seed", "steps", "status", "best eval loss", "params", "adapter", "peak mem", "tokens/s"]
     rows = []
     for t in trials.itertuples():
         steps = f"{t.steps}/{t.max_steps}" if t.max_steps else str(t.steps)
         status = "stopped early" if t.stopped_early else t.status
+        if getattr(t, "unstable", False) and t.status not in FAILED:
+            status += ", unstable"
         retries = getattr(t, "retries", 0)
         if retries and not math.isnan(retries):
             status += f" ({int(retries)} {'retry' if retries == 1 else 'retries'})"
         rows.append([
             str(t.r),
             "-" if math.isnan(t.lora_alpha) else f"{t.lora_alpha:g}",
+            "-" if math.isnan(getattr(t, "lr", math.nan)) else format_lr(t.lr),
             str(t.seed),
             steps,
             status,

@@ -1,33 +1,39 @@
-"""Rank selection as pure functions on the results tables: the smallest adequate rank.
+"""The verdict as pure functions on the results tables: the smallest adequate rank.
 
-The rule (`RULE` below is what every report prints):
+The rule (`rule_text` is what every report prints). Roles are those of `search.arms`: the rank is
+the unit compared, the learning rate a nuisance choice (each rank at its best one), the seed a
+replicate (averaged).
 
 1. **A trial's loss at step s** is the lowest eval loss it reached at or before optimizer step s
    (best so far: the checkpoint Tune keeps by eval_loss). Non-finite evaluations and failed
    trials are left out.
-2. **A rank's evidence step** s_r is the last step that *all* of its seeds reached (a trial
-   stopped early by the scheduler, or interrupted, ends before max_steps; every trial evaluates on the same grid
-   of steps). Its loss L_r is the mean over its seeds at s_r; with n >= 2 seeds its standard error
-   is SE_r = sd / sqrt(n) (sample sd), else 0.
-3. **The reference at step s** is the best rank among those whose seeds all reached s:
-   B(s) = min_q L_q(s), with that rank's standard error SE_B(s).
-4. **Rank r is adequate** iff L_r(s_r) <= B(s_r) + max(tolerance * |B(s_r)|, SE_B(s_r)): within the
-   (relative, default 1%) tolerance of the best rank *at the same step*, or within one standard
-   error of it, whichever is looser (the one-standard-error rule: a difference smaller than the
-   seed-to-seed noise does not justify a larger rank).
-5. **The recommendation** is the smallest adequate rank. Ties go to the smaller rank.
+2. **An arm** (rank, learning rate) has the mean over its seeds at every step all of them reached,
+   with a standard error SE = sd / sqrt(n) when n >= 2 seeds (else 0).
+3. **An arm that ends worse than the untouched base** (or diverged) is *unstable*: its learning
+   rate was too high for that rank. It is left out of its rank's evidence when another learning
+   rate of that rank trained normally.
+4. **A rank's loss at step s**, L_r(s), is its best arm's mean there; its evidence step s_r is the
+   last step any of its arms reached (a rank cut by the scheduler, or interrupted, ends early).
+5. **The reference at step s** is the best rank among those that got that far: B(s) = min_q L_q(s).
+6. **Rank r is adequate** iff L_r(s_r) <= B(s_r) + max(slack, SE_B(s_r)). With the default rule,
+   `gain`, slack = tol * (base - B(s_r)), where base is the untouched model's eval loss (every
+   trial's step-0 evaluation: LoRA's B starts at zero): r recovers at least 1 - tol of the best
+   rank's gain over the base, at the same step (default tol 0.05: 95%). Other rules:
+   `relative` (slack = tol * |B|) and `absolute` (slack = tol nats/token).
+7. **The recommendation** is the smallest adequate rank, at its best learning rate.
+8. **No signal**: when the best rank improves on the base by less than NO_SIGNAL of the base
+   loss, nothing is recommended: fine-tuning did not change the model measurably.
 
-Why at the same step: the scheduler (successive halving, or ASHA) stops a trial at a rung when its
-loss there is not among the best 1/reduction_factor recorded at that rung. A stopped rank's
-loss is known only up to that step; comparing it with other ranks after more training would
-penalize it for the budget it was denied, not for its rank. Comparing it at its own last step
-against every rank that got that far uses all the evidence the search produced and nothing it did
-not. Without early stopping (the full grid) every rank is judged at max_steps. The report states the step
-each rank was judged at, and the diagnosis flags a recommendation resting on an early stop.
+Why a share of the gain: the total loss is dominated by the data's own entropy, which no adapter
+can remove; a tolerance relative to it is loose on one task and strict on another. The gain over
+the base is what fine-tuning changes, so "95% of the achievable gain" means the same everywhere.
 
-The knee (reported beside the recommendation, not used by it) is where the curve of relative gap
-vs log2(r) bends most: among the ranks up to the best one, the point farthest below the chord
-from the smallest rank to the best rank, both axes scaled to [0, 1] (the "Kneedle" criterion).
+Why at the same step: the scheduler stops a trial at a rung when its loss there is not among the
+best; comparing it with other ranks after more training would penalize it for the budget it was
+denied. Without early stopping every rank is judged at max_steps.
+
+The knee (reported beside the recommendation, not used by it) is where the curve of the missing
+gain share vs log2(r) bends most ("Kneedle").
 """
 
 from __future__ import annotations
@@ -39,15 +45,43 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-DEFAULT_TOLERANCE = 0.01  # relative: 1% of the best eval loss
-FAILED_STATUSES = ("error",)
+RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default tolerance
+DEFAULT_RULE = "gain"
+DEFAULT_TOLERANCE = RULES[DEFAULT_RULE]
+NO_SIGNAL = 0.005  # the best rank must improve on the base by at least this share of the base loss
+FAILED_STATUSES = ("error",)  # trials with no usable evaluations (diverged/oom keep the ones before)
 KNEE_MIN_BEND = 0.1  # the knee must sit this far below the chord (in [0, 1] scaled units), else no knee
 
-RULE = (
-    "smallest rank r whose mean eval loss (each trial's best so far, at the last step all of r's seeds "
-    "reached) is within the tolerance (relative) of the best rank at that same step, or within one "
-    "standard error of it, whichever is looser: L_r(s_r) <= B(s_r) + max(tol*|B(s_r)|, SE_B(s_r))"
-)
+_SLACK_TEXT = {
+    "gain": "tol*(base - B), i.e. it recovers at least 1 - tol of the best rank's gain over the untouched base",
+    "relative": "tol*|B| (relative to the best loss)",
+    "absolute": "tol nats/token",
+}
+
+
+def rule_text(rule: str = DEFAULT_RULE) -> str:
+    return (
+        "smallest rank r whose eval loss (best so far, mean over seeds, at its best learning rate; at the last step r "
+        "reached) is within the slack of the best rank at that same step, or within one standard error of it: "
+        f"L_r(s_r) <= B(s_r) + max(slack, SE_B(s_r)), slack = {_SLACK_TEXT[rule]}; learning rates that left r worse than "
+        "the untouched base are left out when another trained normally"
+    )
+
+
+RULE = rule_text()
+
+
+@dataclass
+class ArmEvidence:
+    """One learning rate of a rank. Losses in nats/token, steps in optimizer steps."""
+
+    lr: float
+    seeds: list
+    trial_ids: list
+    step: int  # the last step all its seeds reached
+    loss: float  # mean best-so-far there
+    unstable: bool  # ended worse than the base (or diverged)
+    used: bool  # part of its rank's evidence (False: unstable while another lr trained normally)
 
 
 @dataclass
@@ -56,19 +90,23 @@ class RankEvidence:
 
     r: int
     seeds: list
-    trial_ids: list
+    trial_ids: list  # the trials of its best arm
     evidence_step: int
-    loss: float  # mean over seeds of best-so-far eval loss at evidence_step
+    loss: float  # its best arm's mean over seeds of best-so-far eval loss at evidence_step
     se: float  # standard error of that mean (0 with one seed)
     ref_rank: int  # the best rank at evidence_step
     ref_loss: float
     ref_se: float
-    threshold: float  # ref_loss + max(tol*|ref_loss|, ref_se)
+    threshold: float  # ref_loss + max(slack, ref_se)
     gap: float  # loss / ref_loss - 1 (relative)
     adequate: bool
-    stopped_early: bool  # at least one seed ended before max_steps (early stop or interruption)
-    max_step: int  # the furthest step any seed of this rank reached
+    stopped_early: bool  # its best arm ended before max_steps (early stop or interruption)
+    max_step: int  # the furthest step any of its trials reached
     failed_seeds: int = 0
+    lr: float = math.nan  # its best learning rate (at evidence_step)
+    gain_share: float = math.nan  # (base - loss) / (base - ref_loss)
+    unstable: bool = False  # every learning rate of this rank ended worse than the base
+    arms: list = field(default_factory=list)  # ArmEvidence per learning rate, ascending
 
 
 @dataclass
@@ -78,6 +116,10 @@ class Recommendation:
     rank: Optional[int]
     tolerance: float
     reason: str
+    rule_name: str = DEFAULT_RULE
+    base_eval_loss: float = math.nan  # the untouched base model's eval loss (nats/token)
+    learning_rate: float = math.nan  # the recommended rank's best learning rate
+    gain_share: float = math.nan
     evidence_step: Optional[int] = None
     loss: float = math.nan
     ref_rank: Optional[int] = None
@@ -88,64 +130,91 @@ class Recommendation:
     best_step: Optional[int] = None
     best_loss: float = math.nan
     knee: Optional[int] = None
-    trial_id: Optional[str] = None  # the recommended rank's best seed (what `export` ships)
+    trial_id: Optional[str] = None  # the recommended arm's best seed (what `export` ships)
     lora_alpha: float = math.nan
     alpha_rule: str = ""
     targets: list = field(default_factory=list)
+    learning_rates: list = field(default_factory=list)  # every learning rate searched
     ranks: list = field(default_factory=list)  # RankEvidence per rank, ascending r
     excluded: list = field(default_factory=list)  # plain-words notes on trials left out
+    no_signal: bool = False
     rule: str = RULE
 
     def evidence(self, r: int) -> Optional[RankEvidence]:
         return next((e for e in self.ranks if e.r == r), None)
 
+    @property
+    def relative_tolerance(self) -> float:
+        """The rule's slack at the best rank as a share of its loss (what "within the tolerance"
+        means for a relative change of one curve; 0 when unknown)."""
+        if not math.isfinite(self.best_loss) or not self.best_loss:
+            return 0.0
+        return slack(self.rule_name, self.tolerance, self.best_loss, self.base_eval_loss) / abs(self.best_loss)
+
+    def shortfall(self, e: RankEvidence) -> float:
+        """How far rank e falls short of its reference, in the rule's own units (adequate when <=
+        tolerance, leaving the standard-error rule aside): missing gain share, relative gap or nats."""
+        if self.rule_name == "gain":
+            return 1.0 - e.gain_share if math.isfinite(e.gain_share) else math.inf
+        return e.gap if self.rule_name == "relative" else e.loss - e.ref_loss
+
     def to_dict(self) -> dict:
-        out = asdict(self)
-        return _clean(out)
+        return json_safe(asdict(self))
 
 
-def _clean(value):
+def json_safe(value):
     """JSON-safe: NaN -> None, numpy scalars -> Python."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
     if isinstance(value, (float, np.floating)):
         return None if not math.isfinite(float(value)) else float(value)
     return value
 
 
-def check_tolerance(tolerance: float) -> float:
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"rule: must be one of {' | '.join(RULES)}, got {rule!r}")
+    return rule
+
+
+def check_tolerance(tolerance: float, rule: str = DEFAULT_RULE) -> float:
     """The tolerance as a float, or ValueError naming the bad value."""
+    meaning = {"gain": "a share of the gain, e.g. 0.05 for 95% of the best gain", "relative": "relative, e.g. 0.01 for 1%",
+               "absolute": "nats/token, e.g. 0.01"}[check_rule(rule)]
     try:
         tol = float(tolerance)
     except (TypeError, ValueError):
-        raise ValueError(f"tolerance: must be a number >= 0 (relative, e.g. 0.01 for 1%), got {tolerance!r}") from None
-    if not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tolerance: must be a number >= 0 (relative, e.g. 0.01 for 1%), got {tolerance!r}")
+        raise ValueError(f"tolerance: must be a number >= 0 ({meaning}), got {tolerance!r}") from None
+    if not math.isfinite(tol) or tol < 0 or (rule == "gain" and tol >= 1):
+        bound = " and < 1" if rule == "gain" else ""
+        raise ValueError(f"tolerance: must be a number >= 0{bound} ({meaning}), got {tolerance!r}")
     return tol
 
 
 def trial_curves(trials: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     """Usable evaluations with each trial's best-so-far loss.
 
-    Returns columns trial_id, r, seed, step, eval_loss, best_loss (one row per finite evaluation of
-    a trial that did not fail), sorted by r, seed, step.
+    Returns columns trial_id, r, lr, seed, step, eval_loss, best_loss (one row per finite
+    evaluation of a trial that did not fail), sorted by r, lr, seed, step.
     """
-    columns = ["trial_id", "r", "seed", "step", "eval_loss", "best_loss"]
+    columns = ["trial_id", "r", "lr", "seed", "step", "eval_loss", "best_loss"]
     if trials is None or trials.empty or history is None or history.empty or "eval_loss" not in history:
         return pd.DataFrame(columns=columns)
     ok = trials[~trials["status"].isin(FAILED_STATUSES)] if "status" in trials else trials
-    keep = ok[["trial_id", "r", "seed"]]
+    keep = ok[["trial_id", "r", "seed"]].assign(lr=ok["lr"] if "lr" in ok else math.nan)
     hist = history[["trial_id", "step", "eval_loss"]].copy()
     hist["eval_loss"] = pd.to_numeric(hist["eval_loss"], errors="coerce")
     hist = hist[np.isfinite(hist["eval_loss"].to_numpy(dtype=float))]
     merged = hist.merge(keep, on="trial_id", how="inner")
     if merged.empty:
         return pd.DataFrame(columns=columns)
-    merged = merged.sort_values(["r", "seed", "trial_id", "step"]).reset_index(drop=True)
+    merged = merged.sort_values(["r", "lr", "seed", "trial_id", "step"]).reset_index(drop=True)
     merged["best_loss"] = merged.groupby("trial_id")["eval_loss"].cummin()
     merged["r"] = merged["r"].astype(int)
     merged["step"] = merged["step"].astype(int)
@@ -158,35 +227,58 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return mean, se
 
 
-def _rank_table(curves: pd.DataFrame) -> dict[int, dict]:
-    """Per rank: its trials, evidence step, and {step: (mean, se)} at steps all its seeds reached."""
-    table: dict[int, dict] = {}
-    for r, group in curves.groupby("r"):
+def _arm_table(curves: pd.DataFrame, unstable_ids: set) -> dict[tuple, dict]:
+    """Per (r, lr): its trials, seeds, {step: (mean, se)} at steps all its seeds reached."""
+    table: dict[tuple, dict] = {}
+    for (r, lr), group in curves.groupby(["r", "lr"], dropna=False):
         last = group.groupby("trial_id")["step"].max()
         by_step = {}
         for step, at in group.groupby("step"):
             if at["trial_id"].nunique() == len(last):
                 by_step[int(step)] = _mean_se(at["best_loss"].to_numpy(dtype=float))
-        shared = [s for s in by_step if s <= int(last.min())]
-        if not shared:
+        if not by_step:
             continue  # its seeds share no evaluated step: nothing to compare
-        evidence_step = max(shared)
         seeds = group.drop_duplicates("trial_id").sort_values("seed")
-        table[int(r)] = {
-            "trial_ids": [str(t) for t in seeds["trial_id"]],
-            "seeds": [int(s) for s in seeds["seed"]],
-            "evidence_step": evidence_step,
-            "max_step": int(last.max()),
-            "by_step": by_step,
+        ids = [str(t) for t in seeds["trial_id"]]
+        table[(int(r), float(lr))] = {
+            "trial_ids": ids, "seeds": [int(s) for s in seeds["seed"]], "by_step": by_step,
+            "step": max(by_step), "max_step": int(last.max()), "unstable": any(t in unstable_ids for t in ids),
         }
     return table
 
 
+def _rank_table(arms: dict[tuple, dict]) -> dict[int, dict]:
+    """Per rank: {step: (mean, se, lr)} from its best usable arm at each step, and its arms."""
+    table: dict[int, dict] = {}
+    for r in sorted({key[0] for key in arms}):
+        mine = {lr: stats for (q, lr), stats in arms.items() if q == r}
+        stable = {lr: s for lr, s in mine.items() if not s["unstable"]}
+        used = stable or mine
+        by_step: dict[int, tuple] = {}
+        for lr, stats in used.items():
+            for step, (mean, se) in stats["by_step"].items():
+                if step not in by_step or (mean, lr) < (by_step[step][0], by_step[step][2]):
+                    by_step[step] = (mean, se, lr)
+        table[r] = {"by_step": by_step, "evidence_step": max(by_step), "arms": mine, "used": set(used),
+                    "unstable": not stable, "max_step": max(s["max_step"] for s in mine.values())}
+    return table
+
+
 def _reference(table: dict[int, dict], step: int) -> tuple[int, float, float]:
-    """(best rank, its mean, its se) among ranks whose seeds all reached `step`; ties -> smaller r."""
-    candidates = [(stats["by_step"][step][0], r, stats["by_step"][step][1]) for r, stats in sorted(table.items()) if step in stats["by_step"]]
+    """(best rank, its mean, its se) among ranks that reached `step`; ties -> smaller r."""
+    candidates = [(stats["by_step"][step][0], r, stats["by_step"][step][1]) for r, stats in sorted(table.items())
+                  if step in stats["by_step"]]
     loss, r, se = min(candidates, key=lambda c: (c[0], c[1]))
     return r, loss, se
+
+
+def slack(rule: str, tolerance: float, ref_loss: float, base: float) -> float:
+    """How far above the reference loss a rank may sit and still be adequate (nats/token)."""
+    if rule == "gain":
+        return tolerance * max(base - ref_loss, 0.0)
+    if rule == "relative":
+        return tolerance * abs(ref_loss)
+    return tolerance
 
 
 def knee_rank(ranks: Sequence[int], gaps: Sequence[float]) -> Optional[int]:
@@ -213,65 +305,129 @@ def knee_rank(ranks: Sequence[int], gaps: Sequence[float]) -> Optional[int]:
     return pairs[i][0] if below[i] >= KNEE_MIN_BEND else None
 
 
-def _excluded(trials: pd.DataFrame, curves: pd.DataFrame) -> tuple[list[str], dict[int, int]]:
+def base_loss(trials: pd.DataFrame) -> float:
+    """The untouched base model's eval loss: the median of the trials' step-0 evaluations."""
+    if trials is None or trials.empty or "base_eval_loss" not in trials:
+        return math.nan
+    values = pd.to_numeric(trials["base_eval_loss"], errors="coerce").dropna()
+    values = values[np.isfinite(values.to_numpy(dtype=float))]
+    return float(values.median()) if len(values) else math.nan
+
+
+def _unstable_ids(trials: pd.DataFrame) -> set:
+    if trials is None or trials.empty or "unstable" not in trials:
+        return set()
+    return set(trials.loc[trials["unstable"].fillna(False).astype(bool), "trial_id"].astype(str))
+
+
+def _excluded(trials: pd.DataFrame, curves: pd.DataFrame, table: dict) -> tuple[list[str], dict[int, int]]:
     notes, failed_by_rank = [], {}
     if trials is None or trials.empty:
         return notes, failed_by_rank
     usable = set(curves["trial_id"]) if not curves.empty else set()
     for row in trials.itertuples():
+        lr = getattr(row, "lr", math.nan)
+        arm = f"r={row.r}" + (f" lr={_lr(lr)}" if math.isfinite(lr) else "") + f" seed {row.seed}"
         if str(row.trial_id) in usable:
+            stats = table.get(int(row.r))
+            if stats and not stats["unstable"] and _same_lr(lr, stats["arms"]) not in stats["used"]:
+                notes.append(f"{arm}: ended worse than the untouched base (unstable: learning rate too high for this rank); "
+                             f"left out, r={row.r} is judged at its other learning rate(s)")
             continue
         status = getattr(row, "status", "")
         if status in FAILED_STATUSES:
             failed_by_rank[int(row.r)] = failed_by_rank.get(int(row.r), 0) + 1
-            notes.append(f"r={row.r} seed {row.seed}: the trial failed; left out")
+            notes.append(f"{arm}: the trial failed; left out")
         else:
-            notes.append(f"r={row.r} seed {row.seed}: no finite eval loss ({status or 'no status'}); left out")
+            notes.append(f"{arm}: no finite eval loss ({status or 'no status'}); left out")
     return notes, failed_by_rank
 
 
-def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: float = DEFAULT_TOLERANCE) -> Recommendation:
+def _same_lr(lr: float, arms: dict) -> float:
+    """The key in `arms` for this learning rate (NaN keys compare by identity in dicts)."""
+    return next((k for k in arms if (k == lr) or (math.isnan(k) and math.isnan(lr))), lr)
+
+
+def _lr(lr: float) -> str:
+    from search.arms import format_lr
+
+    return format_lr(lr)
+
+
+def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[float] = None,
+              rule: str = DEFAULT_RULE) -> Recommendation:
     """The smallest adequate rank by the module's rule, with the evidence for every rank.
 
     Args:
         trials: one row per trial with at least trial_id, r, seed, status (as `load_experiment`
-            returns; optional lora_alpha, alpha_rule, targets, max_steps are copied into the answer).
+            returns; lr, base_eval_loss, unstable, lora_alpha, alpha_rule, targets, max_steps are
+            used when present).
         history: one row per report with at least trial_id, step, eval_loss.
-        tolerance: relative tolerance (0.01 = within 1% of the best).
+        tolerance: the rule's tolerance (default: RULES[rule]).
+        rule: gain (share of the gain over the base), relative (to the best loss) or absolute (nats).
     """
-    tol = check_tolerance(tolerance)
+    rule = check_rule(rule)
+    tol = check_tolerance(RULES[rule] if tolerance is None else tolerance, rule)
+    base = base_loss(trials)
+    used_rule = rule
+    if rule == "gain" and not math.isfinite(base):
+        used_rule, tol = "relative", RULES["relative"] if tolerance is None else tol
     curves = trial_curves(trials, history)
-    excluded, failed_by_rank = _excluded(trials, curves)
+    lrs = sorted({float(v) for v in trials["lr"].dropna()}) if trials is not None and "lr" in trials else []
+    empty = Recommendation(None, tol, "", rule_name=used_rule, base_eval_loss=base, learning_rates=lrs, rule=rule_text(used_rule))
     if curves.empty:
-        return Recommendation(None, tol, "no trial produced a finite eval loss, so no rank can be recommended", excluded=excluded)
-    table = _rank_table(curves)
+        empty.excluded = _excluded(trials, curves, {})[0]
+        empty.reason = "no trial produced a finite eval loss, so no rank can be recommended"
+        return empty
+    table = _rank_table(_arm_table(curves, _unstable_ids(trials)))
+    excluded, failed_by_rank = _excluded(trials, curves, table)
     max_steps = _max_steps(trials)
-    evidence = []
-    for r, stats in sorted(table.items()):
-        step = stats["evidence_step"]
-        loss, se = stats["by_step"][step]
-        ref_r, ref_loss, ref_se = _reference(table, step)
-        threshold = ref_loss + max(tol * abs(ref_loss), ref_se)
-        evidence.append(RankEvidence(
-            r=r, seeds=stats["seeds"], trial_ids=stats["trial_ids"], evidence_step=step, loss=loss, se=se,
-            ref_rank=ref_r, ref_loss=ref_loss, ref_se=ref_se, threshold=threshold,
-            gap=loss / ref_loss - 1.0 if ref_loss else math.nan,
-            adequate=bool(loss <= threshold + 1e-12 * max(1.0, abs(threshold))),
-            stopped_early=bool(max_steps is not None and step < max_steps), max_step=stats["max_step"],
-            failed_seeds=failed_by_rank.get(r, 0),
-        ))
+    evidence = [_judge(r, stats, table, used_rule, tol, base, max_steps, failed_by_rank.get(r, 0))
+                for r, stats in sorted(table.items())]
     deepest = max(e.evidence_step for e in evidence)
     best_r, best_loss, _ = _reference(table, deepest)
-    chosen = next(e for e in evidence if e.adequate)  # the reference rank itself always qualifies
     rec = Recommendation(
-        rank=chosen.r, tolerance=tol, reason="", evidence_step=chosen.evidence_step, loss=chosen.loss,
-        ref_rank=chosen.ref_rank, ref_loss=chosen.ref_loss, threshold=chosen.threshold, gap=chosen.gap,
-        best_rank=best_r, best_step=deepest, best_loss=best_loss,
-        knee=knee_rank([e.r for e in evidence], [e.gap for e in evidence]), ranks=evidence, excluded=excluded,
+        rank=None, tolerance=tol, reason="", rule_name=used_rule, base_eval_loss=base, best_rank=best_r,
+        best_step=deepest, best_loss=best_loss, ranks=evidence, excluded=excluded, learning_rates=lrs,
+        rule=rule_text(used_rule),
+        knee=knee_rank([e.r for e in evidence], [1 - e.gain_share if math.isfinite(e.gain_share) else e.gap for e in evidence]),
     )
+    if rule == "gain" and used_rule != "gain":
+        rec.excluded.append("no step-0 (untouched base) evaluation in this experiment: judged by the relative rule instead")
+    if math.isfinite(base) and base - best_loss < NO_SIGNAL * abs(base):
+        rec.no_signal = True
+        rec.reason = (f"no fine-tuning signal: the best rank (r={best_r} at step {deepest}) reaches {best_loss:.4f} against the "
+                      f"untouched base's {base:.4f}, a gain of {base - best_loss:+.4f} nats/token (less than {NO_SIGNAL:.1%} of the "
+                      "base loss), so no rank can be recommended; check the data, the learning rates and the steps")
+        return rec
+    chosen = next(e for e in evidence if e.adequate)  # the reference rank itself always qualifies
+    rec.rank, rec.evidence_step, rec.loss, rec.learning_rate = chosen.r, chosen.evidence_step, chosen.loss, chosen.lr
+    rec.ref_rank, rec.ref_loss, rec.threshold, rec.gap = chosen.ref_rank, chosen.ref_loss, chosen.threshold, chosen.gap
+    rec.gain_share = chosen.gain_share
     rec.reason = _reason(rec, chosen)
     _attach_trial(rec, trials, curves, chosen)
     return rec
+
+
+def _judge(r: int, stats: dict, table: dict, rule: str, tol: float, base: float, max_steps: Optional[int],
+           failed: int) -> RankEvidence:
+    step = stats["evidence_step"]
+    loss, se, lr = stats["by_step"][step]
+    ref_r, ref_loss, ref_se = _reference(table, step)
+    threshold = ref_loss + max(slack(rule, tol, ref_loss, base), ref_se)
+    best_arm = stats["arms"][lr]
+    arms = [ArmEvidence(lr=a_lr, seeds=a["seeds"], trial_ids=a["trial_ids"], step=a["step"], loss=a["by_step"][a["step"]][0],
+                        unstable=a["unstable"], used=a_lr in stats["used"]) for a_lr, a in sorted(stats["arms"].items())]
+    gain = base - ref_loss
+    return RankEvidence(
+        r=r, seeds=best_arm["seeds"], trial_ids=best_arm["trial_ids"], evidence_step=step, loss=loss, se=se,
+        ref_rank=ref_r, ref_loss=ref_loss, ref_se=ref_se, threshold=threshold,
+        gap=loss / ref_loss - 1.0 if ref_loss else math.nan,
+        adequate=bool(loss <= threshold + 1e-12 * max(1.0, abs(threshold))),
+        stopped_early=bool(max_steps is not None and step < max_steps), max_step=stats["max_step"],
+        failed_seeds=failed, lr=lr, gain_share=(base - loss) / gain if math.isfinite(base) and gain > 0 else math.nan,
+        unstable=stats["unstable"], arms=arms,
+    )
 
 
 def _max_steps(trials: pd.DataFrame) -> Optional[int]:
@@ -282,22 +438,30 @@ def _max_steps(trials: pd.DataFrame) -> Optional[int]:
 
 
 def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
+    at = f" (lr {_lr(chosen.lr)})" if math.isfinite(chosen.lr) and len(rec.learning_rates) > 1 else ""
     if chosen.r == chosen.ref_rank:
-        head = f"r={chosen.r} is the best rank at step {chosen.evidence_step}"
-        smaller = [e for e in rec.ranks if e.r < chosen.r]
-        if smaller:
+        head = f"r={chosen.r}{at} is the best rank at step {chosen.evidence_step}"
+        if any(e.r < chosen.r for e in rec.ranks):
             head += " and every smaller rank is worse than the tolerance allows"
         return head
-    noise = " (one standard error)" if chosen.threshold - chosen.ref_loss > rec.tolerance * abs(chosen.ref_loss) else ""
+    noise = " (one standard error)" if chosen.threshold - chosen.ref_loss > slack(
+        rec.rule_name, rec.tolerance, chosen.ref_loss, rec.base_eval_loss) + 1e-15 else ""
+    if rec.rule_name == "gain":
+        return (
+            f"r={chosen.r}{at} is the smallest rank that recovers at least {1 - rec.tolerance:.0%} of the best rank's gain "
+            f"over the untouched base at step {chosen.evidence_step}{noise}: {chosen.gain_share:.1%} (eval loss {chosen.loss:.4f} "
+            f"vs r={chosen.ref_rank}'s {chosen.ref_loss:.4f}; base {rec.base_eval_loss:.4f})"
+        )
+    within = f"{rec.tolerance:.2%}" if rec.rule_name == "relative" else f"{rec.tolerance:g} nats/token"
     return (
-        f"r={chosen.r} is the smallest rank within {rec.tolerance:.2%}{noise} of the best at step {chosen.evidence_step}: "
+        f"r={chosen.r}{at} is the smallest rank within {within}{noise} of the best at step {chosen.evidence_step}: "
         f"{chosen.loss:.4f} vs r={chosen.ref_rank}'s {chosen.ref_loss:.4f} ({chosen.gap:+.2%})"
     )
 
 
 def _attach_trial(rec: Recommendation, trials: pd.DataFrame, curves: pd.DataFrame, chosen: RankEvidence) -> None:
-    """The recommended rank's best seed (lowest best-so-far at the evidence step) and its labels."""
-    at = curves[(curves["r"] == chosen.r) & (curves["step"] == chosen.evidence_step)]
+    """The recommended arm's best seed (lowest best-so-far at the evidence step) and its labels."""
+    at = curves[curves["trial_id"].isin(chosen.trial_ids) & (curves["step"] == chosen.evidence_step)]
     best = at.sort_values(["best_loss", "seed"]).iloc[0]
     rec.trial_id = str(best["trial_id"])
     row = trials[trials["trial_id"].astype(str) == rec.trial_id].iloc[0]

@@ -36,7 +36,7 @@ SCALARS = {  # history column -> tag
 }
 FINAL_METRICS = {"final/eval_loss": "final_eval_loss", "final/best_eval_loss": "best_eval_loss", "final/steps": "steps"}
 STRING_HPARAMS = ("alpha_rule", "targets", "status")
-NUMBER_HPARAMS = ("r", "lora_alpha", "seed")
+NUMBER_HPARAMS = ("r", "lr", "lora_alpha", "seed")
 
 
 def _hparams(row) -> dict:

@@ -41,7 +41,15 @@ def _search(args: argparse.Namespace) -> int:
     if unfinished:
         print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
-    print(f"next: lora-rank analyze {shlex.quote(experiment)}")
+    if args.no_analyze:
+        print(f"next: lora-rank analyze {shlex.quote(experiment)}")
+        return 0
+    from analysis.cli import verdict_lines
+    from analysis.pipeline import run_analysis
+
+    result = run_analysis(experiment)  # into EXPERIMENT/analysis (a remote experiment: ./analysis-NAME)
+    print()
+    print(verdict_lines(result))
     return 0
 
 
@@ -51,6 +59,8 @@ def _add_search(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config value (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the experiment storage_path/name after an interruption")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray locally")
+    p.add_argument("--no-analyze", action="store_true",
+                   help="skip the analysis at the end (run `lora-rank analyze EXPERIMENT` later)")
     p.set_defaults(handler=_search)
 
 
@@ -58,12 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-rank", description="Measure which LoRA rank to use.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_search(sub)
-    try:
-        from analysis.cli import add_subcommands
-    except ImportError:  # analysis commands not available in this build
-        add_subcommands = None
-    if add_subcommands is not None:
-        add_subcommands(sub)
+    from analysis.cli import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 

@@ -111,7 +111,9 @@ class LoraConfig:
 class TrainConfig:
     """The per-trial training loop (steps are optimizer steps)."""
 
-    learning_rate: float = _doc("peak learning rate", default=2.0e-4)
+    learning_rate: Union[float, tuple] = _doc(
+        "peak learning rate, or a list: each rank is trained at each and judged at its best one", default=(1.0e-4, 3.0e-4, 1.0e-3)
+    )
     lr_schedule: str = _doc("constant | linear | cosine (decay to 0 at max_steps, after warmup)", default="cosine")
     warmup_steps: int = _doc("linear warm-up, in steps", default=0)
     weight_decay: float = _doc("AdamW weight decay on the adapter", default=0.0)
@@ -177,6 +179,12 @@ class SearchConfig:
         return self.storage_path.rstrip("/") + "/" + self.name
 
 
+def learning_rates(cfg: SearchConfig) -> list[float]:
+    """train.learning_rate as a list (one value or several), in the order given."""
+    lr = cfg.train.learning_rate
+    return [float(v) for v in lr] if isinstance(lr, (tuple, list)) else [float(lr)]
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -191,6 +199,7 @@ _ELEMENT_TYPES = {  # tuple-typed fields: element type
     ("lora", "ranks"): int,
     ("lora", "target_modules"): str,
     ("train", "seeds"): int,
+    ("train", "learning_rate"): float,
 }
 
 
@@ -376,8 +385,15 @@ def _check(cfg: SearchConfig) -> list[str]:
         p.append("lora.target_modules: an explicit list must name at least one module, got []")
 
     t = cfg.train
-    if t.learning_rate <= 0:
-        p.append(f"train.learning_rate: must be positive, got {t.learning_rate!r}")
+    rates = learning_rates(cfg)
+    if not rates:
+        p.append("train.learning_rate: must list at least one learning rate, got []")
+    for i, lr in enumerate(rates):
+        where = f"train.learning_rate[{i}]" if isinstance(t.learning_rate, tuple) else "train.learning_rate"
+        if lr <= 0:
+            p.append(f"{where}: must be positive, got {lr!r}")
+    if len(set(rates)) != len(rates):
+        p.append(f"train.learning_rate: duplicate learning rates in {list(rates)}")
     choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     for name in ("batch_size", "grad_accum", "max_steps", "eval_every"):
         value = getattr(t, name)

@@ -4,11 +4,13 @@ A rank search has few trials (5-8 ranks), all known before it starts. Asynchrono
 first trials to reach a rung through unconditionally (there is nothing to compare them with yet),
 so with a handful of trials which ranks survive depends on who arrives first, not on how good
 they are, and the early arrivals always train to the end. Successive halving waits until every
-rank has reached the rung, keeps the best ceil(n / reduction_factor) ranks (the mean over seeds;
-all seeds of a rank go on or stop together) and stops the rest, so each decision compares all
-ranks at the same step. Trials that arrive early are paused (their slot goes to the others) and
-resume from the checkpoint they reported at the rung. Once one rank is left it trains to the end
-without further pauses.
+rank has reached the rung, keeps the best ceil(n / reduction_factor) ranks and stops the rest, so
+each decision compares all ranks at the same step. A rank searched at several learning rates is
+scored by its best one, and within a kept rank only the best ceil(m / reduction_factor) of its m
+learning rates go on (`search.arms` names the roles; all seeds of an arm go on or stop together).
+A trial that arrives early is paused when another trial waits for its slot, and resumes from the
+checkpoint it reported at the rung; when nothing waits it holds in its worker (model loaded) until
+the rung is decided. Once one arm is left it trains to the end without further pauses.
 
 The decisions are a pure function of the losses reported at the rungs (`decide`), recomputed at
 every event; a rung's survivors are frozen once decided, so a late report cannot undo a stop.
@@ -26,6 +28,8 @@ from typing import Any, Hashable, Iterable, Mapping, Optional, Sequence
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
+
+from search.arms import arm_of, unit_of
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +57,21 @@ def halving_survivors(num_ranks: int, rungs: int, reduction_factor: float) -> li
     return out
 
 
-def halving_steps(num_ranks: int, grace_period: int, max_steps: int, reduction_factor: float) -> int:
+def halving_steps(num_ranks: int, grace_period: int, max_steps: int, reduction_factor: float, num_lrs: int = 1) -> int:
     """Training steps a halving search spends per seed when no trial fails (the grid spends
-    num_ranks · max_steps); a lone survivor skips the remaining rungs."""
+    num_ranks · num_lrs · max_steps); a lone surviving arm skips the remaining rungs."""
     rungs = halving_rungs(grace_period, max_steps, reduction_factor)
-    alive, done, total = num_ranks, 0, 0
-    for rung, survivors in zip(rungs, halving_survivors(num_ranks, len(rungs), reduction_factor)):
-        total += alive * (rung - done)
-        alive, done = survivors, rung
-        if alive == 1:
+    units, per_unit, done, total = num_ranks, num_lrs, 0, 0
+    for rung in rungs:
+        total += units * per_unit * (rung - done)
+        done = rung
+        if units * per_unit == 1:
             break
-    return total + alive * (max_steps - done)
+        units = max(1, math.ceil(units / reduction_factor))
+        per_unit = max(1, math.ceil(per_unit / reduction_factor))
+        if units * per_unit == 1:
+            break
+    return total + units * per_unit * (max_steps - done)
 
 
 @dataclass(frozen=True)
@@ -89,54 +97,75 @@ def decide(
     rungs: Sequence[int],
     reduction_factor: float,
     frozen: Optional[Mapping[int, Sequence[Hashable]]] = None,
+    arms: Optional[Mapping[Any, Hashable]] = None,
 ) -> Decision:
     """Successive halving as a pure function of what was reported.
 
     Args:
-        groups: trial -> its rank (the unit that survives or is cut; seeds of a rank move together).
+        groups: trial -> its unit (the rank: what is kept or cut as a whole; see `search.arms`).
         scores: trial -> {rung step: eval loss reported there} (NaN/inf for a failed evaluation).
         ended: trials that ended on their own (finished, failed for good): not waited for.
         rungs: the rung steps, ascending.
-        reduction_factor: keep the best ceil(n / reduction_factor) ranks at each rung.
-        frozen: rung index -> survivors already decided (kept as they are).
+        reduction_factor: keep the best ceil(n / reduction_factor) units at each rung, and within
+            each kept unit the best ceil(m / reduction_factor) of its m arms.
+        frozen: rung index -> surviving arms already decided (kept as they are).
+        arms: trial -> its arm (unit + learning rate; seeds of an arm move together). Default:
+            the unit itself (one arm per unit).
 
-    A rung is decided once every live trial of every surviving rank has reported there. Ranks are
-    ordered by their mean loss over the seeds that reported a finite one; ties go to the smaller rank.
+    A rung is decided once every live trial of every surviving arm has reported there. An arm's
+    score is its mean loss over the seeds that reported a finite one; a unit's score is its best
+    arm's (each rank at its best learning rate). Ties go to the smaller unit, then the smaller arm.
+    `Decision.survivors` holds arms.
     """
     frozen = frozen or {}
+    arms = dict(arms) if arms is not None else dict(groups)
+    unit = {arms[t]: groups[t] for t in groups}
     ended = set(ended)
     level = {t: 0 for t in groups}
     stopped: set = set()
     survivors: dict = {}
-    alive = sorted(set(groups.values()))
+    alive = sorted(set(arms.values()))
     for k, rung in enumerate(rungs):
         if len(alive) <= 1:
             break
-        members = [t for t in groups if groups[t] in alive]
+        members = [t for t in groups if arms[t] in alive]
         arrived = [t for t in members if rung in scores.get(t, {})]
         if k in frozen:
             keep = list(frozen[k])
         elif any(t not in arrived and t not in ended for t in members):
             break  # someone is still on the way to this rung
         else:
-            means = {}
-            for g in alive:
-                losses = [scores[t][rung] for t in arrived if groups[t] == g and math.isfinite(scores[t][rung])]
-                if losses:
-                    means[g] = sum(losses) / len(losses)
-            ranked = sorted(means, key=lambda g: (means[g], g))
-            keep = ranked[: max(1, math.ceil(len(ranked) / reduction_factor))]
+            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor)
         survivors[k] = keep
-        stopped |= {t for t in members if groups[t] not in keep}
-        alive = [g for g in alive if g in keep]
+        stopped |= {t for t in members if arms[t] not in keep}
+        alive = [a for a in alive if a in keep]
         for t in groups:
-            if groups[t] in alive:
+            if arms[t] in alive:
                 level[t] = k + 1
-    if len(alive) <= 1:  # a lone rank has nobody to be compared with: it trains to the end
+    if len(alive) <= 1:  # a lone arm has nobody to be compared with: it trains to the end
         for t in groups:
-            if groups[t] in alive:
+            if arms[t] in alive:
                 level[t] = len(rungs)
     return Decision(level, frozenset(stopped), survivors)
+
+
+def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor) -> list:
+    """The arms that pass a rung: the best 1/rf of the units (each at its best arm), and within
+    each of those the best 1/rf of its arms. Arms without a finite loss there are cut."""
+    means = {}
+    for a in alive:
+        losses = [scores[t][rung] for t in arrived if arms[t] == a and math.isfinite(scores[t][rung])]
+        if losses:
+            means[a] = sum(losses) / len(losses)
+    best: dict = {}
+    for a, loss in means.items():
+        best[unit[a]] = min(best.get(unit[a], math.inf), loss)
+    ranked_units = sorted(best, key=lambda u: (best[u], u))
+    keep = []
+    for u in ranked_units[: max(1, math.ceil(len(ranked_units) / reduction_factor))]:
+        ranked = sorted((a for a in means if unit[a] == u), key=lambda a: (means[a], a))
+        keep += ranked[: max(1, math.ceil(len(ranked) / reduction_factor))]
+    return keep
 
 
 class SuccessiveHalving(TrialScheduler):
@@ -146,15 +175,15 @@ class SuccessiveHalving(TrialScheduler):
         time_attr: the result key that counts progress (optimizer steps here).
         max_t: steps at which every trial ends.
         rungs: steps at which ranks are compared (see `halving_rungs`), all below max_t.
-        reduction_factor: keep the best 1/reduction_factor of the ranks at each rung.
-        group_key: the trial config key whose trials move together (the rank, "r").
+        reduction_factor: keep the best 1/reduction_factor of the ranks at each rung (and of
+            each kept rank's learning rates).
         score_attr: the result key ranks are compared on (default: the metric). The search uses
             best_eval_loss, the best so far, as the selection rule does (and Tune's kept checkpoint).
         metric, mode: set by TuneConfig; a non-finite metric ends the trial.
     """
 
     def __init__(self, time_attr: str, max_t: int, rungs: Sequence[int], reduction_factor: float,
-                 group_key: str = "r", score_attr: Optional[str] = None,
+                 score_attr: Optional[str] = None,
                  metric: Optional[str] = None, mode: Optional[str] = None):
         super().__init__()
         self._time_attr = time_attr
@@ -162,11 +191,11 @@ class SuccessiveHalving(TrialScheduler):
         self._max_t = int(max_t)
         self._rungs = [int(r) for r in rungs]
         self._rf = float(reduction_factor)
-        self._group_key = group_key
         self._metric, self._mode = metric, mode
         self._trials: list[Trial] = []
         self._scores: dict[str, dict[int, float]] = {}
         self._frozen: dict[int, list] = {}
+        self._held: set[str] = set()  # trials holding at a rung in their live worker (nothing waited for the slot)
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
         if (self._metric and metric) or (self._mode and mode):
@@ -192,8 +221,9 @@ class SuccessiveHalving(TrialScheduler):
 
     def _decision(self) -> Decision:
         ended = [t.trial_id for t in self._trials if t.status in (Trial.TERMINATED, Trial.ERROR)]
-        groups = {t.trial_id: t.config[self._group_key] for t in self._trials}
-        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen)
+        groups = {t.trial_id: unit_of(t.config) for t in self._trials}
+        arms = {t.trial_id: arm_of(t.config) for t in self._trials}
+        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen, arms)
         self._frozen.update(d.survivors)
         return d
 
@@ -210,9 +240,43 @@ class SuccessiveHalving(TrialScheduler):
                 tune_controller.stop_trial(trial)
                 # Ray 2.60 does not mark a trial without an actor for the next experiment snapshot,
                 # which would keep it PAUSED there (and resume it on --resume).
-                controller = getattr(tune_controller, "_tune_controller", tune_controller)
+                controller = _controller(tune_controller)
                 if hasattr(controller, "_mark_trial_to_checkpoint"):
                     controller._mark_trial_to_checkpoint(trial)
+
+    def _others_wait(self, tune_controller, d: Decision) -> bool:
+        """A trial needs a slot: one queued, one paused whose arm passed its rung, or one the
+        search has not created yet."""
+        search_alg = getattr(_controller(tune_controller), "search_alg", None)
+        if search_alg is not None and not search_alg.is_finished():
+            return True
+        return any(
+            t.trial_id not in d.stopped and (t.status == Trial.PENDING or (t.status == Trial.PAUSED and not self._waiting(t, d)))
+            for t in self._trials
+        )
+
+    def _release_held(self, tune_controller, d: Decision) -> None:
+        """Trials holding at a rung: stop those cut, let those that passed train on, and pause the
+        rest when another trial needs the slot (it resumes from the rung's checkpoint)."""
+        controller = _controller(tune_controller)
+        for trial in [t for t in self._trials if t.trial_id in self._held]:
+            if trial.status != Trial.RUNNING:
+                self._held.discard(trial.trial_id)
+            elif trial.trial_id in d.stopped:
+                self._held.discard(trial.trial_id)
+                tune_controller.stop_trial(trial)
+            elif not self._waiting(trial, d):
+                self._held.discard(trial.trial_id)
+                controller._schedule_trial_train(trial)
+            elif self._others_wait(tune_controller, d):
+                self._held.discard(trial.trial_id)
+                tune_controller.pause_trial(trial, should_checkpoint=False)  # its rung checkpoint is saved
+
+    def _settle(self, tune_controller) -> Decision:
+        d = self._decision()
+        self._stop_cut_trials(tune_controller, d)
+        self._release_held(tune_controller, d)
+        return d
 
     # ---- TrialScheduler interface
 
@@ -235,29 +299,35 @@ class SuccessiveHalving(TrialScheduler):
         if not math.isfinite(self._loss(result, self._metric)):
             return TrialScheduler.STOP  # a diverged / out-of-memory trial reports once and ends
         self._record(trial, step, self._loss(result))
-        d = self._decision()
-        self._stop_cut_trials(tune_controller, d)
+        d = self._settle(tune_controller)
         if trial.trial_id in d.stopped:
             return TrialScheduler.STOP
         if step >= self._max_t:
             return TrialScheduler.STOP
         level = d.level[trial.trial_id]
         if level < len(self._rungs) and step >= self._rungs[level]:
-            return TrialScheduler.PAUSE
+            if self._others_wait(tune_controller, d):
+                return TrialScheduler.PAUSE  # its slot goes to a waiting trial
+            # Nothing waits for the slot: hold the trial in its worker (model loaded) until the rung
+            # is decided, instead of a pause that would restart it in a new worker.
+            self._held.add(trial.trial_id)
+            return TrialScheduler.NOOP
         return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
-        self._stop_cut_trials(tune_controller, self._decision())
+        self._held.discard(trial.trial_id)
+        self._settle(tune_controller)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        self._held.discard(trial.trial_id)
         pass  # a retried trial comes back PENDING; one that failed for good counts as ended
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        self._held.discard(trial.trial_id)
         pass
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
-        d = self._decision()
-        self._stop_cut_trials(tune_controller, d)
+        d = self._settle(tune_controller)
         for trial in self._trials:
             if trial.status == Trial.PENDING and trial.trial_id not in d.stopped:
                 return trial
@@ -267,8 +337,14 @@ class SuccessiveHalving(TrialScheduler):
         return None
 
     def debug_string(self) -> str:
-        decided = ", ".join(f"step {self._rungs[k]}: r={list(v)}" for k, v in sorted(self._frozen.items()))
+        decided = "; ".join(f"step {self._rungs[k]}: {', '.join(map(str, v))}" for k, v in sorted(self._frozen.items()))
         return f"Successive halving at steps {self._rungs} (keep 1/{self._rf:g}); survivors {decided or 'none yet'}"
+
+
+def _controller(tune_controller):
+    """The TuneController behind the wrapper Tune hands to schedulers (private methods are used
+    without the wrapper's access warning)."""
+    return getattr(tune_controller, "_tune_controller", tune_controller)
 
 
 def _reports(trial: Trial) -> list[dict]:

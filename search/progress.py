@@ -9,6 +9,9 @@ from typing import Optional, TextIO
 from ray.tune import Callback
 
 
+WIDTH = 22  # trial names: r16-lr3e-4-seed0
+
+
 class ProgressPrinter(Callback):
     """Concise progress for `lora-rank search` (Tune's own tables are switched off)."""
 
@@ -31,16 +34,16 @@ class ProgressPrinter(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         step = (trial.last_result or {}).get("step")
         # A trial that starts again after a report: its rank passed a halving rung, or --resume.
-        self._say(f"{str(trial):<14} {'resumed from step ' + str(step) if step else 'started'}")
+        self._say(f"{str(trial):<{WIDTH}} {'resumed from step ' + str(step) if step else 'started'}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("failure"):  # diverged or out of memory: the trial ends itself
-            self._say(f"{str(trial):<14} {str(result.get('trial_status', 'failed')).upper()}: {result['failure']}")
+            self._say(f"{str(trial):<{WIDTH}} {str(result.get('trial_status', 'failed')).upper()}: {result['failure']}")
             return
         if "eval_loss" not in result:
             return
         self._say(
-            f"{str(trial):<14} step {result['step']:>5}/{self.max_steps}  eval_loss {result['eval_loss']:.4f}"
+            f"{str(trial):<{WIDTH}} step {result['step']:>5}/{self.max_steps}  eval_loss {result['eval_loss']:.4f}"
             f"  train_loss {result['train_loss']:.4f}  {result['tokens_per_s']:,.0f} tok/s"
         )
 
@@ -50,15 +53,15 @@ class ProgressPrinter(Callback):
         best = last.get("best_eval_loss")
         best_text = f" (best eval_loss {best:.4f} at step {last.get('best_step')})" if best is not None else ""
         if last.get("failure"):
-            self._say(f"{str(trial):<14} ended at step {step}: {last.get('trial_status')}")
+            self._say(f"{str(trial):<{WIDTH}} ended at step {step}: {last.get('trial_status')}")
         elif step and step < self.max_steps:
-            self._say(f"{str(trial):<14} stopped early by the scheduler at step {step}{best_text}")
+            self._say(f"{str(trial):<{WIDTH}} stopped early by the scheduler at step {step}{best_text}")
         else:
-            self._say(f"{str(trial):<14} finished at step {step}{best_text}")
+            self._say(f"{str(trial):<{WIDTH}} finished at step {step}{best_text}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         step = (trial.last_result or {}).get("step", 0)
-        self._say(f"{str(trial):<14} crashed (last report at step {step}); retrying from its last checkpoint")
+        self._say(f"{str(trial):<{WIDTH}} crashed (last report at step {step}); retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(f"{str(trial):<14} FAILED (see {trial.storage.trial_fs_path if trial.storage else 'its folder'}/error.txt)")
+        self._say(f"{str(trial):<{WIDTH}} FAILED (see {trial.storage.trial_fs_path if trial.storage else 'its folder'}/error.txt)")

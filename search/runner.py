@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from search import storage
-from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig
+from search.arms import format_lr
+from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig, learning_rates
 from search.resources import cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
 from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
 
@@ -194,11 +195,13 @@ def _autoscaling() -> bool:
 
 
 def trial_name(trial) -> str:
-    return f"r{trial.config['r']}-seed{trial.config['seed']}"
+    """'r8-lr3e-4-seed0': the name progress lines and Tune show."""
+    return f"r{trial.config['r']}-lr{format_lr(trial.config['lr'])}-seed{trial.config['seed']}"
 
 
 def trial_dirname(trial) -> str:
-    return f"r{trial.config['r']:04d}_seed{trial.config['seed']}_{trial.trial_id}"
+    """'r0008_lr3e-4_seed0_<trial id>': trial folders sort by rank, then learning rate."""
+    return f"r{trial.config['r']:04d}_lr{format_lr(trial.config['lr'])}_seed{trial.config['seed']}_{trial.trial_id}"
 
 
 def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
@@ -387,7 +390,8 @@ def run_search(
             _write_meta(cfg, prepared, resources)
         marker = storage.write_marker(cfg.experiment_path)
         rungs = rung_steps(cfg)
-        log(f"search: {num_trials(cfg)} trials (ranks {list(cfg.lora.ranks)} x seeds {list(cfg.train.seeds)}), "
+        rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
+        log(f"search: {num_trials(cfg)} trials (ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
         tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)

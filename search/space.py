@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from search.config import GRACE_FRACTION, SearchConfig
+from search.config import GRACE_FRACTION, SearchConfig, learning_rates
 
 METRIC = "eval_loss"
 MODE = "min"
@@ -19,11 +19,13 @@ def rank_order(ranks: Sequence[int]) -> list[int]:
 
 
 def param_space(cfg: SearchConfig) -> dict[str, Any]:
-    """One trial per (rank, seed); the alpha rule and targets ride along as labels."""
+    """One trial per (rank, learning rate, seed) (see `search.arms`); the alpha rule and targets
+    ride along as labels."""
     from ray import tune
 
     return {
         "r": tune.grid_search(rank_order(cfg.lora.ranks)),
+        "lr": tune.grid_search(learning_rates(cfg)),
         "seed": tune.grid_search([int(s) for s in cfg.train.seeds]),
         "alpha_rule": str(cfg.lora.alpha),
         "target_preset": cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules),
@@ -31,11 +33,11 @@ def param_space(cfg: SearchConfig) -> dict[str, Any]:
 
 
 def num_trials(cfg: SearchConfig) -> int:
-    return len(cfg.lora.ranks) * len(cfg.train.seeds)
+    return len(cfg.lora.ranks) * len(learning_rates(cfg)) * len(cfg.train.seeds)
 
 
 def trial_settings(cfg: SearchConfig, model_path: str, targets: list[str]) -> dict[str, Any]:
-    """Everything a trial needs besides its (r, seed), as plain data for Ray workers.
+    """Everything a trial needs besides its (r, lr, seed), as plain data for Ray workers.
 
     `model_path` is where the driver resolved the model (a per-machine cache folder for builtin and
     GGUF models); `model` is the configured source, which a trial on a cluster node resolves again

@@ -137,3 +137,55 @@ def test_invariants_over_a_whole_run(rf):
         if len(alive) == 1:
             assert d.level[next(iter(alive))] == len(rungs)
             break
+
+
+# --------------------------------------------------------------------------- arms: (rank, learning rate)
+
+def arm_groups(ranks=(2, 4, 8), lrs=(1e-4, 3e-4, 1e-3)) -> tuple[dict, dict]:
+    """trial -> rank, trial -> (rank, lr) for one seed per arm."""
+    groups, arms = {}, {}
+    for r in ranks:
+        for lr in lrs:
+            groups[f"r{r}-{lr}"] = r
+            arms[f"r{r}-{lr}"] = (r, lr)
+    return groups, arms
+
+
+def test_a_rank_is_scored_by_its_best_learning_rate_and_only_its_best_rates_go_on():
+    groups, arms = arm_groups()
+    scores = {
+        "r2-0.0001": {30: 3.0}, "r2-0.0003": {30: 2.8}, "r2-0.001": {30: 2.7},
+        "r4-0.0001": {30: 2.9}, "r4-0.0003": {30: 2.4}, "r4-0.001": {30: 2.6},
+        "r8-0.0001": {30: 2.95}, "r8-0.0003": {30: 2.45}, "r8-0.001": {30: 2.5},
+    }
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, arms=arms)
+    # ranks by their best arm: r=4 (2.4), r=8 (2.45), r=2 (2.7): ceil(3/3) = 1 rank; within it ceil(3/3) = 1 rate
+    assert d.survivors == {0: [(4, 3e-4)]}
+    assert d.stopped == set(groups) - {"r4-0.0003"}
+    assert d.level["r4-0.0003"] == 2, "a lone arm trains to the end"
+
+
+def test_with_a_gentler_factor_several_rates_of_a_kept_rank_go_on():
+    groups, arms = arm_groups(ranks=(4, 8), lrs=(1e-4, 3e-4, 1e-3))
+    scores = {t: {30: loss} for t, loss in zip(groups, [2.9, 2.4, 2.6, 2.95, 2.45, 2.5])}
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=2, arms=arms)
+    assert d.survivors == {0: [(4, 3e-4), (4, 1e-3)]}, "ceil(2/2) = 1 rank, ceil(3/2) = 2 of its rates"
+    # At the next rung the two rates of r=4 are compared with each other.
+    scores["r4-0.0003"][90], scores["r4-0.001"][90] = 2.2, 2.1
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=2, arms=arms, frozen=d.survivors)
+    assert d.survivors[1] == [(4, 1e-3)] and d.level["r4-0.001"] == 2
+
+
+def test_an_unstable_rate_does_not_sink_its_rank():
+    groups, arms = arm_groups(ranks=(4, 8), lrs=(3e-4, 1e-3))
+    scores = {"r4-0.0003": {30: 2.3}, "r4-0.001": {30: NAN}, "r8-0.0003": {30: 2.5}, "r8-0.001": {30: 2.6}}
+    d = decide(groups, scores, ended=["r4-0.001"], rungs=[30, 90], reduction_factor=2, arms=arms)
+    assert d.survivors == {0: [(4, 3e-4)]}
+
+
+def test_steps_a_search_over_ranks_and_learning_rates_spends():
+    # 5 ranks x 3 rates, rungs 30 and 90 of 200: 15 x 30, then 2 ranks x 1 rate to 90, then 1 arm to 200.
+    assert halving_steps(5, 30, 200, 3, num_lrs=3) == 15 * 30 + 2 * 60 + 1 * 110 == 680
+    assert halving_steps(5, 30, 200, 3, num_lrs=3) / (5 * 3 * 200) < 0.25
+    assert halving_steps(5, 30, 200, 3) == halving_steps(5, 30, 200, 3, num_lrs=1) == 380
+    assert halving_steps(1, 30, 200, 3, num_lrs=3) == 3 * 30 + 1 * 170

@@ -152,10 +152,11 @@ def run_trial(
     restore_from: Optional[str] = None,
     threads: Optional[int] = None,
 ) -> dict:
-    """Train one (rank, seed) trial to max_steps, reporting at every evaluation.
+    """Train one (rank, learning rate, seed) trial to max_steps, reporting at every evaluation.
 
     Args:
-        config: the trial's Tune config: ``r`` and ``seed`` (plus labels such as alpha_rule).
+        config: the trial's Tune config: ``r``, ``lr`` and ``seed`` (plus labels such as
+            alpha_rule); without ``lr`` the settings' learning rate is used.
         settings: the search-wide settings made by `search.space.trial_settings` (plain data).
         data: tokenized train/eval data.
         report: called with (metrics, checkpoint folder) after every evaluation, and once with
@@ -170,6 +171,7 @@ def run_trial(
     started = time.time()
     r, seed = int(config["r"]), int(config["seed"])
     train_cfg = settings["train"]
+    lr = float(config["lr"]) if config.get("lr") is not None else _single_lr(train_cfg["learning_rate"])
     if restore_from and saved_step(restore_from) >= train_cfg["max_steps"]:
         return {}  # it had finished when its driver was killed: nothing to redo, no model to load
     device = trial_device()
@@ -180,7 +182,7 @@ def run_trial(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg["weight_decay"])
     max_steps, eval_every = train_cfg["max_steps"], train_cfg["eval_every"]
     rungs = set(settings.get("rungs", ()))  # the scheduler compares ranks at these steps: evaluate there too
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -190,15 +192,23 @@ def run_trial(
     best = {"best_eval_loss": math.inf, "best_step": 0}
     lengths = [len(x) for x in data.train_ids]
     order = BatchOrder(len(data.train_ids), seed, lengths=lengths, batch_size=train_cfg["batch_size"])
+    eval_batch = train_cfg["eval_batch_size"] or 2 * train_cfg["batch_size"]
     if restore_from:
         state = load_checkpoint(Path(restore_from), model, optimizer, scheduler)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best = {"best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"]}
         order = BatchOrder.from_state(len(data.train_ids), state["order"], lengths, train_cfg["batch_size"])
+        base_eval_loss = state.get("base_eval_loss", math.nan)
+    else:
+        # LoRA's B starts at zero: before the first step this is the untouched base model, the
+        # reference every rank's gain is measured from (nats/token).
+        base_eval_loss, _ = evaluate(model, data, eval_batch, device)
     alpha, rslora = lora_alpha(settings["lora"]["alpha"], r)
     fixed = {
         "r": r,
         "seed": seed,
+        "learning_rate": lr,
+        "base_eval_loss": base_eval_loss,
         "lora_alpha": alpha,
         "use_rslora": rslora,
         "alpha_rule": str(settings["lora"]["alpha"]),
@@ -212,7 +222,6 @@ def run_trial(
         "resumed_from_step": step,
         "load_seconds": time.time() - started,
     }
-    eval_batch = train_cfg["eval_batch_size"] or 2 * train_cfg["batch_size"]
     micro = train_cfg["batch_size"]
     accum = train_cfg["grad_accum"]
     metrics: dict[str, Any] = {}
@@ -240,7 +249,7 @@ def run_trial(
                 raise TrialDiverged(f"training loss became {step_loss} at step {step + 1} (r={r}, seed={seed})")
             if train_cfg["max_grad_norm"]:
                 torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"])
-            lr = optimizer.param_groups[0]["lr"]
+            current_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -266,7 +275,7 @@ def run_trial(
                     "train_loss": sum(losses) / len(losses),
                     "tokens_seen": tokens_seen,
                     "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
-                    "lr": lr,
+                    "lr": current_lr,
                     "eval_seconds": eval_seconds,
                     "elapsed_s": time.time() - started,  # since the trial function started (seconds)
                     "trial_status": OK,
@@ -276,7 +285,7 @@ def run_trial(
                 losses, interval_tokens, interval_time = [], 0, 0.0
                 folder = Path(tempfile.mkdtemp(prefix=f"lrs-ckpt-r{r}-"))
                 try:
-                    state = {"step": step, "tokens_seen": tokens_seen, "order": order.state(), **best}
+                    state = {"step": step, "tokens_seen": tokens_seen, "order": order.state(), "base_eval_loss": base_eval_loss, **best}
                     metrics["adapter_bytes"] = save_checkpoint(folder, model, optimizer, scheduler, state)
                     metrics["peak_memory_bytes"] = peak_memory_bytes(device)
                     report(metrics, str(folder))
@@ -302,6 +311,15 @@ def run_trial(
         }
         report(metrics, None)
     return metrics
+
+
+def _single_lr(value) -> float:
+    """The settings' learning rate for a trial whose config names none (a bare `run_trial` call)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"config: 'lr' must name one of train.learning_rate {list(value)} for this trial")
+        value = value[0]
+    return float(value)
 
 
 def _node_id() -> str:
