@@ -43,7 +43,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _targets(values: list[str]) -> list:
     """Each --targets value is a preset, or a comma-separated explicit list of layer names."""
-    return [v if "," not in v and v in ("attention-qv", "attention", "all-linear") else [s for s in v.split(",") if s] for v in values]
+    from trainables.lora import PRESETS
+
+    return [v if "," not in v and v in PRESETS else [s for s in v.split(",") if s] for v in values]
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -124,7 +126,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("model", help="local model folder, config.json, builtin:..., or hub id (if the hub is reachable)")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="ranks r (default 4 8 16 32 64)")
     p.add_argument("--targets", nargs="+", default=["attention"],
-                   help="presets (attention-qv, attention, all-linear) and/or comma-separated layer names, e.g. q_proj,v_proj")
+                   help="presets (attention-qv, attention, mlp, experts, all-linear) and/or comma-separated layer names "
+                        "matched as PEFT does, e.g. q_proj,v_proj or attn.c_proj")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own config code")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_params)
