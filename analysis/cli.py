@@ -97,7 +97,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         check_tolerance(args.tolerance)
         result = load(args.experiment, args.tolerance)
-        info = export_adapter(result.experiment, result.trials, result.history, result.recommendation, args.out, result.config)
+        info = export_adapter(result.experiment, result.trials, result.history, result.recommendation, args.out, result.config,
+                              force=args.force)
     except ExperimentNotFound as exc:
         return _fail(str(exc))
     except ExportError as exc:
@@ -108,7 +109,9 @@ def _export(args: argparse.Namespace) -> int:
         f" (the scheduler stopped this trial at step {info['trial_steps']} of {info['max_steps']}: train it fully before shipping)")
     print(f"exported r={info['rank']} (trial {info['trial_dir']}, {info['checkpoint']} at step {info['step']}, "
           f"eval loss {info['eval_loss']:.4f}){early} to {args.out}")
-    print(f"load it: PeftModel.from_pretrained(base_model, {args.out!r})")
+    print(f"base model in adapter_config.json: {info['base_model_name_or_path']}"
+          + (f" ({info['base_model_note']})" if info["base_model_note"] else ""))
+    print(f"load it: AutoPeftModelForCausalLM.from_pretrained({args.out!r}), or PeftModel.from_pretrained(base_model, {args.out!r})")
     return 0
 
 
@@ -142,6 +145,7 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("export", help="copy the recommended trial's adapter (PEFT format) to a folder")
     p.add_argument("experiment", help="the experiment folder")
-    p.add_argument("--out", required=True, help="destination folder (new or empty)")
+    p.add_argument("--out", required=True, help="destination folder (new or empty, or an earlier export with --force)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="as for analyze (default 0.01)")
     p.set_defaults(handler=_export)
