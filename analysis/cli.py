@@ -69,7 +69,9 @@ def verdict_lines(result, details: bool = False) -> str:
 
 def _targets(values: list[str]) -> list:
     """Each --targets value is a preset, or a comma-separated explicit list of layer names."""
-    return [v if "," not in v and v in ("attention-qv", "attention", "all-linear") else [s for s in v.split(",") if s] for v in values]
+    from trainables.lora import PRESETS
+
+    return [v if "," not in v and v in PRESETS else [s for s in v.split(",") if s] for v in values]
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -122,7 +124,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         _check_rule_args(args)
         result = load(args.experiment, args.tolerance, args.rule)
-        info = export_adapter(result.experiment, result.trials, result.history, result.recommendation, args.out, result.config)
+        info = export_adapter(result.experiment, result.trials, result.history, result.recommendation, args.out, result.config,
+                              force=args.force)
     except ExperimentNotFound as exc:
         return _fail(str(exc))
     except ExportError as exc:
@@ -133,7 +136,9 @@ def _export(args: argparse.Namespace) -> int:
         f" (the scheduler stopped this trial at step {info['trial_steps']} of {info['max_steps']}: train it fully before shipping)")
     print(f"exported r={info['rank']} lr={format_lr(result.recommendation.learning_rate)} (trial {info['trial_dir']}, {info['checkpoint']} at step {info['step']}, "
           f"eval loss {info['eval_loss']:.4f}){early} to {args.out}")
-    print(f"load it: PeftModel.from_pretrained(base_model, {args.out!r})")
+    print(f"base model in adapter_config.json: {info['base_model_name_or_path']}"
+          + (f" ({info['base_model_note']})" if info["base_model_note"] else ""))
+    print(f"load it: AutoPeftModelForCausalLM.from_pretrained({args.out!r}), or PeftModel.from_pretrained(base_model, {args.out!r})")
     return 0
 
 
@@ -160,7 +165,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("model", help="local model folder, config.json, builtin:..., or hub id (if the hub is reachable)")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="ranks r (default 4 8 16 32 64)")
     p.add_argument("--targets", nargs="+", default=["attention"],
-                   help="presets (attention-qv, attention, all-linear) and/or comma-separated layer names, e.g. q_proj,v_proj")
+                   help="presets (attention-qv, attention, mlp, experts, all-linear) and/or comma-separated layer names "
+                        "matched as PEFT does, e.g. q_proj,v_proj or attn.c_proj")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own config code")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_params)
@@ -175,6 +181,7 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("export", help="copy the recommended trial's adapter (PEFT format) to a folder")
     p.add_argument("experiment", help="the experiment folder")
-    p.add_argument("--out", required=True, help="destination folder (new or empty)")
+    p.add_argument("--out", required=True, help="destination folder (new or empty, or an earlier export with --force)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     _rule_args(p)
     p.set_defaults(handler=_export)

@@ -5,12 +5,21 @@ judged), and of that trial the kept checkpoint with the lowest eval loss, i.e. T
 best-by-eval_loss checkpoint (it keeps that one and the latest). That is the adapter whose eval
 loss the recommendation reports. If the scheduler stopped the trial early, the adapter is the one it had
 then (the report says so): train the rank for the full budget before shipping it.
+
+The exported adapter_config.json names the base the user configured (`model.name_or_path` of the
+experiment's saved config: a hub id or a local folder), not the per-machine 4-bit cache the trial
+loaded, so `AutoPeftModelForCausalLM.from_pretrained(out)` loads the user's base. For a
+`builtin:` model it names the hub model the builtin was converted from (BUILTIN_BASES; the
+adapter was trained on its Q4_1 GGUF copy, dequantized - lora_rank_export.json says so); for a
+GGUF model it names the folder holding the GGUF file (load the base with `gguf_file=` then
+`PeftModel.from_pretrained`). An earlier export in `out` is replaced only with force.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import pandas as pd
 
@@ -18,26 +27,72 @@ from analysis.checkpoints import best_checkpoint, copy_tree
 from analysis.selection import Recommendation, json_safe
 
 EXPORT_INFO = "lora_rank_export.json"
+ADAPTER_CONFIG = "adapter_config.json"
+# builtin model -> the hub model its shipped GGUF file was made from (what a PEFT user loads)
+BUILTIN_BASES = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def base_for_peft(model: dict) -> tuple[Optional[str], str]:
+    """(base_model_name_or_path for adapter_config.json, a note for lora_rank_export.json) from the
+    experiment config's `model` section."""
+    name = model.get("name_or_path")
+    if not name:
+        return None, "the experiment's config names no model"
+    if name in BUILTIN_BASES:
+        return BUILTIN_BASES[name], (f"{name} is the Q4_1 GGUF of {BUILTIN_BASES[name]}, dequantized; the adapter was "
+                                     "trained on that copy (lora-rank's converted folder), a few tenths of a percent "
+                                     "away from the hub weights")
+    if model.get("gguf_file"):
+        return name, f"load the base with from_pretrained({name!r}, gguf_file={model['gguf_file']!r})"
+    return name, ""
 
 
 class ExportError(ValueError):
     """Nothing to export, or the output folder cannot take it."""
 
 
+def _earlier_export(out: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(out, EXPORT_INFO)) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {} if os.path.exists(os.path.join(out, EXPORT_INFO)) else None
+
+
 def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendation, out: str,
-                   config: dict | None = None) -> dict:
-    """Copy the adapter (adapter_config.json, adapter_model.safetensors, README.md) into `out`
-    and write `lora_rank_export.json` describing it; returns that description."""
+                   config: dict | None = None, force: bool = False) -> dict:
+    """Copy the adapter (adapter_config.json, adapter_model.safetensors, README.md) into `out`,
+    point its base_model_name_or_path at the configured model, and write `lora_rank_export.json`
+    describing it; returns that description. An earlier export in `out` is replaced only if `force`."""
     if rec.rank is None or rec.trial_id is None:
         raise ExportError(f"nothing to export: {rec.reason}")
     if os.path.isfile(out):
         raise ExportError(f"--out: {out!r} is a file; give a folder")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, EXPORT_INFO)):
+    earlier = _earlier_export(out) if os.path.isdir(out) else None
+    if os.path.isdir(out) and os.listdir(out) and earlier is None:
         raise ExportError(f"--out: {out!r} is not empty (and holds no earlier export); give a new or empty folder")
+    if earlier is not None and not force:
+        what = f" (r={earlier.get('rank')}, trial {earlier.get('trial_dir')}, from {earlier.get('experiment')})" if earlier else ""
+        raise ExportError(f"--out: {out!r} holds an earlier export{what}; pass --force to replace it")
     ckpt = best_checkpoint(experiment, trials, history, rec.trial_id)
     if ckpt is None:
         raise ExportError(f"trial {rec.trial_id} (r={rec.rank}) has no checkpoint with an eval loss on disk under {experiment!r}")
+    if earlier is not None:  # force: the earlier export's files go, so none of them outlives it
+        for name in [*earlier.get("files", []), EXPORT_INFO]:
+            if os.path.isfile(os.path.join(out, name)) and os.sep not in name:
+                os.remove(os.path.join(out, name))
     files = copy_tree(ckpt.adapter, out)
+    model = (config or {}).get("model") or {}
+    base, base_note = base_for_peft(model)
+    adapter_config = os.path.join(out, ADAPTER_CONFIG)
+    trained_on = None
+    if base and os.path.isfile(adapter_config):
+        with open(adapter_config) as handle:
+            data = json.load(handle)
+        trained_on = data.get("base_model_name_or_path")
+        data["base_model_name_or_path"] = base
+        with open(adapter_config, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
     row = trials[trials["trial_id"].astype(str) == str(rec.trial_id)].iloc[0]
     info = {
         "rank": rec.rank,
@@ -55,7 +110,10 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
         "eval_loss": ckpt.eval_loss,
         "trial_steps": int(row["steps"]),
         "max_steps": None if pd.isna(row.get("max_steps")) else int(row["max_steps"]),
-        "base_model": ((config or {}).get("model") or {}).get("name_or_path"),
+        "base_model": model.get("name_or_path"),
+        "base_model_name_or_path": base,
+        "base_model_note": base_note,
+        "trained_on": trained_on,  # the folder the trial loaded (a per-machine 4-bit cache)
         "experiment": experiment,
         "tolerance": rec.tolerance,
         "rule_name": rec.rule_name,

@@ -1,13 +1,18 @@
 """Exact LoRA parameter counts and adapter file sizes from a model's config alone.
 
-The model is built on the meta device (names and shapes, no weights, no memory), its linear
-layers are listed, the target preset is resolved against them exactly as a search does, and for
-each rank r the adapter has r * (in + out) parameters per targeted layer (A is r x in, B is out x r)
-- what PEFT's `get_nb_trainable_parameters()` reports for the same LoraConfig.
+The model is built on the meta device (names and shapes, no weights, no memory), the layers a
+LoRA can sit on are listed (`trainables.lora.linear_layers`: linear layers, and on mixture-of-experts
+models the experts' fused 3-D weights and the router), the target preset is resolved against them
+exactly as a search does, and for each rank r the adapter has r * (in + out) parameters per targeted
+linear layer (A is r x in, B is out x r), r' * E * (in + out) per targeted expert weight (E experts;
+r' = 2r on the fused gate_up_proj, PEFT's rule) - what PEFT's `get_nb_trainable_parameters()`
+reports for the trial's own LoraConfig (`trainables.lora.peft_config`); tests check it on real
+models of several architectures.
 
 Adapter size (bytes) is the size of PEFT's `adapter_model.safetensors`, computed exactly without
 writing it: an 8-byte header length, the JSON header (one entry per tensor, named
-`base_model.model.<module>.lora_{A,B}.weight`, dtype F32, shape, data offsets, plus PEFT's
+`base_model.model.<module>.lora_{A,B}.weight`; for parameter targets the module holding the
+parameter, nested as `<module>.base_layer.lora_*` when PEFT wraps two parameters of one module), dtype F32, shape, data offsets, plus PEFT's
 `{"format": "pt"}` metadata; tensors sorted by name; padded with spaces to a multiple of 8), then
 params x 4 bytes (fp32, PEFT's default adapter dtype). A test checks it against real files.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 BYTES_PER_PARAM = 4  # fp32: the dtype PEFT saves a LoRA adapter in by default
 SAFETENSORS_METADATA = {"format": "pt"}  # what PEFT passes to safetensors' save_file
@@ -30,7 +35,7 @@ class ParamRow:
     targets_spec: str
     targets: list
     r: int
-    layers: int  # number of adapted linear layers
+    layers: int  # number of adapted linear layers and expert / router weights
     params: int
     adapter_bytes: int
     base_params: int
@@ -40,13 +45,27 @@ class ParamRow:
         return 100.0 * self.params / self.base_params if self.base_params else float("nan")
 
 
-def adapter_file_bytes(shapes: Mapping[str, tuple[int, int]], r: int, dtype_bytes: int = BYTES_PER_PARAM) -> int:
-    """Exact size of PEFT's adapter_model.safetensors for rank r on these layers (name -> (in, out))."""
+def adapter_file_bytes(shapes: Mapping[str, tuple[int, int]], r: int, dtype_bytes: int = BYTES_PER_PARAM,
+                       params: Optional[Mapping[str, tuple]] = None) -> int:
+    """Exact size of PEFT's adapter_model.safetensors for rank r on these layers (name -> (in, out))
+    and parameter targets (name -> (in, out, experts, index among the module's parameters))."""
+    from trainables.lora import param_rank
+
     entries = []
     for name, (fan_in, fan_out) in shapes.items():
         prefix = f"base_model.model.{name}"
         entries.append((f"{prefix}.lora_A.weight", [r, fan_in]))
         entries.append((f"{prefix}.lora_B.weight", [fan_out, r]))
+    by_module: dict = {}
+    for name, (fan_in, fan_out, experts, index) in (params or {}).items():
+        by_module.setdefault(name.rsplit(".", 1)[0], []).append((index, name, fan_in, fan_out, experts))
+    for module, items in by_module.items():
+        items.sort()  # PEFT wraps them in the module's parameter order: the first one ends up innermost
+        for depth, (_, name, fan_in, fan_out, experts) in enumerate(items):
+            rank = param_rank(name, r) * experts
+            prefix = f"base_model.model.{module}" + ".base_layer" * (len(items) - 1 - depth)
+            entries.append((f"{prefix}.lora_A.weight", [rank, fan_in]))
+            entries.append((f"{prefix}.lora_B.weight", [fan_out, rank]))
     entries.sort()
     header: dict = {"__metadata__": SAFETENSORS_METADATA}
     offset = 0
@@ -66,7 +85,14 @@ def parameter_table(
 
     Raises ValueError naming the bad rank or target (with the model's linear layers listed).
     """
-    from trainables.lora import TargetError, linear_layers, lora_param_count, resolve_targets, targeted_layers
+    from trainables.lora import (
+        TargetError,
+        linear_layers,
+        lora_param_count,
+        resolve_targets,
+        targeted_layers,
+        targeted_params,
+    )
     from trainables.model import meta_model, resolve_model
 
     bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
@@ -85,11 +111,11 @@ def parameter_table(
         except TargetError as exc:
             problems.append(f"--targets {spec if isinstance(spec, str) else ','.join(spec)}: {exc}")
             continue
-        chosen = targeted_layers(shapes, targets)
+        chosen, params = targeted_layers(shapes, targets), targeted_params(shapes, targets)
         label = spec if isinstance(spec, str) else ",".join(spec)
         for r in ranks:
-            rows.append(ParamRow(label, targets, int(r), len(chosen), lora_param_count(shapes, targets, r),
-                                 adapter_file_bytes(chosen, r), int(base)))
+            rows.append(ParamRow(label, targets, int(r), len(chosen) + len(params), lora_param_count(shapes, targets, r),
+                                 adapter_file_bytes(chosen, r, params=params), int(base)))
     if problems:
         raise ValueError("\n".join(problems))
     config = meta.config
@@ -98,9 +124,29 @@ def parameter_table(
         "model_type": getattr(config, "model_type", ""),
         "base_params": int(base),
         "linear_layers": len(shapes),
+        "expert_weights": sum(1 for n in shapes.params if shapes.place.get(n) == "experts"),
+        "expert_params": sum(i * o * e for n, (i, o, e, _) in shapes.params.items() if shapes.place.get(n) == "experts"),
+        "notes": _notes(shapes),
         "seconds": time.perf_counter() - started,
     }
     return rows, facts
+
+
+def _notes(shapes) -> list[str]:
+    """What a reader of the table must know about this model's targets (MoE models)."""
+    notes = []
+    if shapes.params:
+        notes.append("mixture of experts: the experts' fused weights (3-D, all experts of a layer in one tensor) are "
+                     "adapted as PEFT target_parameters, one rank-r LoRA per expert (rank 2r on the fused gate_up_proj, "
+                     "as PEFT's own all-linear does); bitsandbytes does not quantize them (they stay in the compute "
+                     "dtype); PEFT allows no dropout on them (lora.dropout must be 0). mlp and experts select them, "
+                     "all-linear adds the router")
+    if shapes.renamed:
+        names = sorted(shapes.renamed)
+        notes.append(f"not adaptable here: {len(names)} linear layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+                     f"PEFT 0.21 on transformers 5 rewrites targets named {', '.join(sorted(set(shapes.renamed.values())))} "
+                     f"on a {shapes.model_type} model into the experts' weights, so no preset selects them")
+    return notes
 
 
 def _count(n: int) -> str:
@@ -109,8 +155,10 @@ def _count(n: int) -> str:
 
 def format_params(rows: list[ParamRow], facts: dict) -> str:
     """The calculator's table as text."""
+    experts = (f", {facts['expert_weights']} expert weight tensors ({facts['expert_params']:,} parameters)"
+               if facts.get("expert_weights") else "")
     head = (f"{facts['model']} ({facts['model_type']}, {facts['base_params']:,} parameters, "
-            f"{facts['linear_layers']} linear layers; config only, no weights loaded)")
+            f"{facts['linear_layers']} linear layers{experts}; config only, no weights loaded)")
     headers = ["targets", "r", "layers", "trainable params", "% of base", "adapter (fp32 safetensors)"]
     body = [[row.targets_spec, str(row.r), str(row.layers), _count(row.params), f"{row.percent_of_base:.3f}%",
              f"{row.adapter_bytes / 1e6:,.2f} MB ({row.adapter_bytes:,} B)"] for row in rows]
@@ -119,4 +167,5 @@ def format_params(rows: list[ParamRow], facts: dict) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     resolved = {row.targets_spec: row.targets for row in rows}
     lines += [""] + [f"{spec}: {', '.join(t)}" for spec, t in resolved.items()]
+    lines += [f"note: {note}" for note in facts.get("notes", [])]
     return "\n".join(lines)

@@ -39,6 +39,25 @@ STRING_HPARAMS = ("alpha_rule", "targets", "status")
 NUMBER_HPARAMS = ("r", "lr", "lora_alpha", "seed")
 
 
+# trial status (analysis.results) -> HParams session status (tensorboard's api.proto has only
+# UNKNOWN, SUCCESS, FAILURE, RUNNING). Interrupted and pending trials have not ended: they resume
+# with `lora-rank search --resume`, so UNKNOWN; the `status` hparam carries the exact word.
+SESSION_STATUS = {
+    "completed": "STATUS_SUCCESS",
+    "stopped": "STATUS_SUCCESS",  # stopped early by the scheduler: it ended as designed
+    "error": "STATUS_FAILURE",
+    "diverged": "STATUS_FAILURE",
+    "oom": "STATUS_FAILURE",
+    "interrupted": "STATUS_UNKNOWN",
+    "pending": "STATUS_UNKNOWN",
+}
+
+
+def session_status(status: str) -> str:
+    """The HParams session status for a trial status (STATUS_UNKNOWN for one not listed)."""
+    return SESSION_STATUS.get(status, "STATUS_UNKNOWN")
+
+
 def _hparams(row) -> dict:
     out = {}
     for key in NUMBER_HPARAMS:
@@ -87,8 +106,7 @@ def _session(row):
             start.hparams[key].number_value = value
         else:
             start.hparams[key].string_value = value
-    status = {"completed": "STATUS_SUCCESS", "stopped": "STATUS_SUCCESS", "error": "STATUS_FAILURE"}.get(row.status, "STATUS_ABORTED")
-    end = SessionEndInfo(status=Status.Value(status))
+    end = SessionEndInfo(status=Status.Value(session_status(str(row.status))))
     return (_summary(HParamsPluginData(session_start_info=start, version=0), "_hparams_/session_start_info"),
             _summary(HParamsPluginData(session_end_info=end, version=0), "_hparams_/session_end_info"))
 

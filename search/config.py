@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import yaml
 
 ALPHA_RULES = ("r", "2r", "rslora")
-TARGET_PRESETS = ("attention-qv", "attention", "all-linear")
+TARGET_PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")  # = trainables.lora.PRESETS
 DATA_FORMATS = ("instruction", "chat", "text")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -103,7 +103,8 @@ class LoraConfig:
     )
     dropout: float = _doc("LoRA dropout, in [0, 1)", default=0.05)
     target_modules: Union[str, tuple] = _doc(
-        "attention-qv | attention | all-linear | explicit list of module names", default="attention"
+        "attention-qv | attention | mlp | experts (MoE) | all-linear (on MoE: + experts and router) | explicit "
+        "list of names, matched as PEFT does (a name or a dotted suffix such as attn.c_proj)", default="attention"
     )
 
 

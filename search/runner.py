@@ -104,7 +104,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     checked against this machine too.
     """
     from trainables.data import DataError, load_splits, tokenize_splits
-    from trainables.lora import TargetError, linear_layers, resolve_targets
+    from trainables.lora import TargetError, dropout_problems, linear_layers, resolve_targets
     from trainables.model import ModelSourceError, check_weights, load_tokenizer, meta_model, resolve_model
 
     problems: list[str] = local_resource_problems(cfg) if local_ray else []
@@ -119,6 +119,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         out.dims = _model_dims(meta, out.linear_shapes)
         try:
             out.targets = resolve_targets(cfg.lora.target_modules, out.linear_shapes)
+            problems.extend(dropout_problems(out.targets, cfg.lora.dropout))  # PEFT: no dropout on expert weights
         except TargetError as exc:
             problems.append(f"lora.target_modules: {exc}")
         tokenizer = load_tokenizer(out.model_path, cfg.model.trust_remote_code)

@@ -53,7 +53,7 @@ CASES = [
     ("alpha negative", {"lora": {"alpha": -16}}, [], "lora.alpha: must be positive, got -16.0"),
     ("dropout 1", {"lora": {"dropout": 1.0}}, [], "lora.dropout: must be in [0, 1), got 1.0"),
     ("dropout negative", {"lora": {"dropout": -0.1}}, [], "lora.dropout: must be in [0, 1), got -0.1"),
-    ("unknown target preset", {"lora": {"target_modules": "attn"}}, [], "lora.target_modules: must be one of attention-qv | attention | all-linear, got 'attn'"),
+    ("unknown target preset", {"lora": {"target_modules": "attn"}}, [], "lora.target_modules: must be one of attention-qv | attention | mlp | experts | all-linear, got 'attn'"),
     ("target module the model lacks", {"lora": {"target_modules": ["q_proj", "qkv"]}}, [], "lora.target_modules: 'qkv' not found; the model's linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     ("empty target list", {"lora": {"target_modules": []}}, [], "lora.target_modules: an explicit list must name at least one module, got []"),
     # --- the model

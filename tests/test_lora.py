@@ -39,7 +39,38 @@ def test_presets_resolve_against_llama_names():
 
 def test_presets_resolve_against_gpt2_names():
     assert resolve_targets("attention-qv", GPT2) == ["c_attn"]  # fused q/k/v
-    assert resolve_targets("attention", GPT2) == ["c_attn", "c_proj"]
+    assert resolve_targets("attention", GPT2) == ["attn.c_proj", "c_attn"]  # not the MLP's c_proj
+    assert resolve_targets("mlp", GPT2) == ["c_fc", "mlp.c_proj"]
+    assert resolve_targets(["attn.c_proj"], GPT2) == ["attn.c_proj"]  # a dotted suffix, as PEFT accepts it
+    assert resolve_targets(["c_proj"], GPT2) == ["c_proj"]
+
+
+def test_presets_are_the_config_schema_presets_and_mlp_is_the_mlp():
+    from search.config import TARGET_PRESETS
+    from trainables.lora import PRESETS
+
+    assert TARGET_PRESETS == PRESETS
+    assert resolve_targets("mlp", LLAMA) == ["down_proj", "gate_proj", "up_proj"]
+    with pytest.raises(TargetError, match="preset 'experts' matches no layer"):
+        resolve_targets("experts", LLAMA)
+    with pytest.raises(TargetError, match="unknown target preset 'ffn'"):
+        resolve_targets("ffn", LLAMA)
+
+
+def test_expert_weights_go_to_target_parameters_without_dropout():
+    from trainables.lora import dropout_problems, peft_config
+
+    targets = ["q_proj", "param:experts.down_proj", "param:experts.gate_up_proj"]
+    config = peft_config(4, "2r", 0.0, targets)
+    assert config.target_modules == {"q_proj"}
+    assert set(config.target_parameters) == {"experts.down_proj", "experts.gate_up_proj"}
+    assert config.rank_pattern == {r"experts\.gate_up_proj": 8} and config.alpha_pattern == {r"experts\.gate_up_proj": 16.0}
+    assert dropout_problems(targets, 0.05) == [
+        "lora.dropout: must be 0 when the targets include MoE expert or router weights (experts.down_proj, "
+        "experts.gate_up_proj): PEFT applies no dropout to target_parameters, got 0.05"]
+    assert dropout_problems(["q_proj"], 0.05) == []
+    with pytest.raises(ValueError, match="lora.dropout: must be 0"):
+        peft_config(4, "2r", 0.05, targets)
 
 
 def test_explicit_targets_are_checked_and_the_error_lists_the_model_layers():
@@ -65,7 +96,7 @@ def quantized(tiny_model):
     return lambda: load_base_model(tiny_model, quant, "cpu")
 
 
-@pytest.mark.parametrize("preset", ["attention-qv", "attention", "all-linear"])
+@pytest.mark.parametrize("preset", ["attention-qv", "attention", "mlp", "all-linear"])
 def test_real_4bit_model_with_peft_matches_the_count_and_targets(quantized, preset):
     import bitsandbytes as bnb
     import torch
@@ -85,6 +116,6 @@ def test_real_4bit_model_with_peft_matches_the_count_and_targets(quantized, pres
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == lora_param_count(shapes, targets, r)
     adapted = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.endswith("lora_A")}
-    assert adapted == set(targets)
+    assert adapted == {t.rsplit(".", 1)[-1] for t in targets}
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     assert frozen == [], "only LoRA weights train"

@@ -1,5 +1,6 @@
-"""`lora-rank params`: counts equal PEFT's on real tiny models of several architectures, adapter
-sizes equal the real safetensors files, and 8B/70B-shaped configs are counted in seconds."""
+"""`lora-rank params`: counts equal PEFT's on real tiny models of several architectures (dense and
+mixture-of-experts, every preset), adapter sizes equal the real safetensors files, the presets
+select what PEFT's own `all-linear` selects, and 8B/70B-shaped configs are counted in seconds."""
 
 from __future__ import annotations
 
@@ -8,16 +9,40 @@ import time
 
 import pytest
 
-from analysis.params import adapter_file_bytes, parameter_table
+from analysis.params import adapter_file_bytes, format_params, parameter_table
 from search.cli import main
 
 TINY = dict(vocab_size=96, max_position_embeddings=64)
 
 
 def _configs():
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
+    moe = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **TINY)
     return {
+        "qwen3": Qwen3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=8, **TINY),
+        "gemma": GemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=8, pad_token_id=0, **TINY),
+        "qwen3_moe": Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=4, head_dim=8, **moe),
+        # layer 0 dense: its gate/up/down_proj are layers PEFT cannot target on Qwen-MoE models (see test below)
+        "qwen3_moe_dense0": Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=4, head_dim=8,
+                                           mlp_only_layers=[0], **moe),
+        "mixtral": MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, **moe),
+        "qwen2_moe": Qwen2MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                    num_experts=4, **moe),
         "llama": LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY),
         "mistral": MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, **TINY),
         "qwen2": Qwen2Config(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY),
@@ -28,29 +53,124 @@ def _configs():
     }
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3"])
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox"]
+MOE = ["qwen3_moe", "qwen3_moe_dense0", "mixtral", "qwen2_moe"]
+DENSE_PRESETS = ["attention-qv", "attention", "mlp", "all-linear"]
+MOE_PRESETS = DENSE_PRESETS + ["experts"]
+
+
+def _adapted(peft_model) -> set:
+    """Names of the modules (linear layers) and parameters (expert / router weights) PEFT put a LoRA on."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    out = set()
+    for name, module in peft_model.base_model.model.named_modules():
+        if isinstance(module, ParamWrapper):
+            out.add(f"{name.replace('.base_layer', '')}.{module.parameter_name}")
+        elif isinstance(module, LoraLayer):
+            out.add(name)
+    return out
+
+
+@pytest.mark.parametrize("arch", DENSE + MOE)
 def test_counts_and_sizes_equal_peft_on_real_tiny_models(arch, tmp_path):
+    """Every preset, three ranks: the calculator's count and file size equal what PEFT trains and
+    saves with the trial's own LoraConfig (trainables.lora.peft_config), on real (CPU) models."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from trainables.lora import peft_config
 
     config = _configs()[arch]
     folder = tmp_path / arch
     config.save_pretrained(folder)  # the calculator sees only this config.json
-    presets = ["attention-qv", "attention", "all-linear"]
+    presets = MOE_PRESETS if arch in MOE else DENSE_PRESETS
     rows, facts = parameter_table(str(folder), [1, 4, 8], presets)
-    assert len(rows) == 9 and facts["model_type"] == config.model_type
+    assert len(rows) == 3 * len(presets) and facts["model_type"] == config.model_type
     for row in rows:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
-        peft_model = get_peft_model(model, LoraConfig(r=row.r, lora_alpha=2 * row.r, target_modules=row.targets, task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(model, peft_config(row.r, "2r", 0.0, row.targets))
         trainable, total = peft_model.get_nb_trainable_parameters()
         assert row.params == trainable, (arch, row.targets_spec, row.r)
         assert row.base_params == total - trainable
+        assert row.layers == len(_adapted(peft_model))
         if row.r == 4:
             out = tmp_path / f"{arch}-{row.targets_spec}"
             peft_model.save_pretrained(out)
             assert row.adapter_bytes == os.path.getsize(out / "adapter_model.safetensors"), "exact file size"
+
+
+@pytest.mark.parametrize("arch", DENSE + MOE)
+def test_all_linear_adapts_what_peft_all_linear_adapts(arch):
+    """Our all-linear = PEFT's own `target_modules="all-linear"` (same layers, same count), except on
+    Qwen2-MoE, where PEFT 0.21 leaves the experts and the router out and ours adapts them too."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainables.lora import linear_layers, lora_param_count, peft_config, resolve_targets
+
+    config = _configs()[arch]
+    with init_empty_weights():
+        ours = AutoModelForCausalLM.from_config(config)
+        theirs = AutoModelForCausalLM.from_config(config)
+    shapes = linear_layers(ours)
+    targets = resolve_targets("all-linear", shapes)
+    ours = get_peft_model(ours, peft_config(8, 16.0, 0.0, targets))
+    theirs = get_peft_model(theirs, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    mine, peft_own = _adapted(ours), _adapted(theirs)
+    if arch == "qwen2_moe":
+        assert mine - peft_own == {n for n in shapes.params}, "the difference is exactly the experts and routers"
+        assert peft_own < mine
+    else:
+        assert mine == peft_own
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert lora_param_count(shapes, targets, 8) == ours.get_nb_trainable_parameters()[0]
+
+
+def test_presets_select_by_place_on_gpt2_and_moe():
+    """GPT-2's `attention` is attn.c_attn + attn.c_proj (not the MLP's c_proj); `mlp` is c_fc + mlp.c_proj;
+    on MoE models `mlp`/`experts` are the experts' weights and only all-linear adds the router."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from trainables.lora import linear_layers, peft_config, resolve_targets
+
+    def adapted(config, spec):
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        targets = resolve_targets(spec, linear_layers(model))
+        return targets, _adapted(get_peft_model(model, peft_config(4, "2r", 0.0, targets)))
+
+    gpt2 = GPT2Config(n_embd=32, n_layer=12, n_head=4, vocab_size=96, n_positions=64)
+    targets, layers = adapted(gpt2, "attention")
+    assert targets == ["attn.c_proj", "c_attn"] and len(layers) == 24
+    assert all(".attn." in n for n in layers)
+    targets, layers = adapted(gpt2, "mlp")
+    assert targets == ["c_fc", "mlp.c_proj"] and len(layers) == 24 and all(".mlp." in n for n in layers)
+    assert adapted(gpt2, ["attn.c_proj"])[1] == {f"transformer.h.{i}.attn.c_proj" for i in range(12)}
+    assert len(adapted(gpt2, ["c_proj"])[1]) == 24, "a bare name matches as in PEFT: both c_proj"
+    moe = _configs()["mixtral"]
+    assert adapted(moe, "experts")[1] == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    assert adapted(moe, "mlp")[1] == adapted(moe, "experts")[1]
+    assert {f"model.layers.{i}.mlp.gate.weight" for i in range(2)} <= adapted(moe, "all-linear")[1]
+
+
+def test_moe_table_names_what_it_does_and_what_peft_cannot_reach(tmp_path):
+    _configs()["qwen3_moe_dense0"].save_pretrained(tmp_path / "moe")
+    rows, facts = parameter_table(str(tmp_path / "moe"), [8], ["all-linear", "experts"])
+    assert facts["expert_weights"] == 2 and facts["expert_params"] > 0
+    text = format_params(rows, facts)
+    assert "expert weight tensors" in text and "note: mixture of experts" in text and "lora.dropout must be 0" in text
+    assert "not adaptable here: 3 linear layers (model.layers.0.mlp.down_proj" in text
+    with pytest.raises(ValueError, match="'gate_proj' selects model.layers.0.mlp.gate_proj, which PEFT cannot adapt"):
+        parameter_table(str(tmp_path / "moe"), [8], [["gate_proj"]])
+    _configs()["llama"].save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="--targets experts: preset 'experts' matches no layer of this model"):
+        parameter_table(str(tmp_path / "llama"), [8], ["experts"])
 
 
 def test_llama_3_1_8b_shape_attention_r16_is_13_631_488(tmp_path):
