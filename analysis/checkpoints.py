@@ -1,7 +1,7 @@
 """The adapter checkpoints a search kept on disk (local path or URI), and reading/copying them.
 
-Tune keeps, per trial, the best checkpoint by eval_loss and the latest one (`num_to_keep=1` plus
-the latest, which Ray always keeps for resuming). Each checkpoint folder `checkpoint_NNNNNN/`
+Tune keeps, per trial, the two best checkpoints by eval_loss and the latest one
+(`search.storage.CHECKPOINTS_KEPT` plus the latest, which Ray always keeps for resuming). Each checkpoint folder `checkpoint_NNNNNN/`
 holds `adapter/` (PEFT format: adapter_config.json + adapter_model.safetensors) and the trainer
 state; the report row that produced it names it in `checkpoint_dir_name`.
 """

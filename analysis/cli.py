@@ -24,6 +24,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     try:
         _check_rule_args(args)
+        _check_complete(args)
         result = run_analysis(args.experiment, args.tolerance, args.out, args.rule)
     except (ValueError, ExperimentNotFound) as exc:
         return _fail(_flag_names(exc))
@@ -101,6 +102,7 @@ def _tensorboard(args: argparse.Namespace) -> int:
     experiment = experiment_path(args.experiment)
     try:
         trials, history = load_experiment(experiment)
+        _warn_incomplete(trials)
         logdir = args.logdir or default_logdir(experiment)
         runs = write_logdir(trials, history, logdir)
     except FileNotFoundError as exc:
@@ -117,12 +119,13 @@ def _tensorboard(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from analysis.export import ExportError, export_adapter
-    from search.arms import format_lr
+    from analysis.export import ExportError, export_adapter, stop_note
     from analysis.pipeline import ExperimentNotFound, load
+    from search.arms import format_lr
 
     try:
         _check_rule_args(args)
+        _check_complete(args)
         result = load(args.experiment, args.tolerance, args.rule)
         info = export_adapter(result.experiment, result.trials, result.history, result.recommendation, args.out, result.config,
                               force=args.force)
@@ -132,8 +135,7 @@ def _export(args: argparse.Namespace) -> int:
         return _fail(str(exc), 1 if str(exc).startswith("nothing to export") else 2)
     except ValueError as exc:
         return _fail(_flag_names(exc))
-    early = "" if info["max_steps"] is None or info["trial_steps"] >= info["max_steps"] else (
-        f" (the scheduler stopped this trial at step {info['trial_steps']} of {info['max_steps']}: train it fully before shipping)")
+    early = stop_note(info)
     print(f"exported r={info['rank']} lr={format_lr(result.recommendation.learning_rate)} (trial {info['trial_dir']}, {info['checkpoint']} at step {info['step']}, "
           f"eval loss {info['eval_loss']:.4f}){early} to {args.out}")
     print(f"base model in adapter_config.json: {info['base_model_name_or_path']}"
@@ -159,6 +161,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("experiment", help="the experiment folder (storage_path/name), local or s3://, gs://")
     _rule_args(p)
     p.add_argument("--out", default=None, help="output folder (default EXPERIMENT/analysis)")
+    _add_allow_incomplete(p)
     p.set_defaults(handler=_analyze)
 
     p = sub.add_parser("params", help="exact LoRA parameter counts and adapter sizes from a model config (no weights)")
@@ -184,4 +187,27 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", required=True, help="destination folder (new or empty, or an earlier export with --force)")
     p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     _rule_args(p)
+    _add_allow_incomplete(p)
     p.set_defaults(handler=_export)
+
+
+def _add_allow_incomplete(p) -> None:
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="recommend even when some trial folders lack their results (they are named as warnings)")
+
+
+def _check_complete(args: argparse.Namespace) -> None:
+    """Refuse (IncompleteExperiment, a ValueError) an experiment with incomplete trial folders,
+    unless --allow-incomplete; then name them as warnings."""
+    from analysis.pipeline import experiment_path
+    from analysis.results import check_complete
+
+    for line in check_complete(experiment_path(args.experiment), args.allow_incomplete):
+        print(f"warning: EXPERIMENT_DIR: incomplete trial folder {line}", file=sys.stderr)
+
+
+def _warn_incomplete(trials) -> None:
+    from analysis.results import incomplete_trials
+
+    for line in incomplete_trials(trials):
+        print(f"warning: EXPERIMENT_DIR: incomplete trial folder {line}", file=sys.stderr)

@@ -95,6 +95,7 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
             json.dump(data, handle, indent=2, sort_keys=True)
     row = trials[trials["trial_id"].astype(str) == str(rec.trial_id)].iloc[0]
     info = {
+        "trial_status": str(row.get("status", "")),
         "rank": rec.rank,
         "learning_rate": rec.learning_rate,
         "gain_share": rec.gain_share,
@@ -123,3 +124,20 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     with open(os.path.join(out, EXPORT_INFO), "w") as handle:
         json.dump(json_safe(info), handle, indent=2)
     return info
+
+
+def stop_note(info: dict) -> str:
+    """' (why this trial ended before max_steps: ...)' for the export line; '' when it trained fully."""
+    steps, max_steps = info.get("trial_steps"), info.get("max_steps")
+    if max_steps is None or steps is None or steps >= max_steps:
+        return ""
+    at = f"at step {steps} of {max_steps}"
+    why = {
+        "stopped": f"the scheduler stopped this trial {at}",
+        "interrupted": f"the search was interrupted {at} (resume it with --resume to finish this trial)",
+        "pending": f"the search was interrupted {at} (resume it with --resume to finish this trial)",
+        "error": f"this trial failed with an error {at}",
+        "diverged": f"this trial diverged {at}",
+        "oom": f"this trial ran out of memory {at}",
+    }.get(info.get("trial_status", ""), f"this trial ended {at}")
+    return f" ({why}: train it fully before shipping)"

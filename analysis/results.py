@@ -63,12 +63,15 @@ def _ray_statuses(fs, root: str, listing: dict) -> dict[str, tuple[str, int]]:
     states = sorted(name for name in listing if name.startswith("experiment_state-") and name.endswith(".json"))
     if not states:
         return {}
-    data = json.loads(_read(fs, f"{root}/{states[-1]}"))
     out = {}
-    for entry in data.get("trial_data", []):
-        state = json.loads(entry[0])
-        runtime = json.loads(entry[1]) if len(entry) > 1 and isinstance(entry[1], str) else {}
-        out[state["trial_id"]] = (state.get("status", ""), int(runtime.get("num_failures", 0) or 0))
+    try:
+        data = json.loads(_read(fs, f"{root}/{states[-1]}"))
+        for entry in data.get("trial_data", []):
+            state = json.loads(entry[0])
+            runtime = json.loads(entry[1]) if len(entry) > 1 and isinstance(entry[1], str) else {}
+            out[state["trial_id"]] = (state.get("status", ""), int(runtime.get("num_failures", 0) or 0))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError):
+        return out  # a damaged snapshot: statuses then come from the trial folders alone
     return out
 
 
@@ -81,12 +84,27 @@ def _error_line(fs, trial_root: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _history(fs, trial_root: str) -> pd.DataFrame:
+def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFrame:
+    """The trial's reports (result.json); lines that are not a JSON mapping are skipped and named
+    in `problems`."""
     try:
         text = _read(fs, f"{trial_root}/result.json")
     except (FileNotFoundError, OSError):
         return pd.DataFrame()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows, bad = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    if bad and problems is not None:
+        problems.append(f"result.json line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:3]))} not a JSON report")
     frame = pd.DataFrame(rows)
     if "config" in frame:
         frame = frame.drop(columns=["config"])
@@ -105,7 +123,7 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     config = read_config(experiment)
     max_steps = (config.get("train") or {}).get("max_steps")
     statuses = _ray_statuses(fs, root, listing)
-    trials, histories = [], []
+    trials, histories, incomplete = [], [], []
     import pyarrow.fs
 
     for name in sorted(listing):
@@ -113,14 +131,22 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         trial_root = f"{root}/{name}"
         files = _listing(fs, trial_root)
-        if "params.json" not in files:
+        if not _looks_like_trial(files):
             continue
-        params = json.loads(_read(fs, f"{trial_root}/params.json"))
-        history = _history(fs, trial_root)
+        problems: list[str] = []
+        params = _params(fs, trial_root, files, problems)
+        history = _history(fs, trial_root, problems)
         trial_id = "_".join(name.split("_")[-2:])  # dirs are r<r>_seed<s>_<trial id>
         if not history.empty and "trial_id" in history:
             trial_id = str(history["trial_id"].iloc[-1])
         ray_status, failures = statuses.get(trial_id, ("", 0))
+        if "result.json" not in files and _ran(files, ray_status):
+            problems.append("result.json is missing, though the trial ran ("
+                            + (f"Ray recorded it as {ray_status}" if ray_status not in ("", "PENDING") else "its folder holds its outputs") + ")")
+        if problems:
+            incomplete.append(f"{name}: {'; '.join(problems)}")
+        if "r" not in params and (history.empty or "r" not in history):
+            continue  # nothing says which arm it was: only named as incomplete
         row = _trial_row(name, trial_id, params, history, files, ray_status, max_steps, _configured_lr(config))
         row["retries"] = failures if row["status"] != ERROR else max(failures - 1, 0)
         if row["status"] == ERROR:
@@ -132,6 +158,7 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not trials_df.empty:
         trials_df = trials_df.sort_values(["r", "lr", "seed"]).reset_index(drop=True)
     history_df = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    trials_df.attrs[INCOMPLETE] = incomplete
     return trials_df, history_df
 
 
@@ -140,6 +167,65 @@ def _first(history: pd.DataFrame, column: str, default=math.nan):
         return default
     values = pd.to_numeric(history[column], errors="coerce").dropna()
     return values.iloc[0] if len(values) else default
+
+
+# --------------------------------------------------------------------------- incomplete trial folders
+INCOMPLETE = "incomplete"  # trials.attrs key: one line per trial folder whose files are damaged or missing
+_TRIAL_FILES = ("params.json", "result.json", "progress.csv", "error.txt", "error.pkl")
+_OUTPUTS = ("result.json", "progress.csv", "error.txt", "error.pkl")
+
+
+class IncompleteExperiment(ValueError):
+    """Trial folders whose results are missing or damaged: a recommendation could be wrong."""
+
+
+def _looks_like_trial(files: dict) -> bool:
+    return any(n in files for n in _TRIAL_FILES) or any(n.startswith("checkpoint_") for n in files)
+
+
+def _ran(files: dict, ray_status: str) -> bool:
+    """The trial produced something (Ray's status past PENDING, or outputs in its folder)."""
+    return ray_status not in ("", "PENDING") or any(n in files for n in _OUTPUTS) or any(
+        n.startswith(("checkpoint_", "events.out.tfevents")) for n in files)
+
+
+def _params(fs, trial_root: str, files: dict, problems: list) -> dict:
+    """params.json as a mapping; {} (and a line in `problems`) when missing, unparsable or not a mapping."""
+    if "params.json" not in files:
+        problems.append("params.json is missing")
+        return {}
+    try:
+        params = json.loads(_read(fs, f"{trial_root}/params.json"))
+    except (ValueError, OSError) as exc:
+        problems.append(f"params.json does not parse ({type(exc).__name__})")
+        return {}
+    if not isinstance(params, dict):
+        problems.append(f"params.json is not a mapping (it holds a {type(params).__name__})")
+        return {}
+    return params
+
+
+def incomplete_trials(trials: pd.DataFrame) -> list[str]:
+    """One line per incomplete trial folder found by `load_experiment` ('<folder>: <why>')."""
+    return list(trials.attrs.get(INCOMPLETE, []))
+
+
+def check_complete(experiment: str, allow_incomplete: bool = False) -> list[str]:
+    """Raise IncompleteExperiment naming every incomplete trial folder, unless allow_incomplete
+    (then they are returned, for a warning). A missing experiment is left to the caller."""
+    try:
+        trials, _ = load_experiment(experiment)
+    except FileNotFoundError:
+        return []
+    lines = incomplete_trials(trials)
+    if lines and not allow_incomplete:
+        n = len(lines)
+        raise IncompleteExperiment(
+            f"EXPERIMENT_DIR: {n} trial folder{'s are' if n > 1 else ' is'} incomplete, so a recommendation could be "
+            "wrong:\n" + "\n".join(f"  {line}" for line in lines)
+            + "\nrestore the files (sync the experiment again), or pass --allow-incomplete to use the other trials"
+        )
+    return lines
 
 
 def _last(history: pd.DataFrame, column: str, default=math.nan):

@@ -24,7 +24,7 @@ def _search(args: argparse.Namespace) -> int:
     try:
         experiment = run_search(cfg, resume=args.resume, address=args.address)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
+        print(_interrupted_message(cfg, args, again), file=sys.stderr)
         return 130
     from analysis.results import DONE, format_failures, format_table, load_experiment
     from search.space import num_trials
@@ -41,15 +41,18 @@ def _search(args: argparse.Namespace) -> int:
     if unfinished:
         print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
+    errored = _trials_in_error(trials)
     if args.no_analyze:
         print(f"next: lora-rank analyze {shlex.quote(experiment)}")
-        return 0
+        return 1 if errored else 0
     from analysis.cli import verdict_lines
     from analysis.pipeline import run_analysis
 
     result = run_analysis(experiment)  # into EXPERIMENT/analysis (a remote experiment: ./analysis-NAME)
     print()
     print(verdict_lines(result))
+    if errored:
+        return 1
     return 0
 
 
@@ -86,6 +89,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _interrupted_message(cfg, args: argparse.Namespace, again: str) -> str:
+    """What is true after a Ctrl-C: resumable only once Tune saved the experiment's first snapshot."""
+    from search.runner import is_resumable
+
+    if is_resumable(cfg.experiment_path):
+        return f"\ninterrupted; nothing finished is lost. Continue with:\n  {again}"
+    fresh = again.removesuffix(" --resume")
+    from search import storage
+
+    if storage.listdir(cfg.experiment_path):
+        return (f"\ninterrupted before the search saved its first snapshot: there is nothing to resume. Delete "
+                f"{cfg.experiment_path!r} and start again with:\n  {fresh}")
+    return f"\ninterrupted before the search started; nothing was written. Start again with:\n  {fresh}"
+
+
+def _trials_in_error(trials) -> bool:
+    """True (after saying so on stderr) when a trial ended in error: the search then exits 1."""
+    from analysis.results import ERROR
+
+    if trials.empty or "status" not in trials:
+        return False
+    errored = trials[trials["status"] == ERROR]
+    if errored.empty:
+        return False
+    names = ", ".join(f"r={t.r} seed={t.seed}" for t in errored.itertuples())
+    print(f"error: {len(errored)} trial(s) ended in error ({names}); the results of the others are kept", file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":

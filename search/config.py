@@ -297,6 +297,9 @@ def _coerce(value: Any, tp: Any, key: tuple, path: str, errors: list[str]) -> An
 
 
 def _parse_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    if raw is None and path:
+        errors.append(f"{path}: a mapping of keys is required, got null (leave the section out to use its defaults)")
+        return cls()
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -501,7 +504,7 @@ def parse_config(raw: Any, source: str = "config", base_dir: Optional[Path] = No
     cfg = _parse_section(SearchConfig, raw, "", errors)
     # Fields with a type error keep their default; skip meaning checks that involve them.
     bad = {e.split(":", 1)[0].split("[", 1)[0] for e in errors}
-    errors.extend(p for p in _check(cfg) if not any(b in p for b in bad))
+    errors.extend(p for p in _check(cfg) + _check_limits(cfg) if not any(b in p for b in bad))
     if errors:
         raise ConfigError(errors, source)
     return _absolutize(cfg, base_dir or Path.cwd())
@@ -511,16 +514,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
     """Read a YAML config file (safe loader), apply ``--set`` overrides, validate."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config file ({exc.strerror or exc})"], source) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML ({str(exc).splitlines()[0]})"], source) from None
-    if raw is None:
-        raw = {}
+    raw = _read_yaml(path)
     errors: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}"], source)
@@ -532,6 +526,8 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
         raise ConfigError(errors, source) from None
     if errors:
         raise ConfigError(errors, source)
+    for line in config_warnings(cfg):
+        warn(line)
     return cfg
 
 
@@ -566,3 +562,179 @@ def update_readme(path: str | os.PathLike = "README.md") -> bool:
     if new != text:
         Path(path).write_text(new)
     return new != text
+
+
+# --------------------------------------------------------------------------- reading the file, limits, warnings
+
+NAME_MAX_BYTES = 255  # one folder name (Linux, macOS)
+PATH_MAX_BYTES = 3800  # a whole path, leaving room for the trial folders and files below it (PATH_MAX 4096)
+MAX_STEPS_LIMIT = 10_000_000  # optimizer steps per trial beyond which no budget can be meant
+MAX_SEED = 2**32 - 1  # numpy's and torch's seed range
+LR_REFUSED = (1e-10, 1.0)  # a learning rate outside [low, high) cannot be meant for AdamW on an adapter
+LR_USUAL = (1e-6, 0.1)  # outside this range: warned about
+SIZE_LIMITS = {  # (section, key): the largest value that can be meant
+    ("train", "batch_size"): 65536,
+    ("train", "eval_batch_size"): 65536,
+    ("train", "grad_accum"): 65536,
+    ("data", "max_seq_len"): 1_048_576,
+    ("resources", "max_failures"): 100,
+}
+MIN_GPU_FRACTION = 0.01
+PATH_FIELDS = ("name", "storage_path", "model.name_or_path", "model.gguf_file", "data.source", "data.eval_source")
+
+
+def warn(line: str) -> None:
+    """Print one `warning: <field>: ...` line to stderr: accepted, but probably not what was meant."""
+    import sys
+
+    print(f"warning: {line}", file=sys.stderr)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    duplicates: list
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        try:
+            key = loader.construct_object(key_node, deep=True)
+            hash(key)
+        except TypeError:
+            continue  # an unhashable key: the base constructor reports it
+        if key in seen:
+            loader.duplicates.append(
+                f"{key}: key given twice in one mapping (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                "YAML would silently keep the last"
+            )
+        else:
+            seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict:
+    """The config file as a mapping; ConfigError for an unreadable, non-UTF-8, invalid, duplicated-key
+    or empty file."""
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        what = "is a folder, not a config file" if path.is_dir() else f"cannot read config file ({exc.strerror or exc})"
+        raise ConfigError([f"{path}: {what}"], source) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save the config as UTF-8"], source
+        ) from None
+    loader = _StrictLoader(text)
+    loader.duplicates = []
+    try:
+        raw = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({str(exc).splitlines()[0]})"], source) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError(loader.duplicates, source)
+    if raw is None or raw == {}:
+        raise ConfigError(
+            [f"{path}: the config is empty; an empty config would run the whole default search. Give at least "
+             "model: and data: (configs/quickstart.yaml is a complete example)"],
+            source,
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}"], source)
+    return raw
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """repr of a string, shortened when long (the length is said)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _path_problem(where: str, value: str) -> Optional[str]:
+    """Why the filesystem would refuse this name or path, or None."""
+    if "\x00" in value:
+        return f"{where}: must not contain a NUL byte, got {_shown(value)}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"{where}: must not contain control characters (newline, tab, ...), got {_shown(value)}"
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeError:
+        return f"{where}: cannot be written as a file name on this system, got {_shown(value)}"
+    if _is_uri(value):
+        return None
+    if where == "name":
+        if len(encoded) > NAME_MAX_BYTES:
+            return f"name: must be at most {NAME_MAX_BYTES} bytes (a folder name), got {_shown(value)}"
+        return None
+    if len(encoded) > PATH_MAX_BYTES:
+        return f"{where}: path too long ({len(encoded)} bytes; at most {PATH_MAX_BYTES}), got {_shown(value)}"
+    for part in encoded.split(b"/"):
+        if len(part) > NAME_MAX_BYTES:
+            return f"{where}: a folder or file name in it is longer than {NAME_MAX_BYTES} bytes, got {_shown(value)}"
+    return None
+
+
+def _check_limits(cfg: SearchConfig) -> list[str]:
+    """Values no user can mean: names and paths the filesystem refuses, absurd sizes and rates."""
+    p: list[str] = []
+    plain = cfg.to_dict()
+    for dotted in PATH_FIELDS:
+        value: Any = plain
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and value:
+            problem = _path_problem(dotted, value)
+            if problem:
+                p.append(problem)
+    experiment = cfg.experiment_path
+    if not _is_uri(experiment) and not p and len(os.fsencode(os.path.abspath(os.path.expanduser(experiment)))) > PATH_MAX_BYTES:
+        p.append(f"name: storage_path/name is too long a path (more than {PATH_MAX_BYTES} bytes), got {_shown(cfg.name)}")
+
+    t = cfg.train
+    if t.max_steps > MAX_STEPS_LIMIT:
+        p.append(f"train.max_steps: at most {MAX_STEPS_LIMIT:,} steps per trial can be meant, got {t.max_steps!r}")
+    low, high = LR_REFUSED
+    for i, lr in enumerate(learning_rates(cfg)):
+        where = "train.learning_rate" + (f"[{i}]" if isinstance(t.learning_rate, (list, tuple)) else "")
+        if isinstance(lr, (int, float)) and lr > 0 and not (low <= lr < high):
+            p.append(f"{where}: a learning rate must be in [{low:g}, {high:g}) to be meant for AdamW on an adapter, got {lr!r}")
+    for i, seed in enumerate(t.seeds):
+        if not (0 <= seed <= MAX_SEED):
+            p.append(f"train.seeds[{i}]: a seed must be in [0, {MAX_SEED}], got {seed!r}")
+    for (section, key), limit in SIZE_LIMITS.items():
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, int) and value > limit:
+            p.append(f"{section}.{key}: at most {limit:,} can be meant, got {value!r}")
+    g = cfg.resources.gpus_per_trial
+    if not isinstance(g, str) and 0 < g < MIN_GPU_FRACTION:
+        p.append(f"resources.gpus_per_trial: a fraction below {MIN_GPU_FRACTION:g} GPU per trial cannot be meant, got {g!r}")
+    return p
+
+
+def config_warnings(cfg: SearchConfig) -> list[str]:
+    """Accepted but unusual values: one line each, `<field>: ...` (printed as warnings)."""
+    out: list[str] = []
+    t = cfg.train
+    low, high = LR_USUAL
+    for i, lr in enumerate(learning_rates(cfg)):
+        where = "train.learning_rate" + (f"[{i}]" if isinstance(t.learning_rate, (list, tuple)) else "")
+        if isinstance(lr, (int, float)) and lr > 0 and not (low <= lr <= high):
+            side = "high" if lr > high else "low"
+            out.append(f"{where}: {lr:g} is unusually {side} for LoRA with AdamW (usual: {low:g} to {high:g})")
+    if t.eval_every > 0 and t.max_steps // t.eval_every > 1000:
+        out.append(
+            f"train.eval_every: {t.max_steps // t.eval_every:,} evaluations and checkpoints per trial "
+            f"(max_steps {t.max_steps} / eval_every {t.eval_every}); each one costs an eval pass and a checkpoint write"
+        )
+    return out

@@ -19,7 +19,8 @@ import yaml
 
 from search import storage
 from search.arms import format_lr
-from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig, learning_rates
+from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig, learning_rates, warn
+from search.isolation import isolated_ray_start
 from search.resources import cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
 from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
 
@@ -52,17 +53,11 @@ def _model_dims(meta, shapes: dict) -> dict:
 
 
 def _check_storage(path: str) -> Optional[str]:
+    """Can the storage folder be created and written? Checked without creating anything: a run
+    refused later must leave nothing behind (the folder appears when the search starts)."""
     if storage.is_uri(path):
         return None  # remote storage is checked by Ray/pyarrow when the experiment starts
-    probe = os.path.join(path, ".lora-rank-search-write-test")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        return f"storage_path: cannot write to {path!r} ({exc.strerror or exc})"
-    return None
+    return storage.writable_problem(path)
 
 
 def local_resource_problems(cfg: SearchConfig) -> list[str]:
@@ -104,10 +99,12 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     checked against this machine too.
     """
     from trainables.data import DataError, load_splits, tokenize_splits
-    from trainables.lora import TargetError, dropout_problems, linear_layers, resolve_targets
+    from trainables.data import overlap_warning
+    from trainables.lora import TargetError, dropout_problems, linear_layers, rank_problems, resolve_targets
     from trainables.model import ModelSourceError, check_weights, load_tokenizer, meta_model, resolve_model
 
     problems: list[str] = local_resource_problems(cfg) if local_ray else []
+    warnings: list[str] = []
     out = Prepared(cfg)
     d = cfg.to_dict()["data"]
     tokenizer = None
@@ -122,6 +119,9 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
             problems.extend(dropout_problems(out.targets, cfg.lora.dropout))  # PEFT: no dropout on expert weights
         except TargetError as exc:
             problems.append(f"lora.target_modules: {exc}")
+        refused, warned = rank_problems(cfg.lora.ranks, out.linear_shapes, out.targets)
+        problems.extend(refused)
+        warnings.extend(warned)
         tokenizer = load_tokenizer(out.model_path, cfg.model.trust_remote_code)
     except ModelSourceError as exc:
         problems.append(str(exc) if str(exc).startswith("model.") else f"model.name_or_path: {exc}")
@@ -130,6 +130,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         problems.append(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} as a local folder or hub model ({first})")
     try:
         train_records, eval_records = load_splits(d)
+        warnings.extend(filter(None, [overlap_warning(train_records, eval_records, d)]))
         if tokenizer is not None:
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
     except DataError as exc:
@@ -139,6 +140,8 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         problems.append(storage_problem)
     if problems:
         raise ConfigError(problems, "input")
+    for line in warnings:
+        warn(line)
     from trainables.data import describe
 
     out.data_stats = describe(out.data)
@@ -232,6 +235,12 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
     storage.write_text(storage.join(exp, META_FILENAME), json.dumps(meta, indent=2))
 
 
+def is_resumable(experiment: str) -> bool:
+    """Tune's tuner.pkl and at least one experiment_state snapshot are in the experiment folder."""
+    names = storage.listdir(experiment)
+    return "tuner.pkl" in names and any(n.startswith("experiment_state-") for n in names)
+
+
 def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
     """Refuse to merge into an existing experiment without --resume, and to resume nothing.
 
@@ -240,7 +249,7 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
     """
     exp = cfg.experiment_path
     names = storage.listdir(exp)
-    resumable = "tuner.pkl" in names and any(n.startswith("experiment_state-") for n in names)
+    resumable = is_resumable(exp)
     if not resume and resumable:
         raise ConfigError(
             [f"name: experiment {exp!r} already exists; add --resume to continue it, or choose another name (--set name=...)"],
@@ -309,7 +318,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
             name=cfg.name,
             storage_path=cfg.storage_path,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                num_to_keep=storage.CHECKPOINTS_KEPT, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
             callbacks=[ProgressPrinter(cfg.train.max_steps)],
@@ -378,7 +387,7 @@ def run_search(
         # Workers of a Ray started here inherit its environment: no INFO lines from them ("Restored
         # on ... from checkpoint": the progress lines say so).
         level = {"RAY_LOGGER_LEVEL": os.environ.get("RAY_LOGGER_LEVEL", "warning")} if local_ray else {}
-        with _environ(level):
+        with _environ(level), isolated_ray_start(local_ray):
             ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     try:
         joined = bool(address and address != "local") or bool(os.environ.get("RAY_ADDRESS"))

@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 
+# Checkpoints Tune keeps per trial: the best CHECKPOINTS_KEPT by eval loss, plus the latest (which Ray
+# always keeps). With one, a trial whose latest checkpoint is also its best has nothing to fall back
+# on when that one does not load; with two, it falls back to the previous evaluation's (while the
+# loss falls) or to its best one (trainables.trial.restorable_checkpoint).
+CHECKPOINTS_KEPT = 2
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path)
 
@@ -151,3 +158,21 @@ def write_marker(experiment_path: str) -> dict | None:
     token = uuid.uuid4().hex
     write_text(os.path.join(folder, MARKER), token)
     return {"path": os.path.join(folder, MARKER), "token": token, "storage_path": experiment_path.rsplit("/", 1)[0]}
+
+
+def writable_problem(path: str) -> str | None:
+    """Why a local storage_path could not be created or written, or None; creates nothing.
+
+    The nearest existing folder on the way must be a folder this user can write into.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f"storage_path: cannot write to {path!r} ({existing!r} is a file, not a folder)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"storage_path: cannot write to {path!r} (permission denied on {existing!r})"
+    return None

@@ -69,7 +69,7 @@ CASES = [
     # --- the data
     ("data file missing", {"data": {"source": "{bad}/missing.jsonl"}}, [], "data.source: data file not found: '{bad}/missing.jsonl'"),
     ("data file of unknown type", {"data": {"source": "{bad}/data.xlsx"}}, [], "data.source: unsupported file type '.xlsx'"),
-    ("data file unparsable", {"data": {"source": "{bad}/broken.jsonl"}}, [], "data.source: cannot parse '{bad}/broken.jsonl' (JSONDecodeError"),
+    ("data file unparsable", {"data": {"source": "{bad}/broken.jsonl"}}, [], "data.source: cannot parse '{bad}/broken.jsonl': line 3 is not valid JSON"),
     ("prompt/response columns missing", {"data": {"source": "{bad}/qa.jsonl"}}, [], "data.source: column(s) 'prompt', 'response' not found; columns found: answer, question"),
     ("text column missing", {"data": {"format": "text"}}, [], "data.source: column(s) 'text' not found; columns found: prompt, response"),
     ("messages column missing", {"data": {"format": "chat"}}, [], "data.source: column(s) 'messages' not found; columns found: prompt, response"),
@@ -111,6 +111,43 @@ CASES = [
     ("resume of nothing", {}, ["--resume"], "name: nothing to resume at '{tmp}/runs/test' (no experiment there; start without --resume)"),
     ("resume of a run that died at once", {"storage_path": "{bad}/runs", "name": "died"}, ["--resume"], "(the run stopped before its first snapshot; delete the folder and start without --resume)"),
     ("resume with a changed config", {"storage_path": "{bad}/runs", "name": "done", "lora": {"ranks": [1, 2]}}, ["--resume"], "lora.ranks: [1, 2] differs from [1, 2, 16, 32] in the experiment being resumed"),
+    # --- issue 14, class 1: what used to end in a traceback
+    ("config file not UTF-8", b"name: caf\xe9\n", [], "not UTF-8 text (byte 0xe9 on line 1)"),
+    ("config path is a folder", "{tmp}", [], "is a folder, not a config file"),
+    ("a column missing after the first 1,000 rows", {"data": {"source": "{bad}/late-missing.jsonl"}}, [], "data.source: 2 records lack the column 'prompt' (line 1201, line 1302)"),
+    ("name with a NUL byte", {"name": "a\x00b"}, [], "name: must not contain a NUL byte, got 'a\\x00b'"),
+    ("name of 300 characters", {"name": "n" * 300}, [], "name: must be at most 255 bytes (a folder name), got 'nnnn"),
+    ("name with a newline", {"name": "a\nb"}, [], "name: must not contain control characters"),
+    ("storage path with a NUL byte", {"storage_path": "{tmp}/ru\x00ns"}, [], "storage_path: must not contain a NUL byte"),
+    ("storage path with an over-long folder name", {"storage_path": "{tmp}/" + "s" * 300}, [], "storage_path: a folder or file name in it is longer than 255 bytes"),
+    ("data path with a NUL byte", {"data": {"source": "{bad}/a\x00.jsonl"}}, [], "data.source: must not contain a NUL byte"),
+    ("model path of 300 characters", {"model": {"name_or_path": "{bad}/" + "m" * 300}}, [], "model.name_or_path: a folder or file name in it is longer than 255 bytes"),
+    # --- class 2: accepted though it should have been refused
+    ("empty config file", "", [], "the config is empty; an empty config would run the whole default search"),
+    ("config of only comments", "# to do\n", [], "{tmp}/search.yaml: the config is empty"),
+    ("config of an empty mapping", "{{}}\n", [], "the config is empty; an empty config would run the whole default search. Give at least model:"),
+    ("data: null", {"data": None}, [], "data: a mapping of keys is required, got null"),
+    ("a section null", {"train": None}, [], "train: a mapping of keys is required, got null"),
+    ("top-level key given twice", "train:\n  max_steps: 5\nname: x\ntrain:\n  max_steps: 6\n", [], "train: key given twice in one mapping (lines 1 and 4)"),
+    ("nested key given twice", "lora:\n  ranks: [1]\n  ranks: [2]\n", [], "ranks: key given twice in one mapping (lines 2 and 3)"),
+    ("rank above the layers' width", {"lora": {"ranks": [8, 4096]}}, [], "lora.ranks[1]: rank 4096 is larger than the targeted layers allow; the largest meaningful rank is 64"),
+    ("max_steps absurd", {"train": {"max_steps": 10**12}}, [], "train.max_steps: at most 10,000,000 steps per trial can be meant, got 1000000000000"),
+    ("learning rate absurd", {"train": {"learning_rate": 1e6}}, [], "train.learning_rate: a learning rate must be in [1e-10, 1) to be meant for AdamW on an adapter, got 1000000.0"),
+    ("learning rate vanishing", {"train": {"learning_rate": 1e-30}}, [], "train.learning_rate: a learning rate must be in [1e-10, 1)"),
+    ("seed negative", {"train": {"seeds": [0, -1]}}, [], "train.seeds[1]: a seed must be in [0, 4294967295], got -1"),
+    ("batch size absurd", {"train": {"batch_size": 10**9}}, [], "train.batch_size: at most 65,536 can be meant, got 1000000000"),
+    ("GPU fraction vanishing", {"resources": {"gpus_per_trial": 1e-6}}, [], "resources.gpus_per_trial: a fraction below 0.01 GPU per trial cannot be meant"),
+    ("null responses", {"data": {"source": "{bad}/null-response.jsonl"}}, [], "data.source: 'response' is null in 2 records (line 5, line 9)"),
+    ("empty response", {"data": {"source": "{bad}/empty-response.jsonl"}}, [], "data.source: 'response' is empty in 1 record (line 3)"),
+    ("response not text", {"data": {"source": "{bad}/list-response.jsonl"}}, [], "data.source: 'response' is not text in 1 record (line 2)"),
+    ("empty text (text format)", {"data": {"format": "text", "source": "{bad}/empty-text.jsonl"}}, [], "data.source: 'text' is empty in 1 record (line 4)"),
+    ("null response in the eval file", {"data": {"eval_source": "{bad}/null-response.jsonl"}}, [], "data.eval_source: 'response' is null in 2 records"),
+    ("a record that is not a mapping", {"data": {"source": "{bad}/not-a-record.jsonl"}}, [], "data.source: every record must be a mapping of columns; 1 record is not (line 2"),
+    ("one-row training set", {"data": {"source": "{bad}/one.jsonl", "eval_source": "{bad}/eval.jsonl"}}, [], "data.source: the training set has 1 example; a rank search needs at least 8"),
+    ("chat without an assistant turn", {"data": {"format": "chat", "source": "{bad}/chat-no-assistant.jsonl"}}, [], "data.source: 'messages' has no assistant turn with content (loss is taken on assistant turns only) in 1 record (line 2)"),
+    ("data source is a folder", {"data": {"source": "{bad}"}}, [], "data.source: '{bad}' is a folder, not a data file"),
+    ("data file not UTF-8", {"data": {"source": "{bad}/latin1.jsonl"}}, [], "data.source: '{bad}/latin1.jsonl' is not UTF-8 text (byte 0xe9"),
+    ("broken line in a .json file", {"data": {"source": "{bad}/broken.json"}}, [], "data.source: cannot parse '{bad}/broken.json': line 3 column"),
 ]
 
 
@@ -130,14 +167,37 @@ def bad(tmp_path_factory, tiny_model, chain_data) -> str:
     (root / "model.gguf").write_bytes(b"GGUF")
     (root / "a-file").write_text("not a folder")
     (root / "empty.jsonl").write_text("")
-    (root / "broken.jsonl").write_text('{"prompt": "w1", "response": "w2"}\n{"prompt": \n')
+    (root / "broken.jsonl").write_text('{"prompt": "w1", "response": "w2"}\n\n{"prompt": \n')  # the file's line 3
     (root / "data.xlsx").write_bytes(b"PK")
     write_jsonl([{"question": r["prompt"], "answer": r["response"]} for r in chain_records(WORDS, 20)], root / "qa.jsonl")
+    rows = chain_records(WORDS, 1400)
+    late = [dict(r) for r in rows]
+    for i in (1200, 1301):  # past the first 1,000 rows
+        del late[i]["prompt"]
+    write_jsonl(late, root / "late-missing.jsonl")
+    _jsonl(root / "null-response.jsonl", rows[:20], {4: {"response": None}, 8: {"response": None}})
+    _jsonl(root / "empty-response.jsonl", rows[:20], {2: {"response": "  "}})
+    _jsonl(root / "list-response.jsonl", rows[:20], {1: {"response": ["w1", "w2"]}})
+    write_jsonl([{"text": f"{r['prompt']} {r['response']}"} for r in rows[:20]], root / "text.jsonl")
+    _jsonl(root / "empty-text.jsonl", [{"text": f"{r['prompt']} {r['response']}"} for r in rows[:20]], {3: {"text": ""}})
+    (root / "not-a-record.jsonl").write_text(json.dumps(rows[0]) + "\n[1, 2]\n" + json.dumps(rows[1]) + "\n")
+    write_jsonl(rows[:1], root / "one.jsonl")
+    write_jsonl(rows[100:160], root / "eval.jsonl")
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]} for r in rows[:20]]
+    chats[1] = {"messages": [{"role": "user", "content": "w1"}, {"role": "user", "content": "w2"}]}
+    write_jsonl(chats, root / "chat-no-assistant.jsonl")
+    (root / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "response": "w1"}\n')
+    (root / "broken.json").write_text('[\n  {"prompt": "w1", "response": "w2"},\n  {"prompt": }\n]\n')
     died = root / "runs" / "died"  # what a driver killed in its first seconds leaves: no experiment state
     died.mkdir(parents=True)
     (died / "lora_rank_search.yaml").write_text("name: died\n")
     (died / "tuner.pkl").write_bytes(b"")
     return str(root)
+
+
+def _jsonl(path, rows: list, changes: dict) -> None:
+    """Write rows as jsonl, with row i (0-based; file line i + 1) updated by changes[i]."""
+    write_jsonl([{**row, **changes.get(i, {})} for i, row in enumerate(rows)], path)
 
 
 def _expand(value, names: dict):
@@ -174,6 +234,10 @@ def test_bad_input_is_refused_before_any_model_loads_or_ray_starts(case, config,
         if raw.get("name") == "done":
             _done_experiment(bad, raw)
         path.write_text(yaml.safe_dump(raw))
+    elif isinstance(config, bytes):
+        path.write_bytes(config)
+    elif isinstance(config, str) and config.startswith("{tmp}"):
+        path = tmp_path  # the config path itself is the bad input
     elif isinstance(config, str):
         path.write_text(_expand(config, names))
     code = main(["search", str(path), *argv])
@@ -184,7 +248,7 @@ def test_bad_input_is_refused_before_any_model_loads_or_ray_starts(case, config,
     assert "Traceback" not in err + out
     assert not ray.is_initialized(), "Ray was started"
     assert weight_loads == [], "model weights were loaded"
-    assert not (tmp_path / "runs" / "test").exists(), "an experiment folder was written"
+    assert not (tmp_path / "runs").exists(), "the storage folder was created"
     assert not (tmp_path / "pwned").exists()
 
 

@@ -10,10 +10,11 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -74,6 +75,8 @@ def read_records(source: str, field: str = "data.source") -> list[dict]:
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in FILE_SUFFIXES or path.exists() or os.path.isabs(source) or source.startswith("."):
+        if path.is_dir():
+            raise DataError(f"{field}: {source!r} is a folder, not a data file (give one {', '.join(FILE_SUFFIXES)} file)")
         if not path.is_file():
             raise DataError(f"{field}: data file not found: {source!r}")
         return _read_file(path, suffix, field)
@@ -89,7 +92,7 @@ def _read_file(path: Path, suffix: str, field: str) -> list[dict]:
             blocks = [b.strip() for b in text.split("\n\n")]
             return [{"text": b} for b in blocks if b]
         if suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return _read_jsonl(path, field)
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -103,6 +106,10 @@ def _read_file(path: Path, suffix: str, field: str) -> list[dict]:
             return pd.read_parquet(path).to_dict("records")
     except DataError:
         raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{field}: {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{field}: cannot parse {str(path)!r}: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
         raise DataError(f"{field}: cannot parse {str(path)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     raise DataError(f"{field}: unsupported file type {suffix!r} (use {', '.join(FILE_SUFFIXES)})")
@@ -118,13 +125,139 @@ def _read_hub(name: str, field: str) -> list[dict]:
 
 
 def check_columns(records: list[dict], fields: list[str], where: str) -> None:
-    """Raise DataError naming the missing column(s) and listing the columns found."""
+    """Raise DataError naming the missing column(s) and listing the columns found; a column that
+    only some records lack is named with the first of those records (every record is read)."""
     if not records:
         raise DataError(f"{where}: dataset is empty")
-    found = sorted({k for r in records[:1000] if isinstance(r, dict) for k in r})
+    _check_mappings(records, where)
+    found = sorted({k for r in records for k in r})
     missing = [f for f in fields if f not in found]
     if missing:
         raise DataError(f"{where}: column(s) {', '.join(repr(m) for m in missing)} not found; columns found: {', '.join(found) or 'none'}")
+    for f in fields:
+        lacking = [i for i, r in enumerate(records) if f not in r]
+        if lacking:
+            raise DataError(f"{where}: {_count(len(lacking), 'record')} lack{'s' if len(lacking) == 1 else ''} the column {f!r} "
+                            f"({_places(records, lacking)})")
+
+
+MIN_TRAIN_EXAMPLES = 8  # fewer training examples cannot tell ranks apart
+
+
+class Records(list):
+    """Records read from a file, with the file line each came from (`lines`, 1-based) when known."""
+
+    lines: Optional[list] = None
+
+
+def _read_jsonl(path: Path, field: str) -> Records:
+    """One JSON value per non-blank line; a broken line is reported by its line number in the file."""
+    records, lines = Records(), []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{field}: cannot parse {str(path)!r}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+            lines.append(number)
+    records.lines = lines
+    return records
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _places(records: list, indices: list[int], shown: int = 3) -> str:
+    """'line 1203, line 1500 and 2 more' (file lines when known, else record numbers, 1-based)."""
+    lines = getattr(records, "lines", None)
+    names = [f"line {lines[i]}" if lines else f"record {i + 1}" for i in indices[:shown]]
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return ", ".join(names) + more
+
+
+def _check_mappings(records: list, where: str) -> None:
+    odd = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+    if odd:
+        first = records[odd[0]]
+        raise DataError(f"{where}: every record must be a mapping of columns; {_count(len(odd), 'record')} "
+                        f"{'is' if len(odd) == 1 else 'are'} not ({_places(records, odd)}: {str(first)[:40]!r})")
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _value_problem(value: Any, trained: bool) -> Optional[str]:
+    """Why one text value cannot be used, or None: null, not text, or (where loss is taken) empty."""
+    if _is_null(value):
+        return "is null"
+    if isinstance(value, (dict, list)):
+        return "is not text"
+    if trained and not str(value).strip():
+        return "is empty"
+    return None
+
+
+def _chat_problem(messages: Any) -> Optional[str]:
+    if not isinstance(messages, list) or not messages:
+        return "is not a non-empty list of {role, content} messages"
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
+            return "holds a message that is not {role, content}"
+        if _is_null(m["content"]) or isinstance(m["content"], (dict, list)):
+            return "holds a message whose content is null or not text"
+    if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in messages):
+        return "has no assistant turn with content (loss is taken on assistant turns only)"
+    return None
+
+
+def check_values(records: list, data_cfg: dict, where: str) -> None:
+    """Refuse records whose needed values are null (they would become the text 'None'), not text,
+    or empty where the loss is taken; chat records need an assistant turn. Names the lines."""
+    fmt = data_cfg["format"]
+    if fmt == "instruction":
+        columns = [(data_cfg["prompt_field"], False), (data_cfg["response_field"], True)]
+    elif fmt == "text":
+        columns = [(data_cfg["text_field"], True)]
+    else:
+        columns = []
+        column = data_cfg["messages_field"]
+        found: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            problem = _chat_problem(record[column])
+            if problem:
+                found.setdefault(problem, []).append(i)
+        for problem, indices in found.items():
+            raise DataError(f"{where}: {column!r} {problem} in {_count(len(indices), 'record')} ({_places(records, indices)})")
+    for column, trained in columns:
+        found = {}
+        for i, record in enumerate(records):
+            problem = _value_problem(record[column], trained)
+            if problem:
+                found.setdefault(problem, []).append(i)
+        for problem, indices in found.items():
+            raise DataError(f"{where}: {column!r} {problem} in {_count(len(indices), 'record')} ({_places(records, indices)})")
+
+
+def overlap_warning(train_records: list, eval_records: list, data_cfg: dict) -> Optional[str]:
+    """`data.eval_source: ...` when eval examples also appear in the training data, with the count."""
+    if not data_cfg.get("eval_source"):
+        return None
+
+    def key(record: dict) -> str:
+        return json.dumps([record.get(f) for f in required_fields(data_cfg)], sort_keys=True, default=str)
+
+    seen = {key(r) for r in train_records}
+    shared = sum(1 for r in eval_records if key(r) in seen)
+    if not shared:
+        return None
+    same = os.path.realpath(str(data_cfg["eval_source"])) == os.path.realpath(str(data_cfg["source"]))
+    what = "is the training file: " if same else ""
+    return (f"data.eval_source: {what}{shared} of {len(eval_records)} eval examples also appear in the training data; "
+            "their eval loss measures memorization, not generalization")
 
 
 # --------------------------------------------------------------------------- splitting
@@ -264,10 +397,12 @@ def load_splits(data_cfg: dict) -> tuple[list[dict], list[dict]]:
     fields = required_fields(data_cfg)
     records = read_records(data_cfg["source"])
     check_columns(records, fields, "data.source")
+    check_values(records, data_cfg, "data.source")
     if data_cfg.get("eval_source"):
         train_records = records
         eval_records = read_records(data_cfg["eval_source"], "data.eval_source")
         check_columns(eval_records, fields, "data.eval_source")
+        check_values(eval_records, data_cfg, "data.eval_source")
     else:
         train_records, eval_records = split_records(records, data_cfg)
     if data_cfg.get("max_eval_examples"):
@@ -278,6 +413,12 @@ def load_splits(data_cfg: dict) -> tuple[list[dict], list[dict]]:
         raise DataError(
             f"data.eval_fraction: the eval split is empty ({len(records)} records, eval_fraction {data_cfg['eval_fraction']}); "
             "raise eval_fraction or give data.eval_source"
+        )
+    if len(train_records) < MIN_TRAIN_EXAMPLES:
+        where = "data.source" if data_cfg.get("eval_source") else "data.eval_fraction"
+        raise DataError(
+            f"{where}: the training set has {_count(len(train_records), 'example')}; a rank search needs at least "
+            f"{MIN_TRAIN_EXAMPLES} (with so few, every rank memorizes them and the comparison means nothing)"
         )
     return train_records, eval_records
 

@@ -8,7 +8,9 @@ trial from its last checkpoint up to ``resources.max_failures`` times.
 Test hook (not for production use): ``LORA_RANK_SEARCH_FAULT="r=2:step=20:kind=raise"`` makes the
 trial of rank 2 fail at optimizer step 20 (1-based): ``raise`` a RuntimeError, make the loss
 ``nan``, raise ``oom`` (torch.OutOfMemoryError, also on CPU), or ``hang`` for HANG_SECONDS
-before that step (a stuck step: what a lost node looks like from inside the trial). Add
+before that step (a stuck step: what a lost node looks like from inside the trial), or ``corrupt``:
+truncate the adapter weights of the trial's newest checkpoint on disk, then raise (a retry must
+fall back to an older checkpoint). Add
 ``:once`` to fire only in a run that started from scratch (so a retry from a checkpoint gets past
 it); separate several faults with ``;``. Workers inherit it from the driver's environment on a
 local Ray.
@@ -23,7 +25,7 @@ from typing import Optional
 
 FAULT_ENV = "LORA_RANK_SEARCH_FAULT"
 OK, DIVERGED, OOM = "ok", "diverged", "oom"  # values of the `trial_status` metric
-FAULT_KINDS = ("raise", "nan", "oom", "hang")
+FAULT_KINDS = ("raise", "nan", "oom", "hang", "corrupt")
 HANG_SECONDS = 60.0
 GIB = 1024**3
 
@@ -52,7 +54,25 @@ class Fault:
             return loss * float("nan")
         if self.kind == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV} at step {self.step})")
+        if self.kind == "corrupt":
+            _truncate_newest_checkpoint()
         raise RuntimeError(f"injected fault ({FAULT_ENV} at step {self.step})")
+
+
+def _truncate_newest_checkpoint() -> None:
+    """Cut the newest persisted checkpoint's adapter_model.safetensors of this Tune trial in half."""
+    from ray.train._internal.session import get_session  # test hook only: a private API is fine here
+
+    storage = get_session().storage
+    fs, trial = storage.storage_filesystem, storage.trial_fs_path
+    import pyarrow.fs
+
+    names = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(trial)) if i.base_name.startswith("checkpoint_"))
+    target = f"{trial}/{names[-1]}/adapter/adapter_model.safetensors"
+    with fs.open_input_stream(target) as handle:
+        data = handle.read()
+    with fs.open_output_stream(target) as out:
+        out.write(data[: len(data) // 2])
 
 
 def planned_fault(r: int, resumed: bool, spec: Optional[str] = None) -> Optional[Fault]:

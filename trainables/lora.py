@@ -323,3 +323,32 @@ def peft_config(r: int, rule: Union[float, str], dropout: float, targets: Sequen
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def rank_problems(ranks: Sequence[int], shapes: Mapping[str, tuple[int, int]], targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) for ranks the targeted layers cannot use.
+
+    A rank-r update B·A of a layer with `in` inputs and `out` outputs has rank at most
+    min(in, out): a larger r adds parameters and no capacity. Ranks above that bound on *every*
+    targeted layer are refused (naming the largest meaningful rank); ranks above it on some
+    layers are warned about.
+    """
+    layers = targeted_layers(shapes, targets)
+    if not layers:
+        return [], []
+    bounds = {name: min(i, o) for name, (i, o) in layers.items()}
+    largest, smallest = max(bounds.values()), min(bounds.values())
+    refused, warned = [], []
+    for index, r in enumerate(ranks):
+        if r > largest:
+            refused.append(
+                f"lora.ranks[{index}]: rank {r} is larger than the targeted layers allow; the largest meaningful rank is "
+                f"{largest} (min(in, out) of the widest targeted layer; targets {', '.join(targets)})"
+            )
+        elif r > smallest:
+            narrow = sorted({_leaf(n) for n, b in bounds.items() if b < r})
+            warned.append(
+                f"lora.ranks[{index}]: rank {r} exceeds min(in, out) = {smallest} of {', '.join(narrow)}: there it adds "
+                "parameters but no capacity"
+            )
+    return refused, warned

@@ -434,10 +434,74 @@ def lora_trial(config: dict, settings: Optional[dict] = None, data: Optional[Tok
     if checkpoint is None:
         run_trial(config, settings, data, report)
         return
-    with checkpoint.as_directory() as folder:
-        local = tempfile.mkdtemp(prefix="lrs-restore-")
-        shutil.copytree(folder, local, dirs_exist_ok=True)
+    local = restorable_checkpoint(checkpoint)
     try:
         run_trial(config, settings, data, report, restore_from=local)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+class CheckpointUnusable(RuntimeError):
+    """No kept checkpoint of a trial loads; the message names the file and why."""
+
+
+def checkpoint_problem(folder: str) -> Optional[str]:
+    """Why a local checkpoint folder cannot be resumed from ('<file in it>: <reason>'), or None."""
+    import torch
+    from safetensors.torch import load_file
+
+    def why(exc: Exception) -> str:
+        first = str(exc).splitlines()[0] if str(exc) else "unreadable"
+        return f"{type(exc).__name__}: {first}"
+
+    weights = f"{ADAPTER_DIR}/adapter_model.safetensors"
+    try:
+        load_file(str(Path(folder) / weights))
+    except Exception as exc:  # noqa: BLE001 - any reason it does not load
+        return f"{weights}: {why(exc)}"
+    try:
+        loaded = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        return f"{STATE_FILE}: {why(exc)}"
+    if not isinstance(loaded, dict) or "step" not in loaded:
+        return f"{STATE_FILE}: holds no training state"
+    return None
+
+
+def _older_checkpoints(checkpoint) -> list:
+    """The trial's other kept checkpoints older than `checkpoint`, newest first (tune.Checkpoint)."""
+    import pyarrow.fs
+    from ray import tune
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    try:
+        infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names]
+
+
+def restorable_checkpoint(checkpoint) -> str:
+    """A local copy of the newest kept checkpoint of this trial that loads, starting at `checkpoint`
+    (Tune's latest). A checkpoint that does not load (a truncated file, a full disk) is named on
+    stderr, file and reason, and the next older one is tried; raises CheckpointUnusable, naming
+    every file that failed, when none loads."""
+    failed = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        local = tempfile.mkdtemp(prefix="lrs-restore-")
+        try:
+            candidate.to_directory(local)
+            problem = checkpoint_problem(local)
+        except Exception as exc:  # noqa: BLE001 - a folder that cannot even be copied
+            problem = f"(the folder): {type(exc).__name__}: {exc}"
+        if problem is None:
+            if failed:
+                print(f"warning: checkpoint: resuming from the older {candidate.path}", file=sys.stderr, flush=True)
+            return local
+        shutil.rmtree(local, ignore_errors=True)
+        file, reason = problem.split(": ", 1)
+        failed.append(f"{candidate.path}/{file} ({reason})")
+        print(f"warning: checkpoint: {failed[-1]} does not load", file=sys.stderr, flush=True)
+    raise CheckpointUnusable("no kept checkpoint of this trial loads: " + "; ".join(failed))
