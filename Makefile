@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs clean
+.PHONY: install demo test test-fast docs clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# The inner loop: every test that starts no Ray and trains no model (pure logic, the analysis side
+# on a fake experiment folder, config and bad-input checks).
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 docs: install
 	$(PY) -c 'from search.config import update_readme; update_readme("README.md")'

@@ -16,6 +16,7 @@ Adding a dimension (e.g. target modules as part of the unit) is a change here. P
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 UNIT_KEYS = ("r",)
@@ -40,6 +41,8 @@ def format_lr(lr: Any) -> str:
         value = float(lr)
     except (TypeError, ValueError):
         return str(lr)
+    if not math.isfinite(value) or value == 0:
+        return f"{value:g}"
     mantissa, exponent = f"{value:.2e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"

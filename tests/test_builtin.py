@@ -40,6 +40,7 @@ def test_quickstart_data_is_split_by_question(quickstart):
     assert prepared.data_stats["train_examples"] > 1500
 
 
+@pytest.mark.slow
 def test_quickstart_model_loads_in_4bit(quickstart):
     import bitsandbytes as bnb
     import torch

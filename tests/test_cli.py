@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -44,6 +46,7 @@ def test_bad_model_data_and_targets_are_found_before_ray(raw_config, tmp_path, c
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_cli_search_end_to_end_prints_the_table_and_writes_the_experiment(raw_config, tmp_path):
     raw = raw_config(name="cli", lora={"ranks": [2, 16]}, train={"max_steps": 20, "eval_every": 10})
     config = _write(tmp_path, raw)

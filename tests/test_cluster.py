@@ -24,6 +24,8 @@ from search.runner import run_search
 from trainables.failures import FAULT_ENV
 from trainables.trial import NodeSetupError, on_this_node
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or trains
+
 MAX_STEPS, EVAL_EVERY = 80, 10
 RANKS = [2, 4, 8, 16]
 # The tiny model trains 80 steps in about a second, faster than a node can be removed: without this

@@ -12,6 +12,9 @@ from analysis.results import load_experiment
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cluster"))
 
 from autoscale import FAKE_HEAD_NODE_ID, run  # noqa: E402
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts Ray or trains
 
 
 def test_gpu_nodes_are_added_for_the_search_and_removed_after_it(tmp_path):

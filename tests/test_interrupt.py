@@ -21,6 +21,8 @@ import yaml
 from analysis.results import load_experiment
 from processes import kill_marked
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or trains
+
 MAX_STEPS, EVAL_EVERY = 240, 30
 RANKS = [2, 8, 32]
 

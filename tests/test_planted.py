@@ -21,6 +21,8 @@ from search.config import parse_config
 from search.runner import run_search
 from trainables.planted import build_planted_task, planted_config
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or trains
+
 K = 4
 
 

@@ -143,6 +143,7 @@ def test_export_names_the_real_reason_a_trial_ended_early(status, reason):
 
 # --------------------------------------------------------------------------- checkpoint fallback
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_load_falls_back_to_the_previous_one(raw_config, tmp_path, capsys):
     from ray import tune
 

@@ -12,6 +12,9 @@ from analysis.results import load_experiment
 from search.config import parse_config
 from search.runner import run_search
 from test_trial import DESIGN_METRICS
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts Ray or trains
 
 
 def _event_scalars(trial_dir: str, tag: str) -> dict[int, float]:

@@ -57,6 +57,7 @@ def _leaks(data: bytes, token: str) -> bool:
     return any(form in data for form in forms)
 
 
+@pytest.mark.slow
 def test_hf_token_appears_in_no_file_log_or_output_of_a_real_search(raw_config, tmp_path, monkeypatch, capfd):
     import ray
 

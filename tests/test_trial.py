@@ -33,6 +33,7 @@ def setup(raw_config):
     return make
 
 
+@pytest.mark.slow
 def test_every_report_has_every_metric_and_sane_values(setup, tmp_path):
     cfg, prepared, settings = setup(train={"max_steps": 25, "eval_every": 10})
     reports = []
@@ -57,6 +58,7 @@ def test_every_report_has_every_metric_and_sane_values(setup, tmp_path):
     assert reports[-1]["eval_loss"] < reports[0]["eval_loss"], "training reduces the eval loss"
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path):
     cfg, prepared, settings = setup(train={"max_steps": 30, "eval_every": 10})
     full, partial = [], []
