@@ -305,6 +305,8 @@ def run_trial(
 
 
 def _node_id() -> str:
+    if "ray" not in sys.modules:  # not in a Ray worker (a bare loop): no node, and no import of Ray
+        return ""
     try:
         import ray
 
