@@ -22,7 +22,7 @@ SHAPES = {
     "8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256, tied=False),  # Llama-3.1-8B
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True),  # Llama-3.2-1B
     "135m": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tied=True),  # SmolLM2-135M
-    "small": dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=260, tied=False),
+    "small": dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=64, tied=False),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=64, tied=False),
     "tiny-1b": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1024, tied=True),
 }
@@ -107,7 +107,11 @@ def matmul_tflops(device: str, n: int, repeats: int) -> float:
     for _ in range(repeats):
         a @ b
     sync()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+    rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+    del a, b
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rate
 
 
 def flops_per_token(frozen_params: int, lora_params: int, layers: int, hidden: int, seq: int) -> dict:
@@ -195,8 +199,9 @@ def trial_child(spec: dict) -> dict:
 
 def run_children(specs: list[dict], work: Path, timeout_s: float, barrier: bool = False,
                  poll: Optional[Callable[[], None]] = None) -> list[dict]:
-    """Run one trial process per spec, all at once; with `barrier` they start training at the
-    same moment (after their imports and data). Returns each one's result, or {"error": ...}."""
+    """Run one trial process per spec, all at once, with one CPU thread each as a Ray worker of
+    cpus_per_trial 1 has; with `barrier` they start training at the same moment (after their
+    imports and data). Returns each one's result, or {"error": ...}."""
     script = str(Path(__file__).with_name("gpu_check.py"))
     tag = time.time_ns()
     go = work / f"go-{tag}"
@@ -206,7 +211,7 @@ def run_children(specs: list[dict], work: Path, timeout_s: float, barrier: bool 
         paths["spec.json"].write_text(json.dumps({**spec, **({"ready_file": str(paths["ready"]), "go_file": str(go)} if barrier else {})}))
         with open(paths["log"], "w") as log:
             proc = subprocess.Popen([sys.executable, script, "--child", str(paths["spec.json"]), str(paths["out.json"])],
-                                    stdout=log, stderr=subprocess.STDOUT)
+                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         children.append((proc, paths))
     deadline, timed_out = time.time() + timeout_s, False
     try:
