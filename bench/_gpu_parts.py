@@ -174,6 +174,7 @@ def trial_child(spec: dict) -> dict:
     settings = trial_settings(cfg, prepared.model_path, prepared.targets)
     estimate = memory_estimate(cfg, prepared)
     if spec.get("go_file"):  # start training together with the other processes of a packing
+        import peft  # noqa: F401 - imported before the barrier, so no process spends its start importing
         Path(spec["ready_file"]).touch()
         while not os.path.exists(spec["go_file"]):
             time.sleep(0.05)

@@ -108,15 +108,18 @@ def _mfu(m: dict, anchor: dict, results: dict) -> list[str]:
     one = m.get("1b")
     if one:
         f = one["flops_per_token"]
-        out += ["", f"1B shape, 1 trial per GPU: {one['tokens_per_s']:,.0f} tokens/s x {f['total'] / 1e9:.3g} GFLOP/token "
+        out += ["", f"1B ({one['shape']} shape), 1 trial per GPU: {one['tokens_per_s']:,.0f} tokens/s x {f['total'] / 1e9:.3g} GFLOP/token "
                     f"(frozen {f['frozen'] / 1e9:.3g} + adapter {f['adapter'] / 1e9:.3g} + attention {f['attention'] / 1e9:.3g})"
                     f" = {one['achieved_tflops']:.3g} TFLOP/s of {one['peak_tflops']:.3g} measured: **MFU {100 * one['mfu']:.1f}%**"]
     else:
         out += ["", "1B shape: not measured in this run."]
+    out.append("")
+    if not (m.get("8b") or m.get("8b_checkpointing")):
+        out.append("- 8B shape: not measured in this run")
     for key, label in (("8b", "off"), ("8b_checkpointing", "on")):
         row = m.get(key)
         if row:
-            out.append(f"- 8B shape, checkpointing {label}: **{row['tokens_per_s']:,.0f} tokens/s** at {_gib(row['measured_bytes'])}"
+            out.append(f"- 8B ({row['shape']} shape), checkpointing {label}: **{row['tokens_per_s']:,.0f} tokens/s** at {_gib(row['measured_bytes'])}"
                        f" ({row['vs_anchor_tokens_per_s']:.2f}x the anchor)")
     out.append(f"- anchor: {anchor['source']}: {anchor['tokens_per_s']:,} tokens/s at {_gib(anchor['peak_bytes'])} peak")
     return out

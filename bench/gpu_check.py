@@ -292,11 +292,11 @@ def mfu(results: dict) -> dict:
         if row["model"] == "1b" and not row["gradient_checkpointing"] and rate:
             flops = flops_per_token(row["frozen_matmul_params"], row["trainable_params"], row["layers"], row["hidden"], row["seq_len"])
             achieved = row["tokens_per_s"] * flops["total"] / 1e12
-            out["1b"] = {"tokens_per_s": row["tokens_per_s"], "flops_per_token": flops, "achieved_tflops": achieved,
+            out["1b"] = {"shape": row["shape"], "tokens_per_s": row["tokens_per_s"], "flops_per_token": flops, "achieved_tflops": achieved,
                          "peak_tflops": rate, "mfu": achieved / rate}
         if row["model"] == "8b":
             key = "8b_checkpointing" if row["gradient_checkpointing"] else "8b"
-            out[key] = {"tokens_per_s": row["tokens_per_s"], "measured_bytes": row["measured_bytes"],
+            out[key] = {"shape": row["shape"], "tokens_per_s": row["tokens_per_s"], "measured_bytes": row["measured_bytes"],
                         "vs_anchor_tokens_per_s": row["tokens_per_s"] / ANCHOR_8B["tokens_per_s"]}
     return out
 
