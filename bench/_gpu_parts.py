@@ -8,6 +8,7 @@ memory is its own, as a Ray worker's would be.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -56,6 +57,7 @@ def build_random_llama(shape: str, folder: Path, device: str) -> tuple[str, list
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     del model
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return str(folder), words

@@ -1,6 +1,6 @@
 """GPU check: the GPU path measured by one command on a bare GPU machine (no Ray, nothing fetched).
 
-    python bench/gpu_check.py --out DIR            # on a GPU: under 8 minutes on an H200
+    python bench/gpu_check.py --out DIR            # on a GPU: planned for under 8 minutes on an H200
     python bench/gpu_check.py --out DIR --smoke    # on CPU with tiny shapes: the same code paths
 
 Writes DIR/results.json and DIR/results.md after every step (a run cut short keeps what it
@@ -191,6 +191,7 @@ def check_correctness(plan: Plan, work: Path) -> dict:
     relative = abs(reloaded - last["eval_loss"]) / last["eval_loss"]
     out["checks"] = {
         "runs on the expected device": device.startswith(plan.device),
+        "the trial ended normally": last.get("trial_status") == "ok",
         "Linear4bit layers on the device": bool(layers) and all(m.weight.device.type == plan.device for m in layers),
         "NF4 + double quant, bf16 compute": out["quant_types"] == ["nf4"] and out["double_quant"]
         and out["compute_dtypes"] == ["torch.bfloat16"],
