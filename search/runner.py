@@ -21,7 +21,7 @@ from search import storage
 from search.arms import format_lr
 from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig, learning_rates, warn
 from search.isolation import isolated_ray_start
-from search.resources import cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
+from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
 from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
 
 @dataclass
@@ -148,6 +148,26 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     return out
 
 
+def memory_estimate(cfg: SearchConfig, prepared: Prepared) -> MemoryEstimate:
+    """One trial's GPU memory as `gpus_per_trial: auto` plans it, at the largest rank (bytes, by part)."""
+    from trainables.lora import lora_param_count
+
+    dims = prepared.dims
+    return estimate_trial_memory(
+        prepared.linear_shapes,
+        dims["other_params"],
+        lora_param_count(prepared.linear_shapes, prepared.targets, max(cfg.lora.ranks)),
+        hidden=dims["hidden"],
+        layers=dims["layers"],
+        vocab=dims["vocab"],
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.data.max_seq_len,
+        load_in_4bit=cfg.quantization.load_in_4bit,
+        double_quant=cfg.quantization.double_quant,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
+
+
 def resolve_resources(
     cfg: SearchConfig, prepared: Prepared, log: Callable[[str], None] = print, joined: bool = False
 ) -> dict:
@@ -158,8 +178,6 @@ def resolve_resources(
     """
     import ray
 
-    from trainables.lora import lora_param_count
-
     gpus = cfg.resources.gpus_per_trial
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     if gpus == "auto":
@@ -168,20 +186,7 @@ def resolve_resources(
             gpus = 0.0
             log("resources: no GPU found; trials run on CPU")
         else:
-            dims = prepared.dims
-            estimate = estimate_trial_memory(
-                prepared.linear_shapes,
-                dims["other_params"],
-                lora_param_count(prepared.linear_shapes, prepared.targets, max(cfg.lora.ranks)),
-                hidden=dims["hidden"],
-                layers=dims["layers"],
-                vocab=dims["vocab"],
-                batch_size=cfg.train.batch_size,
-                seq_len=cfg.data.max_seq_len,
-                load_in_4bit=cfg.quantization.load_in_4bit,
-                double_quant=cfg.quantization.double_quant,
-                gradient_checkpointing=cfg.train.gradient_checkpointing,
-            )
+            estimate = memory_estimate(cfg, prepared)
             gpus = gpu_fraction_for(estimate.total, total)
             log(f"resources: auto: ~{estimate.total / 2**30:.1f} GiB per trial on a {total / 2**30:.0f} GiB GPU -> {gpus:g} GPU per trial")
     elif gpus > 0 and cluster_gpus <= 0:

@@ -323,6 +323,8 @@ def _single_lr(value) -> float:
 
 
 def _node_id() -> str:
+    if "ray" not in sys.modules:  # not in a Ray worker (a bare loop): no node, and no import of Ray
+        return ""
     try:
         import ray
 
