@@ -16,7 +16,8 @@ from typing import Optional
 
 import pandas as pd
 
-ADAPTER_DIR = "adapter"  # as trainables.trial.ADAPTER_DIR (not imported: analysis needs no torch)
+from search import storage
+from search.layout import ADAPTER_DIR, CHECKPOINT_PREFIX
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -37,14 +38,8 @@ class CheckpointRef:
         return f"{self.path}/{ADAPTER_DIR}"
 
 
-def _fs(path: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+_fs = storage.filesystem
+_join = storage.join
 
 
 def kept_checkpoints(experiment: str, trial_dir: str, history: pd.DataFrame, trial_id: str = "") -> list[CheckpointRef]:
@@ -53,7 +48,7 @@ def kept_checkpoints(experiment: str, trial_dir: str, history: pd.DataFrame, tri
 
     fs, root = _fs(experiment)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{trial_dir}", allow_not_found=True))
-    names = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    names = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
     out = []
     rows = history if "checkpoint_dir_name" in history else pd.DataFrame(columns=["checkpoint_dir_name"])
     for name in names:

@@ -9,8 +9,10 @@ from typing import Optional
 import pandas as pd
 
 from analysis.diagnosis import Finding, diagnose
-from analysis.results import load_experiment, read_config
+from analysis.results import load_experiment
 from analysis.selection import DEFAULT_RULE, Recommendation, recommend
+from search import layout, storage
+from search.layout import read_config
 
 
 @dataclass
@@ -31,7 +33,7 @@ class ExperimentNotFound(FileNotFoundError):
 
 def experiment_path(path: str) -> str:
     """A URI as is; a local path made absolute (pyarrow needs absolute local paths)."""
-    return path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return path.rstrip("/") if storage.is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def load(experiment: str, tolerance: Optional[float] = None, rule: str = DEFAULT_RULE) -> Analysis:
@@ -49,9 +51,9 @@ def load(experiment: str, tolerance: Optional[float] = None, rule: str = DEFAULT
 
 def default_out(experiment: str) -> str:
     """`<experiment>/analysis` for a local experiment; ./analysis-<name> for a remote one."""
-    if "://" in experiment:
+    if storage.is_uri(experiment):
         return os.path.abspath(f"analysis-{experiment.rstrip('/').rsplit('/', 1)[-1]}")
-    return os.path.join(experiment, "analysis")
+    return os.path.join(experiment, layout.ANALYSIS_DIR)
 
 
 def run_analysis(experiment: str, tolerance: Optional[float] = None, out: Optional[str] = None,

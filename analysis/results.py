@@ -14,7 +14,8 @@ import pandas as pd
 import yaml
 
 from search.arms import format_lr
-from search.config import CONFIG_FILENAME, META_FILENAME
+from search import layout, storage
+from search.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
 from trainables.failures import DIVERGED, OOM
 
 # Trial status as analysis names it (Ray's TERMINATED covers both finished and early-stopped; a
@@ -24,10 +25,7 @@ FAILED = (ERROR, DIVERGED, OOM)  # statuses whose `failure` column says why
 DONE = (COMPLETED, STOPPED, *FAILED)  # trials that ended; the rest were interrupted before they could
 
 
-def _fs(path: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path)
+_fs = storage.filesystem
 
 
 def _read(fs, path: str) -> str:
@@ -41,26 +39,9 @@ def _listing(fs, root: str) -> dict[str, object]:
     return {info.base_name: info for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))}
 
 
-def read_config(experiment: str) -> dict:
-    """The validated config the search saved (plain dict); {} if absent."""
-    fs, root = _fs(experiment)
-    try:
-        return yaml.safe_load(_read(fs, f"{root}/{CONFIG_FILENAME}")) or {}
-    except (FileNotFoundError, OSError):
-        return {}
-
-
-def read_meta(experiment: str) -> dict:
-    fs, root = _fs(experiment)
-    try:
-        return json.loads(_read(fs, f"{root}/{META_FILENAME}"))
-    except (FileNotFoundError, OSError):
-        return {}
-
-
 def _ray_statuses(fs, root: str, listing: dict) -> dict[str, tuple[str, int]]:
     """trial_id -> (Ray status, number of failures Tune retried) from the newest experiment_state snapshot."""
-    states = sorted(name for name in listing if name.startswith("experiment_state-") and name.endswith(".json"))
+    states = sorted(name for name in listing if name.startswith(layout.STATE_PREFIX) and name.endswith(".json"))
     if not states:
         return {}
     out = {}
@@ -78,7 +59,7 @@ def _ray_statuses(fs, root: str, listing: dict) -> dict[str, tuple[str, int]]:
 def _error_line(fs, trial_root: str) -> str:
     """The last line of Tune's error.txt: the exception that ended the trial."""
     try:
-        lines = [line.strip() for line in _read(fs, f"{trial_root}/error.txt").splitlines() if line.strip()]
+        lines = [line.strip() for line in _read(fs, f"{trial_root}/{layout.ERROR_FILE}").splitlines() if line.strip()]
     except (FileNotFoundError, OSError):
         return ""
     return lines[-1] if lines else ""
@@ -88,7 +69,7 @@ def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFra
     """The trial's reports (result.json); lines that are not a JSON mapping are skipped and named
     in `problems`."""
     try:
-        text = _read(fs, f"{trial_root}/result.json")
+        text = _read(fs, f"{trial_root}/{layout.RESULT_FILE}")
     except (FileNotFoundError, OSError):
         return pd.DataFrame()
     rows, bad = [], []
@@ -136,11 +117,12 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         problems: list[str] = []
         params = _params(fs, trial_root, files, problems)
         history = _history(fs, trial_root, problems)
-        trial_id = "_".join(name.split("_")[-2:])  # dirs are r<r>_seed<s>_<trial id>
+        parsed = layout.parse_trial_dirname(name)
+        trial_id = parsed["trial_id"] if parsed else "_".join(name.split("_")[-2:])
         if not history.empty and "trial_id" in history:
             trial_id = str(history["trial_id"].iloc[-1])
         ray_status, failures = statuses.get(trial_id, ("", 0))
-        if "result.json" not in files and _ran(files, ray_status):
+        if layout.RESULT_FILE not in files and _ran(files, ray_status):
             problems.append("result.json is missing, though the trial ran ("
                             + (f"Ray recorded it as {ray_status}" if ray_status not in ("", "PENDING") else "its folder holds its outputs") + ")")
         if problems:
@@ -171,8 +153,7 @@ def _first(history: pd.DataFrame, column: str, default=math.nan):
 
 # --------------------------------------------------------------------------- incomplete trial folders
 INCOMPLETE = "incomplete"  # trials.attrs key: one line per trial folder whose files are damaged or missing
-_TRIAL_FILES = ("params.json", "result.json", "progress.csv", "error.txt", "error.pkl")
-_OUTPUTS = ("result.json", "progress.csv", "error.txt", "error.pkl")
+_TRIAL_FILES = (layout.PARAMS_FILE, *layout.TRIAL_OUTPUTS)
 
 
 class IncompleteExperiment(ValueError):
@@ -180,22 +161,22 @@ class IncompleteExperiment(ValueError):
 
 
 def _looks_like_trial(files: dict) -> bool:
-    return any(n in files for n in _TRIAL_FILES) or any(n.startswith("checkpoint_") for n in files)
+    return any(n in files for n in _TRIAL_FILES) or any(n.startswith(layout.CHECKPOINT_PREFIX) for n in files)
 
 
 def _ran(files: dict, ray_status: str) -> bool:
     """The trial produced something (Ray's status past PENDING, or outputs in its folder)."""
-    return ray_status not in ("", "PENDING") or any(n in files for n in _OUTPUTS) or any(
-        n.startswith(("checkpoint_", "events.out.tfevents")) for n in files)
+    return ray_status not in ("", "PENDING") or any(n in files for n in layout.TRIAL_OUTPUTS) or any(
+        n.startswith((layout.CHECKPOINT_PREFIX, "events.out.tfevents")) for n in files)
 
 
 def _params(fs, trial_root: str, files: dict, problems: list) -> dict:
     """params.json as a mapping; {} (and a line in `problems`) when missing, unparsable or not a mapping."""
-    if "params.json" not in files:
+    if layout.PARAMS_FILE not in files:
         problems.append("params.json is missing")
         return {}
     try:
-        params = json.loads(_read(fs, f"{trial_root}/params.json"))
+        params = json.loads(_read(fs, f"{trial_root}/{layout.PARAMS_FILE}"))
     except (ValueError, OSError) as exc:
         problems.append(f"params.json does not parse ({type(exc).__name__})")
         return {}
@@ -246,7 +227,7 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
     steps = int(_last(history, "step", 0))
     reported = str(_last(history, "trial_status", ""))
     # error.txt stays after a retry that succeeded: without Ray's status, trust it only if unfinished.
-    error_file = "error.txt" in files or "error.pkl" in files
+    error_file = any(n in files for n in layout.ERROR_FILES)
     if ray_status == "ERROR" or (not ray_status and error_file and not (max_steps and steps >= max_steps)):
         status = ERROR
     elif reported in (DIVERGED, OOM):

@@ -21,6 +21,8 @@ from typing import Optional
 
 import pandas as pd
 
+from search import storage
+
 MARKER = ".lora-rank-tensorboard"  # only a folder holding this marker is ever cleared
 DEFAULT_HOST = "127.0.0.1"  # this machine only; view from elsewhere with `ssh -L 6006:127.0.0.1:6006`
 DEFAULT_PORT = 6006
@@ -113,7 +115,7 @@ def _session(row):
 
 def default_logdir(experiment: str) -> str:
     """`<experiment>/tensorboard` for a local experiment; a local folder for a remote one."""
-    if "://" in experiment:
+    if storage.is_uri(experiment):
         return os.path.abspath(f"tensorboard-{experiment.rstrip('/').rsplit('/', 1)[-1]}")
     return os.path.join(experiment, "tensorboard")
 

@@ -26,8 +26,6 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SCHEDULER_TYPES = ("sha", "asha", "none")
 GRACE_FRACTION = 0.15  # scheduler.grace_period: null = this share of train.max_steps (bench/asha_vs_grid.py)
-CONFIG_FILENAME = "lora_rank_search.yaml"  # the validated config saved in the experiment dir
-META_FILENAME = "search_meta.json"  # what the driver worked out: targets, data counts, resources
 
 
 class ConfigError(ValueError):
@@ -330,8 +328,7 @@ def _parse_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
 # --------------------------------------------------------------------------- checks (meaning)
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
+from search.storage import is_uri as _is_uri  # noqa: E402 - beside its only users
 
 
 def _check(cfg: SearchConfig) -> list[str]:

@@ -7,7 +7,6 @@ every problem collected into one ConfigError; only then does Ray start and a GPU
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -19,7 +18,8 @@ import yaml
 
 from search import storage
 from search.arms import format_lr
-from search.config import CONFIG_FILENAME, META_FILENAME, ConfigError, SearchConfig, learning_rates, warn
+from search import layout
+from search.config import ConfigError, SearchConfig, learning_rates, warn
 from search.isolation import isolated_ray_start
 from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
 from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
@@ -204,13 +204,11 @@ def _autoscaling() -> bool:
 
 
 def trial_name(trial) -> str:
-    """'r8-lr3e-4-seed0': the name progress lines and Tune show."""
-    return f"r{trial.config['r']}-lr{format_lr(trial.config['lr'])}-seed{trial.config['seed']}"
+    return layout.trial_name(trial.config)
 
 
 def trial_dirname(trial) -> str:
-    """'r0008_lr3e-4_seed0_<trial id>': trial folders sort by rank, then learning rate."""
-    return f"r{trial.config['r']:04d}_lr{format_lr(trial.config['lr'])}_seed{trial.config['seed']}_{trial.trial_id}"
+    return layout.trial_dirname(trial.config, trial.trial_id)
 
 
 def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
@@ -220,7 +218,7 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
     import transformers
 
     exp = cfg.experiment_path
-    storage.write_text(storage.join(exp, CONFIG_FILENAME), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    layout.write_config(exp, cfg.to_dict())
     meta = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_path": prepared.model_path,
@@ -237,13 +235,12 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
             "peft": peft.__version__,
         },
     }
-    storage.write_text(storage.join(exp, META_FILENAME), json.dumps(meta, indent=2))
+    layout.write_meta(exp, meta)
 
 
 def is_resumable(experiment: str) -> bool:
     """Tune's tuner.pkl and at least one experiment_state snapshot are in the experiment folder."""
-    names = storage.listdir(experiment)
-    return "tuner.pkl" in names and any(n.startswith("experiment_state-") for n in names)
+    return layout.is_resumable(storage.listdir(experiment))
 
 
 def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
@@ -270,7 +267,7 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
         why = "the run stopped before its first snapshot; delete the folder and" if names else "no experiment there;"
         raise ConfigError([f"name: nothing to resume at {exp!r} ({why} start without --resume)"], "input")
     if resume:
-        saved_path = storage.join(exp, CONFIG_FILENAME)
+        saved_path = storage.join(exp, layout.CONFIG_FILE)
         if storage.exists(saved_path):
             saved = yaml.safe_load(storage.read_text(saved_path))
             now, before = _flatten(cfg.to_dict()), _flatten(saved or {})

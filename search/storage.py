@@ -17,10 +17,22 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
-def _fs(path: str):
+def filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path (made absolute) or a URI."""
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.FileSystem.from_uri(path if is_uri(path) else os.path.abspath(os.path.expanduser(path)))
+
+
+_fs = filesystem
+
+
+def entries(path: str) -> dict:
+    """name -> pyarrow FileInfo of everything in a folder (local or URI); {} if it does not exist."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(path)
+    return {info.base_name: info for info in fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))}
 
 
 def exists(path: str) -> bool:

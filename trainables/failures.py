@@ -63,12 +63,14 @@ def _truncate_newest_checkpoint() -> None:
     """Cut the newest persisted checkpoint's adapter_model.safetensors of this Tune trial in half."""
     from ray.train._internal.session import get_session  # test hook only: a private API is fine here
 
+    from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
+
     storage = get_session().storage
     fs, trial = storage.storage_filesystem, storage.trial_fs_path
     import pyarrow.fs
 
-    names = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(trial)) if i.base_name.startswith("checkpoint_"))
-    target = f"{trial}/{names[-1]}/adapter/adapter_model.safetensors"
+    names = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(trial)) if i.base_name.startswith(CHECKPOINT_PREFIX))
+    target = f"{trial}/{names[-1]}/{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"
     with fs.open_input_stream(target) as handle:
         data = handle.read()
     with fs.open_output_stream(target) as out:

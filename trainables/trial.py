@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
+from search.layout import TRAINER_STATE_FILE as STATE_FILE
 from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
 from trainables.failures import DIVERGED, OK, OOM, TrialDiverged, out_of_memory_detail, planned_fault
 from trainables.lora import lora_alpha, peft_config
-
-ADAPTER_DIR = "adapter"
-STATE_FILE = "trainer_state.pt"
 Report = Callable[[dict, Optional[str]], None]  # (metrics, checkpoint folder or None) -> None
 
 
@@ -133,7 +132,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors"))
+    weights = load_file(str(Path(folder) / ADAPTER_DIR / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"checkpoint adapter does not fit the model: unexpected keys {result.unexpected_keys[:3]}")
@@ -456,7 +455,7 @@ def checkpoint_problem(folder: str) -> Optional[str]:
         first = str(exc).splitlines()[0] if str(exc) else "unreadable"
         return f"{type(exc).__name__}: {first}"
 
-    weights = f"{ADAPTER_DIR}/adapter_model.safetensors"
+    weights = f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"
     try:
         load_file(str(Path(folder) / weights))
     except Exception as exc:  # noqa: BLE001 - any reason it does not load
@@ -481,7 +480,7 @@ def _older_checkpoints(checkpoint) -> list:
     except OSError:
         return []
     names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+                    and i.base_name.startswith(CHECKPOINT_PREFIX) and i.base_name < name), reverse=True)
     return [tune.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names]
 
 
