@@ -171,7 +171,7 @@ def check_correctness(plan: Plan, work: Path) -> dict:
     model = build_model(settings, 8, device)  # a fresh base and adapter; then the saved adapter, by PEFT
     model.load_adapter(str(adapter), adapter_name="reloaded")
     model.set_adapter("reloaded")
-    eval_batch = settings["train"]["eval_batch_size"] or 2 * settings["train"]["batch_size"]
+    eval_batch = settings.train.eval_batch_size or 2 * settings.train.batch_size
     reloaded, _ = evaluate(model, prepared.data, eval_batch, device)
     with model.disable_adapter():
         base_loss, _ = evaluate(model, prepared.data, eval_batch, device)

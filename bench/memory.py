@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import header  # noqa: E402
 
-QUANT = {"quant_type": "nf4", "double_quant": True, "prequantized_cache": True}
+QUANT = {"quant_type": "nf4", "double_quant": True, "prequantized_cache": True}  # QuantizationConfig fields
 
 
 def tensor_bytes(model) -> dict:
@@ -69,7 +69,9 @@ def child(kind: str, model: str, dtype: str, rank: int, steps: int) -> dict:
     device = trial_device()
     path = resolve_model(model)
     baseline = _peak(device)
-    quant = {**QUANT, "load_in_4bit": dtype == "nf4", "compute_dtype": "auto" if dtype == "nf4" else dtype}
+    from search.config import QuantizationConfig
+
+    quant = QuantizationConfig(**QUANT, load_in_4bit=dtype == "nf4", compute_dtype="auto" if dtype == "nf4" else dtype)
     base = load_base_model(path, quant, device)
     out = {"device": device, "baseline_peak": baseline, "load_peak": _peak(device)}
     if dtype == "nf4":

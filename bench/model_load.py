@@ -29,6 +29,7 @@ def main() -> None:
 
     import torch
 
+    from search.config import QuantizationConfig
     from trainables.model import load_base_model, prequantized_dir, resolve_model
     from trainables.trial import quiet_libraries
 
@@ -40,12 +41,12 @@ def main() -> None:
     print(f"model: {args.model} ({path}), device {device}, NF4 + double quant, 1 torch thread")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["LORA_RANK_SEARCH_CACHE"] = cache  # a cold cache of our own
-        cached = {**QUANT, "prequantized_cache": True}
+        cached = QuantizationConfig(**QUANT, prequantized_cache=True)
         first, _ = median_time(lambda: load_base_model(path, cached, device), 1)
         assert (prequantized_dir(path, cached, device) / "config.json").is_file()
         fresh_times, cached_times = [], []
         for _ in range(args.repeats):  # alternate so drift hits both routes alike
-            fresh_times.append(median_time(lambda: load_base_model(path, {**QUANT, "prequantized_cache": False}, device), 1)[0])
+            fresh_times.append(median_time(lambda: load_base_model(path, QuantizationConfig(**QUANT, prequantized_cache=False), device), 1)[0])
             cached_times.append(median_time(lambda: load_base_model(path, cached, device), 1)[0])
     fresh = sorted(fresh_times)[len(fresh_times) // 2]
     hit = sorted(cached_times)[len(cached_times) // 2]

@@ -14,6 +14,7 @@ Targets: per-step ratio <= 1.10, per-trial start-up <= 10 s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -50,7 +51,7 @@ def bare(cfg, prepared) -> dict[int, dict]:
     settings = trial_settings(cfg, prepared.model_path, prepared.targets)
     # Warm-up (not measured): fills the pre-quantized cache, as a first trial on a machine would,
     # and the allocator; without it the first measured rank runs ~25% slower per step.
-    warm = {**settings, "train": {**settings["train"], "max_steps": 2 * settings["train"]["eval_every"]}}
+    warm = dataclasses.replace(settings, train=dataclasses.replace(settings.train, max_steps=2 * settings.train.eval_every))
     run_trial({"r": cfg.lora.ranks[0], "seed": 0}, warm, prepared.data, lambda m, f: None, threads=1)
     out = {}
     for r in cfg.lora.ranks:

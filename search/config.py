@@ -178,6 +178,31 @@ class SearchConfig:
         return self.storage_path.rstrip("/") + "/" + self.name
 
 
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything a trial needs besides its arm (r, lr, seed): the typed config sections themselves
+    (frozen dataclasses pickle to Ray workers as they are) plus what the driver worked out.
+
+    Attributes:
+        model_path: where the driver resolved the model (a per-machine cache folder for builtin and
+            GGUF models); a trial on another node resolves `model` again on its own machine.
+        targets: the LoRA target list resolved against the model (PEFT's target names).
+        rungs: optimizer steps where the scheduler compares arms: trials evaluate there too.
+        storage_marker: {'path', 'token', 'storage_path'} of the marker the driver wrote into the
+            experiment folder; every trial checks its node sees it (None outside a search).
+    """
+
+    model_path: str
+    model: ModelConfig
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    train: TrainConfig
+    targets: tuple
+    cpus_per_trial: int = 1
+    rungs: tuple = ()
+    storage_marker: Optional[dict] = None
+
+
 def learning_rates(cfg: SearchConfig) -> list[float]:
     """train.learning_rate as a list (one value or several), in the order given."""
     lr = cfg.train.learning_rate

@@ -7,6 +7,7 @@ every problem collected into one ConfigError; only then does Ray start and a GPU
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -106,7 +107,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     problems: list[str] = local_resource_problems(cfg) if local_ray else []
     warnings: list[str] = []
     out = Prepared(cfg)
-    d = cfg.to_dict()["data"]
+    d = cfg.data
     tokenizer = None
     try:
         out.model_path = resolve_model(cfg.model.name_or_path, cfg.model.gguf_file)
@@ -300,7 +301,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     from search.progress import ProgressPrinter
     from trainables.trial import lora_trial
 
-    settings = {**trial_settings(cfg, prepared.model_path, prepared.targets), "storage_marker": storage_marker}
+    settings = dataclasses.replace(trial_settings(cfg, prepared.model_path, prepared.targets), storage_marker=storage_marker)
     trainable = tune.with_resources(tune.with_parameters(lora_trial, settings=settings, data=prepared.data), resources)
     if resume:
         return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)

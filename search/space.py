@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from search.config import GRACE_FRACTION, SearchConfig, learning_rates
+from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, learning_rates
 
 METRIC = "eval_loss"
 MODE = "min"
@@ -36,25 +36,17 @@ def num_trials(cfg: SearchConfig) -> int:
     return len(cfg.lora.ranks) * len(learning_rates(cfg)) * len(cfg.train.seeds)
 
 
-def trial_settings(cfg: SearchConfig, model_path: str, targets: list[str]) -> dict[str, Any]:
-    """Everything a trial needs besides its (r, lr, seed), as plain data for Ray workers.
+def trial_settings(cfg: SearchConfig, model_path: str, targets: list[str]) -> TrialSettings:
+    """Everything a trial needs besides its (r, lr, seed), typed (`TrialSettings`).
 
     `model_path` is where the driver resolved the model (a per-machine cache folder for builtin and
     GGUF models); `model` is the configured source, which a trial on a cluster node resolves again
     on its own machine (`trainables.trial.on_this_node`).
     """
-    d = cfg.to_dict()
-    return {
-        "model_path": model_path,
-        "model": {"name_or_path": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file},
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "quantization": d["quantization"],
-        "lora": d["lora"],
-        "train": d["train"],
-        "targets": list(targets),
-        "cpus_per_trial": cfg.resources.cpus_per_trial,
-        "rungs": rung_steps(cfg),  # extra evaluation steps: where the scheduler compares ranks
-    }
+    return TrialSettings(
+        model_path=model_path, model=cfg.model, quantization=cfg.quantization, lora=cfg.lora, train=cfg.train,
+        targets=tuple(targets), cpus_per_trial=cfg.resources.cpus_per_trial, rungs=tuple(rung_steps(cfg)),
+    )
 
 
 def grace_steps(cfg: SearchConfig) -> int:

@@ -33,7 +33,7 @@ def test_quickstart_data_is_split_by_question(quickstart):
     from trainables.data import load_splits
 
     cfg, prepared = quickstart
-    train, held = load_splits(cfg.to_dict()["data"])
+    train, held = load_splits(cfg.data)
     assert len(train) + len(held) >= 2000 or len(held) == cfg.data.max_eval_examples
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
     assert prepared.data_stats["eval_examples"] == cfg.data.max_eval_examples
@@ -48,7 +48,7 @@ def test_quickstart_model_loads_in_4bit(quickstart):
     from trainables.model import load_base_model
 
     cfg, prepared = quickstart
-    model = load_base_model(prepared.model_path, cfg.to_dict()["quantization"], "cpu")
+    model = load_base_model(prepared.model_path, cfg.quantization, "cpu")
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 30 * 7
     assert quantized[0].weight.dtype == torch.uint8

@@ -96,6 +96,16 @@ def test_tensorboard_writes_every_trial_status_and_tensorboard_reads_it_back(tmp
         assert "loss/eval" in acc.Tags()["scalars"]
 
 
+
+def _settings(model_path: str, targets) -> "TrialSettings":
+    """A trial's settings for a 4-bit (float32 compute) model with these resolved targets."""
+    from search.config import parse_config
+    from search.space import trial_settings
+
+    cfg = parse_config({"model": {"name_or_path": model_path}, "quantization": {"compute_dtype": "float32"},
+                        "lora": {"alpha": "2r", "dropout": 0.0}})
+    return trial_settings(cfg, model_path, targets)
+
 @pytest.fixture(scope="module")
 def exported_adapter(tiny_model, tmp_path_factory):
     """A real adapter of the trial's own 4-bit model (r=4 on attention, B made non-zero), saved as
@@ -111,9 +121,7 @@ def exported_adapter(tiny_model, tmp_path_factory):
     os.environ["LORA_RANK_SEARCH_CACHE"] = str(root / "cache")
     try:
         targets = resolve_targets("attention", linear_layers(meta_model(tiny_model)))
-        settings = {"model_path": tiny_model, "trust_remote_code": False, "targets": targets,
-                    "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
-                    "train": {"gradient_checkpointing": False}, "lora": {"alpha": "2r", "dropout": 0.0}}
+        settings = _settings(tiny_model, targets)
         build_model(settings, 4, "cpu")  # the first trial on a machine quantizes and fills the cache
         model = build_model(settings, 4, "cpu")  # every later one loads the cache
     finally:
@@ -251,9 +259,7 @@ def test_4bit_moe_trial_trains_what_the_calculator_counts(tmp_path, monkeypatch)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     rows, _ = parameter_table(str(folder), [4], ["attention", "mlp", "experts", "all-linear"])
     for row in rows:
-        settings = {"model_path": str(folder), "trust_remote_code": False, "targets": row.targets,
-                    "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
-                    "train": {"gradient_checkpointing": False}, "lora": {"alpha": "2r", "dropout": 0.0}}
+        settings = _settings(str(folder), row.targets)
         model = build_model(settings, row.r, "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         assert sum(p.numel() for p in params) == row.params, row.targets_spec  # as run_trial reports trainable_params

@@ -5,6 +5,8 @@ resolved on the node a trial runs on."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import glob
 import json
 import os
@@ -20,6 +22,7 @@ from analysis.results import load_experiment
 from processes import kill_marked
 from search import storage
 from search.config import parse_config
+from search.space import trial_settings
 from search.runner import run_search
 from trainables.failures import FAULT_ENV
 from trainables.trial import NodeSetupError, on_this_node
@@ -51,16 +54,16 @@ def test_storage_is_refused_when_any_node_cannot_see_the_marker():
 
 def test_a_trial_refuses_a_node_without_the_storage_or_the_model(tmp_path, tiny_model):
     marker = storage.write_marker(str(tmp_path / "runs" / "exp"))
-    settings = {"model_path": "/driver/cache/model", "model": {"name_or_path": tiny_model, "gguf_file": None},
-                "storage_marker": marker}
+    cfg = parse_config({"model": {"name_or_path": tiny_model}})
+    settings = dataclasses.replace(trial_settings(cfg, "/driver/cache/model", ["q_proj"]), storage_marker=marker)
     # The model is resolved on this node, not taken from the driver's machine.
-    assert on_this_node(settings)["model_path"] == tiny_model
+    assert on_this_node(settings).model_path == tiny_model
     # A node whose storage_path is another (node-local) folder: the token is not there.
-    elsewhere = {**settings, "storage_marker": {**marker, "token": uuid.uuid4().hex}}
+    elsewhere = dataclasses.replace(settings, storage_marker={**marker, "token": uuid.uuid4().hex})
     with pytest.raises(NodeSetupError, match=r"storage_path: '.*/runs' is not shared with node \S+ \(the experiment folder"):
         on_this_node(elsewhere)
     # A node without the local model folder.
-    missing = {**settings, "model": {"name_or_path": str(tmp_path / "not-copied"), "gguf_file": None}}
+    missing = dataclasses.replace(settings, model=dataclasses.replace(settings.model, name_or_path=str(tmp_path / "not-copied")))
     with pytest.raises(NodeSetupError, match=r"model folder not found: .* on node \S+; a local model folder must exist"):
         on_this_node(missing)
     assert storage.write_marker("s3://bucket/runs/exp") is None, "object stores are the same from every node"

@@ -19,11 +19,18 @@ from trainables.data import (
 from trainables.model import load_tokenizer
 from trainables.tiny import write_jsonl
 
-DATA = {
+_DATA = {
     "format": "instruction", "prompt_field": "prompt", "response_field": "response", "messages_field": "messages",
     "text_field": "text", "use_chat_template": "auto", "eval_fraction": 0.2, "eval_source": None,
     "max_eval_examples": None, "max_seq_len": 32,
 }
+
+
+def data_config(**over):
+    """The typed data section (as a trial gets it) from _DATA and overrides."""
+    from search.config import DataConfig
+
+    return DataConfig(**{**_DATA, **over})
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
     "{% if add_generation_prompt %}assistant {% endif %}"
@@ -40,14 +47,14 @@ def _decode_masked(tokenizer, ids, labels):
 
 
 def test_instruction_loss_only_on_response_and_eos(tokenizer):
-    ids, labels = encode_record({"prompt": "w1 w2", "response": "w3 w4"}, tokenizer, DATA, template=False)
+    ids, labels = encode_record({"prompt": "w1 w2", "response": "w3 w4"}, tokenizer, data_config(), template=False)
     assert _decode_masked(tokenizer, ids, labels) == ["w3", "w4", "</s>"]
     assert tokenizer.convert_ids_to_tokens(ids)[:2] == ["w1", "w2"]
 
 
 def test_instruction_through_a_chat_template(tokenizer):
     tokenizer.chat_template = TEMPLATE
-    ids, labels = encode_record({"prompt": "w1", "response": "w2 w3"}, tokenizer, DATA, template=True)
+    ids, labels = encode_record({"prompt": "w1", "response": "w2 w3"}, tokenizer, data_config(), template=True)
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens[:3] == ["user", "w1", "</s>"] and tokens[-3:] == ["w2", "w3", "</s>"]
     assert _decode_masked(tokenizer, ids, labels) == ["w2", "w3", "</s>"]
@@ -59,19 +66,19 @@ def test_chat_format_trains_on_every_assistant_turn_only(tokenizer):
         {"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
         {"role": "user", "content": "w3"}, {"role": "assistant", "content": "w4 w5"},
     ]}
-    ids, labels = encode_record(record, tokenizer, {**DATA, "format": "chat"}, template=True)
+    ids, labels = encode_record(record, tokenizer, data_config(format="chat"), template=True)
     assert _decode_masked(tokenizer, ids, labels) == ["w2", "</s>", "w4", "w5", "</s>"]
 
 
 def test_text_format_trains_on_everything(tokenizer):
-    ids, labels = encode_record({"text": "w1 w2 w3"}, tokenizer, {**DATA, "format": "text"}, template=False)
+    ids, labels = encode_record({"text": "w1 w2 w3"}, tokenizer, data_config(format="text"), template=False)
     assert list(ids) == list(labels)
 
 
 def test_hash_split_is_deterministic_and_keeps_a_prompt_on_one_side():
     records = [{"prompt": f"q{i % 50}", "response": f"a{i}"} for i in range(500)]
-    train, held = split_records(records, DATA)
-    assert (train, held) == split_records(list(records), DATA)
+    train, held = split_records(records, data_config())
+    assert (train, held) == split_records(list(records), data_config())
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
     assert 0.05 < len(held) / len(records) < 0.4
 
@@ -81,7 +88,7 @@ def test_prepare_truncates_and_drops_examples_without_response_tokens(tmp_path, 
     rows = [{"prompt": "w1", "response": "w2"}] * 20 + [{"prompt": long_prompt, "response": "w3"}] * 5
     rows = [dict(r, prompt=f"{r['prompt']} w{i % 9}") for i, r in enumerate(rows)]
     path = write_jsonl(rows, tmp_path / "d.jsonl")
-    data = prepare_data({**DATA, "source": str(path), "eval_fraction": 0.3}, tokenizer)
+    data = prepare_data(data_config(source=str(path), eval_fraction=0.3), tokenizer)
     assert data.dropped == 5
     assert all(len(x) <= 32 for x in data.train_ids + data.eval_ids)
 
@@ -98,7 +105,7 @@ def test_missing_file_and_empty_eval_split_are_clear(tmp_path, tokenizer):
         read_records(str(tmp_path / "nope.jsonl"))
     path = write_jsonl([{"prompt": "w1", "response": "w2"}], tmp_path / "one.jsonl")
     with pytest.raises(DataError, match="eval split is empty"):
-        prepare_data({**DATA, "source": str(path), "eval_fraction": 0.01}, tokenizer)
+        prepare_data(data_config(source=str(path), eval_fraction=0.01), tokenizer)
 
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet", "json"])

@@ -48,7 +48,7 @@ def test_default_grace_period_is_15_percent_of_max_steps_and_rungs_are_evaluated
     assert rung_steps(parse_config({"scheduler": {"type": "none"}})) == []
     default = parse_config({})
     assert default.scheduler.type == "sha" and rung_steps(default) == [30, 90], "rungs at 30 and 90 of 200"
-    assert trial_settings(default, "m", ["q_proj"])["rungs"] == [30, 90], "trials evaluate at the rungs"
+    assert trial_settings(default, "m", ["q_proj"]).rungs == (30, 90), "trials evaluate at the rungs"
     asha = parse_config({"scheduler": {"type": "asha", "grace_period": 25, "reduction_factor": 2}})
     assert rung_steps(asha) == [25, 50, 100], "ASHA's milestones, as Ray computes them"
 

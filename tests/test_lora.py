@@ -92,7 +92,9 @@ def test_param_count_is_sum_of_r_times_in_plus_out_and_linear_in_r():
 def quantized(tiny_model):
     from trainables.model import load_base_model
 
-    quant = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
+    from search.config import QuantizationConfig
+
+    quant = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="auto")
     return lambda: load_base_model(tiny_model, quant, "cpu")
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from search.config import QuantizationConfig
 from trainables.model import load_base_model, prequantized_dir
 
-QUANT = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto", "prequantized_cache": True}
+QUANT = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="auto", prequantized_cache=True)
 
 
 def test_second_load_reads_the_cached_4bit_checkpoint_and_matches(tiny_model, tmp_path, monkeypatch):
@@ -31,14 +34,14 @@ def test_second_load_reads_the_cached_4bit_checkpoint_and_matches(tiny_model, tm
 def test_cache_key_changes_with_quantization_settings(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_RANK_SEARCH_CACHE", str(tmp_path / "cache"))
     base = prequantized_dir(tiny_model, QUANT, "cpu")
-    assert prequantized_dir(tiny_model, {**QUANT, "quant_type": "fp4"}, "cpu") != base
-    assert prequantized_dir(tiny_model, {**QUANT, "double_quant": False}, "cpu") != base
-    assert prequantized_dir(tiny_model, {**QUANT, "compute_dtype": "bfloat16"}, "cpu") != base
+    assert prequantized_dir(tiny_model, dataclasses.replace(QUANT, quant_type="fp4"), "cpu") != base
+    assert prequantized_dir(tiny_model, dataclasses.replace(QUANT, double_quant=False), "cpu") != base
+    assert prequantized_dir(tiny_model, dataclasses.replace(QUANT, compute_dtype="bfloat16"), "cpu") != base
     assert prequantized_dir(tiny_model, QUANT, "cpu") == base
 
 
 @pytest.mark.parametrize("change", [{"prequantized_cache": False}, {"load_in_4bit": False}], ids=["cache-off", "plain"])
 def test_cache_off_or_plain_weights_write_nothing(tiny_model, tmp_path, monkeypatch, change):
     monkeypatch.setenv("LORA_RANK_SEARCH_CACHE", str(tmp_path / "cache"))
-    load_base_model(tiny_model, {**QUANT, **change}, "cpu")
+    load_base_model(tiny_model, dataclasses.replace(QUANT, **change), "cpu")
     assert not (tmp_path / "cache" / "prequantized").exists()

@@ -117,7 +117,7 @@ def test_export_loads_with_peft_and_reproduces_the_reported_eval_loss(grid, tmp_
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
     cfg = parse_config(read_config(grid))
     data = prepare(cfg, log=lambda _: None).data
-    base = load_base_model(cfg.model.name_or_path, cfg.to_dict()["quantization"], "cpu")
+    base = load_base_model(cfg.model.name_or_path, cfg.quantization, "cpu")
     _keep_4bit_layout_fixed(base)  # as the trial ran (ENVIRONMENT.md: the bf16 CPU repack quirk)
     model = PeftModel.from_pretrained(base, str(out))
     assert model.peft_config["default"].r == K

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from search.config import DataConfig
+
 BUILTIN_DATA = ("builtin:chatterbot",)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 IGNORE = -100
@@ -214,17 +216,17 @@ def _chat_problem(messages: Any) -> Optional[str]:
     return None
 
 
-def check_values(records: list, data_cfg: dict, where: str) -> None:
+def check_values(records: list, data_cfg: DataConfig, where: str) -> None:
     """Refuse records whose needed values are null (they would become the text 'None'), not text,
     or empty where the loss is taken; chat records need an assistant turn. Names the lines."""
-    fmt = data_cfg["format"]
+    fmt = data_cfg.format
     if fmt == "instruction":
-        columns = [(data_cfg["prompt_field"], False), (data_cfg["response_field"], True)]
+        columns = [(data_cfg.prompt_field, False), (data_cfg.response_field, True)]
     elif fmt == "text":
-        columns = [(data_cfg["text_field"], True)]
+        columns = [(data_cfg.text_field, True)]
     else:
         columns = []
-        column = data_cfg["messages_field"]
+        column = data_cfg.messages_field
         found: dict[str, list[int]] = {}
         for i, record in enumerate(records):
             problem = _chat_problem(record[column])
@@ -242,9 +244,9 @@ def check_values(records: list, data_cfg: dict, where: str) -> None:
             raise DataError(f"{where}: {column!r} {problem} in {_count(len(indices), 'record')} ({_places(records, indices)})")
 
 
-def overlap_warning(train_records: list, eval_records: list, data_cfg: dict) -> Optional[str]:
+def overlap_warning(train_records: list, eval_records: list, data_cfg: DataConfig) -> Optional[str]:
     """`data.eval_source: ...` when eval examples also appear in the training data, with the count."""
-    if not data_cfg.get("eval_source"):
+    if not data_cfg.eval_source:
         return None
 
     def key(record: dict) -> str:
@@ -254,7 +256,7 @@ def overlap_warning(train_records: list, eval_records: list, data_cfg: dict) -> 
     shared = sum(1 for r in eval_records if key(r) in seen)
     if not shared:
         return None
-    same = os.path.realpath(str(data_cfg["eval_source"])) == os.path.realpath(str(data_cfg["source"]))
+    same = os.path.realpath(str(data_cfg.eval_source)) == os.path.realpath(str(data_cfg.source))
     what = "is the training file: " if same else ""
     return (f"data.eval_source: {what}{shared} of {len(eval_records)} eval examples also appear in the training data; "
             "their eval loss measures memorization, not generalization")
@@ -263,16 +265,16 @@ def overlap_warning(train_records: list, eval_records: list, data_cfg: dict) -> 
 # --------------------------------------------------------------------------- splitting
 
 
-def split_key(record: dict, data_cfg: dict) -> str:
+def split_key(record: dict, data_cfg: DataConfig) -> str:
     """What the hash split keys on: the prompt, the first user message, or the text."""
-    fmt = data_cfg["format"]
+    fmt = data_cfg.format
     if fmt == "instruction":
-        return str(record[data_cfg["prompt_field"]])
+        return str(record[data_cfg.prompt_field])
     if fmt == "chat":
-        messages = record[data_cfg["messages_field"]]
+        messages = record[data_cfg.messages_field]
         users = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         return str(users[0] if users else messages)
-    return str(record[data_cfg["text_field"]])
+    return str(record[data_cfg.text_field])
 
 
 def hash_fraction(key: str) -> float:
@@ -280,11 +282,11 @@ def hash_fraction(key: str) -> float:
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16) / float(16**12)
 
 
-def split_records(records: list[dict], data_cfg: dict) -> tuple[list[dict], list[dict]]:
+def split_records(records: list[dict], data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """(train, eval) by hash of split_key: duplicates of one prompt land on the same side."""
     keyed = [(hash_fraction(split_key(r, data_cfg)), r) for r in records]
-    train = [r for h, r in keyed if h >= data_cfg["eval_fraction"]]
-    held = sorted(((h, i, r) for i, (h, r) in enumerate(keyed) if h < data_cfg["eval_fraction"]), key=lambda x: x[:2])
+    train = [r for h, r in keyed if h >= data_cfg.eval_fraction]
+    held = sorted(((h, i, r) for i, (h, r) in enumerate(keyed) if h < data_cfg.eval_fraction), key=lambda x: x[:2])
     return train, [r for _, _, r in held]
 
 
@@ -347,40 +349,40 @@ def _chat_segments(tokenizer, messages: list[dict], template: bool) -> list[tupl
     return segments
 
 
-def encode_record(record: dict, tokenizer, data_cfg: dict, template: bool) -> tuple[list[int], list[int]]:
+def encode_record(record: dict, tokenizer, data_cfg: DataConfig, template: bool) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one record, untruncated."""
-    fmt = data_cfg["format"]
+    fmt = data_cfg.format
     eos = tokenizer.eos_token or ""
     # Chat templates carry their own special tokens; plain text gets the tokenizer's BOS if it uses one.
     plain_bos = bool(getattr(tokenizer, "add_bos_token", False))
     if fmt == "instruction":
-        prompt = str(record[data_cfg["prompt_field"]])
-        response = str(record[data_cfg["response_field"]])
+        prompt = str(record[data_cfg.prompt_field])
+        response = str(record[data_cfg.response_field])
         if template:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             return _segments_to_example(tokenizer, _chat_segments(tokenizer, messages, True), False)
         return _segments_to_example(tokenizer, [(prompt + "\n", False), (response + eos, True)], plain_bos)
     if fmt == "chat":
-        messages = record[data_cfg["messages_field"]]
+        messages = record[data_cfg.messages_field]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise DataError(f"data.messages_field: expected a list of {{role, content}} messages, got {str(messages)[:80]!r}")
         return _segments_to_example(tokenizer, _chat_segments(tokenizer, messages, template), False)
-    text = str(record[data_cfg["text_field"]])
+    text = str(record[data_cfg.text_field])
     return _segments_to_example(tokenizer, [(text + eos, True)], plain_bos)
 
 
-def required_fields(data_cfg: dict) -> list[str]:
-    fmt = data_cfg["format"]
+def required_fields(data_cfg: DataConfig) -> list[str]:
+    fmt = data_cfg.format
     if fmt == "instruction":
-        return [data_cfg["prompt_field"], data_cfg["response_field"]]
+        return [data_cfg.prompt_field, data_cfg.response_field]
     if fmt == "chat":
-        return [data_cfg["messages_field"]]
-    return [data_cfg["text_field"]]
+        return [data_cfg.messages_field]
+    return [data_cfg.text_field]
 
 
-def _tokenize(records: list[dict], tokenizer, data_cfg: dict, template: bool) -> tuple[list, list, int]:
+def _tokenize(records: list[dict], tokenizer, data_cfg: DataConfig, template: bool) -> tuple[list, list, int]:
     ids_out, labels_out, dropped = [], [], 0
-    limit = data_cfg["max_seq_len"]
+    limit = data_cfg.max_seq_len
     for record in records:
         ids, labels = encode_record(record, tokenizer, data_cfg, template)
         ids, labels = ids[:limit], labels[:limit]
@@ -392,30 +394,30 @@ def _tokenize(records: list[dict], tokenizer, data_cfg: dict, template: bool) ->
     return ids_out, labels_out, dropped
 
 
-def load_splits(data_cfg: dict) -> tuple[list[dict], list[dict]]:
+def load_splits(data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """Read the records and split them into (train, eval); raises DataError on any problem."""
     fields = required_fields(data_cfg)
-    records = read_records(data_cfg["source"])
+    records = read_records(data_cfg.source)
     check_columns(records, fields, "data.source")
     check_values(records, data_cfg, "data.source")
-    if data_cfg.get("eval_source"):
+    if data_cfg.eval_source:
         train_records = records
-        eval_records = read_records(data_cfg["eval_source"], "data.eval_source")
+        eval_records = read_records(data_cfg.eval_source, "data.eval_source")
         check_columns(eval_records, fields, "data.eval_source")
         check_values(eval_records, data_cfg, "data.eval_source")
     else:
         train_records, eval_records = split_records(records, data_cfg)
-    if data_cfg.get("max_eval_examples"):
-        eval_records = eval_records[: data_cfg["max_eval_examples"]]
+    if data_cfg.max_eval_examples:
+        eval_records = eval_records[: data_cfg.max_eval_examples]
     if not train_records:
-        raise DataError(f"data.eval_fraction: the train split is empty ({len(records)} records, eval_fraction {data_cfg['eval_fraction']})")
+        raise DataError(f"data.eval_fraction: the train split is empty ({len(records)} records, eval_fraction {data_cfg.eval_fraction})")
     if not eval_records:
         raise DataError(
-            f"data.eval_fraction: the eval split is empty ({len(records)} records, eval_fraction {data_cfg['eval_fraction']}); "
+            f"data.eval_fraction: the eval split is empty ({len(records)} records, eval_fraction {data_cfg.eval_fraction}); "
             "raise eval_fraction or give data.eval_source"
         )
     if len(train_records) < MIN_TRAIN_EXAMPLES:
-        where = "data.source" if data_cfg.get("eval_source") else "data.eval_fraction"
+        where = "data.source" if data_cfg.eval_source else "data.eval_fraction"
         raise DataError(
             f"{where}: the training set has {_count(len(train_records), 'example')}; a rank search needs at least "
             f"{MIN_TRAIN_EXAMPLES} (with so few, every rank memorizes them and the comparison means nothing)"
@@ -423,20 +425,20 @@ def load_splits(data_cfg: dict) -> tuple[list[dict], list[dict]]:
     return train_records, eval_records
 
 
-def tokenize_splits(train_records: list[dict], eval_records: list[dict], tokenizer, data_cfg: dict) -> TokenizedData:
+def tokenize_splits(train_records: list[dict], eval_records: list[dict], tokenizer, data_cfg: DataConfig) -> TokenizedData:
     """Token ids and loss masks for both splits, truncated to max_seq_len."""
-    template = data_cfg["format"] != "text" and _uses_template(tokenizer, data_cfg["use_chat_template"])
+    template = data_cfg.format != "text" and _uses_template(tokenizer, data_cfg.use_chat_template)
     train_ids, train_labels, dropped_t = _tokenize(train_records, tokenizer, data_cfg, template)
     eval_ids, eval_labels, dropped_e = _tokenize(eval_records, tokenizer, data_cfg, template)
     if not train_ids or not eval_ids:
         side = "train" if not train_ids else "eval"
         raise DataError(
-            f"data.max_seq_len: no {side} example keeps a response token within max_seq_len={data_cfg['max_seq_len']}"
+            f"data.max_seq_len: no {side} example keeps a response token within max_seq_len={data_cfg.max_seq_len}"
         )
     return TokenizedData(train_ids, train_labels, eval_ids, eval_labels, int(tokenizer.pad_token_id), dropped_t + dropped_e)
 
 
-def prepare_data(data_cfg: dict, tokenizer) -> TokenizedData:
+def prepare_data(data_cfg: DataConfig, tokenizer) -> TokenizedData:
     """Read, split and tokenize according to the `data` section of the config (as a dict)."""
     return tokenize_splits(*load_splits(data_cfg), tokenizer, data_cfg)
 

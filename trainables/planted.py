@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-QUANT_4BIT = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+from search.config import QuantizationConfig
+
+QUANT_4BIT = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="float32")
 DEFAULT_TARGETS = ("o_proj", "down_proj")  # layers that write into the residual stream: a strong effect per rank
 TASK_FILE = "planted_task.json"
 

@@ -8,6 +8,7 @@ Ray Tune function trainable that wires it to `tune.report` / `tune.get_checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
+from search.config import TrialSettings
 from search.layout import TRAINER_STATE_FILE as STATE_FILE
 from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
 from trainables.failures import DIVERGED, OK, OOM, TrialDiverged, out_of_memory_detail, planned_fault
@@ -54,20 +56,20 @@ def lr_factor(step: int, schedule: str, warmup: int, max_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
 
-def build_model(settings: dict, r: int, device: str):
+def build_model(settings: TrialSettings, r: int, device: str):
     """Load the base (4-bit per settings) and attach a fresh LoRA adapter of rank r."""
     from peft import get_peft_model
 
     from trainables.model import load_base_model
 
-    base = load_base_model(settings["model_path"], settings["quantization"], device, settings["trust_remote_code"])
+    base = load_base_model(settings.model_path, settings.quantization, device, settings.model.trust_remote_code)
     if device == "cpu":
         _keep_4bit_layout_fixed(base)
-    if settings["train"]["gradient_checkpointing"]:
+    if settings.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    lora = settings["lora"]
-    return get_peft_model(base, peft_config(r, lora["alpha"], lora["dropout"], settings["targets"]))
+    lora = settings.lora
+    return get_peft_model(base, peft_config(r, lora.alpha, lora.dropout, list(settings.targets)))
 
 
 def _keep_4bit_layout_fixed(model) -> None:
@@ -145,7 +147,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
 
 def run_trial(
     config: dict,
-    settings: dict,
+    settings: TrialSettings,
     data: TokenizedData,
     report: Report,
     restore_from: Optional[str] = None,
@@ -156,7 +158,7 @@ def run_trial(
     Args:
         config: the trial's Tune config: ``r``, ``lr`` and ``seed`` (plus labels such as
             alpha_rule); without ``lr`` the settings' learning rate is used.
-        settings: the search-wide settings made by `search.space.trial_settings` (plain data).
+        settings: the search-wide settings made by `search.space.trial_settings` (typed).
         data: tokenized train/eval data.
         report: called with (metrics, checkpoint folder) after every evaluation, and once with
             (metrics with trial_status diverged/oom and a `failure` line, None) if the trial fails so.
@@ -169,40 +171,40 @@ def run_trial(
     # ---- setup
     started = time.time()
     r, seed = int(config["r"]), int(config["seed"])
-    train_cfg = settings["train"]
-    lr = float(config["lr"]) if config.get("lr") is not None else _single_lr(train_cfg["learning_rate"])
-    if restore_from and saved_step(restore_from) >= train_cfg["max_steps"]:
+    train_cfg = settings.train
+    lr = float(config["lr"]) if config.get("lr") is not None else _single_lr(train_cfg.learning_rate)
+    if restore_from and saved_step(restore_from) >= train_cfg.max_steps:
         return {}  # it had finished when its driver was killed: nothing to redo, no model to load
     device = trial_device()
     if device == "cpu":
-        torch.set_num_threads(threads or settings["cpus_per_trial"])
+        torch.set_num_threads(threads or settings.cpus_per_trial)
     torch.manual_seed(seed)
     model = build_model(settings, r, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg["weight_decay"])
-    max_steps, eval_every = train_cfg["max_steps"], train_cfg["eval_every"]
-    rungs = set(settings.get("rungs", ()))  # the scheduler compares ranks at these steps: evaluate there too
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
+    max_steps, eval_every = train_cfg.max_steps, train_cfg.eval_every
+    rungs = set(settings.rungs)  # the scheduler compares arms at these steps: evaluate there too
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, train_cfg["lr_schedule"], train_cfg["warmup_steps"], max_steps)
+        optimizer, lambda s: lr_factor(s, train_cfg.lr_schedule, train_cfg.warmup_steps, max_steps)
     )
     step, tokens_seen = 0, 0
     best = {"best_eval_loss": math.inf, "best_step": 0}
     lengths = [len(x) for x in data.train_ids]
-    order = BatchOrder(len(data.train_ids), seed, lengths=lengths, batch_size=train_cfg["batch_size"])
-    eval_batch = train_cfg["eval_batch_size"] or 2 * train_cfg["batch_size"]
+    order = BatchOrder(len(data.train_ids), seed, lengths=lengths, batch_size=train_cfg.batch_size)
+    eval_batch = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
     if restore_from:
         state = load_checkpoint(Path(restore_from), model, optimizer, scheduler)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best = {"best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"]}
-        order = BatchOrder.from_state(len(data.train_ids), state["order"], lengths, train_cfg["batch_size"])
+        order = BatchOrder.from_state(len(data.train_ids), state["order"], lengths, train_cfg.batch_size)
         base_eval_loss = state.get("base_eval_loss", math.nan)
     else:
         # LoRA's B starts at zero: before the first step this is the untouched base model, the
         # reference every rank's gain is measured from (nats/token).
         base_eval_loss, _ = evaluate(model, data, eval_batch, device)
-    alpha, rslora = lora_alpha(settings["lora"]["alpha"], r)
+    alpha, rslora = lora_alpha(settings.lora.alpha, r)
     fixed = {
         "r": r,
         "seed": seed,
@@ -210,8 +212,8 @@ def run_trial(
         "base_eval_loss": base_eval_loss,
         "lora_alpha": alpha,
         "use_rslora": rslora,
-        "alpha_rule": str(settings["lora"]["alpha"]),
-        "target_modules": ",".join(settings["targets"]),
+        "alpha_rule": str(settings.lora.alpha),
+        "target_modules": ",".join(settings.targets),
         "trainable_params": trainable_params,
         "device": device,
         "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -221,8 +223,8 @@ def run_trial(
         "resumed_from_step": step,
         "load_seconds": time.time() - started,
     }
-    micro = train_cfg["batch_size"]
-    accum = train_cfg["grad_accum"]
+    micro = train_cfg.batch_size
+    accum = train_cfg.grad_accum
     metrics: dict[str, Any] = {}
     fault = planned_fault(r, resumed=restore_from is not None)  # test hook, None in normal runs
 
@@ -246,8 +248,8 @@ def run_trial(
                 interval_tokens += int(batch["attention_mask"].sum())
             if not math.isfinite(step_loss):
                 raise TrialDiverged(f"training loss became {step_loss} at step {step + 1} (r={r}, seed={seed})")
-            if train_cfg["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"])
+            if train_cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
             current_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -379,7 +381,7 @@ class NodeSetupError(RuntimeError):
     """The node a trial landed on cannot run it: the model or the storage_path is missing there."""
 
 
-def on_this_node(settings: dict) -> dict:
+def on_this_node(settings: TrialSettings) -> TrialSettings:
     """The settings made fit for the node this trial runs on (a cluster node may not be the
     driver's machine): the model resolved here (builtin/GGUF models are converted once per
     machine, into this machine's cache), and the experiment's storage checked to be the driver's.
@@ -390,23 +392,20 @@ def on_this_node(settings: dict) -> dict:
     from trainables.model import ModelSourceError, resolve_model
 
     node = _node_ip()
-    marker = settings.get("storage_marker")
+    marker = settings.storage_marker
     if marker and not sees_marker(marker["path"], marker["token"]):
         raise NodeSetupError(
             f"storage_path: {marker['storage_path']!r} is not shared with node {node} (the experiment folder the driver"
             f" wrote is not there); {SHARED_STORAGE_HINT}"
         )
-    model = settings.get("model")
-    if not model:  # settings made without the model source: use the driver's path as it is
-        return settings
     try:
-        path = resolve_model(model["name_or_path"], model["gguf_file"])
+        path = resolve_model(settings.model.name_or_path, settings.model.gguf_file)
     except ModelSourceError as exc:
         raise NodeSetupError(
             f"{exc} on node {node}; a local model folder must exist at the same path on every node of the cluster"
             " (copy it there with the cluster's file_mounts or setup_commands, or use a hub id or a builtin model)"
         ) from None
-    return {**settings, "model_path": path}
+    return dataclasses.replace(settings, model_path=path)
 
 
 def _node_ip() -> str:
@@ -420,7 +419,7 @@ def _node_ip() -> str:
         return socket.gethostname()
 
 
-def lora_trial(config: dict, settings: Optional[dict] = None, data: Optional[TokenizedData] = None) -> None:
+def lora_trial(config: dict, settings: Optional[TrialSettings] = None, data: Optional[TokenizedData] = None) -> None:
     """Ray Tune function trainable (wrap with tune.with_parameters(settings=..., data=...))."""
     from ray import tune
 
