@@ -22,20 +22,12 @@ from typing import Optional
 import pandas as pd
 
 from search import storage
+from trainables.metrics import TENSORBOARD_TAGS
 
 MARKER = ".lora-rank-tensorboard"  # only a folder holding this marker is ever cleared
 DEFAULT_HOST = "127.0.0.1"  # this machine only; view from elsewhere with `ssh -L 6006:127.0.0.1:6006`
 DEFAULT_PORT = 6006
-SCALARS = {  # history column -> tag
-    "eval_loss": "loss/eval",
-    "train_loss": "loss/train",
-    "best_eval_loss": "loss/eval_best",
-    "eval_perplexity": "eval/perplexity",
-    "lr": "optim/lr",
-    "tokens_per_s": "speed/tokens_per_s",
-    "peak_memory_bytes": "memory/peak_bytes",
-    "tokens_seen": "data/tokens_seen",
-}
+SCALARS = TENSORBOARD_TAGS  # history column -> tag, as trainables.metrics declares them
 FINAL_METRICS = {"final/eval_loss": "final_eval_loss", "final/best_eval_loss": "best_eval_loss", "final/steps": "steps"}
 STRING_HPARAMS = ("alpha_rule", "targets", "status")
 NUMBER_HPARAMS = ("r", "lr", "lora_alpha", "seed")

@@ -572,18 +572,27 @@ def describe_schema() -> str:
 
 
 README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+METRICS_MARKERS = ("<!-- metrics-reference:start -->", "<!-- metrics-reference:end -->")
+
+
+def readme_blocks() -> dict:
+    """(start, end) markers -> the generated text between them."""
+    from trainables.metrics import describe_metrics
+
+    return {README_MARKERS: describe_schema(), METRICS_MARKERS: describe_metrics()}
 
 
 def update_readme(path: str | os.PathLike = "README.md") -> bool:
-    """Rewrite the config reference between the README markers; True if it changed (`make docs`)."""
-    text = Path(path).read_text()
-    start, end = README_MARKERS
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    new = f"{head}{start}\n{describe_schema()}\n{end}{tail}"
-    if new != text:
-        Path(path).write_text(new)
-    return new != text
+    """Rewrite the generated blocks (config and metrics reference) between the README markers;
+    True if anything changed (`make docs`)."""
+    text = original = Path(path).read_text()
+    for (start, end), body in readme_blocks().items():
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    if text != original:
+        Path(path).write_text(text)
+    return text != original
 
 
 # --------------------------------------------------------------------------- reading the file, limits, warnings

@@ -169,8 +169,13 @@ def test_every_shipped_search_config_parses(path):
     assert first.startswith("# lora-rank search"), "example configs start with the command that runs them"
 
 
-def test_readme_config_reference_matches_the_schema():
+def test_readme_config_and_metrics_references_match_the_code():
+    from search.config import readme_blocks
+
     text = open(os.path.join(ROOT, "README.md")).read()
-    start, end = README_MARKERS
-    block = text.split(start, 1)[1].split(end, 1)[0].strip()
-    assert block == describe_schema(), "README config reference is stale: run `make docs`"
+    blocks = readme_blocks()
+    assert blocks[README_MARKERS] == describe_schema()
+    for (start, end), body in blocks.items():
+        assert start in text and end in text, f"README lacks the {start} block"
+        block = text.split(start, 1)[1].split(end, 1)[0].strip()
+        assert block == body, f"README block {start} is stale: run `make docs`"

@@ -11,7 +11,7 @@ import os
 from analysis.results import load_experiment
 from search.config import parse_config
 from search.runner import run_search
-from test_trial import DESIGN_METRICS
+from trainables.metrics import REPORTED
 import pytest
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains
@@ -47,7 +47,7 @@ def test_asha_stops_poor_ranks_and_every_trial_leaves_readable_results(raw_confi
             reports = [json.loads(line) for line in handle]
         assert [r["step"] for r in reports] == list(range(10, row.steps + 1, 10))
         for report in reports:
-            assert not [k for k in DESIGN_METRICS if k not in report]
+            assert not [k for k in REPORTED if k not in report]
             assert math.isfinite(report["eval_loss"]) and report["trainable_params"] > 0
         # TensorBoard: eval_loss by step reads back equal to what was reported.
         scalars = _event_scalars(folder, "ray/tune/eval_loss")

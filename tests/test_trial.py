@@ -17,10 +17,7 @@ from trainables.lora import lora_param_count
 from trainables.trial import ADAPTER_DIR, STATE_FILE, lr_factor, run_trial
 
 # The metrics DESIGN.md promises on every report, plus the trial's config.
-DESIGN_METRICS = [
-    "eval_loss", "eval_perplexity", "train_loss", "step", "tokens_seen", "trainable_params", "adapter_bytes",
-    "peak_memory_bytes", "tokens_per_s", "lr", "r", "lora_alpha", "alpha_rule", "target_modules", "seed",
-]
+from trainables.metrics import REPORTED
 
 
 @pytest.fixture
@@ -47,7 +44,7 @@ def test_every_report_has_every_metric_and_sane_values(setup, tmp_path):
     run_trial({"r": 4, "seed": 0}, settings, prepared.data, report)
     assert [m["step"] for m in reports] == [10, 20, 25], "every eval_every steps, and at max_steps"
     for m in reports:
-        missing = [k for k in DESIGN_METRICS if k not in m]
+        missing = [k for k in REPORTED if k not in m]
         assert not missing, missing
         assert math.isfinite(m["eval_loss"]) and m["eval_loss"] > 0
         assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
@@ -56,6 +53,9 @@ def test_every_report_has_every_metric_and_sane_values(setup, tmp_path):
         assert m["lora_alpha"] == 8.0 and m["alpha_rule"] == "2r" and m["r"] == 4
     assert reports[0]["tokens_seen"] < reports[1]["tokens_seen"] < reports[2]["tokens_seen"]
     assert reports[-1]["eval_loss"] < reports[0]["eval_loss"], "training reduces the eval loss"
+    base = reports[0]["base_eval_loss"]
+    assert all(m["base_eval_loss"] == base for m in reports), "the step-0 evaluation is carried in every report"
+    assert base > reports[0]["eval_loss"], "the untouched base is worse than the adapter after training"
 
 
 @pytest.mark.slow
