@@ -33,11 +33,11 @@ class Finding:
     text: str
 
 
-def _overfitting(trials: pd.DataFrame, history: pd.DataFrame, tol: float) -> list[Finding]:
+def _overfitting(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame, tol: float) -> list[Finding]:
     out = []
     if history.empty or "eval_loss" not in history:
         return out
-    curves = trial_curves(trials, history)
+    curves = rec.curves if rec.curves is not None else trial_curves(trials, history)
     for trial_id, c in curves.groupby("trial_id"):
         c = c.sort_values("step")
         best_i = c["eval_loss"].idxmin()
@@ -236,7 +236,7 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
     out += _cut_early(rec)
     out += _unstable(rec)
     out += _learning_rate_edges(rec)
-    out += _overfitting(trials, history, rec.relative_tolerance)
+    out += _overfitting(rec, trials, history, rec.relative_tolerance)
     out += _noise(rec)
     for note in rec.excluded:
         out.append(Finding("excluded", note + "."))

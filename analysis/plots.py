@@ -67,9 +67,9 @@ def _int_formatter():
     return FuncFormatter(lambda v, _: f"{v:g}")
 
 
-def _trial_points(trials: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+def _trial_points(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendation) -> pd.DataFrame:
     """Per usable trial: r, seed, last step, best-so-far at its last step, stopped_early."""
-    curves = trial_curves(trials, history)
+    curves = rec.curves if rec.curves is not None else trial_curves(trials, history)
     if curves.empty:
         return pd.DataFrame(columns=["trial_id", "r", "seed", "step", "best_loss", "stopped_early"])
     last = curves.sort_values("step").groupby("trial_id").tail(1)
@@ -81,7 +81,7 @@ def _trial_points(trials: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
 def loss_vs_rank(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendation, out_dir: str) -> dict:
     plt = _plt()
     fig, (ax, gx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    points = _trial_points(trials, history)
+    points = _trial_points(trials, history, rec)
     ranks = [e.r for e in rec.ranks]
     for p in points.itertuples():
         ax.scatter(p.r, p.best_loss, s=28, zorder=3, facecolors="none" if p.stopped_early else "#1f77b4", edgecolors="#1f77b4")

@@ -39,7 +39,7 @@ gain share vs log2(r) bends most ("Kneedle").
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -49,7 +49,7 @@ RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default to
 DEFAULT_RULE = "gain"
 DEFAULT_TOLERANCE = RULES[DEFAULT_RULE]
 NO_SIGNAL = 0.005  # the best rank must improve on the base by at least this share of the base loss
-FAILED_STATUSES = ("error",)  # trials with no usable evaluations (diverged/oom keep the ones before)
+UNUSABLE_STATUSES = ("error",)  # trials whose evaluations are not used (diverged/oom keep the ones before)
 KNEE_MIN_BEND = 0.1  # the knee must sit this far below the chord (in [0, 1] scaled units), else no knee
 
 _SLACK_TEXT = {
@@ -139,6 +139,7 @@ class Recommendation:
     excluded: list = field(default_factory=list)  # plain-words notes on trials left out
     no_signal: bool = False
     rule: str = RULE
+    curves: Optional[pd.DataFrame] = field(default=None, repr=False, compare=False)  # trial_curves, computed once
 
     def evidence(self, r: int) -> Optional[RankEvidence]:
         return next((e for e in self.ranks if e.r == r), None)
@@ -159,7 +160,16 @@ class Recommendation:
         return e.gap if self.rule_name == "relative" else e.loss - e.ref_loss
 
     def to_dict(self) -> dict:
-        return json_safe(asdict(self))
+        return json_safe({f.name: _plain_field(getattr(self, f.name)) for f in fields(self) if f.name != "curves"})
+
+
+def _plain_field(value):
+    """A field's value as plain data (dataclasses as dicts, lists of them too)."""
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, list):
+        return [_plain_field(v) for v in value]
+    return value
 
 
 def json_safe(value):
@@ -206,7 +216,7 @@ def trial_curves(trials: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     columns = ["trial_id", "r", "lr", "seed", "step", "eval_loss", "best_loss"]
     if trials is None or trials.empty or history is None or history.empty or "eval_loss" not in history:
         return pd.DataFrame(columns=columns)
-    ok = trials[~trials["status"].isin(FAILED_STATUSES)] if "status" in trials else trials
+    ok = trials[~trials["status"].isin(UNUSABLE_STATUSES)] if "status" in trials else trials
     keep = ok[["trial_id", "r", "seed"]].assign(lr=ok["lr"] if "lr" in ok else math.nan)
     hist = history[["trial_id", "step", "eval_loss"]].copy()
     hist["eval_loss"] = pd.to_numeric(hist["eval_loss"], errors="coerce")
@@ -335,7 +345,7 @@ def _excluded(trials: pd.DataFrame, curves: pd.DataFrame, table: dict) -> tuple[
                              f"left out, r={row.r} is judged at its other learning rate(s)")
             continue
         status = getattr(row, "status", "")
-        if status in FAILED_STATUSES:
+        if status in UNUSABLE_STATUSES:
             failed_by_rank[int(row.r)] = failed_by_rank.get(int(row.r), 0) + 1
             notes.append(f"{arm}: the trial failed; left out")
         else:
@@ -374,7 +384,8 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
         used_rule, tol = "relative", RULES["relative"] if tolerance is None else tol
     curves = trial_curves(trials, history)
     lrs = sorted({float(v) for v in trials["lr"].dropna()}) if trials is not None and "lr" in trials else []
-    empty = Recommendation(None, tol, "", rule_name=used_rule, base_eval_loss=base, learning_rates=lrs, rule=rule_text(used_rule))
+    empty = Recommendation(None, tol, "", rule_name=used_rule, base_eval_loss=base, learning_rates=lrs, rule=rule_text(used_rule),
+                           curves=curves)
     if curves.empty:
         empty.excluded = _excluded(trials, curves, {})[0]
         empty.reason = "no trial produced a finite eval loss, so no rank can be recommended"
@@ -389,7 +400,7 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     rec = Recommendation(
         rank=None, tolerance=tol, reason="", rule_name=used_rule, base_eval_loss=base, best_rank=best_r,
         best_step=deepest, best_loss=best_loss, ranks=evidence, excluded=excluded, learning_rates=lrs,
-        rule=rule_text(used_rule),
+        rule=rule_text(used_rule), curves=curves,
         knee=knee_rank([e.r for e in evidence], [1 - e.gain_share if math.isfinite(e.gain_share) else e.gap for e in evidence]),
     )
     if rule == "gain" and used_rule != "gain":

@@ -108,7 +108,7 @@ def test_export_loads_with_peft_and_reproduces_the_reported_eval_loss(grid, tmp_
     from analysis.results import read_config
     from search.runner import prepare
     from trainables.model import load_base_model
-    from trainables.trial import _keep_4bit_layout_fixed, evaluate
+    from trainables.trial import keep_4bit_layout_fixed, evaluate
 
     out = tmp_path / "adapter"
     assert main(["export", grid, "--out", str(out)]) == 0
@@ -118,7 +118,7 @@ def test_export_loads_with_peft_and_reproduces_the_reported_eval_loss(grid, tmp_
     cfg = parse_config(read_config(grid))
     data = prepare(cfg, log=lambda _: None).data
     base = load_base_model(cfg.model.name_or_path, cfg.quantization, "cpu")
-    _keep_4bit_layout_fixed(base)  # as the trial ran (ENVIRONMENT.md: the bf16 CPU repack quirk)
+    keep_4bit_layout_fixed(base)  # as the trial ran (trainables.trial.keep_4bit_layout_fixed: the bf16 CPU repack quirk)
     model = PeftModel.from_pretrained(base, str(out))
     assert model.peft_config["default"].r == K
     loss, _ = evaluate(model, data, 64, "cpu")

@@ -16,7 +16,7 @@ from search.space import trial_settings
 from trainables.lora import lora_param_count
 from trainables.trial import ADAPTER_DIR, STATE_FILE, lr_factor, run_trial
 
-# The metrics DESIGN.md promises on every report, plus the trial's config.
+# Every report carries every declared metric (trainables/metrics.py).
 from trainables.metrics import REPORTED
 
 

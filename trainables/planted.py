@@ -7,7 +7,7 @@ sampled from the teacher. A student LoRA of rank r >= k on the same targets can 
 teacher exactly; a rank r < k cannot, and its eval loss stays measurably higher. So a rank search
 over ranks spanning k should recommend k.
 
-Making the knee real (see ENVIRONMENT.md):
+Making the knee real (measured while building this task):
 - the base is initialised with a large weight std (default 0.3), so its next-token distributions
   are far from uniform and a change of the weights changes them a lot;
 - the update has k equal singular values (each direction matters as much as the others: a rank
@@ -164,7 +164,7 @@ def build_planted_task(
 
     from trainables.model import load_base_model, load_tokenizer
     from trainables.tiny import build_tiny_llama, word_list
-    from trainables.trial import _keep_4bit_layout_fixed
+    from trainables.trial import keep_4bit_layout_fixed
 
     folder = Path(folder)
     settings = dict(rank=rank, targets=list(targets), strength=strength, n_train=n_train, n_eval=n_eval,
@@ -180,7 +180,7 @@ def build_planted_task(
     tokenizer = load_tokenizer(str(model_dir))
     torch.manual_seed(seed)
     base = load_base_model(str(model_dir), QUANT_4BIT, "cpu")
-    _keep_4bit_layout_fixed(base)  # the layout the trials use (see trainables/trial.py)
+    keep_4bit_layout_fixed(base)  # the layout the trials use (see trainables/trial.py)
     teacher = attach_planted_update(base, targets, rank, strength, seed)
     vocab = len(tokenizer)
     train = sample_sequences(teacher, vocab, n_train, seq_len, seed=seed + 1)

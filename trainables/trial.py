@@ -64,7 +64,7 @@ def build_model(settings: TrialSettings, r: int, device: str):
 
     base = load_base_model(settings.model_path, settings.quantization, device, settings.model.trust_remote_code)
     if device == "cpu":
-        _keep_4bit_layout_fixed(base)
+        keep_4bit_layout_fixed(base)
     if settings.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -72,7 +72,7 @@ def build_model(settings: TrialSettings, r: int, device: str):
     return get_peft_model(base, peft_config(r, lora.alpha, lora.dropout, list(settings.targets)))
 
 
-def _keep_4bit_layout_fixed(model) -> None:
+def keep_4bit_layout_fixed(model) -> None:
     """bitsandbytes repacks 4-bit weights for a bf16 CPU kernel the first time a layer runs in
     eval mode without gradients, which shifts outputs by ~0.3% from then on. Keep one layout so
     train and eval losses (and a resumed trial) stay comparable."""
