@@ -85,3 +85,76 @@ def weight_loads(monkeypatch) -> list:
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
     return calls
+
+
+# --------------------------------------------------------------------------- a fake experiment folder
+
+FAKE_BASE_LOSS = 3.0
+FAKE_MAX_STEPS = 40
+# (r, lr, seed) -> (Ray status, {step: eval loss}, how it ended): every trial status, early stops,
+# two learning rates and two seeds, as successive halving would leave them (rungs at 10 and 20).
+FAKE_TRIALS = {
+    (2, 3e-4, 0): ("TERMINATED", {10: 2.60}, "ok"),
+    (2, 3e-4, 1): ("TERMINATED", {10: 2.62}, "ok"),
+    (2, 1e-3, 0): ("TERMINATED", {10: 2.50}, "ok"),
+    (2, 1e-3, 1): ("TERMINATED", {10: 2.52}, "ok"),
+    (4, 3e-4, 0): ("TERMINATED", {10: 2.45}, "ok"),
+    (4, 1e-3, 0): ("TERMINATED", {10: 2.40, 20: 2.20, 30: 2.10, 40: 2.04}, "ok"),
+    (4, 1e-3, 1): ("TERMINATED", {10: 2.40, 20: 2.22, 30: 2.12, 40: 2.06}, "ok"),
+    (8, 3e-4, 0): ("TERMINATED", {10: 2.42}, "ok"),
+    (8, 1e-3, 0): ("TERMINATED", {10: 2.38, 20: 2.18}, "ok"),
+    (16, 1e-3, 0): ("TERMINATED", {10: 2.30, 15: float("nan")}, "diverged"),
+    (16, 3e-4, 0): ("ERROR", {10: 2.36}, "error"),
+    (16, 3e-4, 1): ("RUNNING", {10: 2.35}, "ok"),  # interrupted
+    (32, 3e-4, 0): ("TERMINATED", {5: float("nan")}, "oom"),
+    (32, 1e-3, 0): ("PENDING", {}, "ok"),
+}
+
+
+def write_fake_experiment(root) -> str:
+    """Write an experiment folder in the layout a real search leaves (search.layout), by hand: no
+    Ray, no model. Returns its path."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from search import layout
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    layout.write_config(str(root), {"model": {"name_or_path": "tiny"}, "lora": {"dropout": 0.0},
+                                    "train": {"max_steps": FAKE_MAX_STEPS, "learning_rate": [3e-4, 1e-3]}})
+    states = []
+    for i, ((r, lr, seed), (ray_status, curve, end)) in enumerate(FAKE_TRIALS.items()):
+        trial_id = f"fake_{i:05d}"
+        config = {"r": r, "lr": lr, "seed": seed, "alpha_rule": "16", "target_preset": "attention"}
+        folder = root / layout.trial_dirname(config, trial_id)
+        folder.mkdir()
+        (folder / layout.PARAMS_FILE).write_text(json.dumps(config))
+        lines, best = [], float("inf")
+        for step, loss in sorted(curve.items()):
+            failed = loss != loss
+            best = best if failed else min(best, loss)
+            report = {"trial_id": trial_id, "step": step, "r": r, "seed": seed, "learning_rate": lr, "lora_alpha": 16.0,
+                      "alpha_rule": "16", "target_modules": "q_proj,v_proj", "base_eval_loss": FAKE_BASE_LOSS,
+                      "eval_loss": loss, "best_eval_loss": best, "train_loss": loss + 0.05, "lr": lr, "tokens_seen": 100 * step,
+                      "tokens_per_s": 1000.0, "trainable_params": 1000 * r, "adapter_bytes": 4000 * r,
+                      "peak_memory_bytes": 2**20, "time_total_s": float(step), "timestamp": 1e9 + step, "started_at": 1e9,
+                      "trial_status": end if failed else "ok",
+                      "failure": f"{end} at step {step}" if failed else ""}
+            lines.append(json.dumps(report))
+        if lines:
+            (folder / layout.RESULT_FILE).write_text("\n".join(lines) + "\n")
+        if end == "error":
+            (folder / layout.ERROR_FILE).write_text("Traceback (most recent call last):\nRuntimeError: the fake trial failed\n")
+        states.append([json.dumps({"trial_id": trial_id, "status": ray_status}), json.dumps({"num_failures": 0})])
+    (root / f"{layout.STATE_PREFIX}2026-12-02_00-00-00.json").write_text(json.dumps({"trial_data": states}))
+    (root / layout.TUNER_FILE).write_bytes(b"")
+    assert yaml  # the config above is YAML on disk
+    return str(root)
+
+
+@pytest.fixture
+def fake_experiment(tmp_path) -> str:
+    return write_fake_experiment(tmp_path / "fake-exp")

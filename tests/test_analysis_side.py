@@ -1,0 +1,78 @@
+"""The whole analysis side on a hand-made experiment folder (conftest.write_fake_experiment): every
+trial status, early stops, two learning rates, two seeds; no Ray, no model, in seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pandas as pd
+import pytest
+
+from analysis.results import load_experiment
+from conftest import FAKE_BASE_LOSS
+from search.cli import main
+
+
+def test_every_status_is_read_from_the_folder(fake_experiment):
+    trials, history = load_experiment(fake_experiment)
+    status = {(t.r, t.lr, t.seed): t.status for t in trials.itertuples()}
+    assert status[(4, 1e-3, 0)] == "completed" and status[(2, 3e-4, 0)] == "stopped"
+    assert status[(16, 3e-4, 0)] == "error" and status[(16, 1e-3, 0)] == "diverged"
+    assert status[(16, 3e-4, 1)] == "interrupted" and status[(32, 3e-4, 0)] == "oom" and status[(32, 1e-3, 0)] == "pending"
+    assert set(trials["base_eval_loss"].dropna()) == {FAKE_BASE_LOSS}
+    assert trials.set_index(["r", "lr", "seed"]).loc[(16, 1e-3, 0), "unstable"], "a diverged arm is unstable"
+    assert sorted(set(trials["lr"])) == [3e-4, 1e-3]
+
+
+def test_analyze_writes_the_verdict_with_the_base_the_gain_shares_and_the_learning_rates(fake_experiment, capsys):
+    out = os.path.join(fake_experiment, "analysis")
+    assert main(["analyze", fake_experiment]) == 0
+    printed = capsys.readouterr().out
+    assert "recommended: r=4, learning rate 1e-3" in printed and "of the best gain" in printed
+    data = json.loads(open(os.path.join(out, "recommendation.json")).read())
+    assert data["rank"] == 4 and data["learning_rate"] == 1e-3 and data["base_eval_loss"] == FAKE_BASE_LOSS
+    assert data["rule_name"] == "gain" and data["tolerance"] == 0.05 and data["evidence_step"] == 40
+    assert data["learning_rates"] == [3e-4, 1e-3]
+    by_rank = {e["r"]: e for e in data["ranks"]}
+    # r=2 judged at step 10 against r=16's 2.35 there (its only stable arm): (3 - 2.51) / (3 - 2.35) = 75%
+    assert by_rank[2]["evidence_step"] == 10 and by_rank[2]["gain_share"] == pytest.approx(0.49 / 0.65)
+    assert by_rank[2]["lr"] == 1e-3 and not by_rank[2]["adequate"]
+    assert by_rank[16]["lr"] == 3e-4, "the diverged lr 1e-3 arm is left out while lr 3e-4 trained normally"
+    kinds = {d["kind"] for d in data["diagnosis"]}
+    assert "lr-edge-high" in kinds and "excluded" in kinds
+    frame = pd.read_parquet(os.path.join(out, "results.parquet"))
+    for column in ("lr", "base_eval_loss", "unstable", "rank_gain_share", "rank_best_lr", "recommended_arm", "judged_at_step"):
+        assert column in frame, column
+    assert frame["recommended_arm"].sum() == 2, "both seeds of r=4 at lr 1e-3"
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "## Recommendation: r = 4, learning rate 1e-3" in report and "## Learning rates" in report
+    assert "Untouched base model" in report and "share of its gain" in report
+    for name in ("loss_vs_rank", "loss_vs_lr", "loss_vs_cost", "learning_curves"):
+        assert os.path.getsize(os.path.join(out, "plots", f"{name}.png")) > 5000, name
+    page = open(os.path.join(out, "report.html")).read()
+    assert page.count("<svg") == 4 and "<img" not in page
+
+
+def test_other_rules_and_bad_flags(fake_experiment, capsys):
+    assert main(["analyze", fake_experiment, "--rule", "relative", "--tolerance", "0.5", "--out", os.path.join(fake_experiment, "a2")]) == 0
+    assert json.load(open(os.path.join(fake_experiment, "a2", "recommendation.json")))["rank"] == 2
+    capsys.readouterr()
+    assert main(["analyze", fake_experiment, "--tolerance", "1.5"]) == 2
+    assert "--tolerance: must be a number >= 0 and < 1" in capsys.readouterr().err
+
+
+def test_tensorboard_folder_for_every_status(fake_experiment, tmp_path):
+    from analysis.tb import read_back
+
+    trials, _ = load_experiment(fake_experiment)
+    logdir = tmp_path / "tb"
+    assert main(["tensorboard", fake_experiment, "--logdir", str(logdir), "--no-serve"]) == 0
+    written = [t for t in trials.itertuples() if t.status != "pending"]
+    for t in written:
+        scalars, hparams = read_back(str(logdir), t.trial_dir)
+        assert hparams is not None and hparams["lr"] == pytest.approx(t.lr) and hparams["r"] == t.r
+        finite = [s for s, v in scalars.get("loss/eval", {}).items() if not math.isnan(v)]
+        assert finite or t.status == "oom"
+        assert scalars["loss/eval_base"], "the base loss is a curve too"
