@@ -73,8 +73,10 @@ def _trial_points(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendati
     if curves.empty:
         return pd.DataFrame(columns=["trial_id", "r", "seed", "step", "best_loss", "stopped_early"])
     last = curves.sort_values("step").groupby("trial_id").tail(1)
-    flags = trials.set_index(trials["trial_id"].astype(str))["stopped_early"] if "stopped_early" in trials else None
-    last = last.assign(stopped_early=[bool(flags.get(t, False)) if flags is not None else False for t in last["trial_id"]])
+    # Hollow: the trial ended before max_steps (stopped by the scheduler, interrupted or failed).
+    short = trials.set_index(trials["trial_id"].astype(str))
+    short = (short["steps"] < short["max_steps"]) if {"steps", "max_steps"} <= set(short) else None
+    last = last.assign(stopped_early=[bool(short.get(t, False)) if short is not None else False for t in last["trial_id"]])
     return last.reset_index(drop=True)
 
 
@@ -88,13 +90,9 @@ def loss_vs_rank(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendatio
         if p.stopped_early:
             ax.annotate(f"@{p.step}", (p.r, p.best_loss), textcoords="offset points", xytext=(4, 3), fontsize=6, color=MUTED)
     if rec.ranks:
-        r = np.array(ranks, dtype=float)
-        mean = np.array([e.loss for e in rec.ranks])
-        se = np.array([e.se for e in rec.ranks])
-        spread = points.groupby("r")["best_loss"].agg(["min", "max"]).reindex(ranks)
-        ax.plot(r, mean, ":", color="#1f77b4", lw=0.8, label="mean over seeds, best learning rate (each at its judged step)")
-        ax.errorbar(r, mean, yerr=se, fmt="none", ecolor="#1f77b4", capsize=3, lw=1)
-        ax.fill_between(r, spread["min"], spread["max"], color="#1f77b4", alpha=0.12, label="spread over seeds (min-max)")
+        # No line joins the ranks: each is judged at its own step, so a line would mix steps.
+        ax.errorbar(ranks, [e.loss for e in rec.ranks], yerr=[e.se for e in rec.ranks], fmt="D", ms=5, color="black",
+                    capsize=3, lw=1, zorder=4, label="each rank at its best learning rate and judged step (mean ± SE)")
     if rec.rank is not None:
         ax.scatter([rec.rank], [rec.loss], s=220, marker="*", color=HIGHLIGHT, zorder=4, label=f"recommended r={rec.rank}")
         ax.axvline(rec.rank, color=HIGHLIGHT, ls=":", lw=1)
@@ -110,7 +108,7 @@ def loss_vs_rank(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommendatio
     from matplotlib.lines import Line2D
 
     handles += [Line2D([], [], ls="", marker="o", color="#1f77b4", label="trial that ran to max_steps"),
-                Line2D([], [], ls="", marker="o", mfc="none", color="#1f77b4", label="trial stopped early (step it reached)")]
+                Line2D([], [], ls="", marker="o", mfc="none", color="#1f77b4", label="trial that ended earlier (@ the step it reached)")]
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if rec.rule_name == "gain":
         _gain_panel(gx, rec)
@@ -265,8 +263,9 @@ def learning_curves(trials: pd.DataFrame, history: pd.DataFrame, rec: Recommenda
 
 
 def loss_vs_lr(rec: Recommendation, out_dir: str) -> Optional[dict]:
-    """Each rank's loss at each learning rate (best so far, seed mean, at the last step that arm
-    reached); unstable arms crossed. Drawn when more than one learning rate was searched."""
+    """Each rank's loss at each learning rate (best so far, seed mean), compared at the last step
+    all of that rank's learning rates reached; unstable arms crossed. Drawn when more than one
+    learning rate was searched."""
     if len(rec.learning_rates) < 2 or not rec.ranks:
         return None
     plt = _plt()
@@ -276,11 +275,11 @@ def loss_vs_lr(rec: Recommendation, out_dir: str) -> Optional[dict]:
         arms = [a for a in e.arms if math.isfinite(a.lr)]
         if not arms:
             continue
-        ax.plot([a.lr for a in arms], [a.loss for a in arms], "-", color=colors[e.r], lw=2.4 if e.r == rec.rank else 1.1,
-                label=f"r={e.r} (best lr {format_lr(e.lr)})")
+        ax.plot([a.lr for a in arms], [a.compared_loss for a in arms], "-", color=colors[e.r], lw=2.4 if e.r == rec.rank else 1.1,
+                label=f"r={e.r} @ step {arms[0].compared_step} (best lr {format_lr(e.lr)})")
         for a in arms:
-            ax.scatter(a.lr, a.loss, color=colors[e.r], marker="x" if a.unstable else "o", s=40 if a.unstable else 18, zorder=3)
-            ax.annotate(f"@{a.step}", (a.lr, a.loss), textcoords="offset points", xytext=(3, 3), fontsize=6, color=MUTED)
+            ax.scatter(a.lr, a.compared_loss, color=colors[e.r], marker="x" if a.unstable else "o", s=40 if a.unstable else 18,
+                       zorder=3)
     if math.isfinite(rec.base_eval_loss):
         ax.axhline(rec.base_eval_loss, color=MUTED, ls="--", lw=0.8, label="untouched base")
     ax.set_xscale("log")
@@ -288,7 +287,7 @@ def loss_vs_lr(rec: Recommendation, out_dir: str) -> Optional[dict]:
     ax.minorticks_off()
     ax.set_xlabel("peak learning rate (log scale)")
     ax.set_ylabel(LOSS_LABEL)
-    ax.set_title("Eval loss vs learning rate, per rank (x: unstable; @: step reached)")
+    ax.set_title("Eval loss vs learning rate, per rank, where its rates competed (x: unstable)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, out_dir, "loss_vs_lr")
 

@@ -87,7 +87,8 @@ def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
 
 
 def _lr_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
-    """Loss per rank (rows) and learning rate (columns), each at the last step that arm reached."""
+    """Loss per rank (rows) and learning rate (columns), at the last step all of the rank's
+    learning rates reached (where they competed)."""
     headers = ["r"] + [format_lr(lr) for lr in rec.learning_rates]
     rows = []
     for e in rec.ranks:
@@ -97,7 +98,7 @@ def _lr_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
             if arm is None:
                 cells.append("-")
                 continue
-            text = f"{arm.loss:.4f} @{arm.step}" + (" unstable" if arm.unstable else "")
+            text = f"{arm.compared_loss:.4f} @{arm.compared_step}" + (" unstable" if arm.unstable else "")
             cells.append(f"**{text}**" if lr == e.lr else text)
         rows.append([str(e.r), *cells])
     return headers, rows
@@ -153,9 +154,9 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
         blocks.append(("table", _evidence_rows(rec)))
         if len(rec.learning_rates) > 1:
             blocks.append(("h2", "Learning rates"))
-            blocks.append(("p", "Eval loss (best so far, seed mean) of every rank at every learning rate, at the last step that arm "
-                                "reached (@step; successive halving drops a rank's worse rates at the first rung). Bold: the "
-                                "rank's best, on which it is judged. Unstable: ended worse than the untouched base."))
+            blocks.append(("p", "Eval loss (best so far, seed mean) of every rank at every learning rate, at the last step all of "
+                                "the rank's rates reached (@step: where successive halving chose between them). Bold: the rate "
+                                "the rank is judged at. Unstable: ended worse than the untouched base."))
             blocks.append(("table", _lr_rows(rec)))
     for name, caption in (("loss_vs_rank", "Eval loss vs rank, and the quantity the rule compares"),
                           ("loss_vs_lr", "Eval loss vs learning rate, per rank"),

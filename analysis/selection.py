@@ -82,6 +82,8 @@ class ArmEvidence:
     loss: float  # mean best-so-far there
     unstable: bool  # ended worse than the base (or diverged)
     used: bool  # part of its rank's evidence (False: unstable while another lr trained normally)
+    compared_step: int = 0  # the last step every learning rate of its rank reached (where they compete)
+    compared_loss: float = math.nan  # its loss there
 
 
 @dataclass
@@ -427,8 +429,11 @@ def _judge(r: int, stats: dict, table: dict, rule: str, tol: float, base: float,
     ref_r, ref_loss, ref_se = _reference(table, step)
     threshold = ref_loss + max(slack(rule, tol, ref_loss, base), ref_se)
     best_arm = stats["arms"][lr]
+    common = max(set.intersection(*(set(a["by_step"]) for a in stats["arms"].values())) or {0})
     arms = [ArmEvidence(lr=a_lr, seeds=a["seeds"], trial_ids=a["trial_ids"], step=a["step"], loss=a["by_step"][a["step"]][0],
-                        unstable=a["unstable"], used=a_lr in stats["used"]) for a_lr, a in sorted(stats["arms"].items())]
+                        unstable=a["unstable"], used=a_lr in stats["used"], compared_step=common,
+                        compared_loss=a["by_step"][common][0] if common in a["by_step"] else math.nan)
+            for a_lr, a in sorted(stats["arms"].items())]
     gain = base - ref_loss
     return RankEvidence(
         r=r, seeds=best_arm["seeds"], trial_ids=best_arm["trial_ids"], evidence_step=step, loss=loss, se=se,
