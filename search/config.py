@@ -96,8 +96,8 @@ class LoraConfig:
 
     ranks: tuple = _doc("candidate ranks r (positive integers)", default=(4, 8, 16, 32, 64))
     alpha: Union[float, str] = _doc(
-        "lora_alpha: a number | 'r' (scale 1) | '2r' (scale 2) | 'rslora' (alpha 16, scale 16/sqrt(r))",
-        default="2r",
+        "lora_alpha: a number (fixed: scale alpha/r) | 'r' (scale 1) | '2r' (scale 2) | 'rslora' (alpha 16, scale 16/sqrt(r))",
+        default=16.0,
     )
     dropout: float = _doc("LoRA dropout, in [0, 1)", default=0.05)
     target_modules: Union[str, tuple] = _doc(

@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, learning_rates
+from trainables.lora import alpha_label
 
 METRIC = "eval_loss"
 MODE = "min"
@@ -27,7 +28,7 @@ def param_space(cfg: SearchConfig) -> dict[str, Any]:
         "r": tune.grid_search(rank_order(cfg.lora.ranks)),
         "lr": tune.grid_search(learning_rates(cfg)),
         "seed": tune.grid_search([int(s) for s in cfg.train.seeds]),
-        "alpha_rule": str(cfg.lora.alpha),
+        "alpha_rule": alpha_label(cfg.lora.alpha),
         "target_preset": cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules),
     }
 

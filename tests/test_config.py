@@ -32,7 +32,8 @@ def test_defaults_parse_and_round_trip():
     assert isinstance(cfg, SearchConfig)
     again = parse_config(cfg.to_dict())
     assert again == cfg
-    assert cfg.lora.alpha == "2r" and cfg.train.seeds == (0,)
+    assert cfg.lora.alpha == 16.0 and cfg.train.seeds == (0,)
+    assert cfg.train.learning_rate == (1e-4, 3e-4, 1e-3), "a 10x span by default (bench/alpha_lr.py)"
 
 
 def test_every_problem_is_reported_at_once_with_field_and_value():

@@ -83,6 +83,11 @@ def lora_alpha(rule: Union[float, str], r: int) -> tuple[float, bool]:
     return float(rule), False
 
 
+def alpha_label(rule: Union[float, str]) -> str:
+    """The alpha rule as reports show it: '16' for a fixed alpha, else the rule's name."""
+    return f"{rule:g}" if isinstance(rule, (int, float)) else str(rule)
+
+
 def lora_scale(rule: Union[float, str], r: int) -> float:
     """The factor PEFT multiplies B·A by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
     alpha, rs = lora_alpha(rule, r)

@@ -24,7 +24,7 @@ from search.config import TrialSettings
 from search.layout import TRAINER_STATE_FILE as STATE_FILE
 from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
 from trainables.failures import DIVERGED, OK, OOM, TrialDiverged, out_of_memory_detail, planned_fault
-from trainables.lora import lora_alpha, peft_config
+from trainables.lora import alpha_label, lora_alpha, peft_config
 Report = Callable[[dict, Optional[str]], None]  # (metrics, checkpoint folder or None) -> None
 
 
@@ -212,7 +212,7 @@ def run_trial(
         "base_eval_loss": base_eval_loss,
         "lora_alpha": alpha,
         "use_rslora": rslora,
-        "alpha_rule": str(settings.lora.alpha),
+        "alpha_rule": alpha_label(settings.lora.alpha),
         "target_modules": ",".join(settings.targets),
         "trainable_params": trainable_params,
         "device": device,
