@@ -331,4 +331,5 @@ def format_failures(trials: pd.DataFrame) -> str:
     if trials.empty or "failure" not in trials:
         return ""
     failed = trials[trials["status"].isin(FAILED)]
-    return "\n".join(f"r={t.r} seed={t.seed} {t.status}: {t.failure or 'see error.txt in ' + t.trial_dir}" for t in failed.itertuples())
+    return "\n".join(f"r={t.r} lr={format_lr(getattr(t, 'lr', math.nan))} seed={t.seed} {t.status}: "
+                     f"{t.failure or 'see error.txt in ' + t.trial_dir}" for t in failed.itertuples())

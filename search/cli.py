@@ -48,7 +48,12 @@ def _search(args: argparse.Namespace) -> int:
     from analysis.cli import verdict_lines
     from analysis.pipeline import run_analysis
 
-    result = run_analysis(experiment)  # into EXPERIMENT/analysis (a remote experiment: ./analysis-NAME)
+    try:
+        result = run_analysis(experiment)  # into EXPERIMENT/analysis (a remote experiment: ./analysis-NAME)
+    except Exception as exc:  # noqa: BLE001 - the search itself is done and saved: never lose it to a report
+        print(f"\nwarning: the analysis failed ({type(exc).__name__}: {exc}); the experiment is complete. "
+              f"Run it again with:\n  lora-rank analyze {shlex.quote(experiment)}", file=sys.stderr)
+        return 1 if errored else 0
     print()
     print(verdict_lines(result))
     if errored:
@@ -109,13 +114,14 @@ def _interrupted_message(cfg, args: argparse.Namespace, again: str) -> str:
 def _trials_in_error(trials) -> bool:
     """True (after saying so on stderr) when a trial ended in error: the search then exits 1."""
     from analysis.results import ERROR
+    from search.arms import format_lr
 
     if trials.empty or "status" not in trials:
         return False
     errored = trials[trials["status"] == ERROR]
     if errored.empty:
         return False
-    names = ", ".join(f"r={t.r} seed={t.seed}" for t in errored.itertuples())
+    names = ", ".join(f"r={t.r} lr={format_lr(t.lr)} seed={t.seed}" for t in errored.itertuples())
     print(f"error: {len(errored)} trial(s) ended in error ({names}); the results of the others are kept", file=sys.stderr)
     return True
 

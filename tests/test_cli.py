@@ -62,6 +62,11 @@ def test_cli_search_end_to_end_prints_the_table_and_writes_the_experiment(raw_co
     assert f"experiment: {experiment}" in out
     assert len(list(experiment.glob("r*_seed0_*/result.json"))) == 2
     assert (experiment / "lora_rank_search.yaml").is_file()
+    # It ends with the verdict, in three lines, and the analysis in the experiment folder.
+    verdict = out[out.index("recommended: r="):].splitlines()
+    assert len(verdict) == 3 and "learning rate 3e-3" in verdict[0] and "of the best gain" in verdict[0], verdict
+    assert verdict[2] == f"  report: {experiment / 'analysis' / 'REPORT.md'}"
+    assert (experiment / "analysis" / "recommendation.json").is_file()
     # Running it again without --resume is refused: no silent merge into the old experiment.
     again = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 2 and "already exists; add --resume" in again.stderr

@@ -122,7 +122,7 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
     assert first.returncode == 130, err[-3000:]
     assert f"Continue with:\n  lora-rank search {config} --resume" in err
     assert "Tuner.restore" not in err and "Traceback" not in err
-    assert "next: lora-rank analyze" not in out
+    assert "recommended:" not in out and "report:" not in out, "no verdict from an interrupted search"
     after_sigint, results_at_sigint = _snapshot(experiment), _results(experiment)
     assert any(0 < step < MAX_STEPS for _, step in after_sigint.values())
 
@@ -140,7 +140,7 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
     third = start("--resume")
     out, err = finish(third, 300)
     assert third.returncode == 0, err[-3000:]
-    assert "next: lora-rank analyze" in out
+    assert "recommended: r=" in out and "analysis/REPORT.md" in out, "the finished search ends with the verdict"
 
     trials, history = load_experiment(experiment)
     assert sorted(zip(trials["r"], trials["seed"])) == [(r, 0) for r in RANKS], "the same trials as an uninterrupted run"
