@@ -108,7 +108,7 @@ def test_failing_trials_leave_the_others_finishing_and_show_in_the_results(raw_c
     assert "failed trials (the others are unaffected):" in out
     assert format_failures(trials) in out and len(format_failures(trials).splitlines()) == 3
     assert "DIVERGED: training loss became nan at step 15" in out and "OOM: out of memory at step 12" in out
-    assert "r4-seed0       crashed (last report at step 10); retrying from its last checkpoint" in out
+    assert f"{'r4-lr3e-3-seed0':<22} crashed (last report at step 10); retrying from its last checkpoint" in out
     with open(os.path.join(tmp_path, "runs", "faults", by_r[1].trial_dir, "result.json")) as handle:
         last = [json.loads(line) for line in handle][-1]
     assert last["trial_status"] == "diverged" and last["failure"]
