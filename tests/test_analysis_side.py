@@ -104,3 +104,9 @@ def test_analyze_a_search_over_target_choices_names_the_cheapest_adequate_adapte
     assert os.path.getsize(os.path.join(out, "plots", "cost_by_choice.png")) > 5000
     trials, _ = load_experiment(experiment)
     assert sorted(trials["trial_dir"].str.split("_r0").str[0].unique()) == ["all-linear", "attention", "mlp"]
+    from analysis.tb import read_back
+
+    assert main(["tensorboard", experiment, "--logdir", str(tmp_path / "tb"), "--no-serve"]) == 0
+    for t in trials.itertuples():
+        _, hparams = read_back(str(tmp_path / "tb"), t.trial_dir)
+        assert hparams["target_choice"] == t.target_choice and hparams["r"] == t.r
