@@ -299,6 +299,9 @@ def _count(n: float) -> str:
 def format_table(trials: pd.DataFrame) -> str:
     """The per-trial table the CLI prints at the end of a search (and `analyze` reuses)."""
     headers = ["r", "alpha", "lr", "seed", "steps", "status", "best eval loss", "params", "adapter", "peak mem", "tokens/s"]
+    several = "target_choice" in trials and trials["target_choice"].nunique() > 1
+    if several:
+        headers = ["targets"] + headers
     rows = []
     for t in trials.itertuples():
         steps = f"{t.steps}/{t.max_steps}" if t.max_steps else str(t.steps)
@@ -309,6 +312,7 @@ def format_table(trials: pd.DataFrame) -> str:
         if retries and not math.isnan(retries):
             status += f" ({int(retries)} {'retry' if retries == 1 else 'retries'})"
         rows.append([
+            *([t.target_choice] if several else []),
             str(t.r),
             "-" if math.isnan(t.lora_alpha) else f"{t.lora_alpha:g}",
             "-" if math.isnan(getattr(t, "lr", math.nan)) else format_lr(t.lr),

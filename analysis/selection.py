@@ -127,6 +127,7 @@ class ChoiceVerdict:
     trainable_params: float = math.nan
     best_rank: Optional[int] = None  # its rank with the highest gain share
     best_gain_share: float = math.nan
+    step: Optional[int] = None  # the last step any of its ranks was judged at (early: successive halving cut it)
 
 
 @dataclass
@@ -513,7 +514,8 @@ def _choice_verdicts(units: list) -> list[ChoiceVerdict]:
         best = max(mine, key=lambda e: (e.gain_share if math.isfinite(e.gain_share) else -math.inf, -e.r))
         ok = next((e for e in mine if e.adequate), None)
         pick = ok or best
-        out.append(ChoiceVerdict(choice, ok.r if ok else None, pick.gain_share, pick.trainable_params, best.r, best.gain_share))
+        out.append(ChoiceVerdict(choice, ok.r if ok else None, pick.gain_share, pick.trainable_params, best.r, best.gain_share,
+                                 max(e.evidence_step for e in mine)))
     return out
 
 
@@ -535,6 +537,10 @@ def _close_calls(rec: Recommendation, chosen: RankEvidence) -> list[str]:
                        f"of {1 - rec.tolerance:.0%} at step {e.evidence_step}, and cheaper ({_params(e.trainable_params)} vs "
                        f"{_params(chosen.trainable_params)} parameters): train longer to check")
     return out
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _params(n: float) -> str:
@@ -601,16 +607,19 @@ def _reason_cheapest(rec: Recommendation, chosen: RankEvidence, at: str) -> str:
     """'mlp r=4 is the cheapest adequate adapter (4.6k parameters): ...; on attention no rank is adequate ...'."""
     name = rec.unit_name(chosen.target_choice, chosen.r)
     ref = rec.unit_name(chosen.ref_choice, chosen.ref_rank)
-    size = f", {chosen.adapter_bytes / 1e6:.1f} MB" if math.isfinite(chosen.adapter_bytes) else ""
+    size = f", {_bytes(chosen.adapter_bytes)}" if math.isfinite(chosen.adapter_bytes) else ""
     if rec.rule_name == "gain":
         how = (f"recovers {chosen.gain_share:.1%} of {ref}'s gain over the untouched base at step {chosen.evidence_step} "
                f"(at least {1 - rec.tolerance:.0%} needed)" if (chosen.target_choice, chosen.r) != (chosen.ref_choice, chosen.ref_rank)
                else f"is the best adapter at step {chosen.evidence_step}")
     else:
         how = f"is within the tolerance of {ref} at step {chosen.evidence_step} ({chosen.gap:+.2%})"
+    def when(v: ChoiceVerdict) -> str:
+        return f" (judged at step {v.step}, where it was cut)" if v.step is not None and v.step < chosen.evidence_step else ""
+
     per_choice = "; ".join(
-        f"on {v.target_choice} the smallest adequate rank is {v.rank}" if v.rank is not None
-        else f"on {v.target_choice} no rank is adequate (best: r={v.best_rank}, {v.best_gain_share:.0%})"
+        f"on {v.target_choice} the smallest adequate rank is {v.rank}{when(v)}" if v.rank is not None
+        else f"on {v.target_choice} no rank is adequate{when(v)} (best: r={v.best_rank}, {v.best_gain_share:.0%})"
         for v in rec.choices)
     return (f"{name}{at} is the cheapest adequate adapter ({_params(chosen.trainable_params)} trainable parameters{size}): it {how}; "
             f"{per_choice}")

@@ -4,6 +4,7 @@ trial status, early stops, two learning rates, two seeds; no Ray, no model, in s
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 
@@ -101,6 +102,7 @@ def test_analyze_a_search_over_target_choices_names_the_cheapest_adequate_adapte
     report = open(os.path.join(out, "REPORT.md")).read()
     assert "## Recommendation: mlp, r = 4" in report and "## Target choices: every adapter by its cost" in report
     assert "**yes (cheapest: recommended)**" in report and "Close calls" in report
+    assert re.search(r"targets +r +alpha", report), "the trials table has a targets column"
     assert os.path.getsize(os.path.join(out, "plots", "cost_by_choice.png")) > 5000
     trials, _ = load_experiment(experiment)
     assert sorted(trials["trial_dir"].str.split("_r0").str[0].unique()) == ["all-linear", "attention", "mlp"]
