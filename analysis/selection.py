@@ -1,4 +1,5 @@
-"""The verdict as pure functions on the results tables: the smallest adequate rank.
+"""The verdict as pure functions on the results tables: the smallest adequate rank (with several
+target choices, the cheapest adequate adapter: `analysis.cheapest`).
 
 The rule (`rule_text` is what every report prints). Roles are those of `search.arms`: the rank is
 the unit compared, the learning rate a nuisance choice (each rank at its best one), the seed a
@@ -48,6 +49,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
 
 RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default tolerance
 DEFAULT_RULE = "gain"
@@ -115,19 +118,6 @@ class RankEvidence:
     ref_choice: str = ""  # the reference unit's target choice
     trainable_params: float = math.nan  # the adapter's trainable parameters (from its trials)
     adapter_bytes: float = math.nan  # its saved adapter's size (bytes)
-
-
-@dataclass
-class ChoiceVerdict:
-    """One target choice's own verdict: its smallest adequate rank (None: no rank of it is adequate)."""
-
-    target_choice: str
-    rank: Optional[int]
-    gain_share: float = math.nan  # of that rank (or of the choice's best rank when none is adequate)
-    trainable_params: float = math.nan
-    best_rank: Optional[int] = None  # its rank with the highest gain share
-    best_gain_share: float = math.nan
-    step: Optional[int] = None  # the last step any of its ranks was judged at (early: successive halving cut it)
 
 
 @dataclass
@@ -401,23 +391,6 @@ def _choice(row) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _unit_costs(trials: pd.DataFrame) -> dict[tuple, tuple[float, float]]:
-    """(target choice, r) -> (trainable params, adapter bytes): the median over its trials that
-    reported them (NaN when none did)."""
-    if trials is None or trials.empty:
-        return {}
-    frame = trials.assign(target_choice=trials["target_choice"].fillna("").astype(str) if "target_choice" in trials else "")
-    out = {}
-    for (choice, r), group in frame.groupby(["target_choice", "r"]):
-        values = []
-        for column in ("trainable_params", "adapter_bytes"):
-            col = pd.to_numeric(group[column], errors="coerce") if column in group else pd.Series(dtype=float)
-            col = col[col > 0]
-            values.append(float(col.median()) if len(col) else math.nan)
-        out[(str(choice), int(r))] = tuple(values)
-    return out
-
-
 def _same_lr(lr: float, arms: dict) -> float:
     """The key in `arms` for this learning rate (NaN keys compare by identity in dicts)."""
     return next((k for k in arms if (k == lr) or (math.isnan(k) and math.isnan(lr))), lr)
@@ -458,7 +431,7 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     table = _rank_table(_arm_table(curves, _unstable_ids(trials)))
     excluded, failed_by_rank = _excluded(trials, curves, table)
     max_steps = _max_steps(trials)
-    costs = _unit_costs(trials)
+    costs = unit_costs(trials)
     units = [_judge(u, stats, table, used_rule, tol, base, max_steps, failed_by_rank.get(u, 0), costs.get(u))
              for u, stats in sorted(table.items())]
     deepest = max(e.evidence_step for e in units)
@@ -478,12 +451,12 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
                       "base loss), so no rank can be recommended; check the data, the learning rates and the steps")
         return rec
     # the reference unit itself always qualifies; with one target choice the cost follows the rank
-    chosen = min((e for e in units if e.adequate), key=lambda e: _cost_key(e, rec.several_choices))
+    chosen = min((e for e in units if e.adequate), key=lambda e: cost_key(e, rec.several_choices))
     _set_choice(rec, chosen.target_choice)
     rec.trainable_params, rec.adapter_bytes = chosen.trainable_params, chosen.adapter_bytes
     if rec.several_choices:
-        rec.choices = _choice_verdicts(units)
-        rec.close = _close_calls(rec, chosen)
+        rec.choices = choice_verdicts(units)
+        rec.close = close_calls(rec, chosen)
     rec.rank, rec.evidence_step, rec.loss, rec.learning_rate = chosen.r, chosen.evidence_step, chosen.loss, chosen.lr
     rec.ref_rank, rec.ref_loss, rec.threshold, rec.gap = chosen.ref_rank, chosen.ref_loss, chosen.threshold, chosen.gap
     rec.gain_share = chosen.gain_share
@@ -497,56 +470,6 @@ def _set_choice(rec: Recommendation, choice: str) -> None:
     rec.target_choice = choice
     rec.ranks = [e for e in rec.units if e.target_choice == choice]
     rec.knee = knee_rank([e.r for e in rec.ranks], [1 - e.gain_share if math.isfinite(e.gain_share) else e.gap for e in rec.ranks])
-
-
-def _cost_key(e: RankEvidence, several: bool) -> tuple:
-    """Cheaper first: trainable parameters (several target choices; unknown counts last), then the
-    smaller rank, then the choice's label."""
-    params = e.trainable_params if math.isfinite(e.trainable_params) else math.inf
-    return (params, e.r, e.target_choice) if several else (e.r, e.target_choice)
-
-
-def _choice_verdicts(units: list) -> list[ChoiceVerdict]:
-    """Each target choice's smallest adequate rank (judged against the best unit of any choice)."""
-    out = []
-    for choice in sorted({e.target_choice for e in units}):
-        mine = [e for e in units if e.target_choice == choice]
-        best = max(mine, key=lambda e: (e.gain_share if math.isfinite(e.gain_share) else -math.inf, -e.r))
-        ok = next((e for e in mine if e.adequate), None)
-        pick = ok or best
-        out.append(ChoiceVerdict(choice, ok.r if ok else None, pick.gain_share, pick.trainable_params, best.r, best.gain_share,
-                                 max(e.evidence_step for e in mine)))
-    return out
-
-
-CLOSE = 2.0  # a cheaper unit whose missing gain share is within CLOSE x tolerance is named as a close call
-
-
-def _close_calls(rec: Recommendation, chosen: RankEvidence) -> list[str]:
-    """Cheaper units than the verdict that fell just short of the rule (gain rule only): budgets decide
-    these (an exact-size adapter can converge slower than a larger one), so say so."""
-    if rec.rule_name != "gain":
-        return []
-    out = []
-    for e in sorted(rec.units, key=lambda e: _cost_key(e, True)):
-        if _cost_key(e, True) >= _cost_key(chosen, True) or e.adequate or not math.isfinite(e.gain_share):
-            continue
-        short = (1 - rec.tolerance) - e.gain_share
-        if short <= (CLOSE - 1) * rec.tolerance:
-            out.append(f"{rec.unit_name(e.target_choice, e.r)}: {e.gain_share:.0%} of the best gain, {100 * short:.0f} points short "
-                       f"of {1 - rec.tolerance:.0%} at step {e.evidence_step}, and cheaper ({_params(e.trainable_params)} vs "
-                       f"{_params(chosen.trainable_params)} parameters): train longer to check")
-    return out
-
-
-def _bytes(n: float) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def _params(n: float) -> str:
-    if not math.isfinite(n):
-        return "?"
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}")
 
 
 def _judge(unit: tuple, stats: dict, table: dict, rule: str, tol: float, base: float, max_steps: Optional[int],
@@ -582,7 +505,7 @@ def _max_steps(trials: pd.DataFrame) -> Optional[int]:
 def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
     at = f" (lr {_lr(chosen.lr)})" if math.isfinite(chosen.lr) and len(rec.learning_rates) > 1 else ""
     if rec.several_choices:
-        return _reason_cheapest(rec, chosen, at)
+        return reason_cheapest(rec, chosen, at)
     if chosen.r == chosen.ref_rank:
         head = f"r={chosen.r}{at} is the best rank at step {chosen.evidence_step}"
         if any(e.r < chosen.r for e in rec.ranks):
@@ -601,28 +524,6 @@ def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
         f"r={chosen.r}{at} is the smallest rank within {within}{noise} of the best at step {chosen.evidence_step}: "
         f"{chosen.loss:.4f} vs r={chosen.ref_rank}'s {chosen.ref_loss:.4f} ({chosen.gap:+.2%})"
     )
-
-
-def _reason_cheapest(rec: Recommendation, chosen: RankEvidence, at: str) -> str:
-    """'mlp r=4 is the cheapest adequate adapter (4.6k parameters): ...; on attention no rank is adequate ...'."""
-    name = rec.unit_name(chosen.target_choice, chosen.r)
-    ref = rec.unit_name(chosen.ref_choice, chosen.ref_rank)
-    size = f", {_bytes(chosen.adapter_bytes)}" if math.isfinite(chosen.adapter_bytes) else ""
-    if rec.rule_name == "gain":
-        how = (f"recovers {chosen.gain_share:.1%} of {ref}'s gain over the untouched base at step {chosen.evidence_step} "
-               f"(at least {1 - rec.tolerance:.0%} needed)" if (chosen.target_choice, chosen.r) != (chosen.ref_choice, chosen.ref_rank)
-               else f"is the best adapter at step {chosen.evidence_step}")
-    else:
-        how = f"is within the tolerance of {ref} at step {chosen.evidence_step} ({chosen.gap:+.2%})"
-    def when(v: ChoiceVerdict) -> str:
-        return f" (judged at step {v.step}, where it was cut)" if v.step is not None and v.step < chosen.evidence_step else ""
-
-    per_choice = "; ".join(
-        f"on {v.target_choice} the smallest adequate rank is {v.rank}{when(v)}" if v.rank is not None
-        else f"on {v.target_choice} no rank is adequate{when(v)} (best: r={v.best_rank}, {v.best_gain_share:.0%})"
-        for v in rec.choices)
-    return (f"{name}{at} is the cheapest adequate adapter ({_params(chosen.trainable_params)} trainable parameters{size}): it {how}; "
-            f"{per_choice}")
 
 
 def _attach_trial(rec: Recommendation, trials: pd.DataFrame, curves: pd.DataFrame, chosen: RankEvidence) -> None:
