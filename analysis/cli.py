@@ -57,7 +57,12 @@ def verdict_lines(result, details: bool = False) -> str:
     if rec.rank is not None:
         lr = f"learning rate {format_lr(rec.learning_rate)}" if rec.learning_rate == rec.learning_rate else "learning rate ?"
         share = f", {rec.gain_share:.1%} of the best gain" if rec.gain_share == rec.gain_share else ""
-        lines.append(f"recommended: r={rec.rank}, {lr}, lora_alpha {rec.lora_alpha:g}, targets {','.join(rec.targets)}{share}")
+        if rec.several_choices:
+            cost = f"{rec.trainable_params:,.0f} trainable params" if rec.trainable_params == rec.trainable_params else "cost ?"
+            lines.append(f"recommended (cheapest adequate adapter): {rec.target_choice} r={rec.rank}, {lr}, lora_alpha "
+                         f"{rec.lora_alpha:g}, targets {','.join(rec.targets)}, {cost}{share}")
+        else:
+            lines.append(f"recommended: r={rec.rank}, {lr}, lora_alpha {rec.lora_alpha:g}, targets {','.join(rec.targets)}{share}")
     else:
         lines.append("no recommendation")
     lines.append(f"  {rec.reason}")

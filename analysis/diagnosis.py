@@ -164,8 +164,8 @@ def _standing(rec: Recommendation, e) -> str:
 def _gap_widening(rec: Recommendation, history: pd.DataFrame) -> str:
     """' Its gap to the reference widened ...' if it grew over the recommended rank's last two steps."""
     chosen = rec.evidence(rec.rank)
-    ref = rec.evidence(chosen.ref_rank)
-    if ref is None or chosen.r == ref.r:
+    ref = rec.evidence(chosen.ref_rank, chosen.ref_choice if rec.several_choices else None)
+    if ref is None or ref is chosen:
         return ""
     def at(trial_ids, step):
         values = history[history["trial_id"].isin(trial_ids) & (history["step"] <= step)].groupby("trial_id")["eval_loss"].min()

@@ -6,6 +6,9 @@
   rule uses: the share of the best rank's gain over the base (or the gap, for the other rules).
 - `loss_vs_lr`: each rank's loss at each learning rate searched (unstable arms crossed).
 - `loss_vs_cost`: eval loss vs trainable parameters and vs adapter size (MB), Pareto frontier drawn.
+- `cost_by_choice` (several target choices): share of the best gain (or eval loss) vs trainable
+  parameters, one line per target choice, the Pareto frontier across all, the verdict starred.
+  With several choices the per-rank figures above show the recommended choice's ranks.
 - `learning_curves`: eval and train loss vs optimizer step, one line per trial, coloured by rank.
 - `effective_rank`: energy rank (90%) and stable rank of each trained adapter vs r.
 """
@@ -316,14 +319,65 @@ def effective_rank(table: pd.DataFrame, rec: Recommendation, out_dir: str) -> Op
     return _save(fig, out_dir, "effective_rank")
 
 
+CHOICE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def cost_by_choice(rec: Recommendation, out_dir: str) -> Optional[dict]:
+    """Gain share (or loss) vs trainable parameters: one line per target choice, the Pareto frontier."""
+    units = [e for e in rec.units if math.isfinite(e.trainable_params)]
+    if not rec.several_choices or not units:
+        return None
+    plt = _plt()
+    gain = rec.rule_name == "gain"
+    value = (lambda e: 100 * e.gain_share) if gain else (lambda e: e.loss)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, choice in enumerate(sorted({e.target_choice for e in units})):
+        mine = sorted((e for e in units if e.target_choice == choice), key=lambda e: e.trainable_params)
+        color = CHOICE_COLORS[i % len(CHOICE_COLORS)]
+        ax.plot([e.trainable_params for e in mine], [value(e) for e in mine], "-o", color=color, lw=1, ms=5, label=choice,
+                mfc=color)
+        for e in mine:
+            ax.annotate(f"r={e.r}" + (f" @{e.evidence_step}" if e.stopped_early else ""), (e.trainable_params, value(e)),
+                        textcoords="offset points", xytext=(4, 3), fontsize=6, color=color)
+    costs = np.array([e.trainable_params for e in units])
+    losses = np.array([-value(e) if gain else value(e) for e in units])
+    front = _pareto(costs, losses)
+    ax.step(costs[front], [value(units[i]) for i in front], where="post", color=MUTED, lw=2, alpha=0.5, label="Pareto frontier")
+    if gain:
+        ax.axhline(100 * (1 - rec.tolerance), color=OK_COLOR, ls="--", lw=1, label=f"adequate: {1 - rec.tolerance:.0%} of the best gain")
+    if rec.rank is not None and math.isfinite(rec.trainable_params):
+        chosen = rec.evidence(rec.rank)
+        ax.scatter([rec.trainable_params], [value(chosen)], s=240, marker="*", color=HIGHLIGHT, zorder=4,
+                   label=f"cheapest adequate: {rec.target_choice} r={rec.rank}")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("share of the best gain over the base (%)" if gain else LOSS_LABEL)
+    ax.set_title("Which rank on which layers: every adapter by its cost")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, "cost_by_choice")
+
+
 def all_plots(trials, history, rec, eff_table, out_dir: str) -> dict:
-    """Every figure; returns {name: {'png': path, 'svg': path}} for those drawn."""
+    """Every figure; returns {name: {'png': path, 'svg': path}} for those drawn. With several target
+    choices the per-rank figures show the recommended choice's ranks, and `cost_by_choice` all of them."""
+    extra = {}
+    if rec.several_choices:
+        import dataclasses
+
+        extra["cost_by_choice"] = cost_by_choice(rec, out_dir)
+        mine = trials["target_choice"].astype(str) == rec.target_choice
+        trials, history = trials[mine], history[history["trial_id"].isin(trials.loc[mine, "trial_id"])]
+        if eff_table is not None and not eff_table.empty and "trial_id" in eff_table:
+            eff_table = eff_table[eff_table["trial_id"].isin(trials["trial_id"])]
+        if rec.curves is not None:
+            rec = dataclasses.replace(rec, curves=rec.curves[rec.curves["target_choice"] == rec.target_choice])
     out = {
         "loss_vs_rank": loss_vs_rank(trials, history, rec, out_dir),
         "loss_vs_cost": loss_vs_cost(trials, rec, out_dir),
         "learning_curves": learning_curves(trials, history, rec, out_dir),
     }
-    for name, figure in (("loss_vs_lr", loss_vs_lr(rec, out_dir)), ("effective_rank", effective_rank(eff_table, rec, out_dir))):
+    figures = [("loss_vs_lr", loss_vs_lr(rec, out_dir)), ("effective_rank", effective_rank(eff_table, rec, out_dir)), *extra.items()]
+    for name, figure in figures:
         if figure:
             out[name] = figure
     return out

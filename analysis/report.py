@@ -32,6 +32,8 @@ def lora_config_snippet(rec: Recommendation, dropout: Optional[float]) -> str:
     lines = [
         "from peft import LoraConfig",
         "",
+        *([f"# the cheapest adequate adapter: target choice {rec.target_choice}, {rec.trainable_params:,.0f} trainable params"]
+          if rec.several_choices else []),
         "lora_config = LoraConfig(",
         f"    r={rec.rank},",
         f"    lora_alpha={alpha_text},  # alpha rule {rec.alpha_rule or '?'}: scale {scale}, as in the search",
@@ -53,15 +55,16 @@ def lora_config_snippet(rec: Recommendation, dropout: Optional[float]) -> str:
 def results_frame(trials: pd.DataFrame, rec: Recommendation, eff: Optional[pd.DataFrame]) -> pd.DataFrame:
     """The per-trial table plus how each rank was judged and its adapter's effective rank."""
     out = trials.copy()
-    judged = {e.r: e for e in rec.ranks}
-    out["judged_at_step"] = [judged[r].evidence_step if r in judged else None for r in out["r"]]
-    out["rank_gap_to_best"] = [judged[r].gap if r in judged else None for r in out["r"]]
-    out["rank_gain_share"] = [judged[r].gain_share if r in judged else None for r in out["r"]]
-    out["rank_best_lr"] = [judged[r].lr if r in judged else None for r in out["r"]]
+    judged = {(e.target_choice, e.r): e for e in rec.units}
+    units = list(zip(out["target_choice"].fillna("").astype(str) if "target_choice" in out else [""] * len(out), out["r"]))
+    out["judged_at_step"] = [judged[u].evidence_step if u in judged else None for u in units]
+    out["rank_gap_to_best"] = [judged[u].gap if u in judged else None for u in units]
+    out["rank_gain_share"] = [judged[u].gain_share if u in judged else None for u in units]
+    out["rank_best_lr"] = [judged[u].lr if u in judged else None for u in units]
     out["rank_base_eval_loss"] = rec.base_eval_loss
-    out["rank_adequate"] = [bool(judged[r].adequate) if r in judged else False for r in out["r"]]
-    out["recommended_rank"] = out["r"] == rec.rank
-    out["recommended_arm"] = (out["r"] == rec.rank) & (out["lr"] == rec.learning_rate) if "lr" in out else out["recommended_rank"]
+    out["rank_adequate"] = [bool(judged[u].adequate) if u in judged else False for u in units]
+    out["recommended_rank"] = [u == (rec.target_choice, rec.rank) for u in units]
+    out["recommended_arm"] = out["recommended_rank"] & (out["lr"] == rec.learning_rate) if "lr" in out else out["recommended_rank"]
     out["exported_trial"] = out["trial_id"].astype(str) == str(rec.trial_id)
     if eff is not None and not eff.empty:
         keep = ["trial_id", "checkpoint", "energy_rank_median", "stable_rank_median", "energy_rank_max"]
@@ -82,7 +85,30 @@ def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
         step = f"{e.evidence_step}" + (" (stopped early)" if e.stopped_early else "")
         lr = [format_lr(e.lr) + "".join(f", {format_lr(a.lr)} unstable" for a in e.arms if a.unstable and a.lr != e.lr)] if several else []
         measure = f"{e.gain_share:.1%}" if rec.rule_name == "gain" else f"{e.gap:+.2%}"
-        rows.append([str(e.r), str(len(e.seeds)), step, loss, *lr, f"r={e.ref_rank}", f"{e.ref_loss:.4f}", measure, mark])
+        rows.append([str(e.r), str(len(e.seeds)), step, loss, *lr, rec.unit_name(e.ref_choice, e.ref_rank), f"{e.ref_loss:.4f}",
+                     measure, mark])
+    return headers, rows
+
+
+def _choice_rows(rec: Recommendation, trials: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Every (target choice, rank): its targets, trainable parameters, share of the best gain, verdict."""
+    measure = "share of the best gain" if rec.rule_name == "gain" else "gap"
+    headers = ["target choice", "targets", "r", "trainable params", measure, "judged at step", "adequate"]
+    targets = {}
+    if "target_choice" in trials and "targets" in trials:
+        targets = dict(zip(trials["target_choice"].astype(str), trials["targets"].astype(str)))
+    smallest = {v.target_choice: v.rank for v in rec.choices}
+    rows = []
+    for e in sorted(rec.units, key=lambda e: (e.trainable_params if e.trainable_params == e.trainable_params else float("inf"), e.r)):
+        mark = "yes" if e.adequate else "no"
+        if (e.target_choice, e.r) == (rec.target_choice, rec.rank):
+            mark = "**yes (cheapest: recommended)**"
+        elif smallest.get(e.target_choice) == e.r:
+            mark = "yes (smallest adequate rank of its choice)"
+        params = f"{e.trainable_params:,.0f}" if e.trainable_params == e.trainable_params else "?"
+        shown = f"{e.gain_share:.1%}" if rec.rule_name == "gain" else f"{e.gap:+.2%}"
+        rows.append([e.target_choice, targets.get(e.target_choice, "?").replace(",", ", "), str(e.r), params, shown,
+                     str(e.evidence_step), mark])
     return headers, rows
 
 
@@ -128,8 +154,12 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
     blocks.append(("p", f"Experiment `{experiment}` · model `{model}` · {len(trials)} trials · analysed {time.strftime('%Y-%m-%d %H:%M')}"))
     if rec.rank is not None:
         lr = f", learning rate {format_lr(rec.learning_rate)}" if rec.learning_rate == rec.learning_rate else ""
-        blocks.append(("h2", f"Recommendation: r = {rec.rank}{lr}"))
+        what = f"{rec.target_choice}, r = {rec.rank}" if rec.several_choices else f"r = {rec.rank}"
+        blocks.append(("h2", f"Recommendation: {what}{lr}"))
         blocks.append(("p", f"{rec.reason}. {_tolerance_text(rec)}"))
+        if rec.close:
+            blocks.append(("p", "Close calls (cheaper, just short of the rule at this budget):"))
+            blocks.append(("list", rec.close))
     else:
         blocks.append(("h2", "No recommendation"))
         blocks.append(("p", rec.reason + "."))
@@ -146,8 +176,15 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
         blocks.append(("h2", "Use it"))
         blocks.append(("code", snippet))
         blocks.append(("p", f"`lora-rank export {experiment} --out DIR` writes that trial's trained adapter (PEFT format)."))
+    if rec.several_choices:
+        blocks.append(("h2", "Target choices: every adapter by its cost"))
+        blocks.append(("p", "Each (target choice, rank) is judged against the best adapter of any choice at the same step; "
+                            "the verdict is the adequate one with the fewest trainable parameters. Per choice: "
+                            + "; ".join(f"{v.target_choice}: " + (f"smallest adequate rank {v.rank}" if v.rank is not None
+                                        else "no adequate rank") for v in rec.choices) + "."))
+        blocks.append(("table", _choice_rows(rec, trials)))
     if rec.ranks:
-        blocks.append(("h2", "Evidence per rank"))
+        blocks.append(("h2", "Evidence per rank" + (f" ({rec.target_choice})" if rec.several_choices else "")))
         blocks.append(("p", "Each rank is judged at the last step it reached, against the best rank at that same step "
                             "(loss = each trial's best eval loss so far, mean ± standard error over seeds, at the rank's best "
                             "learning rate)."))
@@ -158,7 +195,8 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
                                 "the rank's rates reached (@step: where successive halving chose between them). Bold: the rate "
                                 "the rank is judged at. Unstable: ended worse than the untouched base."))
             blocks.append(("table", _lr_rows(rec)))
-    for name, caption in (("loss_vs_rank", "Eval loss vs rank, and the quantity the rule compares"),
+    for name, caption in (("cost_by_choice", "Every (target choice, rank) by its cost, with the Pareto frontier"),
+                          ("loss_vs_rank", "Eval loss vs rank, and the quantity the rule compares"),
                           ("loss_vs_lr", "Eval loss vs learning rate, per rank"),
                           ("loss_vs_cost", "Eval loss vs parameter cost, with the Pareto frontier"),
                           ("learning_curves", "Learning curves"),

@@ -138,7 +138,7 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
     trials_df = pd.DataFrame(trials)
     if not trials_df.empty:
-        trials_df = trials_df.sort_values(["r", "lr", "seed"]).reset_index(drop=True)
+        trials_df = trials_df.sort_values(["target_choice", "r", "lr", "seed"]).reset_index(drop=True)
     history_df = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     trials_df.attrs[INCOMPLETE] = incomplete
     return trials_df, history_df
@@ -252,6 +252,8 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         "alpha_rule": str(params.get("alpha_rule", _last(history, "alpha_rule", ""))),
         "lora_alpha": float(_last(history, "lora_alpha")),
         "targets": str(_last(history, "target_modules", params.get("target_preset", ""))),
+        # the target choice's label (a preset, or names joined by '+'); with one choice, its label
+        "target_choice": str(params.get("target_choice") or params.get("target_preset") or ""),
         "status": status,
         "failure": str(_last(history, "failure", "")) if status in (DIVERGED, OOM) else "",
         "stopped_early": status == STOPPED,
@@ -297,6 +299,9 @@ def _count(n: float) -> str:
 def format_table(trials: pd.DataFrame) -> str:
     """The per-trial table the CLI prints at the end of a search (and `analyze` reuses)."""
     headers = ["r", "alpha", "lr", "seed", "steps", "status", "best eval loss", "params", "adapter", "peak mem", "tokens/s"]
+    several = "target_choice" in trials and trials["target_choice"].nunique() > 1
+    if several:
+        headers = ["targets"] + headers
     rows = []
     for t in trials.itertuples():
         steps = f"{t.steps}/{t.max_steps}" if t.max_steps else str(t.steps)
@@ -307,6 +312,7 @@ def format_table(trials: pd.DataFrame) -> str:
         if retries and not math.isnan(retries):
             status += f" ({int(retries)} {'retry' if retries == 1 else 'retries'})"
         rows.append([
+            *([t.target_choice] if several else []),
             str(t.r),
             "-" if math.isnan(t.lora_alpha) else f"{t.lora_alpha:g}",
             "-" if math.isnan(getattr(t, "lr", math.nan)) else format_lr(t.lr),

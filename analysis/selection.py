@@ -1,4 +1,5 @@
-"""The verdict as pure functions on the results tables: the smallest adequate rank.
+"""The verdict as pure functions on the results tables: the smallest adequate rank (with several
+target choices, the cheapest adequate adapter: `analysis.cheapest`).
 
 The rule (`rule_text` is what every report prints). Roles are those of `search.arms`: the rank is
 the unit compared, the learning rate a nuisance choice (each rank at its best one), the seed a
@@ -20,7 +21,11 @@ replicate (averaged).
    trial's step-0 evaluation: LoRA's B starts at zero): r recovers at least 1 - tol of the best
    rank's gain over the base, at the same step (default tol 0.05: 95%). Other rules:
    `relative` (slack = tol * |B|) and `absolute` (slack = tol nats/token).
-7. **The recommendation** is the smallest adequate rank, at its best learning rate.
+7. **The recommendation** is the smallest adequate rank, at its best learning rate. With several
+   target choices (`lora.target_modules` as a list) the unit is (target choice, rank): the
+   reference is the best unit of any choice, and the recommendation is the **cheapest adequate
+   adapter**, the adequate unit with the fewest trainable parameters (ties: the smaller rank);
+   each choice's own verdict (its smallest adequate rank, if any) is reported beside it.
 8. **No signal**: when the best rank improves on the base by less than NO_SIGNAL of the base
    loss, nothing is recommended: fine-tuning did not change the model measurably.
 
@@ -44,6 +49,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
 
 RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default tolerance
 DEFAULT_RULE = "gain"
@@ -109,6 +116,10 @@ class RankEvidence:
     gain_share: float = math.nan  # (base - loss) / (base - ref_loss)
     unstable: bool = False  # every learning rate of this rank ended worse than the base
     arms: list = field(default_factory=list)  # ArmEvidence per learning rate, ascending
+    target_choice: str = ""  # its target choice's label ('' when unknown)
+    ref_choice: str = ""  # the reference unit's target choice
+    trainable_params: float = math.nan  # the adapter's trainable parameters (from its trials)
+    adapter_bytes: float = math.nan  # its saved adapter's size (bytes)
 
 
 @dataclass
@@ -137,14 +148,33 @@ class Recommendation:
     alpha_rule: str = ""
     targets: list = field(default_factory=list)
     learning_rates: list = field(default_factory=list)  # every learning rate searched
-    ranks: list = field(default_factory=list)  # RankEvidence per rank, ascending r
+    ranks: list = field(default_factory=list)  # RankEvidence per rank of the recommended target choice, ascending r
+    target_choice: str = ""  # the recommended unit's target choice ('' when unknown)
+    trainable_params: float = math.nan  # the recommended adapter's trainable parameters
+    adapter_bytes: float = math.nan
+    best_choice: str = ""  # the best unit's target choice
+    units: list = field(default_factory=list)  # RankEvidence of every (target choice, rank), by choice then r
+    choices: list = field(default_factory=list)  # ChoiceVerdict per target choice (several choices only)
+    close: list = field(default_factory=list)  # plain-words notes on cheaper units that fell just short
     excluded: list = field(default_factory=list)  # plain-words notes on trials left out
     no_signal: bool = False
     rule: str = RULE
     curves: Optional[pd.DataFrame] = field(default=None, repr=False, compare=False)  # trial_curves, computed once
 
-    def evidence(self, r: int) -> Optional[RankEvidence]:
-        return next((e for e in self.ranks if e.r == r), None)
+    def evidence(self, r: int, choice: Optional[str] = None) -> Optional[RankEvidence]:
+        """Rank r of the recommended target choice, or of `choice`."""
+        if choice is None:
+            return next((e for e in self.ranks if e.r == r), None)
+        return next((e for e in self.units if e.r == r and e.target_choice == choice), None)
+
+    @property
+    def several_choices(self) -> bool:
+        """The search compared several target choices (the verdict is the cheapest adequate adapter)."""
+        return len({e.target_choice for e in self.units}) > 1
+
+    def unit_name(self, choice: str, r) -> str:
+        """'r=8', or 'mlp r=8' when the search compared several target choices."""
+        return f"{choice} r={r}" if self.several_choices and choice else f"r={r}"
 
     @property
     def relative_tolerance(self) -> float:
@@ -212,21 +242,23 @@ def check_tolerance(tolerance: float, rule: str = DEFAULT_RULE) -> float:
 def trial_curves(trials: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     """Usable evaluations with each trial's best-so-far loss.
 
-    Returns columns trial_id, r, lr, seed, step, eval_loss, best_loss (one row per finite
-    evaluation of a trial that did not fail), sorted by r, lr, seed, step.
+    Returns columns trial_id, target_choice, r, lr, seed, step, eval_loss, best_loss (one row per
+    finite evaluation of a trial that did not fail), sorted by target choice, r, lr, seed, step.
     """
-    columns = ["trial_id", "r", "lr", "seed", "step", "eval_loss", "best_loss"]
+    columns = ["trial_id", "target_choice", "r", "lr", "seed", "step", "eval_loss", "best_loss"]
     if trials is None or trials.empty or history is None or history.empty or "eval_loss" not in history:
         return pd.DataFrame(columns=columns)
     ok = trials[~trials["status"].isin(UNUSABLE_STATUSES)] if "status" in trials else trials
-    keep = ok[["trial_id", "r", "seed"]].assign(lr=ok["lr"] if "lr" in ok else math.nan)
+    keep = ok[["trial_id", "r", "seed"]].assign(
+        lr=ok["lr"] if "lr" in ok else math.nan,
+        target_choice=ok["target_choice"].fillna("").astype(str) if "target_choice" in ok else "")
     hist = history[["trial_id", "step", "eval_loss"]].copy()
     hist["eval_loss"] = pd.to_numeric(hist["eval_loss"], errors="coerce")
     hist = hist[np.isfinite(hist["eval_loss"].to_numpy(dtype=float))]
     merged = hist.merge(keep, on="trial_id", how="inner")
     if merged.empty:
         return pd.DataFrame(columns=columns)
-    merged = merged.sort_values(["r", "lr", "seed", "trial_id", "step"]).reset_index(drop=True)
+    merged = merged.sort_values(["target_choice", "r", "lr", "seed", "trial_id", "step"]).reset_index(drop=True)
     merged["best_loss"] = merged.groupby("trial_id")["eval_loss"].cummin()
     merged["r"] = merged["r"].astype(int)
     merged["step"] = merged["step"].astype(int)
@@ -240,9 +272,9 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
 
 
 def _arm_table(curves: pd.DataFrame, unstable_ids: set) -> dict[tuple, dict]:
-    """Per (r, lr): its trials, seeds, {step: (mean, se)} at steps all its seeds reached."""
+    """Per (target choice, r, lr): its trials, seeds, {step: (mean, se)} at steps all its seeds reached."""
     table: dict[tuple, dict] = {}
-    for (r, lr), group in curves.groupby(["r", "lr"], dropna=False):
+    for (choice, r, lr), group in curves.groupby(["target_choice", "r", "lr"], dropna=False):
         last = group.groupby("trial_id")["step"].max()
         by_step = {}
         for step, at in group.groupby("step"):
@@ -252,18 +284,18 @@ def _arm_table(curves: pd.DataFrame, unstable_ids: set) -> dict[tuple, dict]:
             continue  # its seeds share no evaluated step: nothing to compare
         seeds = group.drop_duplicates("trial_id").sort_values("seed")
         ids = [str(t) for t in seeds["trial_id"]]
-        table[(int(r), float(lr))] = {
+        table[(str(choice), int(r), float(lr))] = {
             "trial_ids": ids, "seeds": [int(s) for s in seeds["seed"]], "by_step": by_step,
             "step": max(by_step), "max_step": int(last.max()), "unstable": any(t in unstable_ids for t in ids),
         }
     return table
 
 
-def _rank_table(arms: dict[tuple, dict]) -> dict[int, dict]:
-    """Per rank: {step: (mean, se, lr)} from its best usable arm at each step, and its arms."""
-    table: dict[int, dict] = {}
-    for r in sorted({key[0] for key in arms}):
-        mine = {lr: stats for (q, lr), stats in arms.items() if q == r}
+def _rank_table(arms: dict[tuple, dict]) -> dict[tuple, dict]:
+    """Per unit (target choice, r): {step: (mean, se, lr)} from its best usable arm at each step, and its arms."""
+    table: dict[tuple, dict] = {}
+    for unit in sorted({key[:2] for key in arms}):
+        mine = {lr: stats for (c, q, lr), stats in arms.items() if (c, q) == unit}
         stable = {lr: s for lr, s in mine.items() if not s["unstable"]}
         used = stable or mine
         by_step: dict[int, tuple] = {}
@@ -271,17 +303,17 @@ def _rank_table(arms: dict[tuple, dict]) -> dict[int, dict]:
             for step, (mean, se) in stats["by_step"].items():
                 if step not in by_step or (mean, lr) < (by_step[step][0], by_step[step][2]):
                     by_step[step] = (mean, se, lr)
-        table[r] = {"by_step": by_step, "evidence_step": max(by_step), "arms": mine, "used": set(used),
+        table[unit] = {"by_step": by_step, "evidence_step": max(by_step), "arms": mine, "used": set(used),
                     "unstable": not stable, "max_step": max(s["max_step"] for s in mine.values())}
     return table
 
 
-def _reference(table: dict[int, dict], step: int) -> tuple[int, float, float]:
-    """(best rank, its mean, its se) among ranks that reached `step`; ties -> smaller r."""
-    candidates = [(stats["by_step"][step][0], r, stats["by_step"][step][1]) for r, stats in sorted(table.items())
+def _reference(table: dict[tuple, dict], step: int) -> tuple[tuple, float, float]:
+    """(best unit (choice, r), its mean, its se) among units that reached `step`; ties -> smaller r."""
+    candidates = [(stats["by_step"][step][0], u, stats["by_step"][step][1]) for u, stats in sorted(table.items())
                   if step in stats["by_step"]]
-    loss, r, se = min(candidates, key=lambda c: (c[0], c[1]))
-    return r, loss, se
+    loss, u, se = min(candidates, key=lambda c: (c[0], c[1][1], c[1][0]))
+    return u, loss, se
 
 
 def slack(rule: str, tolerance: float, ref_loss: float, base: float) -> float:
@@ -341,18 +373,24 @@ def _excluded(trials: pd.DataFrame, curves: pd.DataFrame, table: dict) -> tuple[
         lr = getattr(row, "lr", math.nan)
         arm = f"r={row.r}" + (f" lr={_lr(lr)}" if math.isfinite(lr) else "") + f" seed {row.seed}"
         if str(row.trial_id) in usable:
-            stats = table.get(int(row.r))
+            stats = table.get((_choice(row), int(row.r)))
             if stats and not stats["unstable"] and _same_lr(lr, stats["arms"]) not in stats["used"]:
                 notes.append(f"{arm}: ended worse than the untouched base (unstable: learning rate too high for this rank); "
                              f"left out, r={row.r} is judged at its other learning rate(s)")
             continue
         status = getattr(row, "status", "")
         if status in UNUSABLE_STATUSES:
-            failed_by_rank[int(row.r)] = failed_by_rank.get(int(row.r), 0) + 1
+            unit = (_choice(row), int(row.r))
+            failed_by_rank[unit] = failed_by_rank.get(unit, 0) + 1
             notes.append(f"{arm}: the trial failed; left out")
         else:
             notes.append(f"{arm}: no finite eval loss ({status or 'no status'}); left out")
     return notes, failed_by_rank
+
+
+def _choice(row) -> str:
+    value = getattr(row, "target_choice", "")
+    return value if isinstance(value, str) else ""
 
 
 def _same_lr(lr: float, arms: dict) -> float:
@@ -395,25 +433,32 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     table = _rank_table(_arm_table(curves, _unstable_ids(trials)))
     excluded, failed_by_rank = _excluded(trials, curves, table)
     max_steps = _max_steps(trials)
-    evidence = [_judge(r, stats, table, used_rule, tol, base, max_steps, failed_by_rank.get(r, 0))
-                for r, stats in sorted(table.items())]
-    deepest = max(e.evidence_step for e in evidence)
-    best_r, best_loss, _ = _reference(table, deepest)
+    costs = unit_costs(trials)
+    units = [_judge(u, stats, table, used_rule, tol, base, max_steps, failed_by_rank.get(u, 0), costs.get(u))
+             for u, stats in sorted(table.items())]
+    deepest = max(e.evidence_step for e in units)
+    best_u, best_loss, _ = _reference(table, deepest)
     rec = Recommendation(
-        rank=None, tolerance=tol, reason="", rule_name=used_rule, base_eval_loss=base, best_rank=best_r,
-        best_step=deepest, best_loss=best_loss, ranks=evidence, excluded=excluded, learning_rates=lrs,
-        rule=rule_text(used_rule), curves=curves,
-        knee=knee_rank([e.r for e in evidence], [1 - e.gain_share if math.isfinite(e.gain_share) else e.gap for e in evidence]),
+        rank=None, tolerance=tol, reason="", rule_name=used_rule, base_eval_loss=base, best_rank=best_u[1],
+        best_choice=best_u[0], best_step=deepest, best_loss=best_loss, units=units, excluded=excluded,
+        learning_rates=lrs, rule=rule_text(used_rule), curves=curves,
     )
+    _set_choice(rec, best_u[0])
     if rule == "gain" and used_rule != "gain":
         rec.excluded.append("no step-0 (untouched base) evaluation in this experiment: judged by the relative rule instead")
     if math.isfinite(base) and base - best_loss < NO_SIGNAL * abs(base):
         rec.no_signal = True
-        rec.reason = (f"no fine-tuning signal: the best rank (r={best_r} at step {deepest}) reaches {best_loss:.4f} against the "
+        rec.reason = (f"no fine-tuning signal: the best rank ({rec.unit_name(*best_u)} at step {deepest}) reaches {best_loss:.4f} against the "
                       f"untouched base's {base:.4f}, a gain of {base - best_loss:+.4f} nats/token (less than {NO_SIGNAL:.1%} of the "
                       "base loss), so no rank can be recommended; check the data, the learning rates and the steps")
         return rec
-    chosen = next(e for e in evidence if e.adequate)  # the reference rank itself always qualifies
+    # the reference unit itself always qualifies; with one target choice the cost follows the rank
+    chosen = min((e for e in units if e.adequate), key=lambda e: cost_key(e, rec.several_choices))
+    _set_choice(rec, chosen.target_choice)
+    rec.trainable_params, rec.adapter_bytes = chosen.trainable_params, chosen.adapter_bytes
+    if rec.several_choices:
+        rec.choices = choice_verdicts(units)
+        rec.close = close_calls(rec, chosen)
     rec.rank, rec.evidence_step, rec.loss, rec.learning_rate = chosen.r, chosen.evidence_step, chosen.loss, chosen.lr
     rec.ref_rank, rec.ref_loss, rec.threshold, rec.gap = chosen.ref_rank, chosen.ref_loss, chosen.threshold, chosen.gap
     rec.gain_share = chosen.gain_share
@@ -422,11 +467,19 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     return rec
 
 
-def _judge(r: int, stats: dict, table: dict, rule: str, tol: float, base: float, max_steps: Optional[int],
-           failed: int) -> RankEvidence:
+def _set_choice(rec: Recommendation, choice: str) -> None:
+    """The per-rank view (`rec.ranks`, the knee) of one target choice."""
+    rec.target_choice = choice
+    rec.ranks = [e for e in rec.units if e.target_choice == choice]
+    rec.knee = knee_rank([e.r for e in rec.ranks], [1 - e.gain_share if math.isfinite(e.gain_share) else e.gap for e in rec.ranks])
+
+
+def _judge(unit: tuple, stats: dict, table: dict, rule: str, tol: float, base: float, max_steps: Optional[int],
+           failed: int, cost: Optional[tuple] = None) -> RankEvidence:
+    choice, r = unit
     step = stats["evidence_step"]
     loss, se, lr = stats["by_step"][step]
-    ref_r, ref_loss, ref_se = _reference(table, step)
+    ref_u, ref_loss, ref_se = _reference(table, step)
     threshold = ref_loss + max(slack(rule, tol, ref_loss, base), ref_se)
     best_arm = stats["arms"][lr]
     common = max(set.intersection(*(set(a["by_step"]) for a in stats["arms"].values())) or {0})
@@ -437,12 +490,13 @@ def _judge(r: int, stats: dict, table: dict, rule: str, tol: float, base: float,
     gain = base - ref_loss
     return RankEvidence(
         r=r, seeds=best_arm["seeds"], trial_ids=best_arm["trial_ids"], evidence_step=step, loss=loss, se=se,
-        ref_rank=ref_r, ref_loss=ref_loss, ref_se=ref_se, threshold=threshold,
+        ref_rank=ref_u[1], ref_loss=ref_loss, ref_se=ref_se, threshold=threshold,
         gap=loss / ref_loss - 1.0 if ref_loss else math.nan,
         adequate=bool(loss <= threshold + 1e-12 * max(1.0, abs(threshold))),
         stopped_early=bool(max_steps is not None and step < max_steps), max_step=stats["max_step"],
         failed_seeds=failed, lr=lr, gain_share=(base - loss) / gain if math.isfinite(base) and gain > 0 else math.nan,
-        unstable=stats["unstable"], arms=arms,
+        unstable=stats["unstable"], arms=arms, target_choice=choice, ref_choice=ref_u[0],
+        trainable_params=(cost or (math.nan, math.nan))[0], adapter_bytes=(cost or (math.nan, math.nan))[1],
     )
 
 
@@ -455,6 +509,8 @@ def _max_steps(trials: pd.DataFrame) -> Optional[int]:
 
 def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
     at = f" (lr {_lr(chosen.lr)})" if math.isfinite(chosen.lr) and len(rec.learning_rates) > 1 else ""
+    if rec.several_choices:
+        return reason_cheapest(rec, chosen, at)
     if chosen.r == chosen.ref_rank:
         head = f"r={chosen.r}{at} is the best rank at step {chosen.evidence_step}"
         if any(e.r < chosen.r for e in rec.ranks):

@@ -29,7 +29,7 @@ DEFAULT_HOST = "127.0.0.1"  # this machine only; view from elsewhere with `ssh -
 DEFAULT_PORT = 6006
 SCALARS = TENSORBOARD_TAGS  # history column -> tag, as trainables.metrics declares them
 FINAL_METRICS = {"final/eval_loss": "final_eval_loss", "final/best_eval_loss": "best_eval_loss", "final/steps": "steps"}
-STRING_HPARAMS = ("alpha_rule", "targets", "status")
+STRING_HPARAMS = ("alpha_rule", "target_choice", "targets", "status")
 NUMBER_HPARAMS = ("r", "lr", "lora_alpha", "seed")
 
 

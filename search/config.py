@@ -102,7 +102,9 @@ class LoraConfig:
     dropout: float = _doc("LoRA dropout, in [0, 1)", default=0.05)
     target_modules: Union[str, tuple] = _doc(
         "attention-qv | attention | mlp | experts (MoE) | all-linear (on MoE: + experts and router) | explicit "
-        "list of names, matched as PEFT does (a name or a dotted suffix such as attn.c_proj)", default="attention"
+        "list of names, matched as PEFT does (a name or a dotted suffix such as attn.c_proj) | a list of such "
+        "choices, searched as a dimension ([attention, mlp, all-linear], [[q_proj, v_proj], all-linear]): the "
+        "verdict is then the cheapest adequate (targets, rank) pair", default="attention"
     )
 
 
@@ -186,7 +188,10 @@ class TrialSettings:
     Attributes:
         model_path: where the driver resolved the model (a per-machine cache folder for builtin and
             GGUF models); a trial on another node resolves `model` again on its own machine.
-        targets: the LoRA target list resolved against the model (PEFT's target names).
+        targets: the LoRA target list resolved against the model (PEFT's target names); with
+            several target choices, the first choice's.
+        choices: (label, resolved targets) per target choice when the search has several (a
+            trial's config names its choice: `targets_for`); () with one.
         rungs: optimizer steps where the scheduler compares arms: trials evaluate there too.
         storage_marker: {'path', 'token', 'storage_path'} of the marker the driver wrote into the
             experiment folder; every trial checks its node sees it (None outside a search).
@@ -201,6 +206,38 @@ class TrialSettings:
     cpus_per_trial: int = 1
     rungs: tuple = ()
     storage_marker: Optional[dict] = None
+    choices: tuple = ()
+
+    def targets_for(self, config: Any) -> tuple:
+        """The resolved targets of a trial's target choice (its config's `target_choice`)."""
+        from search.arms import family_of
+
+        label = family_of(config)
+        if not label or not self.choices:
+            return self.targets
+        for name, targets in self.choices:
+            if name == label:
+                return tuple(targets)
+        raise KeyError(f"target choice {label!r} is not one of this search's: {', '.join(n for n, _ in self.choices)}")
+
+
+def target_choices(cfg: SearchConfig) -> list[tuple[str, Union[str, tuple]]]:
+    """lora.target_modules as (label, spec) pairs, in the order given: one pair for a preset or a
+    flat list of module names (one explicit choice); one per element for a list of choices (a list
+    holding a preset name or a nested list). Labels: the preset, or the names joined by '+'."""
+    from search.arms import choice_label
+
+    spec = cfg.lora.target_modules
+    if isinstance(spec, str):
+        return [(spec, spec)]
+    if not _is_choice_list(spec):
+        return [(choice_label(spec), tuple(spec))]
+    return [(choice_label(c), c if isinstance(c, str) else tuple(c)) for c in spec]
+
+
+def _is_choice_list(spec: Any) -> bool:
+    """A list of choices (not one explicit list): it holds a nested list or a preset name."""
+    return isinstance(spec, (list, tuple)) and any(isinstance(c, (list, tuple)) or c in TARGET_PRESETS for c in spec)
 
 
 def learning_rates(cfg: SearchConfig) -> list[float]:
@@ -296,6 +333,8 @@ def _coerce(value: Any, tp: Any, key: tuple, path: str, errors: list[str]) -> An
         errors.append(f"{path}: a value is required, got null")
         return _BAD
     options = tuple(o for o in options if o is not type(None))
+    if key == ("lora", "target_modules") and isinstance(value, (list, tuple)):
+        return _coerce_targets(value, path, errors)
     if tuple in options and isinstance(value, (list, tuple)):
         element = _ELEMENT_TYPES[key]
         items = [_coerce_scalar(v, element, f"{path}[{i}]", errors) for i, v in enumerate(value)]
@@ -317,6 +356,18 @@ def _coerce(value: Any, tp: Any, key: tuple, path: str, errors: list[str]) -> An
     names = " or ".join({bool: "true/false", float: "a number", str: "a string", int: "an integer"}[k] for k in scalars)
     errors.append(f"{path}: expected {names}, got {value!r}")
     return _BAD
+
+
+def _coerce_targets(value: list, path: str, errors: list[str]) -> Any:
+    """lora.target_modules as a list: names (one explicit choice), or choices (names or lists of names)."""
+    items: list = []
+    for i, v in enumerate(value):
+        if isinstance(v, (list, tuple)):
+            inner = [_coerce_scalar(x, str, f"{path}[{i}][{j}]", errors) for j, x in enumerate(v)]
+            items.append(_BAD if any(x is _BAD for x in inner) else tuple(inner))
+        else:
+            items.append(_coerce_scalar(v, str, f"{path}[{i}]", errors))
+    return _BAD if any(i is _BAD for i in items) else tuple(items)
 
 
 def _parse_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
@@ -409,6 +460,20 @@ def _check(cfg: SearchConfig) -> list[str]:
         choice("lora.target_modules", lo.target_modules, TARGET_PRESETS)
     elif not lo.target_modules:
         p.append("lora.target_modules: an explicit list must name at least one module, got []")
+    elif _is_choice_list(lo.target_modules):
+        labels: set = set()
+        for i, c in enumerate(lo.target_modules):
+            where = f"lora.target_modules[{i}]"
+            if isinstance(c, str) and c not in TARGET_PRESETS:
+                p.append(f"{where}: in a list of target choices each is a preset ({' | '.join(TARGET_PRESETS)}) or a "
+                         f"list of module names (write [{c}] for one module), got {c!r}")
+            elif not isinstance(c, str) and not c:
+                p.append(f"{where}: an explicit list must name at least one module, got []")
+            else:
+                label = c if isinstance(c, str) else "+".join(c)
+                if label in labels:
+                    p.append(f"{where}: duplicate target choice {label!r}")
+                labels.add(label)
 
     t = cfg.train
     rates = learning_rates(cfg)

@@ -8,6 +8,9 @@ rank has reached the rung, keeps the best ceil(n / reduction_factor) ranks and s
 each decision compares all ranks at the same step. A rank searched at several learning rates is
 scored by its best one, and within a kept rank only the best ceil(m / reduction_factor) of its m
 learning rates go on (`search.arms` names the roles; all seeds of an arm go on or stop together).
+With several target choices (`lora.target_modules` as a list), ranks are compared within a choice
+and the choices by their best rank: the best ceil(c / reduction_factor) choices go on, and within
+each the best ceil(n / reduction_factor) of its ranks.
 A trial that arrives early is paused when another trial waits for its slot, and resumes from the
 checkpoint it reported at the rung; when nothing waits it holds in its worker (model loaded) until
 the rung is decided. Once one arm is left it trains to the end without further pauses.
@@ -29,7 +32,7 @@ from typing import Any, Hashable, Iterable, Mapping, Optional, Sequence
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from search.arms import arm_of, unit_of
+from search.arms import arm_of, family_of, unit_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +60,23 @@ def halving_survivors(num_ranks: int, rungs: int, reduction_factor: float) -> li
     return out
 
 
-def halving_steps(num_ranks: int, grace_period: int, max_steps: int, reduction_factor: float, num_lrs: int = 1) -> int:
+def halving_steps(num_ranks: int, grace_period: int, max_steps: int, reduction_factor: float, num_lrs: int = 1,
+                  num_choices: int = 1) -> int:
     """Training steps a halving search spends per seed when no trial fails (the grid spends
-    num_ranks · num_lrs · max_steps); a lone surviving arm skips the remaining rungs."""
+    num_choices · num_ranks · num_lrs · max_steps); a lone surviving arm skips the remaining rungs."""
     rungs = halving_rungs(grace_period, max_steps, reduction_factor)
-    units, per_unit, done, total = num_ranks, num_lrs, 0, 0
+    choices, units, per_unit, done, total = num_choices, num_ranks, num_lrs, 0, 0
     for rung in rungs:
-        total += units * per_unit * (rung - done)
+        total += choices * units * per_unit * (rung - done)
         done = rung
-        if units * per_unit == 1:
+        if choices * units * per_unit == 1:
             break
+        choices = max(1, math.ceil(choices / reduction_factor))
         units = max(1, math.ceil(units / reduction_factor))
         per_unit = max(1, math.ceil(per_unit / reduction_factor))
-        if units * per_unit == 1:
+        if choices * units * per_unit == 1:
             break
-    return total + units * per_unit * (max_steps - done)
+    return total + choices * units * per_unit * (max_steps - done)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ def decide(
     reduction_factor: float,
     frozen: Optional[Mapping[int, Sequence[Hashable]]] = None,
     arms: Optional[Mapping[Any, Hashable]] = None,
+    families: Optional[Mapping[Any, Hashable]] = None,
 ) -> Decision:
     """Successive halving as a pure function of what was reported.
 
@@ -111,6 +117,9 @@ def decide(
         frozen: rung index -> surviving arms already decided (kept as they are).
         arms: trial -> its arm (unit + learning rate; seeds of an arm move together). Default:
             the unit itself (one arm per unit).
+        families: trial -> its unit's target choice. Ranks are compared within a choice; choices
+            are compared by their best rank (the best ceil(c / reduction_factor) of c choices go
+            on, and within each the best ceil(n / reduction_factor) of its n ranks). Default: one.
 
     A rung is decided once every live trial of every surviving arm has reported there. An arm's
     score is its mean loss over the seeds that reported a finite one; a unit's score is its best
@@ -120,6 +129,7 @@ def decide(
     frozen = frozen or {}
     arms = dict(arms) if arms is not None else dict(groups)
     unit = {arms[t]: groups[t] for t in groups}
+    family = {groups[t]: (families or {}).get(t, "") for t in groups}
     ended = set(ended)
     level = {t: 0 for t in groups}
     stopped: set = set()
@@ -135,7 +145,7 @@ def decide(
         elif any(t not in arrived and t not in ended for t in members):
             break  # someone is still on the way to this rung
         else:
-            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor)
+            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family)
         survivors[k] = keep
         stopped |= {t for t in members if arms[t] not in keep}
         alive = [a for a in alive if a in keep]
@@ -149,9 +159,17 @@ def decide(
     return Decision(level, frozenset(stopped), survivors)
 
 
-def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor) -> list:
-    """The arms that pass a rung: the best 1/rf of the units (each at its best arm), and within
-    each of those the best 1/rf of its arms. Arms without a finite loss there are cut."""
+def _top(items, score, reduction_factor) -> list:
+    """The best ceil(n / reduction_factor) of items by (score, item) (at least one)."""
+    ranked = sorted(items, key=lambda i: (score[i], i))
+    return ranked[: max(1, math.ceil(len(ranked) / reduction_factor))]
+
+
+def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None) -> list:
+    """The arms that pass a rung: the best 1/rf of the target choices (each at its best unit), within
+    each of those the best 1/rf of its units (each at its best arm), and within each of those the
+    best 1/rf of its arms. Arms without a finite loss there are cut. With one choice: units, arms."""
+    family = family or {}
     means = {}
     for a in alive:
         losses = [scores[t][rung] for t in arrived if arms[t] == a and math.isfinite(scores[t][rung])]
@@ -160,11 +178,14 @@ def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor) -> list:
     best: dict = {}
     for a, loss in means.items():
         best[unit[a]] = min(best.get(unit[a], math.inf), loss)
-    ranked_units = sorted(best, key=lambda u: (best[u], u))
+    choice_best: dict = {}
+    for u, loss in best.items():
+        f = family.get(u, "")
+        choice_best[f] = min(choice_best.get(f, math.inf), loss)
     keep = []
-    for u in ranked_units[: max(1, math.ceil(len(ranked_units) / reduction_factor))]:
-        ranked = sorted((a for a in means if unit[a] == u), key=lambda a: (means[a], a))
-        keep += ranked[: max(1, math.ceil(len(ranked) / reduction_factor))]
+    for f in _top(choice_best, choice_best, reduction_factor):
+        for u in _top([u for u in best if family.get(u, "") == f], best, reduction_factor):
+            keep += _top([a for a in means if unit[a] == u], means, reduction_factor)
     return keep
 
 
@@ -223,7 +244,8 @@ class SuccessiveHalving(TrialScheduler):
         ended = [t.trial_id for t in self._trials if t.status in (Trial.TERMINATED, Trial.ERROR)]
         groups = {t.trial_id: unit_of(t.config) for t in self._trials}
         arms = {t.trial_id: arm_of(t.config) for t in self._trials}
-        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen, arms)
+        families = {t.trial_id: family_of(t.config) for t in self._trials}
+        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen, arms, families)
         self._frozen.update(d.survivors)
         return d
 

@@ -9,7 +9,8 @@ search and the analysis: the analysis reads only what is on disk. Both halves im
       search_meta.json             META_FILE: what the driver worked out (targets, data, resources)
       tuner.pkl, experiment_state-*.json     Tune's own (TUNER_FILE, STATE_PREFIX): --resume
       .lora-rank-search-storage    storage.MARKER: this run's token (shared-storage check)
-      r0008_lr3e-4_seed0_<id>/     one folder per trial (trial_dirname / parse_trial_dirname)
+      r0008_lr3e-4_seed0_<id>/     one folder per trial (trial_dirname / parse_trial_dirname);
+                                   mlp_r0008_lr3e-4_seed0_<id>/ with several target choices
         params.json, result.json   PARAMS_FILE (the trial's config), RESULT_FILE (one report a line)
         error.txt                  ERROR_FILE: Tune's record of an exception
         checkpoint_000003/         CHECKPOINT_PREFIX + index, as Tune names them
@@ -25,7 +26,7 @@ import re
 from typing import Any, Mapping, Optional
 
 from search import storage
-from search.arms import format_lr
+from search.arms import family_of, format_lr
 
 CONFIG_FILE = "lora_rank_search.yaml"
 META_FILE = "search_meta.json"
@@ -43,27 +44,37 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 ANALYSIS_DIR = "analysis"
 TRIAL_OUTPUTS = (RESULT_FILE, PROGRESS_FILE, *ERROR_FILES)  # a trial folder holding any of these has run
 
-_DIRNAME = re.compile(r"^r(?P<r>\d+)(?:_lr(?P<lr>[^_]+))?_seed(?P<seed>-?\d+)_(?P<trial_id>.+)$")
+_DIRNAME = re.compile(
+    r"^(?:(?P<choice>[^/]+?)_)?r(?P<r>\d+)(?:_lr(?P<lr>[^_]+))?_seed(?P<seed>-?\d+)_(?P<trial_id>.+)$")
+
+
+def _choice_prefix(config: Mapping[str, Any], sep: str) -> str:
+    choice = family_of(config)
+    return f"{choice}{sep}" if choice else ""
 
 
 def trial_name(config: Mapping[str, Any]) -> str:
-    """'r8-lr3e-4-seed0': how progress lines and Tune name a trial."""
-    return f"r{config['r']}-lr{format_lr(config['lr'])}-seed{config['seed']}"
+    """'r8-lr3e-4-seed0' ('mlp-r8-lr3e-4-seed0' with several target choices): how progress lines
+    and Tune name a trial."""
+    return f"{_choice_prefix(config, '-')}r{config['r']}-lr{format_lr(config['lr'])}-seed{config['seed']}"
 
 
 def trial_dirname(config: Mapping[str, Any], trial_id: str) -> str:
-    """'r0008_lr3e-4_seed0_<trial id>': trial folders sort by rank, then learning rate."""
-    return f"r{int(config['r']):04d}_lr{format_lr(config['lr'])}_seed{config['seed']}_{trial_id}"
+    """'r0008_lr3e-4_seed0_<trial id>' ('mlp_r0008_...' with several target choices): trial folders
+    sort by target choice, rank, then learning rate."""
+    return f"{_choice_prefix(config, '_')}r{int(config['r']):04d}_lr{format_lr(config['lr'])}_seed{config['seed']}_{trial_id}"
 
 
 def parse_trial_dirname(name: str) -> Optional[dict]:
-    """{'r', 'lr' (None in folders from before learning-rate lists), 'seed', 'trial_id'} of a trial
-    folder name, or None when the name is not one of ours."""
+    """{'r', 'lr' (None in folders from before learning-rate lists), 'seed', 'trial_id',
+    'target_choice' ('' with one target choice)} of a trial folder name, or None when the name is
+    not one of ours."""
     match = _DIRNAME.match(name)
     if not match:
         return None
     lr = match["lr"]
-    return {"r": int(match["r"]), "lr": float(lr) if lr else None, "seed": int(match["seed"]), "trial_id": match["trial_id"]}
+    return {"r": int(match["r"]), "lr": float(lr) if lr else None, "seed": int(match["seed"]), "trial_id": match["trial_id"],
+            "target_choice": match["choice"] or ""}
 
 
 def is_resumable(names) -> bool:

@@ -20,7 +20,7 @@ import yaml
 from search import storage
 from search.arms import format_lr
 from search import layout
-from search.config import ConfigError, SearchConfig, learning_rates, warn
+from search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn
 from search.isolation import isolated_ray_start
 from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
 from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
@@ -31,7 +31,8 @@ class Prepared:
 
     cfg: SearchConfig
     model_path: str = ""
-    targets: list = field(default_factory=list)
+    targets: list = field(default_factory=list)  # the (first) target choice's resolved targets
+    choices: dict = field(default_factory=dict)  # target choice label -> its resolved targets, in config order
     linear_shapes: dict = field(default_factory=dict)
     dims: dict = field(default_factory=dict)
     data: Any = None
@@ -115,14 +116,20 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         check_weights(out.model_path)
         out.linear_shapes = linear_layers(meta)
         out.dims = _model_dims(meta, out.linear_shapes)
-        try:
-            out.targets = resolve_targets(cfg.lora.target_modules, out.linear_shapes)
-            problems.extend(dropout_problems(out.targets, cfg.lora.dropout))  # PEFT: no dropout on expert weights
-        except TargetError as exc:
-            problems.append(f"lora.target_modules: {exc}")
-        refused, warned = rank_problems(cfg.lora.ranks, out.linear_shapes, out.targets)
-        problems.extend(refused)
-        warnings.extend(warned)
+        choices = target_choices(cfg)
+        for i, (label, spec) in enumerate(choices):
+            where = "lora.target_modules" + (f"[{i}]" if len(choices) > 1 else "")
+            try:
+                out.choices[label] = resolve_targets(spec, out.linear_shapes)
+                problems.extend(dropout_problems(out.choices[label], cfg.lora.dropout))  # PEFT: no dropout on expert weights
+            except TargetError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            refused, warned = rank_problems(cfg.lora.ranks, out.linear_shapes, out.choices[label])
+            tag = f" (target choice {label})" if len(choices) > 1 else ""
+            problems.extend(p + tag for p in refused if p + tag not in problems)
+            warnings.extend(w + tag for w in warned)
+        out.targets = next(iter(out.choices.values()), [])
         tokenizer = load_tokenizer(out.model_path, cfg.model.trust_remote_code)
     except ModelSourceError as exc:
         problems.append(str(exc) if str(exc).startswith("model.") else f"model.name_or_path: {exc}")
@@ -157,7 +164,7 @@ def memory_estimate(cfg: SearchConfig, prepared: Prepared) -> MemoryEstimate:
     return estimate_trial_memory(
         prepared.linear_shapes,
         dims["other_params"],
-        lora_param_count(prepared.linear_shapes, prepared.targets, max(cfg.lora.ranks)),
+        max(lora_param_count(prepared.linear_shapes, t, max(cfg.lora.ranks)) for t in (prepared.choices or {"": prepared.targets}).values()),
         hidden=dims["hidden"],
         layers=dims["layers"],
         vocab=dims["vocab"],
@@ -224,6 +231,7 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_path": prepared.model_path,
         "targets": prepared.targets,
+        "target_choices": prepared.choices,
         "model": prepared.dims,
         "data": prepared.data_stats,
         "resources_per_trial": resources,
@@ -290,6 +298,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def describe_choices(prepared: Prepared) -> list[str]:
+    """One line per target choice: its label, resolved targets and trainable parameters at each rank
+    (the costs the verdict compares: `lora_param_count`, as `lora-rank params` prints them)."""
+    from trainables.lora import lora_param_count
+
+    ranks = sorted(prepared.cfg.lora.ranks)
+    lines = []
+    for label, targets in prepared.choices.items():
+        costs = ", ".join(f"r={r}: {lora_param_count(prepared.linear_shapes, targets, r):,}" for r in ranks)
+        lines.append(f"  {label}: {', '.join(targets)} (trainable params {costs})")
+    return lines
+
+
 def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None):
     """The Tuner (new or restored), one trial per Ray worker process.
 
@@ -301,7 +322,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     from search.progress import ProgressPrinter
     from trainables.trial import lora_trial
 
-    settings = dataclasses.replace(trial_settings(cfg, prepared.model_path, prepared.targets), storage_marker=storage_marker)
+    settings = dataclasses.replace(trial_settings(cfg, prepared.model_path, prepared.choices or prepared.targets), storage_marker=storage_marker)
     trainable = tune.with_resources(tune.with_parameters(lora_trial, settings=settings, data=prepared.data), resources)
     if resume:
         return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -383,8 +404,11 @@ def run_search(
     s = prepared.data_stats
     log(
         f"data: {s['train_examples']} train / {s['eval_examples']} eval examples ({s['eval_tokens']} eval tokens); "
-        f"LoRA targets: {', '.join(prepared.targets)}"
+        + (f"LoRA targets: {', '.join(prepared.targets)}" if len(prepared.choices) <= 1 else "target choices:")
     )
+    if len(prepared.choices) > 1:
+        for line in describe_choices(prepared):
+            log(line)
     if started_here:
         address = address or (None if os.environ.get("RAY_ADDRESS") else "local")
         # Workers of a Ray started here inherit its environment: no INFO lines from them ("Restored
@@ -404,7 +428,8 @@ def run_search(
         marker = storage.write_marker(cfg.experiment_path)
         rungs = rung_steps(cfg)
         rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
-        log(f"search: {num_trials(cfg)} trials (ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
+        choices = f"{len(prepared.choices)} target choices x " if len(prepared.choices) > 1 else ""
+        log(f"search: {num_trials(cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
         tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)

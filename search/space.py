@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, learning_rates
+from search.arms import CHOICE_KEY
+from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, learning_rates, target_choices
 from trainables.lora import alpha_label
 
 METRIC = "eval_loss"
@@ -20,33 +21,47 @@ def rank_order(ranks: Sequence[int]) -> list[int]:
 
 
 def param_space(cfg: SearchConfig) -> dict[str, Any]:
-    """One trial per (rank, learning rate, seed) (see `search.arms`); the alpha rule and targets
-    ride along as labels."""
+    """One trial per ([target choice,] rank, learning rate, seed) (see `search.arms`); the alpha rule
+    rides along as a label, and so does the target choice when there is only one."""
     from ray import tune
 
-    return {
+    space = {
         "r": tune.grid_search(rank_order(cfg.lora.ranks)),
         "lr": tune.grid_search(learning_rates(cfg)),
         "seed": tune.grid_search([int(s) for s in cfg.train.seeds]),
         "alpha_rule": alpha_label(cfg.lora.alpha),
-        "target_preset": cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules),
     }
+    choices = [label for label, _ in target_choices(cfg)]
+    if len(choices) > 1:
+        space[CHOICE_KEY] = tune.grid_search(choices)
+    else:
+        spec = cfg.lora.target_modules
+        space["target_preset"] = spec if isinstance(spec, str) else ",".join(spec)
+    return space
 
 
 def num_trials(cfg: SearchConfig) -> int:
-    return len(cfg.lora.ranks) * len(learning_rates(cfg)) * len(cfg.train.seeds)
+    return len(target_choices(cfg)) * len(cfg.lora.ranks) * len(learning_rates(cfg)) * len(cfg.train.seeds)
 
 
-def trial_settings(cfg: SearchConfig, model_path: str, targets: list[str]) -> TrialSettings:
+def trial_settings(cfg: SearchConfig, model_path: str, targets: Union[Sequence[str], Mapping[str, Sequence[str]]]) -> TrialSettings:
     """Everything a trial needs besides its (r, lr, seed), typed (`TrialSettings`).
 
     `model_path` is where the driver resolved the model (a per-machine cache folder for builtin and
     GGUF models); `model` is the configured source, which a trial on a cluster node resolves again
-    on its own machine (`trainables.trial.on_this_node`).
+    on its own machine (`trainables.trial.on_this_node`). `targets`: the resolved target list, or
+    {choice label: resolved targets} (several target choices; one behaves as a list).
     """
+    choices: tuple = ()
+    if isinstance(targets, Mapping):
+        choices = tuple((str(k), tuple(v)) for k, v in targets.items())
+        targets = choices[0][1] if choices else ()
+        if len(choices) == 1:
+            choices = ()
     return TrialSettings(
         model_path=model_path, model=cfg.model, quantization=cfg.quantization, lora=cfg.lora, train=cfg.train,
         targets=tuple(targets), cpus_per_trial=cfg.resources.cpus_per_trial, rungs=tuple(rung_steps(cfg)),
+        choices=choices,
     )
 
 

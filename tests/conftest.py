@@ -158,3 +158,50 @@ def write_fake_experiment(root) -> str:
 @pytest.fixture
 def fake_experiment(tmp_path) -> str:
     return write_fake_experiment(tmp_path / "fake-exp")
+
+
+# A fake search over three target choices x ranks 2, 4, 8 (one learning rate, one seed, no early
+# stop): attention recovers under half of the best gain at every rank, mlp r=4 95%, all-linear is
+# the best. Per rank: trainable params (as the parameter calculator would count them) and targets.
+FAKE_CHOICES = {
+    "attention": ("q_proj,k_proj,v_proj,o_proj", 1024, {2: 2.75, 4: 2.70, 8: 2.66}),
+    "mlp": ("gate_proj,up_proj,down_proj", 1152, {2: 2.30, 4: 2.0825, 8: 2.04}),
+    "all-linear": ("down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj", 2176, {2: 2.10, 4: 2.035, 8: 2.035}),
+}
+
+
+def write_fake_choice_experiment(root) -> str:
+    """An experiment folder as a search over FAKE_CHOICES leaves it (target_choice in every trial's
+    config, folder names prefixed by the choice). Returns its path."""
+    import json
+    from pathlib import Path
+
+    from search import layout
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    layout.write_config(str(root), {"model": {"name_or_path": "tiny"}, "lora": {"dropout": 0.0, "target_modules": list(FAKE_CHOICES)},
+                                    "train": {"max_steps": FAKE_MAX_STEPS, "learning_rate": 1e-3}})
+    states, i = [], 0
+    for choice, (targets, per_rank, losses) in FAKE_CHOICES.items():
+        for r, final in losses.items():
+            trial_id = f"fake_{i:05d}"
+            i += 1
+            config = {"r": r, "lr": 1e-3, "seed": 0, "alpha_rule": "16", "target_choice": choice}
+            folder = root / layout.trial_dirname(config, trial_id)
+            folder.mkdir()
+            (folder / layout.PARAMS_FILE).write_text(json.dumps(config))
+            lines = []
+            for step in (10, 20, 30, FAKE_MAX_STEPS):
+                loss = FAKE_BASE_LOSS + (final - FAKE_BASE_LOSS) * step / FAKE_MAX_STEPS
+                lines.append(json.dumps({
+                    "trial_id": trial_id, "step": step, "r": r, "seed": 0, "learning_rate": 1e-3, "lora_alpha": 16.0,
+                    "alpha_rule": "16", "target_modules": targets, "base_eval_loss": FAKE_BASE_LOSS, "eval_loss": loss,
+                    "best_eval_loss": loss, "train_loss": loss, "lr": 1e-3, "trainable_params": per_rank * r,
+                    "adapter_bytes": 4 * per_rank * r, "time_total_s": float(step), "timestamp": 1e9 + step,
+                    "started_at": 1e9, "trial_status": "ok"}))
+            (folder / layout.RESULT_FILE).write_text("\n".join(lines) + "\n")
+            states.append([json.dumps({"trial_id": trial_id, "status": "TERMINATED"}), json.dumps({"num_failures": 0})])
+    (root / f"{layout.STATE_PREFIX}2026-12-02_00-00-00.json").write_text(json.dumps({"trial_data": states}))
+    (root / layout.TUNER_FILE).write_bytes(b"")
+    return str(root)

@@ -4,6 +4,7 @@ trial status, early stops, two learning rates, two seeds; no Ray, no model, in s
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 
@@ -76,3 +77,38 @@ def test_tensorboard_folder_for_every_status(fake_experiment, tmp_path):
         finite = [s for s, v in scalars.get("loss/eval", {}).items() if not math.isnan(v)]
         assert finite or t.status == "oom"
         assert scalars["loss/eval_base"], "the base loss is a curve too"
+
+
+def test_analyze_a_search_over_target_choices_names_the_cheapest_adequate_adapter(tmp_path, capsys):
+    from conftest import write_fake_choice_experiment
+
+    experiment = write_fake_choice_experiment(tmp_path / "choices")
+    out = os.path.join(experiment, "analysis")
+    assert main(["analyze", experiment]) == 0
+    printed = capsys.readouterr().out
+    # base 3.0, best all-linear r=4 at 2.035: mlp r=4 (2.0825) recovers 95.1% with 4,608 params,
+    # all-linear r=2 (2.10) 93% with 4,352: the cheapest adequate pair is mlp r=4
+    assert "recommended (cheapest adequate adapter): mlp r=4" in printed and "4,608 trainable params" in printed
+    assert "on attention no rank is adequate" in printed and "on mlp the smallest adequate rank is 4" in printed
+    data = json.loads(open(os.path.join(out, "recommendation.json")).read())
+    assert data["target_choice"] == "mlp" and data["rank"] == 4 and data["trainable_params"] == 4608
+    assert data["targets"] == ["gate_proj", "up_proj", "down_proj"]
+    assert {c["target_choice"]: c["rank"] for c in data["choices"]} == {"attention": None, "mlp": 4, "all-linear": 4}
+    assert any(c.startswith("all-linear r=2: 93%") for c in data["close"]), data["close"]
+    assert "target_modules=[\"gate_proj\", \"up_proj\", \"down_proj\"]" in data["lora_config"]
+    frame = pd.read_parquet(os.path.join(out, "results.parquet"))
+    assert set(frame["target_choice"]) == {"attention", "mlp", "all-linear"}
+    assert frame.loc[frame["recommended_rank"], ["target_choice", "r"]].values.tolist() == [["mlp", 4]]
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "## Recommendation: mlp, r = 4" in report and "## Target choices: every adapter by its cost" in report
+    assert "**yes (cheapest: recommended)**" in report and "Close calls" in report
+    assert re.search(r"targets +r +alpha", report), "the trials table has a targets column"
+    assert os.path.getsize(os.path.join(out, "plots", "cost_by_choice.png")) > 5000
+    trials, _ = load_experiment(experiment)
+    assert sorted(trials["trial_dir"].str.split("_r0").str[0].unique()) == ["all-linear", "attention", "mlp"]
+    from analysis.tb import read_back
+
+    assert main(["tensorboard", experiment, "--logdir", str(tmp_path / "tb"), "--no-serve"]) == 0
+    for t in trials.itertuples():
+        _, hparams = read_back(str(tmp_path / "tb"), t.trial_dir)
+        assert hparams["target_choice"] == t.target_choice and hparams["r"] == t.r

@@ -189,3 +189,48 @@ def test_steps_a_search_over_ranks_and_learning_rates_spends():
     assert halving_steps(5, 30, 200, 3, num_lrs=3) / (5 * 3 * 200) < 0.25
     assert halving_steps(5, 30, 200, 3) == halving_steps(5, 30, 200, 3, num_lrs=1) == 380
     assert halving_steps(1, 30, 200, 3, num_lrs=3) == 3 * 30 + 1 * 170
+
+
+# ---- target choices: ranks compared within a choice, choices by their best rank
+
+
+def choice_groups(choices=("attention", "mlp", "all-linear"), ranks=(2, 4, 8)) -> tuple[dict, dict]:
+    """trial -> unit (choice, r), trial -> family (choice): one trial per unit."""
+    groups = {f"{c}-r{r}": (c, r) for c in choices for r in ranks}
+    return groups, {t: u[0] for t, u in groups.items()}
+
+
+def test_choices_are_compared_by_their_best_rank_and_ranks_within_a_choice():
+    groups, families = choice_groups()
+    losses = {"attention": {2: 2.9, 4: 2.8, 8: 2.7}, "mlp": {2: 2.6, 4: 2.3, 8: 2.31}, "all-linear": {2: 2.4, 4: 2.29, 8: 2.2}}
+    scores = {t: {30: losses[c][r]} for t, (c, r) in groups.items()}
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=2, families=families)
+    # 2 of 3 choices go on (all-linear best 2.2, mlp best 2.3); within each, 2 of its 3 ranks
+    assert sorted(d.survivors[0]) == [("all-linear", 4), ("all-linear", 8), ("mlp", 4), ("mlp", 8)]
+    assert {t for t in groups if t.startswith("attention")} <= d.stopped, "a choice whose best rank loses is cut whole"
+    assert "mlp-r2" in d.stopped and "all-linear-r2" in d.stopped
+
+
+def test_a_choice_is_not_cut_for_its_weak_ranks_when_its_best_rank_is_competitive():
+    groups, families = choice_groups(("mlp", "all-linear"), (1, 2, 4))
+    # mlp's small ranks are far behind every all-linear rank, but its best (r=4) leads the choices
+    losses = {"mlp": {1: 3.0, 2: 2.9, 4: 2.1}, "all-linear": {1: 2.5, 2: 2.3, 4: 2.2}}
+    scores = {t: {30: losses[c][r]} for t, (c, r) in groups.items()}
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=2, families=families)
+    assert sorted(d.survivors[0]) == [("mlp", 2), ("mlp", 4)], "1 of 2 choices (mlp by its best rank), 2 of its 3 ranks"
+    # units of one choice only: comparing every unit across choices (mlp r=2 at 2.9) would have cut it
+
+
+def test_one_choice_decides_as_ranks_alone():
+    scores = {"t1": {40: 2.9}, "t2": {40: 2.7}, "t4": {40: 2.3}, "t8": {40: 2.31}, "t16": {40: 2.32}}
+    alone = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3)
+    labelled = decide({t: ("mlp", r) for t, r in RANKS.items()}, scores, ended=[], rungs=[40, 120], reduction_factor=3,
+                      families={t: "mlp" for t in RANKS})
+    assert [u[1] for u in labelled.survivors[0]] == alone.survivors[0] and labelled.stopped == alone.stopped
+
+
+def test_steps_a_search_over_choices_and_ranks_spends():
+    # 3 choices x 5 ranks, default rungs of 200 steps: 15 x 30, then 1 choice x 2 ranks to 90, 1 arm to 200
+    assert halving_steps(5, 30, 200, 3, num_choices=3) == 15 * 30 + 2 * 60 + 110 == 680
+    assert halving_steps(5, 30, 200, 3, num_choices=3) / (3 * 5 * 200) <= 0.40, "the issue's cost bound"
+    assert halving_steps(5, 30, 200, 3, num_choices=1) == halving_steps(5, 30, 200, 3)

@@ -14,6 +14,10 @@ Making the knee real (measured while building this task):
   k-1 student misses 1/k of it), sized relative to the spectral norm of the frozen weight;
 - many sequences (thousands): with few, large ranks overfit and eval loss rises with r.
 
+Planted in the MLP (`targets=MLP_TARGETS`): the update lives in gate/up/down, so a search over
+target choices has a known answer too: the attention presets cannot represent it at any rank, `mlp`
+can at the planted rank, and `all-linear` can but costs more parameters at the same rank.
+
 `PlantedTask.base_loss - PlantedTask.teacher_loss` (nats/token on the eval sequences) is a
 Monte-Carlo estimate of KL(teacher || base): how much there is to learn.
 """
@@ -29,6 +33,7 @@ from search.config import QuantizationConfig
 
 QUANT_4BIT = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="float32")
 DEFAULT_TARGETS = ("o_proj", "down_proj")  # layers that write into the residual stream: a strong effect per rank
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the whole MLP: what the `mlp` preset adapts
 TASK_FILE = "planted_task.json"
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
 from search.config import TrialSettings
@@ -56,8 +56,9 @@ def lr_factor(step: int, schedule: str, warmup: int, max_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
 
-def build_model(settings: TrialSettings, r: int, device: str):
-    """Load the base (4-bit per settings) and attach a fresh LoRA adapter of rank r."""
+def build_model(settings: TrialSettings, r: int, device: str, targets: Optional[Sequence[str]] = None):
+    """Load the base (4-bit per settings) and attach a fresh LoRA adapter of rank r on `targets`
+    (default: settings.targets)."""
     from peft import get_peft_model
 
     from trainables.model import load_base_model
@@ -69,7 +70,7 @@ def build_model(settings: TrialSettings, r: int, device: str):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     lora = settings.lora
-    return get_peft_model(base, peft_config(r, lora.alpha, lora.dropout, list(settings.targets)))
+    return get_peft_model(base, peft_config(r, lora.alpha, lora.dropout, list(settings.targets if targets is None else targets)))
 
 
 def keep_4bit_layout_fixed(model) -> None:
@@ -179,7 +180,8 @@ def run_trial(
     if device == "cpu":
         torch.set_num_threads(threads or settings.cpus_per_trial)
     torch.manual_seed(seed)
-    model = build_model(settings, r, device)
+    targets = settings.targets_for(config)  # its target choice's (settings.targets with one choice)
+    model = build_model(settings, r, device, targets)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in params)
@@ -213,7 +215,7 @@ def run_trial(
         "lora_alpha": alpha,
         "use_rslora": rslora,
         "alpha_rule": alpha_label(settings.lora.alpha),
-        "target_modules": ",".join(settings.targets),
+        "target_modules": ",".join(targets),
         "trainable_params": trainable_params,
         "device": device,
         "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
