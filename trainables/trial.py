@@ -105,6 +105,36 @@ def evaluate(model, data: TokenizedData, batch_size: int, device: str) -> tuple[
     return total / max(count, 1), count
 
 
+def base_loss_once(model, data: TokenizedData, batch_size: int, device: str, settings: TrialSettings) -> float:
+    """The untouched base's eval loss (nats/token), from the per-machine cache when a trial of the
+    same model, quantization and eval data computed it already; else evaluated and cached."""
+    import hashlib
+    import json
+
+    from trainables.model import cache_root
+
+    digest = hashlib.sha256()
+    parts = (settings.model_path, repr(settings.quantization), device.split(":")[0], str(batch_size))
+    digest.update("|".join(parts).encode())
+    for ids, labels in zip(data.eval_ids, data.eval_labels):
+        digest.update(bytes(memoryview(ids.astype("int32"))))
+        digest.update(bytes(memoryview(labels.astype("int32"))))
+    path = cache_root() / "base_eval" / f"{digest.hexdigest()[:24]}.json"
+    try:
+        return float(json.loads(path.read_text())["base_eval_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    loss, _ = evaluate(model, data, batch_size, device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"base_eval_loss": loss}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next trial one evaluation
+    return loss
+
+
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> int:
     """Adapter (PEFT format) + optimizer/scheduler/loop state; returns the adapter file's bytes."""
     import torch
@@ -204,8 +234,9 @@ def run_trial(
         base_eval_loss = state.get("base_eval_loss", math.nan)
     else:
         # LoRA's B starts at zero: before the first step this is the untouched base model, the
-        # reference every rank's gain is measured from (nats/token).
-        base_eval_loss, _ = evaluate(model, data, eval_batch, device)
+        # reference every rank's gain is measured from (nats/token). The same for every trial of
+        # a search, so it is evaluated once per machine and read back by the others.
+        base_eval_loss = base_loss_once(model, data, eval_batch, device, settings)
     alpha, rslora = lora_alpha(settings.lora.alpha, r)
     fixed = {
         "r": r,
