@@ -315,7 +315,7 @@ def effective_rank(table: pd.DataFrame, rec: Recommendation, out_dir: str) -> Op
     ax.minorticks_off()
     ax.set_ylabel("effective rank of ΔW = scale·B·A (directions, log2)")
     ax.set_title("How many directions do the trained adapters use?")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")  # every point is on or below the diagonal: upper left stays clear
     return _save(fig, out_dir, "effective_rank")
 
 
