@@ -127,19 +127,26 @@ def test_a_trial_restored_from_its_final_checkpoint_ends_without_loading_the_mod
     assert reports == [] and len(weight_loads) == loads
 
 
-@pytest.mark.slow
-def test_a_corrupted_newest_checkpoint_is_skipped_and_the_trial_resumes_from_the_previous_one(raw_config, tmp_path, monkeypatch, capsys):
-    # At step 25 the newest checkpoint (step 20) is truncated and the trial crashes; its retry finds
-    # that checkpoint unloadable, falls back to the step-10 one and finishes.
-    monkeypatch.setenv(FAULT_ENV, "r=2:step=25:kind=corrupt:once")
-    raw = raw_config(name="corrupt", lora={"ranks": [2]}, train={"max_steps": 30, "eval_every": 10},
+def _search_with_a_corrupted_checkpoint(raw_config, tmp_path, monkeypatch, capsys, name: str, fault: str, max_steps: int):
+    """One r=2 trial (retried once) whose checkpoint the fault hook truncates; (exit code, stderr, trials, history)."""
+    monkeypatch.setenv(FAULT_ENV, fault)
+    raw = raw_config(name=name, lora={"ranks": [2]}, train={"max_steps": max_steps, "eval_every": 10},
                      scheduler={"type": "none"}, resources={"max_failures": 1})
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     code = main(["search", str(config)])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
+    trials, history = load_experiment(str(tmp_path / "runs" / name))
+    return code, err, trials, history
+
+
+@pytest.mark.slow
+def test_a_corrupted_newest_checkpoint_is_skipped_and_the_trial_resumes_from_the_previous_one(raw_config, tmp_path, monkeypatch, capsys):
+    # At step 25 the newest checkpoint (step 20) is truncated and the trial crashes; its retry finds
+    # that checkpoint unloadable, falls back to the step-10 one and finishes.
+    code, err, trials, history = _search_with_a_corrupted_checkpoint(
+        raw_config, tmp_path, monkeypatch, capsys, "corrupt", "r=2:step=25:kind=corrupt:once", 30)
     assert code == 0, err[-3000:]
-    trials, history = load_experiment(str(tmp_path / "runs" / "corrupt"))
     row = trials.iloc[0]
     assert (row.status, row.steps, row.retries) == ("completed", 30, 1)
     assert history.set_index("step")["resumed_from_step"].to_dict() == {10: 0, 20: 10, 30: 10}, "resumed from step 10, not 20"
@@ -147,16 +154,11 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_trial_resumes_from_the
 
 @pytest.mark.slow
 def test_a_trial_whose_every_checkpoint_is_unusable_fails_naming_the_file_and_the_search_exits_1(raw_config, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(FAULT_ENV, "r=2:step=15:kind=corrupt:once")  # the only checkpoint (step 10) is truncated
-    raw = raw_config(name="corrupt-all", lora={"ranks": [2]}, train={"max_steps": 20, "eval_every": 10},
-                     scheduler={"type": "none"}, resources={"max_failures": 1})
-    config = tmp_path / "search.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    code = main(["search", str(config)])
-    out, err = capsys.readouterr()
+    # The only checkpoint (step 10) is truncated.
+    code, err, trials, _ = _search_with_a_corrupted_checkpoint(
+        raw_config, tmp_path, monkeypatch, capsys, "corrupt-all", "r=2:step=15:kind=corrupt:once", 20)
     assert code == 1, err[-3000:]
-    trials, _ = load_experiment(str(tmp_path / "runs" / "corrupt-all"))
     assert trials.iloc[0].status == "error"
     assert "no kept checkpoint of this trial loads:" in trials.iloc[0].failure
     assert "checkpoint_000000/adapter/adapter_model.safetensors (" in trials.iloc[0].failure
-    assert "error: 1 trial(s) ended in error (r=2 seed=0)" in err
+    assert "error: 1 trial(s) ended in error (r=2 lr=3e-3 seed=0)" in err
