@@ -77,7 +77,7 @@ def test_failing_trials_leave_the_others_finishing_and_show_in_the_results(raw_c
     code = main(["search", str(config)])
     out, err = capsys.readouterr()
     assert code == 1, err[-3000:]  # a trial ended in error: the search says so in its exit code
-    assert "error: 1 trial(s) ended in error (r=8 seed=0); the results of the others are kept" in err
+    assert "error: 1 trial(s) ended in error (r=8 lr=3e-3 seed=0); the results of the others are kept" in err
 
     trials, history = load_experiment(str(tmp_path / "runs" / "faults"))
     by_r = {int(t.r): t for t in trials.itertuples()}
