@@ -187,7 +187,7 @@ def _is_encoder(config) -> bool:
     return getattr(config, "model_type", "") in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
-def _source_fingerprint(path: str) -> str:
+def source_fingerprint(path: str) -> str:
     """Identity of the original weights: each weight/config file's name, size and mtime in the
     local folder (or the hub snapshot folder that `from_pretrained` reads from)."""
     folder = Path(path)
@@ -211,7 +211,7 @@ def prequantized_dir(path: str, quantization: QuantizationConfig, device: str) -
 
     key = json.dumps(
         {
-            "source": _source_fingerprint(path),
+            "source": source_fingerprint(path),
             "quant_type": quantization.quant_type,
             "double_quant": quantization.double_quant,
             "compute_dtype": str(compute_dtype(quantization.compute_dtype, device)),

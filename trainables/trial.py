@@ -111,10 +111,15 @@ def base_loss_once(model, data: TokenizedData, batch_size: int, device: str, set
     import hashlib
     import json
 
-    from trainables.model import cache_root
+    from trainables.model import cache_root, source_fingerprint
 
+    try:
+        weights = source_fingerprint(settings.model_path)  # the weights' files, sizes and times: a retrained model is new
+    except Exception:  # noqa: BLE001 - no fingerprint, no cache: evaluate
+        loss, _ = evaluate(model, data, batch_size, device)
+        return loss
     digest = hashlib.sha256()
-    parts = (settings.model_path, repr(settings.quantization), device.split(":")[0], str(batch_size))
+    parts = (settings.model_path, weights, repr(settings.quantization), device.split(":")[0], str(batch_size))
     digest.update("|".join(parts).encode())
     for ids, labels in zip(data.eval_ids, data.eval_labels):
         digest.update(bytes(memoryview(ids.astype("int32"))))
