@@ -50,6 +50,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from search.arms import format_lr
+
 from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
 
 RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default tolerance
@@ -371,7 +373,7 @@ def _excluded(trials: pd.DataFrame, curves: pd.DataFrame, table: dict) -> tuple[
     usable = set(curves["trial_id"]) if not curves.empty else set()
     for row in trials.itertuples():
         lr = getattr(row, "lr", math.nan)
-        arm = f"r={row.r}" + (f" lr={_lr(lr)}" if math.isfinite(lr) else "") + f" seed {row.seed}"
+        arm = f"r={row.r}" + (f" lr={format_lr(lr)}" if math.isfinite(lr) else "") + f" seed {row.seed}"
         if str(row.trial_id) in usable:
             stats = table.get((_choice(row), int(row.r)))
             if stats and not stats["unstable"] and _same_lr(lr, stats["arms"]) not in stats["used"]:
@@ -396,12 +398,6 @@ def _choice(row) -> str:
 def _same_lr(lr: float, arms: dict) -> float:
     """The key in `arms` for this learning rate (NaN keys compare by identity in dicts)."""
     return next((k for k in arms if (k == lr) or (math.isnan(k) and math.isnan(lr))), lr)
-
-
-def _lr(lr: float) -> str:
-    from search.arms import format_lr
-
-    return format_lr(lr)
 
 
 def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[float] = None,
@@ -508,7 +504,7 @@ def _max_steps(trials: pd.DataFrame) -> Optional[int]:
 
 
 def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
-    at = f" (lr {_lr(chosen.lr)})" if math.isfinite(chosen.lr) and len(rec.learning_rates) > 1 else ""
+    at = f" (lr {format_lr(chosen.lr)})" if math.isfinite(chosen.lr) and len(rec.learning_rates) > 1 else ""
     if rec.several_choices:
         return reason_cheapest(rec, chosen, at)
     if chosen.r == chosen.ref_rank:

@@ -63,13 +63,6 @@ def format_lr(lr: Any) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def describe_arm(config: Mapping[str, Any]) -> str:
-    """'r=8 lr=3e-4' ('mlp r=8 lr=3e-4' with several target choices): how progress lines, names and
-    reports show an arm."""
-    unit = describe_unit(family_of(config), config["r"])
-    return f"{unit} lr={format_lr(config['lr'])}" if config.get("lr") is not None else unit
-
-
 def describe_unit(choice: str, r: Any) -> str:
     """'r=8', or 'mlp r=8' when the unit has a target choice."""
     return f"{choice} r={r}" if choice else f"r={r}"
