@@ -60,7 +60,7 @@ def _arm(job: tuple) -> list[dict]:
 _PREPARED: dict = {}
 
 
-def run_grid(task, rule, lrs: list[float], steps: int, root: str, workers: int) -> tuple:
+def run_grid(task, rule, lrs: list[float], steps: int, root: str, workers: int, eval_every: int | None = None) -> tuple:
     """The full grid ranks x learning rates, each arm trained to `steps` by `run_trial` itself (the
     trial loop of every search, without Ray: this measures the verdict, not the harness)."""
     from multiprocessing import get_context
@@ -70,7 +70,7 @@ def run_grid(task, rule, lrs: list[float], steps: int, root: str, workers: int) 
     from trainables.planted import planted_config
 
     raw = planted_config(task, RANKS, os.path.join(root, "runs"), name=f"k{task.rank}-alpha{rule}",
-                         lora={"alpha": rule}, train={"max_steps": steps, "eval_every": max(10, steps // 10), "learning_rate": lrs},
+                         lora={"alpha": rule}, train={"max_steps": steps, "eval_every": eval_every or max(10, steps // 10), "learning_rate": lrs},
                          scheduler={"type": "none"})
     jobs = [(raw, r, lr) for r in RANKS for lr in lrs]
     start = time.time()

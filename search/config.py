@@ -25,7 +25,7 @@ DATA_FORMATS = ("instruction", "chat", "text")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SCHEDULER_TYPES = ("sha", "asha", "none")
-GRACE_FRACTION = 0.15  # scheduler.grace_period: null = this share of train.max_steps (bench/asha_vs_grid.py)
+GRACE_FRACTION = 0.25  # scheduler.grace_period: null = this share of train.max_steps (bench/halving_replay.py)
 
 
 class ConfigError(ValueError):
@@ -137,7 +137,7 @@ class SchedulerConfig:
         default="sha",
     )
     grace_period: Optional[int] = _doc(
-        "steps every rank trains before any can be stopped; null = 15% of max_steps",
+        "steps every rank trains before any can be stopped; null = 25% of max_steps",
         default=None,
     )
     reduction_factor: float = _doc("keep the best 1/reduction_factor of the ranks at each rung (>= 2)", default=3)

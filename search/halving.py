@@ -36,6 +36,13 @@ from search.arms import arm_of, family_of, unit_of
 
 logger = logging.getLogger(__name__)
 
+# A unit whose best arm recovers at least this share of the best unit's gain over the base at a rung
+# is kept, whatever its place by loss. The verdict asks for the smallest unit recovering 95% at the
+# end, and that unit is often behind at an early rung: an adapter of exactly the rank the task needs
+# learns more slowly than a larger one (measured on planted tasks: bench/halving_replay.py).
+KEEP_SHARE = 0.80
+BASE_KEY = "base_eval_loss"  # every trial reports the untouched model's eval loss under this key
+
 
 def halving_rungs(grace_period: int, max_steps: int, reduction_factor: float) -> list[int]:
     """The steps (ascending, all below max_steps) at which ranks are compared:
@@ -104,6 +111,7 @@ def decide(
     frozen: Optional[Mapping[int, Sequence[Hashable]]] = None,
     arms: Optional[Mapping[Any, Hashable]] = None,
     families: Optional[Mapping[Any, Hashable]] = None,
+    base: Optional[Mapping[Any, float]] = None,
 ) -> Decision:
     """Successive halving as a pure function of what was reported.
 
@@ -121,6 +129,12 @@ def decide(
             are compared by their best rank (the best ceil(c / reduction_factor) of c choices go
             on, and within each the best ceil(n / reduction_factor) of its n ranks). Default: one.
 
+        base: trial -> the untouched base model's eval loss (`base_eval_loss`). With it, a unit
+            whose best arm recovers at least KEEP_SHARE of the best unit's gain over the base at
+            the rung goes on too, whatever its place (its best 1/rf arms; its target choice with
+            it): the verdict's answer, the smallest adequate unit, is often not among the fastest
+            learners at an early rung.
+
     A rung is decided once every live trial of every surviving arm has reported there. An arm's
     score is its mean loss over the seeds that reported a finite one; a unit's score is its best
     arm's (each rank at its best learning rate). Ties go to the smaller unit, then the smaller arm.
@@ -130,6 +144,7 @@ def decide(
     arms = dict(arms) if arms is not None else dict(groups)
     unit = {arms[t]: groups[t] for t in groups}
     family = {groups[t]: (families or {}).get(t, "") for t in groups}
+    base_loss = _base_loss(base)
     ended = set(ended)
     level = {t: 0 for t in groups}
     stopped: set = set()
@@ -145,7 +160,7 @@ def decide(
         elif any(t not in arrived and t not in ended for t in members):
             break  # someone is still on the way to this rung
         else:
-            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family)
+            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family, base_loss)
         survivors[k] = keep
         stopped |= {t for t in members if arms[t] not in keep}
         alive = [a for a in alive if a in keep]
@@ -165,10 +180,17 @@ def _top(items, score, reduction_factor) -> list:
     return ranked[: max(1, math.ceil(len(ranked) / reduction_factor))]
 
 
-def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None) -> list:
+def _base_loss(base: Optional[Mapping[Any, float]]) -> Optional[float]:
+    """The base model's loss (the mean of the finite values reported; None without one)."""
+    values = [float(v) for v in (base or {}).values() if v is not None and math.isfinite(float(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None, base_loss=None) -> list:
     """The arms that pass a rung: the best 1/rf of the target choices (each at its best unit), within
     each of those the best 1/rf of its units (each at its best arm), and within each of those the
-    best 1/rf of its arms. Arms without a finite loss there are cut. With one choice: units, arms."""
+    best 1/rf of its arms; besides, every unit whose gain share at the rung is at least KEEP_SHARE
+    (with its best 1/rf arms). Arms without a finite loss there are cut. With one choice: units, arms."""
     family = family or {}
     means = {}
     for a in alive:
@@ -182,10 +204,21 @@ def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=Non
     for u, loss in best.items():
         f = family.get(u, "")
         choice_best[f] = min(choice_best.get(f, math.inf), loss)
-    keep = []
+    units = []
     for f in _top(choice_best, choice_best, reduction_factor):
-        for u in _top([u for u in best if family.get(u, "") == f], best, reduction_factor):
-            keep += _top([a for a in means if unit[a] == u], means, reduction_factor)
+        units += _top([u for u in best if family.get(u, "") == f], best, reduction_factor)
+    if base_loss is not None and best:
+        gain = base_loss - min(best.values())
+        if gain > 0:
+            # ...and those within KEEP_SHARE of the best gain, unless a smaller kept unit of the
+            # same choice is at least as good (a larger unit that is no better cannot be the answer)
+            for u, loss in sorted(best.items()):
+                if u not in units and base_loss - loss >= KEEP_SHARE * gain and not any(
+                        v < u and family.get(v, "") == family.get(u, "") and best[v] <= loss for v in units):
+                    units.append(u)
+    keep = []
+    for u in units:
+        keep += _top([a for a in means if unit[a] == u], means, reduction_factor)
     return keep
 
 
@@ -215,6 +248,7 @@ class SuccessiveHalving(TrialScheduler):
         self._metric, self._mode = metric, mode
         self._trials: list[Trial] = []
         self._scores: dict[str, dict[int, float]] = {}
+        self._base: dict[str, float] = {}  # trial -> the base model's eval loss it reported
         self._frozen: dict[int, list] = {}
         self._held: set[str] = set()  # trials holding at a rung in their live worker (nothing waited for the slot)
 
@@ -233,8 +267,11 @@ class SuccessiveHalving(TrialScheduler):
         value = float(value) if isinstance(value, (int, float)) else math.nan
         return -value if self._mode == "max" else value
 
-    def _record(self, trial: Trial, step: int, loss: float) -> None:
+    def _record(self, trial: Trial, step: int, loss: float, result: Mapping) -> None:
         """The first report at or after a rung is the trial's loss there (never overwritten)."""
+        base = result.get(BASE_KEY)
+        if isinstance(base, (int, float)) and math.isfinite(base):
+            self._base[trial.trial_id] = float(base)
         mine = self._scores.setdefault(trial.trial_id, {})
         for rung in self._rungs:
             if step >= rung and rung not in mine:
@@ -245,7 +282,8 @@ class SuccessiveHalving(TrialScheduler):
         groups = {t.trial_id: unit_of(t.config) for t in self._trials}
         arms = {t.trial_id: arm_of(t.config) for t in self._trials}
         families = {t.trial_id: family_of(t.config) for t in self._trials}
-        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen, arms, families)
+        base = {t: b for t, b in self._base.items() if t in groups}
+        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen, arms, families, base)
         self._frozen.update(d.survivors)
         return d
 
@@ -312,7 +350,7 @@ class SuccessiveHalving(TrialScheduler):
         # rung before the decision); the decision restarts or stops it.
         for report in _reports(trial):
             if self._time_attr in report:
-                self._record(trial, int(report[self._time_attr]), self._loss(report))
+                self._record(trial, int(report[self._time_attr]), self._loss(report), report)
         if trial.status == Trial.PENDING and int(last) in self._rungs:
             trial.set_status(Trial.PAUSED)
 
@@ -320,7 +358,7 @@ class SuccessiveHalving(TrialScheduler):
         step = int(result.get(self._time_attr, 0))
         if not math.isfinite(self._loss(result, self._metric)):
             return TrialScheduler.STOP  # a diverged / out-of-memory trial reports once and ends
-        self._record(trial, step, self._loss(result))
+        self._record(trial, step, self._loss(result), result)
         d = self._settle(tune_controller)
         if trial.trial_id in d.stopped:
             return TrialScheduler.STOP

@@ -35,20 +35,20 @@ def test_survivors_and_the_steps_a_search_spends():
     assert halving_steps(3, 200, 200, 3) == 3 * 200
 
 
-def test_default_grace_period_is_15_percent_of_max_steps_and_rungs_are_evaluated():
+def test_default_grace_period_is_25_percent_of_max_steps_and_rungs_are_evaluated():
     from search.space import trial_settings
 
     def cfg(**train):
         return parse_config({"train": train, "scheduler": {"type": "sha"}})
 
-    assert grace_steps(cfg(max_steps=200, eval_every=20)) == 30
-    assert grace_steps(cfg(max_steps=60, eval_every=10)) == 9
-    assert grace_steps(cfg(max_steps=1000, eval_every=50)) == 150
+    assert grace_steps(cfg(max_steps=200, eval_every=20)) == 50
+    assert grace_steps(cfg(max_steps=60, eval_every=10)) == 15
+    assert grace_steps(cfg(max_steps=1000, eval_every=50)) == 250
     assert grace_steps(parse_config({"scheduler": {"grace_period": 60}})) == 60
     assert rung_steps(parse_config({"scheduler": {"type": "none"}})) == []
     default = parse_config({})
-    assert default.scheduler.type == "sha" and rung_steps(default) == [30, 90], "rungs at 30 and 90 of 200"
-    assert trial_settings(default, "m", ["q_proj"]).rungs == (30, 90), "trials evaluate at the rungs"
+    assert default.scheduler.type == "sha" and rung_steps(default) == [50, 150], "rungs at 50 and 150 of 200"
+    assert trial_settings(default, "m", ["q_proj"]).rungs == (50, 150), "trials evaluate at the rungs"
     asha = parse_config({"scheduler": {"type": "asha", "grace_period": 25, "reduction_factor": 2}})
     assert rung_steps(asha) == [25, 50, 100], "ASHA's milestones, as Ray computes them"
 
@@ -234,3 +234,51 @@ def test_steps_a_search_over_choices_and_ranks_spends():
     assert halving_steps(5, 30, 200, 3, num_choices=3) == 15 * 30 + 2 * 60 + 110 == 680
     assert halving_steps(5, 30, 200, 3, num_choices=3) / (3 * 5 * 200) <= 0.40, "the issue's cost bound"
     assert halving_steps(5, 30, 200, 3, num_choices=1) == halving_steps(5, 30, 200, 3)
+
+
+BASE = 3.0  # the untouched model's loss: gains are measured from here
+
+
+def test_a_rank_close_to_the_best_gain_is_kept_though_it_is_not_among_the_fastest():
+    # at the first rung the larger ranks lead; r=4 (the answer at the end) has 85% of the best gain
+    scores = {"t1": {40: 2.7}, "t2": {40: 2.5}, "t4": {40: 2.15}, "t8": {40: 2.05}, "t16": {40: 2.0}}
+    base = {t: BASE for t in RANKS}
+    plain = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3)
+    assert sorted(plain.survivors[0]) == [8, 16] and "t4" in plain.stopped, "by loss alone the best 2 of 5 go on"
+    d = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3, base=base)
+    assert sorted(d.survivors[0]) == [4, 8, 16], "r=4 recovers 85% >= KEEP_SHARE of the best gain"
+    assert d.stopped == {"t1", "t2"}, "r=2 (50%) and r=1 (30%) are far from it"
+
+
+def test_a_larger_rank_that_is_no_better_than_a_kept_smaller_one_is_not_kept_for_its_share():
+    # r=4 and r=8 lead; r=16 is within KEEP_SHARE but worse than r=4, which is kept and cheaper
+    scores = {"t1": {40: 2.9}, "t2": {40: 2.6}, "t4": {40: 2.0}, "t8": {40: 2.01}, "t16": {40: 2.05}}
+    d = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3, base={t: BASE for t in RANKS})
+    assert sorted(d.survivors[0]) == [4, 8] and d.stopped == {"t1", "t2", "t16"}
+
+
+def test_keep_share_needs_a_gain_and_keeps_whole_units_at_their_best_rates():
+    groups = {f"r{r}-{lr}": r for r in (2, 4, 8) for lr in ("a", "b", "c")}
+    arms = {t: (r, t[-1]) for t, r in groups.items()}
+    losses = {2: (2.6, 2.5, 2.55), 4: (2.2, 2.12, 2.3), 8: (2.1, 2.0, 2.2)}
+    scores = {t: {30: losses[r]["abc".index(t[-1])]} for t, r in groups.items()}
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, arms=arms, base={t: BASE for t in groups})
+    # by loss 1 of 3 ranks (r=8) at its best rate; r=4 (88%) goes on too, at its best rate only
+    assert sorted(d.survivors[0]) == [(4, "b"), (8, "b")]
+    worse = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, arms=arms, base={t: 1.5 for t in groups})
+    assert worse.survivors[0] == [(8, "b")], "every rank worse than the base: no gain to share, loss alone decides"
+    missing = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, arms=arms, base={t: NAN for t in groups})
+    assert missing.survivors[0] == [(8, "b")], "no finite base loss reported: loss alone decides"
+
+
+def test_a_choice_cut_by_loss_keeps_a_rank_close_to_the_best_gain():
+    groups, families = choice_groups(("attention", "mlp", "all-linear"), (2, 4, 8))
+    # all-linear leads every rung-1 comparison; mlp r=4 has 90% of the best gain (the cheapest answer)
+    losses = {"attention": {2: 2.9, 4: 2.85, 8: 2.8}, "mlp": {2: 2.7, 4: 2.1, 8: 2.12}, "all-linear": {2: 2.3, 4: 2.0, 8: 2.0}}
+    scores = {t: {30: losses[c][r]} for t, (c, r) in groups.items()}
+    plain = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, families=families)
+    assert plain.survivors[0] == [("all-linear", 4)]
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, families=families,
+               base={t: BASE for t in groups})
+    assert sorted(d.survivors[0]) == [("all-linear", 4), ("mlp", 4)], \
+        "mlp r=4 (90%) goes on; mlp r=8 is no better than it; all-linear r=2 (70%) and attention (<20%) are far"

@@ -15,7 +15,6 @@ import time
 import pandas as pd
 import pytest
 
-from analysis.diagnosis import diagnose
 from analysis.results import load_experiment
 from analysis.selection import recommend
 from search.cli import main
@@ -71,37 +70,26 @@ def default_search(planted, ray_local, tmp_path_factory) -> str:
     return run_search(parse_config(raw), log=lambda _: None)
 
 
-def _planted_or_flagged(rec, trials, history) -> None:
-    """The verdict is the planted rank K; or, where successive halving cut K at its first rung
-    (15% of the budget: larger ranks learn faster at first), the next rank with the report saying
-    to re-check. Measured (bench/alpha_lr.py): the full grid recommends K at every rate of the span."""
-    if rec.rank == K:
-        return
-    assert rec.rank == 2 * K, rec.reason
-    four = rec.evidence(K)
-    assert four.evidence_step < rec.evidence_step, "K was cut before the recommended rank was judged"
-    kinds = {f.kind: f.text for f in diagnose(rec, trials, history)}
-    assert "smaller-rank-cut-early" in kinds or "judged-early" in kinds, kinds
-
-
 @pytest.mark.parametrize("lr", [SPAN[0], SPAN[-1]])
-def test_the_default_search_at_either_end_of_the_span_recommends_the_planted_rank_or_says_to_recheck(
+def test_the_default_search_at_either_end_of_the_span_recommends_the_planted_rank(
         planted, ray_local, tmp_path_factory, lr):
     raw = planted_config(planted, [1, 2, 4, 8, 16], str(tmp_path_factory.mktemp("runs")), name=f"lr{lr:g}", lora={"alpha": DEFAULT_ALPHA},
                          train={**BUDGET, "learning_rate": lr}, scheduler={"type": "sha"})
     trials, history = load_experiment(run_search(parse_config(raw), log=lambda _: None))
     assert not trials["unstable"].any(), "no rank turned unstable"
-    _planted_or_flagged(recommend(trials, history), trials, history)
+    rec = recommend(trials, history)
+    assert rec.rank == K, rec.reason
+    # K learns more slowly than the larger ranks: halving kept it for its gain share, not its place
+    assert rec.evidence(K).evidence_step == BUDGET["max_steps"], "K trained to the end and was judged there"
+    assert trials["steps"].sum() < 0.75 * 5 * BUDGET["max_steps"], "halving still stopped some ranks early"
 
 
-def test_the_default_search_over_a_learning_rate_list_recommends_the_planted_rank_or_says_to_recheck(default_search, planted):
+def test_the_default_search_over_a_learning_rate_list_recommends_the_planted_rank(default_search, planted):
     trials, history = load_experiment(default_search)
     assert len(trials) == 15 and sorted(set(trials["lr"])) == SPAN
     rec = recommend(trials, history)
     assert rec.rule_name == "gain" and rec.learning_rate in SPAN, rec.reason
-    # Measured: r=4 reached 94.9% of the best gain at the first rung (step 75) and was cut; r=8 won.
-    _planted_or_flagged(rec, trials, history)
-    assert rec.evidence(K).gain_share >= 0.9, "K was within reach of adequate where it was judged"
+    assert rec.rank == K and rec.evidence_step == BUDGET["max_steps"], rec.reason
     assert all(e.gain_share < 0.8 for e in rec.ranks if e.r < K), "the ranks below K are clearly short"
     assert math.isfinite(rec.base_eval_loss) and abs(rec.base_eval_loss - planted.base_loss) < 0.05 * planted.base_loss
     # Successive halving on (rank, lr) arms: each rank's worse learning rates stopped at the first rung.

@@ -1,0 +1,128 @@
+"""Successive halving replayed on full grids of planted tasks: does it keep the grid's verdict, at what cost?
+
+    .venv/bin/python bench/halving_replay.py [--ks 2 4 8] [--lrs 3e-3 1e-2 3e-2] [--steps 500] [--grids DIR]
+
+For each planted rank k (2, 3, 4, 6, 8 by default; the tiny 4-bit Llama of `bench/alpha_lr.py`, ranks 1..16, the default
+alpha), the full grid ranks x learning rates is trained to the end by the search's own trial loop
+(`run_trial`, no Ray), evaluating every 25 steps; with --grids DIR the grids are kept there and read
+back on the next run. Successive halving (`search.halving.decide`, the default grace period and
+reduction factor, the search's best-so-far score) is then replayed on the same curves: a trial cut
+at a rung has, up to that rung, exactly the curve of the full trial (same seed, same schedule), so
+the replay makes the search's own decisions. Each setting (every learning rate alone, and the
+list) is judged twice by the default rule (`analysis.selection.recommend`): on the grid and on
+what halving trained. Printed per setting: both verdicts, the planted k, the ratio of training
+steps, and the survivors of each rung. Last: how many settings kept the grid's verdict and the
+planted k, and the worst step ratio on the list (target: <= 0.40).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import header  # noqa: E402
+from bench.alpha_lr import RANKS, run_grid  # noqa: E402
+
+TARGET = 0.40
+EVAL_EVERY = 25
+
+
+def grid(k: int, lrs: list[float], steps: int, root: str, folder: str | None, workers: int):
+    """The full grid's (trials, history, base loss), trained or read back from folder."""
+    import pandas as pd
+
+    from trainables.planted import build_planted_task
+
+    name = f"k{k}-lr{'-'.join(f'{v:g}' for v in lrs)}-{steps}"
+    if folder and os.path.exists(os.path.join(folder, f"{name}.trials.csv")):
+        return pd.read_csv(os.path.join(folder, f"{name}.trials.csv")), pd.read_csv(os.path.join(folder, f"{name}.history.csv"))
+    task = build_planted_task(os.path.join(root, f"task-k{k}"), rank=k)
+    trials, history, wall = run_grid(task, 16.0, lrs, steps, root, workers, eval_every=EVAL_EVERY)
+    print(f"  trained the grid for k={k} in {wall:.0f} s", flush=True)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        trials.to_csv(os.path.join(folder, f"{name}.trials.csv"), index=False)
+        history.to_csv(os.path.join(folder, f"{name}.history.csv"), index=False)
+    return trials, history
+
+
+def replay(trials, history, steps: int, grace_period: int | None = None, reduction_factor: float = 3):
+    """(the trials as halving leaves them, their history, the survivors of each rung)."""
+    from search.config import GRACE_FRACTION
+    from search.halving import decide, halving_rungs
+
+    grace = grace_period or max(1, math.ceil(GRACE_FRACTION * steps))
+    rungs = halving_rungs(grace, steps, reduction_factor)
+    ids = list(trials["trial_id"])
+    groups = dict(zip(ids, trials["r"]))
+    arms = {t: (r, lr) for t, r, lr in zip(ids, trials["r"], trials["lr"])}
+    scores = {}
+    for t in ids:
+        mine = history[history["trial_id"] == t]
+        scores[t] = {rung: float(mine[mine["step"] <= rung]["eval_loss"].min()) for rung in rungs}
+    base = dict(zip(ids, trials["base_eval_loss"]))
+    d = decide(groups, scores, ended=[], rungs=rungs, reduction_factor=reduction_factor, arms=arms, base=base)
+    reach = {t: rungs[d.level[t]] if d.level[t] < len(rungs) else steps for t in ids}
+    kept = history[[s <= reach[t] for t, s in zip(history["trial_id"], history["step"])]]
+    cut = trials.assign(steps=[reach[t] for t in ids],
+                        status=["completed" if reach[t] == steps else "stopped" for t in ids])
+    return cut, kept, d.survivors, rungs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6, 8], help="planted ranks")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="learning rates (span 10x)")
+    parser.add_argument("--steps", type=int, default=500, help="train.max_steps of every trial")
+    parser.add_argument("--grace-period", type=int, default=None, help="first rung (default: the search's)")
+    parser.add_argument("--grids", default=None, help="keep the trained grids here and read them back")
+    parser.add_argument("--workers", type=int, default=2, help="arms trained at once (one core each)")
+    args = parser.parse_args()
+
+    from analysis.selection import recommend
+    from search.arms import format_lr
+    from trainables.trial import quiet_libraries
+
+    quiet_libraries()
+    header("successive halving replayed on full grids of planted tasks (gain-share verdict)")
+    lrs = sorted(args.lrs)
+    print(f"ranks {RANKS}, learning rates {[format_lr(v) for v in lrs]}, {args.steps} steps, alpha 16, one seed")
+    tally = {"settings": 0, "same": 0, "planted": 0}
+    list_ratios = []
+    started = time.time()
+    with tempfile.TemporaryDirectory() as root:
+        os.environ.setdefault("LORA_RANK_SEARCH_CACHE", os.path.join(root, "cache"))
+        for k in args.ks:
+            trials, history = grid(k, lrs, args.steps, root, args.grids, args.workers)
+            print(f"\n## planted k={k}")
+            for name, subset in [(format_lr(v), [v]) for v in lrs] + [("list", lrs)]:
+                mine = trials[trials["lr"].isin(subset)]
+                hist = history[history["trial_id"].isin(mine["trial_id"])]
+                full = recommend(mine, hist)
+                cut, kept, survivors, rungs = replay(mine, hist, args.steps, args.grace_period)
+                sha = recommend(cut, kept)
+                ratio = cut["steps"].sum() / (len(cut) * args.steps)
+                if name == "list":
+                    list_ratios.append(ratio)
+                tally["settings"] += 1
+                tally["same"] += full.rank == sha.rank
+                tally["planted"] += sha.rank == min(r for r in RANKS if r >= k)  # the smallest searched rank that holds k
+                shares = " ".join(f"r{e.r}:{e.gain_share:.1%}@{e.evidence_step}" for e in sha.ranks)
+                print(f"{name:>6}: grid r={full.rank}  halving r={sha.rank}  steps {ratio:.2f}  "
+                      f"rungs {rungs}: " + "; ".join(f"{rungs[i]}: {len(v)} arms" for i, v in sorted(survivors.items())))
+                print(f"        halving gain shares: {shares}")
+    print(f"\n## summary ({time.time() - started:.0f} s)")
+    print(f"same verdict as the grid: {tally['same']} of {tally['settings']}; halving verdict = the smallest searched rank >= k: "
+          f"{tally['planted']} of {tally['settings']}")
+    worst = max(list_ratios) if list_ratios else math.nan
+    print(f"RATIO halving / grid training steps on the list: worst {worst:.2f} (target <= {TARGET:.2f})")
+
+
+if __name__ == "__main__":
+    main()
