@@ -15,6 +15,7 @@ verdict adapts the MLP at the planted rank (or the next).
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 import tempfile
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--n-train", type=int, default=3000)
+    parser.add_argument("--grids", default=None, help="keep the trained grid here and read it back")
     args = parser.parse_args()
     import pandas as pd
 
@@ -51,13 +53,18 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="target-choices-")
     task = build_planted_task(os.path.join(root, "task"), rank=args.k, targets=MLP_TARGETS, n_train=args.n_train)
     raw = planted_config(task, args.ranks, os.path.join(root, "runs"), lora={"target_modules": CHOICES},
-                         train={"max_steps": args.steps, "learning_rate": args.lr}, scheduler={"type": "sha"})
+                         train={"max_steps": args.steps, "learning_rate": args.lr, "eval_every": 10}, scheduler={"type": "sha"})
     cfg = parse_config(raw)
     prepared = prepare(cfg, log=lambda _: None)
     settings = trial_settings(cfg, prepared.model_path, prepared.choices)
     rungs = list(settings.rungs)
     rows, history = [], []
-    for choice in CHOICES:
+    saved = args.grids and os.path.join(args.grids, f"choices-k{args.k}-{args.steps}-lr{args.lr:g}-n{args.n_train}")
+    if saved and os.path.exists(f"{saved}.trials.csv"):
+        rows, history = pd.read_csv(f"{saved}.trials.csv").to_dict("records"), pd.read_csv(f"{saved}.history.csv").to_dict("records")
+        for row in rows:
+            row["targets"] = ast.literal_eval(row["targets"])  # a list, written as its repr
+    for choice in CHOICES if not rows else []:
         for r in args.ranks:
             trial_id, reports, started = f"{choice}_r{r}", [], time.time()
             run_trial({"r": r, "lr": args.lr, "seed": 0, "target_choice": choice}, settings, prepared.data,
@@ -70,11 +77,16 @@ def main() -> None:
             print(f"  {choice:>10} r={r:<3} {reports[-1]['trainable_params']:>7,} params  best eval loss "
                   f"{min(m['eval_loss'] for m in reports):.4f}  ({time.time() - started:.0f} s)", flush=True)
     trials, hist = pd.DataFrame(rows), pd.DataFrame(history)
+    if saved:
+        os.makedirs(args.grids, exist_ok=True)
+        trials.to_csv(f"{saved}.trials.csv", index=False)
+        hist.to_csv(f"{saved}.history.csv", index=False)
     grid = recommend(trials, hist)
     groups = {t: (c, r) for t, c, r in zip(trials.trial_id, trials.target_choice, trials.r)}
     scores = {t: {k: float(hist[(hist.trial_id == t) & (hist.step <= k)]["eval_loss"].min()) for k in rungs} for t in groups}
     d = decide(groups, scores, ended=[], rungs=rungs, reduction_factor=cfg.scheduler.reduction_factor,
-               families={t: u[0] for t, u in groups.items()})
+               families={t: u[0] for t, u in groups.items()}, base=dict(zip(trials.trial_id, trials.base_eval_loss)),
+               costs=dict(zip(trials.trial_id, trials.trainable_params)))
     reach = {t: rungs[d.level[t]] if d.level[t] < len(rungs) else args.steps for t in groups}
     cut_hist = hist[[s <= reach[t] for t, s in zip(hist.trial_id, hist.step)]]
     cut = trials.assign(steps=[reach[t] for t in trials.trial_id],

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # learns more slowly than a larger one (measured on planted tasks: bench/halving_replay.py).
 KEEP_SHARE = 0.80
 BASE_KEY = "base_eval_loss"  # every trial reports the untouched model's eval loss under this key
+COST_KEY = "trainable_params"  # ...and its adapter's size under this one
 
 
 def halving_rungs(grace_period: int, max_steps: int, reduction_factor: float) -> list[int]:
@@ -112,6 +113,7 @@ def decide(
     arms: Optional[Mapping[Any, Hashable]] = None,
     families: Optional[Mapping[Any, Hashable]] = None,
     base: Optional[Mapping[Any, float]] = None,
+    costs: Optional[Mapping[Any, float]] = None,
 ) -> Decision:
     """Successive halving as a pure function of what was reported.
 
@@ -132,8 +134,10 @@ def decide(
         base: trial -> the untouched base model's eval loss (`base_eval_loss`). With it, a unit
             whose best arm recovers at least KEEP_SHARE of the best unit's gain over the base at
             the rung goes on too, whatever its place (its best 1/rf arms; its target choice with
-            it): the verdict's answer, the smallest adequate unit, is often not among the fastest
-            learners at an early rung.
+            it), unless a kept unit that costs no more is at least as good: the verdict's answer,
+            the cheapest adequate unit, is often not among the fastest learners at an early rung.
+        costs: trial -> its unit's trainable parameters (`trainable_params`): what "costs no
+            more" means above. Default: a smaller rank of the same target choice.
 
     A rung is decided once every live trial of every surviving arm has reported there. An arm's
     score is its mean loss over the seeds that reported a finite one; a unit's score is its best
@@ -145,6 +149,7 @@ def decide(
     unit = {arms[t]: groups[t] for t in groups}
     family = {groups[t]: (families or {}).get(t, "") for t in groups}
     base_loss = _base_loss(base)
+    cost = {groups[t]: float(c) for t, c in (costs or {}).items() if t in groups and c is not None and math.isfinite(float(c))}
     ended = set(ended)
     level = {t: 0 for t in groups}
     stopped: set = set()
@@ -160,7 +165,7 @@ def decide(
         elif any(t not in arrived and t not in ended for t in members):
             break  # someone is still on the way to this rung
         else:
-            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family, base_loss)
+            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family, base_loss, cost)
         survivors[k] = keep
         stopped |= {t for t in members if arms[t] not in keep}
         alive = [a for a in alive if a in keep]
@@ -186,12 +191,13 @@ def _base_loss(base: Optional[Mapping[Any, float]]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None, base_loss=None) -> list:
+def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None, base_loss=None, cost=None) -> list:
     """The arms that pass a rung: the best 1/rf of the target choices (each at its best unit), within
     each of those the best 1/rf of its units (each at its best arm), and within each of those the
     best 1/rf of its arms; besides, every unit whose gain share at the rung is at least KEEP_SHARE
-    (with its best 1/rf arms). Arms without a finite loss there are cut. With one choice: units, arms."""
-    family = family or {}
+    (with its best 1/rf arms) unless a kept unit that costs no more is at least as good. Arms
+    without a finite loss there are cut. With one choice: units, arms."""
+    family, cost = family or {}, cost or {}
     means = {}
     for a in alive:
         losses = [scores[t][rung] for t in arrived if arms[t] == a and math.isfinite(scores[t][rung])]
@@ -210,11 +216,16 @@ def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=Non
     if base_loss is not None and best:
         gain = base_loss - min(best.values())
         if gain > 0:
-            # ...and those within KEEP_SHARE of the best gain, unless a smaller kept unit of the
-            # same choice is at least as good (a larger unit that is no better cannot be the answer)
-            for u, loss in sorted(best.items()):
-                if u not in units and base_loss - loss >= KEEP_SHARE * gain and not any(
-                        v < u and family.get(v, "") == family.get(u, "") and best[v] <= loss for v in units):
+            # ...and those within KEEP_SHARE of the best gain, cheapest first, unless a kept unit
+            # that costs no more is at least as good (then this one cannot be the answer)
+            def no_dearer(v, u) -> bool:
+                if v in cost and u in cost:
+                    return cost[v] <= cost[u]
+                return family.get(v, "") == family.get(u, "") and v < u
+
+            for u in sorted(best, key=lambda u: (cost.get(u, math.inf), u)):
+                if u not in units and base_loss - best[u] >= KEEP_SHARE * gain and not any(
+                        v != u and no_dearer(v, u) and best[v] <= best[u] for v in units):
                     units.append(u)
     keep = []
     for u in units:
@@ -249,6 +260,7 @@ class SuccessiveHalving(TrialScheduler):
         self._trials: list[Trial] = []
         self._scores: dict[str, dict[int, float]] = {}
         self._base: dict[str, float] = {}  # trial -> the base model's eval loss it reported
+        self._cost: dict[str, float] = {}  # trial -> its adapter's trainable parameters
         self._frozen: dict[int, list] = {}
         self._held: set[str] = set()  # trials holding at a rung in their live worker (nothing waited for the slot)
 
@@ -269,9 +281,10 @@ class SuccessiveHalving(TrialScheduler):
 
     def _record(self, trial: Trial, step: int, loss: float, result: Mapping) -> None:
         """The first report at or after a rung is the trial's loss there (never overwritten)."""
-        base = result.get(BASE_KEY)
-        if isinstance(base, (int, float)) and math.isfinite(base):
-            self._base[trial.trial_id] = float(base)
+        for key, into in ((BASE_KEY, self._base), (COST_KEY, self._cost)):
+            value = result.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                into[trial.trial_id] = float(value)
         mine = self._scores.setdefault(trial.trial_id, {})
         for rung in self._rungs:
             if step >= rung and rung not in mine:
@@ -283,7 +296,8 @@ class SuccessiveHalving(TrialScheduler):
         arms = {t.trial_id: arm_of(t.config) for t in self._trials}
         families = {t.trial_id: family_of(t.config) for t in self._trials}
         base = {t: b for t, b in self._base.items() if t in groups}
-        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen, arms, families, base)
+        costs = {t: c for t, c in self._cost.items() if t in groups}
+        d = decide(groups, self._scores, ended, self._rungs, self._rf, self._frozen, arms, families, base, costs)
         self._frozen.update(d.survivors)
         return d
 

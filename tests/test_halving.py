@@ -282,3 +282,19 @@ def test_a_choice_cut_by_loss_keeps_a_rank_close_to_the_best_gain():
                base={t: BASE for t in groups})
     assert sorted(d.survivors[0]) == [("all-linear", 4), ("mlp", 4)], \
         "mlp r=4 (90%) goes on; mlp r=8 is no better than it; all-linear r=2 (70%) and attention (<20%) are far"
+
+
+def test_with_costs_a_unit_kept_for_its_share_is_one_no_cheaper_unit_beats():
+    groups, families = choice_groups(("mlp", "all-linear"), (2, 4, 8))
+    params = {"mlp": 1000, "all-linear": 2500}  # trainable parameters per unit of rank
+    costs = {t: params[c] * r for t, (c, r) in groups.items()}
+    # all-linear r=8 leads; mlp r=4 (90%, 4,000 params) is the cheapest close one; all-linear r=2
+    # (85%, 5,000 params) and r=4, mlp r=8 are dearer than mlp r=4 and no better
+    losses = {"mlp": {2: 2.6, 4: 2.1, 8: 2.1}, "all-linear": {2: 2.15, 4: 2.1, 8: 2.0}}
+    scores = {t: {30: losses[c][r]} for t, (c, r) in groups.items()}
+    base = {t: BASE for t in groups}
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, families=families, base=base, costs=costs)
+    assert sorted(d.survivors[0]) == [("all-linear", 8), ("mlp", 4)]
+    # without costs, ranks are only comparable within a choice: all-linear r=2 and r=4 are kept too
+    ranks_only = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, families=families, base=base)
+    assert sorted(ranks_only.survivors[0]) == [("all-linear", 2), ("all-linear", 4), ("all-linear", 8), ("mlp", 4)]
