@@ -14,6 +14,7 @@ rank, and the cheapest-adequate invariant is checked whatever the verdict.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pandas as pd
@@ -23,7 +24,8 @@ import yaml
 from analysis.results import load_experiment
 from analysis.selection import recommend
 from search.cli import main
-from search.halving import decide
+from search.config import GRACE_FRACTION
+from search.halving import decide, halving_rungs
 from trainables.planted import MLP_TARGETS, build_planted_task, planted_config
 
 pytestmark = pytest.mark.slow  # starts Ray and trains
@@ -32,7 +34,7 @@ K = 4
 RANKS = [2, 4, 8]
 CHOICES = ["attention", "mlp", "all-linear"]
 STEPS = 200
-RUNGS = [30, 90]  # the default halving's rungs at 200 steps (grace 15%, reduction factor 3)
+RUNGS = halving_rungs(math.ceil(GRACE_FRACTION * STEPS), STEPS, 3)  # the default halving's: [50, 150]
 
 
 def test_presets_x_ranks_on_an_mlp_planted_task_recommend_the_mlp_at_the_planted_rank(tmp_path, capsys):
@@ -62,7 +64,8 @@ def test_presets_x_ranks_on_an_mlp_planted_task_recommend_the_mlp_at_the_planted
     groups = {t.trial_id: (t.target_choice, t.r) for t in trials.itertuples()}
     scores = {t: {k: float(history[(history.trial_id == t) & (history.step <= k)]["eval_loss"].min()) for k in RUNGS}
               for t in groups}
-    d = decide(groups, scores, ended=[], rungs=RUNGS, reduction_factor=3, families={t: u[0] for t, u in groups.items()})
+    d = decide(groups, scores, ended=[], rungs=RUNGS, reduction_factor=3, families={t: u[0] for t, u in groups.items()},
+               base=dict(zip(trials.trial_id, trials.base_eval_loss)), costs=dict(zip(trials.trial_id, trials.trainable_params)))
     reach = {t: RUNGS[d.level[t]] if d.level[t] < len(RUNGS) else STEPS for t in groups}
     assert sum(reach.values()) <= 0.40 * len(groups) * STEPS
     cut = trials.assign(steps=trials["trial_id"].map(reach), status=["completed" if reach[t] == STEPS else "stopped"
