@@ -83,7 +83,7 @@ def _grid(rec: Recommendation, history: pd.DataFrame) -> list[Finding]:
             f"({_spread(rec)}). Take the smallest, r={smallest}; an even smaller rank may do as well."
         )))
         return out
-    if rec.rank == largest:
+    if rec.rank == largest and not any(e.overtaken_by for e in rec.ranks):
         top = rec.evidence(largest)
         improving = _still_improving(history, top.trial_ids, rec.relative_tolerance)
         out.append(Finding("grid-too-small", (
@@ -143,7 +143,7 @@ def _cut_early(rec: Recommendation) -> list[Finding]:
     if chosen is None:
         return []
     near = [e for e in rec.ranks if e.r < chosen.r and not e.adequate and e.evidence_step < chosen.evidence_step
-            and rec.shortfall(e) <= NEAR_MISS * max(rec.tolerance, 1e-9)]
+            and not e.overtaken_by and rec.shortfall(e) <= NEAR_MISS * max(rec.tolerance, 1e-9)]
     if not near:
         return []
     parts = ", ".join(f"r={e.r} ({_standing(rec, e)} at step {e.evidence_step})" for e in near)
@@ -151,6 +151,29 @@ def _cut_early(rec: Recommendation) -> list[Finding]:
         f"Smaller rank(s) were stopped early only narrowly outside the tolerance: {parts}, while r={chosen.r} was judged at "
         f"step {chosen.evidence_step}. Larger ranks learn faster at first, so an early gap overstates the final one: re-run "
         f"r={near[-1].r} for the full budget (scheduler.type: none, or a larger grace_period) before settling on r={chosen.r}."
+    ))]
+
+
+def _overtaken(rec: Recommendation) -> list[Finding]:
+    """Units stopped where a cheaper unit was as good, which then trained on and fell short."""
+    gone = [e for e in rec.units if e.overtaken_by]
+    if not gone:
+        return []
+    by = {}
+    for e in gone:
+        by.setdefault((e.overtaken_by, e.evidence_step), []).append(e)
+    parts = []
+    for (name, step), units in sorted(by.items(), key=lambda kv: kv[0][1]):
+        cheaper = next((q for q in rec.units if rec.unit_name(q.target_choice, q.r) == name), None)
+        later = f"{_standing(rec, cheaper)} at step {cheaper.evidence_step}" if cheaper else "short of adequate later"
+        names = ", ".join(rec.unit_name(e.target_choice, e.r) for e in units)
+        parts.append(f"{names} stopped at step {step}, where {name} was at least as good; {name} trained on and fell short "
+                     f"({later})")
+    chosen = rec.unit_name(rec.target_choice, rec.rank)
+    return [Finding("not-established", (
+        "Not established: " + "; ".join(parts) + ". Their standing where they stopped shows nothing the cheaper unit's "
+        f"did not, so they are not counted as adequate, and {chosen} is the cheapest unit shown adequate. To tell them "
+        "apart, train them for the full budget (scheduler.type: none) or compare later (a larger scheduler.grace_period)."
     ))]
 
 
@@ -231,7 +254,7 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
         failed = int((trials["status"] == "error").sum()) if not trials.empty and "status" in trials else 0
         text = rec.reason + (f" ({failed} trial(s) failed: see error.txt in their folders)." if failed else ".")
         return [Finding("no-signal" if rec.no_signal else "no-result", text)] + _unstable(rec)
-    out = _grid(rec, history)
+    out = _overtaken(rec) + _grid(rec, history)
     out += _judged_early(rec, trials, history)
     out += _cut_early(rec)
     out += _unstable(rec)

@@ -80,6 +80,8 @@ def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
     for e in rec.ranks:
         loss = f"{e.loss:.4f}" + (f" ± {e.se:.4f}" if len(e.seeds) > 1 else "")
         mark = "**yes (recommended)**" if e.r == rec.rank else ("yes" if e.adequate else "no")
+        if e.overtaken_by:
+            mark = f"no: not established ({e.overtaken_by} was as good here, then fell short)"
         if e.unstable:
             mark += " (unstable)"
         step = f"{e.evidence_step}" + (" (stopped early)" if e.stopped_early else "")
@@ -100,7 +102,8 @@ def _choice_rows(rec: Recommendation, trials: pd.DataFrame) -> tuple[list[str], 
     smallest = {v.target_choice: v.rank for v in rec.choices}
     rows = []
     for e in sorted(rec.units, key=lambda e: (e.trainable_params if e.trainable_params == e.trainable_params else float("inf"), e.r)):
-        mark = "yes" if e.adequate else "no"
+        mark = "yes" if e.adequate else (f"no: not established ({e.overtaken_by} was as good here, then fell short)"
+                                         if e.overtaken_by else "no")
         if (e.target_choice, e.r) == (rec.target_choice, rec.rank):
             mark = "**yes (cheapest: recommended)**"
         elif smallest.get(e.target_choice) == e.r:

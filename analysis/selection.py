@@ -122,6 +122,9 @@ class RankEvidence:
     ref_choice: str = ""  # the reference unit's target choice
     trainable_params: float = math.nan  # the adapter's trainable parameters (from its trials)
     adapter_bytes: float = math.nan  # its saved adapter's size (bytes)
+    # A unit that costs no more was at least as good at this unit's evidence step, trained further
+    # and fell short: this unit's adequacy there is not evidence (the cheaper unit's name; '' if not)
+    overtaken_by: str = ""
 
 
 @dataclass
@@ -448,6 +451,7 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
                       f"untouched base's {base:.4f}, a gain of {base - best_loss:+.4f} nats/token (less than {NO_SIGNAL:.1%} of the "
                       "base loss), so no rank can be recommended; check the data, the learning rates and the steps")
         return rec
+    _not_established(units, table, rec.several_choices, rec.unit_name)
     # the reference unit itself always qualifies; with one target choice the cost follows the rank
     chosen = min((e for e in units if e.adequate), key=lambda e: cost_key(e, rec.several_choices))
     _set_choice(rec, chosen.target_choice)
@@ -461,6 +465,28 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     rec.reason = _reason(rec, chosen)
     _attach_trial(rec, trials, curves, chosen)
     return rec
+
+
+def _not_established(units: list, table: dict, several: bool, name) -> None:
+    """Withdraw adequacy that was judged early against a field a cheaper unit then left behind.
+
+    A unit judged adequate at step s (it was stopped there) is not adequate when a unit that costs
+    no more had a loss at least as low at s, trained on, and was judged *not* adequate at its later
+    step: at s the cheaper unit looked just as adequate, and the longer race showed it was not, so
+    the costlier unit's standing at s shows nothing the cheaper one's did not.
+    """
+    short = {(q.target_choice, q.r) for q in units if not q.adequate}
+    for e in units:
+        if not e.adequate or (e.target_choice, e.r) == (e.ref_choice, e.ref_rank):
+            continue
+        step = e.evidence_step
+        for q in sorted(units, key=lambda q: cost_key(q, several)):
+            if cost_key(q, several) >= cost_key(e, several):
+                break
+            at = table[(q.target_choice, q.r)]["by_step"].get(step)
+            if (q.target_choice, q.r) in short and q.evidence_step > step and at is not None and at[0] <= e.loss:
+                e.adequate, e.overtaken_by = False, name(q.target_choice, q.r)
+                break
 
 
 def _set_choice(rec: Recommendation, choice: str) -> None:

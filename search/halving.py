@@ -10,7 +10,11 @@ scored by its best one, and within a kept rank only the best ceil(m / reduction_
 learning rates go on (`search.arms` names the roles; all seeds of an arm go on or stop together).
 With several target choices (`lora.target_modules` as a list), ranks are compared within a choice
 and the choices by their best rank: the best ceil(c / reduction_factor) choices go on, and within
-each the best ceil(n / reduction_factor) of its ranks.
+each the best ceil(n / reduction_factor) of its ranks. Besides those, a rank whose best arm already
+recovers KEEP_SHARE of the best rank's gain over the base model goes on, unless a kept rank that
+costs no more (fewer trainable parameters) is at least as good: the verdict wants the cheapest
+adequate rank at the end, and an adapter of exactly the rank a task needs learns more slowly than
+a larger one, so by loss alone it was often cut at the first rung.
 A trial that arrives early is paused when another trial waits for its slot, and resumes from the
 checkpoint it reported at the rung; when nothing waits it holds in its worker (model loaded) until
 the rung is decided. Once one arm is left it trains to the end without further pauses.
@@ -71,7 +75,8 @@ def halving_survivors(num_ranks: int, rungs: int, reduction_factor: float) -> li
 def halving_steps(num_ranks: int, grace_period: int, max_steps: int, reduction_factor: float, num_lrs: int = 1,
                   num_choices: int = 1) -> int:
     """Training steps a halving search spends per seed when no trial fails (the grid spends
-    num_choices · num_ranks · num_lrs · max_steps); a lone surviving arm skips the remaining rungs."""
+    num_choices · num_ranks · num_lrs · max_steps); a lone surviving arm skips the remaining rungs.
+    Ranks kept for their gain share (KEEP_SHARE) come on top of this."""
     rungs = halving_rungs(grace_period, max_steps, reduction_factor)
     choices, units, per_unit, done, total = num_choices, num_ranks, num_lrs, 0, 0
     for rung in rungs:

@@ -380,3 +380,31 @@ def test_invariants_of_the_gain_rule_on_random_tables():
             assert e.loss == pytest.approx(min(arm_losses)), "a rank is judged at its best learning rate"
             if e.adequate and e.ref_se == 0:
                 assert e.gain_share >= 1 - tol - 1e-9
+
+
+def test_a_rank_stopped_where_a_cheaper_rank_was_as_good_is_not_adequate_when_that_rank_fell_short():
+    # The quickstart's shape: at step 10 r=2 leads; r=4 and r=8 stop there (r=8 at 96.5% of r=2's gain);
+    # r=2 and r=32 train on, and at step 60 r=2 has only 90% of r=32's gain.
+    curves = {
+        (2, 1e-3, 0): {10: 2.50, 30: 2.10, 60: 2.10},
+        (4, 1e-3, 0): {10: 2.53},
+        (8, 1e-3, 0): {10: 2.515},
+        (32, 1e-3, 0): {10: 2.51, 30: 2.00, 60: 2.00},
+    }
+    trials, history = arm_tables(curves, max_steps=60)
+    rec = recommend(trials, history)
+    eight = rec.evidence(8)
+    assert eight.gain_share == pytest.approx(0.97) and not eight.adequate and eight.overtaken_by == "r=2"
+    assert rec.evidence(2).gain_share == pytest.approx(0.9) and rec.rank == 32, rec.reason
+    kinds = {f.kind: f.text for f in diagnose(rec, trials, history)}
+    assert "r=8 stopped at step 10, where r=2 was at least as good" in kinds["not-established"]
+    assert "grid-too-small" not in kinds, "the smaller ranks are unresolved, not too small"
+    # r=8 better than r=2 at step 10 is evidence of its own: its adequacy there stands
+    curves[(8, 1e-3, 0)] = {10: 2.49}
+    rec = recommend(*arm_tables(curves, max_steps=60))
+    assert rec.rank == 8 and rec.evidence(8).overtaken_by == "", rec.reason
+    # ...and so does r=8's when r=2 turned out adequate later (then r=2 is the answer anyway)
+    curves[(8, 1e-3, 0)] = {10: 2.515}
+    curves[(2, 1e-3, 0)] = {10: 2.50, 30: 2.04, 60: 2.04}
+    rec = recommend(*arm_tables(curves, max_steps=60))
+    assert rec.rank == 2 and rec.evidence(8).adequate
