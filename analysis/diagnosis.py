@@ -154,6 +154,26 @@ def _cut_early(rec: Recommendation) -> list[Finding]:
     ))]
 
 
+def _unopposed(rec: Recommendation) -> list[Finding]:
+    """The recommendation reached its step alone: every costlier unit was cut earlier, close behind."""
+    chosen = rec.evidence(rec.rank, rec.target_choice if rec.several_choices else None) if rec.rank is not None else None
+    if chosen is None or (chosen.ref_choice, chosen.ref_rank) != (chosen.target_choice, chosen.r):
+        return []
+    dearer = [e for e in rec.units if e is not chosen and e.evidence_step < chosen.evidence_step
+              and (e.trainable_params > chosen.trainable_params if rec.several_choices else e.r > chosen.r)]
+    close = [e for e in dearer if not math.isfinite(e.gain_share) or e.gain_share >= 1 - NEAR_MISS * rec.tolerance]
+    if not dearer or len(close) == 0 or any(e.evidence_step >= chosen.evidence_step for e in rec.units if e is not chosen):
+        return []
+    name = rec.unit_name(chosen.target_choice, chosen.r)
+    parts = ", ".join(f"{rec.unit_name(e.target_choice, e.r)} ({_standing(rec, e)} at step {e.evidence_step})" for e in close)
+    return [Finding("unopposed", (
+        f"{name} is the best at step {chosen.evidence_step} because nothing else got that far: the costlier "
+        f"{parts} were cut earlier, close behind it. A larger adapter may still pull ahead with training, which would "
+        f"move the yardstick; to be sure, train the largest one to the end beside {name} (scheduler.type: none on the "
+        "two, or a larger scheduler.grace_period)."
+    ))]
+
+
 def _overtaken(rec: Recommendation) -> list[Finding]:
     """Units stopped where a cheaper unit was as good, which then trained on and fell short."""
     gone = [e for e in rec.units if e.overtaken_by]
@@ -254,7 +274,7 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
         failed = int((trials["status"] == "error").sum()) if not trials.empty and "status" in trials else 0
         text = rec.reason + (f" ({failed} trial(s) failed: see error.txt in their folders)." if failed else ".")
         return [Finding("no-signal" if rec.no_signal else "no-result", text)] + _unstable(rec)
-    out = _overtaken(rec) + _grid(rec, history)
+    out = _overtaken(rec) + _unopposed(rec) + _grid(rec, history)
     out += _judged_early(rec, trials, history)
     out += _cut_early(rec)
     out += _unstable(rec)

@@ -408,3 +408,19 @@ def test_a_rank_stopped_where_a_cheaper_rank_was_as_good_is_not_adequate_when_th
     curves[(2, 1e-3, 0)] = {10: 2.50, 30: 2.04, 60: 2.04}
     rec = recommend(*arm_tables(curves, max_steps=60))
     assert rec.rank == 2 and rec.evidence(8).adequate
+
+
+def test_a_rank_that_reached_the_end_alone_with_larger_ranks_cut_close_behind_is_flagged():
+    curves = {
+        (2, 2e-4, 0): {10: 2.80, 30: 2.40, 60: 2.20},
+        (4, 2e-4, 0): {10: 2.801, 30: 2.41},
+        (32, 2e-4, 0): {10: 2.802},
+    }
+    trials, history = arm_tables(curves, max_steps=60)
+    rec = recommend(trials, history)
+    assert rec.rank == 2 and rec.evidence_step == 60
+    kinds = {f.kind: f.text for f in diagnose(rec, trials, history)}
+    assert "nothing else got that far" in kinds["unopposed"] and "r=32" in kinds["unopposed"]
+    curves[(32, 2e-4, 0)] = {10: 2.802, 30: 2.39, 60: 2.25}  # the largest went on and lost: r=2 was opposed
+    trials, history = arm_tables(curves, max_steps=60)
+    assert "unopposed" not in {f.kind for f in diagnose(recommend(trials, history), trials, history)}
