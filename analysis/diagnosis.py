@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import pandas as pd
 
@@ -251,14 +252,52 @@ def _unstable(rec: Recommendation) -> list[Finding]:
     ))]
 
 
-def _learning_rate_edges(rec: Recommendation) -> list[Finding]:
-    """A rank whose best learning rate is the smallest or largest searched: the optimum may lie beyond."""
+def _overfit_after_choice(rec: Recommendation, history: pd.DataFrame) -> list:
+    """Ranks whose learning rate was chosen at an early rung (the others cut there) and whose chosen
+    arm then overfit: its eval loss at the end is above its best by more than the tolerance."""
+    out = []
+    for e in rec.ranks:
+        chosen = next((a for a in e.arms if a.lr == e.lr), None)
+        if chosen is None or len(e.arms) < 2 or chosen.compared_step >= e.evidence_step:
+            continue
+        last = history[history["trial_id"].isin(chosen.trial_ids) & history["eval_loss"].notna()]
+        if last.empty:
+            continue
+        final = float(last[last["step"] == last["step"].max()]["eval_loss"].mean())
+        if final > chosen.loss * (1 + OVERFIT_RISE * max(rec.relative_tolerance, 1e-9)):
+            out.append(e)
+    return out
+
+
+def _early_rate_choice(rec: Recommendation, history: pd.DataFrame) -> list[Finding]:
+    """The rate that led at the first rung went on alone and then overfit: a lower one may end better."""
+    ranks = _overfit_after_choice(rec, history)
+    if not ranks:
+        return []
+    step = min(e.arms[0].compared_step for e in ranks)
+    rates = sorted({e.lr for e in ranks})
+    lower = [lr for lr in rec.learning_rates if lr < max(rates)]
+    return [Finding("rate-chosen-early", (
+        f"The learning rate of {', '.join(f'r={e.r}' for e in ranks)} was chosen at step {step}, where its rates competed: "
+        f"{', '.join(format_lr(lr) for lr in rates)} led there and went on alone, then overfit (its eval loss rose from its "
+        "best before the end). A lower rate, cut at that rung, may end better, and with it the verdict may change: "
+        "the search cannot tell. Re-run with the lower rates"
+        + (f" (train.learning_rate: [{', '.join(format_lr(lr) for lr in lower)}])" if lower else "")
+        + " or compare later (a larger scheduler.grace_period)."
+    ))]
+
+
+def _learning_rate_edges(rec: Recommendation, history: Optional[pd.DataFrame] = None) -> list[Finding]:
+    """A rank whose best learning rate is the smallest or largest searched: the optimum may lie beyond
+    (not said upward for a rank whose rate was chosen early and then overfit)."""
     rates = sorted(rec.learning_rates)
     if len(rates) < 2:
         return []
+    overfit = {e.r for e in _overfit_after_choice(rec, history)} if history is not None and not history.empty else set()
     out = []
     for edge, word, direction in ((rates[0], "smallest", "downward"), (rates[-1], "largest", "upward")):
-        ranks = [e.r for e in rec.ranks if len(e.arms) >= 2 and e.lr == edge and not e.unstable]
+        ranks = [e.r for e in rec.ranks if len(e.arms) >= 2 and e.lr == edge and not e.unstable
+                 and not (direction == "upward" and e.r in overfit)]
         if ranks:
             out.append(Finding(f"lr-edge-{'low' if direction == 'downward' else 'high'}", (
                 f"The best learning rate of {', '.join(f'r={r}' for r in ranks)} is the {word} searched ({format_lr(edge)}): "
@@ -278,7 +317,8 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
     out += _judged_early(rec, trials, history)
     out += _cut_early(rec)
     out += _unstable(rec)
-    out += _learning_rate_edges(rec)
+    out += _early_rate_choice(rec, history)
+    out += _learning_rate_edges(rec, history)
     out += _overfitting(rec, trials, history, rec.relative_tolerance)
     out += _noise(rec)
     for note in rec.excluded:

@@ -424,3 +424,23 @@ def test_a_rank_that_reached_the_end_alone_with_larger_ranks_cut_close_behind_is
     curves[(32, 2e-4, 0)] = {10: 2.802, 30: 2.39, 60: 2.25}  # the largest went on and lost: r=2 was opposed
     trials, history = arm_tables(curves, max_steps=60)
     assert "unopposed" not in {f.kind for f in diagnose(recommend(trials, history), trials, history)}
+
+
+def test_a_rate_that_led_at_the_first_rung_and_then_overfit_is_named_and_not_pushed_higher():
+    curves = {
+        (2, 1e-3, 0): {10: 2.50, 30: 2.10, 60: 2.30},  # led at step 10, best at 30, then rose
+        (2, 5e-4, 0): {10: 2.55},  # close behind at step 10, cut there
+        (2, 2e-4, 0): {10: 2.80},
+        (4, 1e-3, 0): {10: 2.52},
+        (4, 5e-4, 0): {10: 2.56},
+        (4, 2e-4, 0): {10: 2.81},
+    }
+    trials, history = arm_tables(curves, max_steps=60)
+    rec = recommend(trials, history)
+    kinds = {f.kind: f.text for f in diagnose(rec, trials, history)}
+    assert "r=2 was chosen at step 10" in kinds["rate-chosen-early"] and "[2e-4, 5e-4]" in kinds["rate-chosen-early"]
+    assert "r=2" not in kinds.get("lr-edge-high", ""), "a rate that overfit is not a reason to go higher"
+    curves[(2, 1e-3, 0)] = {10: 2.50, 30: 2.10, 60: 2.09}  # it kept improving: nothing to say
+    trials, history = arm_tables(curves, max_steps=60)
+    kinds = {f.kind for f in diagnose(recommend(trials, history), trials, history)}
+    assert "rate-chosen-early" not in kinds
