@@ -24,7 +24,7 @@ demo: install
 	$(VENV)/bin/lora-rank search configs/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20
 
 # The inner loop: every test that starts no Ray and trains no model (pure logic, the analysis side
 # on a fake experiment folder, config and bad-input checks).
