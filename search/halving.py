@@ -135,7 +135,6 @@ def decide(
         families: trial -> its unit's target choice. Ranks are compared within a choice; choices
             are compared by their best rank (the best ceil(c / reduction_factor) of c choices go
             on, and within each the best ceil(n / reduction_factor) of its n ranks). Default: one.
-
         base: trial -> the untouched base model's eval loss (`base_eval_loss`). With it, a unit
             whose best arm recovers at least KEEP_SHARE of the best unit's gain over the base at
             the rung goes on too, whatever its place (its best 1/rf arms; its target choice with
