@@ -169,7 +169,7 @@ def decide(
         elif any(t not in arrived and t not in ended for t in members):
             break  # someone is still on the way to this rung
         else:
-            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family, base_loss, cost)
+            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family, base_loss, cost, first=k == 0)
         survivors[k] = keep
         stopped |= {t for t in members if arms[t] not in keep}
         alive = [a for a in alive if a in keep]
@@ -195,12 +195,14 @@ def _base_loss(base: Optional[Mapping[Any, float]]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None, base_loss=None, cost=None) -> list:
+def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None, base_loss=None, cost=None,
+          first: bool = False) -> list:
     """The arms that pass a rung: the best 1/rf of the target choices (each at its best unit), within
     each of those the best 1/rf of its units (each at its best arm), and within each of those the
     best 1/rf of its arms; besides, every unit whose gain share at the rung is at least KEEP_SHARE
-    (with its best 1/rf arms) unless a kept unit that costs no more is at least as good. Arms
-    without a finite loss there are cut. With one choice: units, arms."""
+    (with its best 1/rf arms) unless a kept unit that costs no more is at least as good; and at the
+    first rung, every arm of the leading unit within KEEP_SHARE of the best gain. Arms without a
+    finite loss there are cut. With one choice: units, arms."""
     family, cost = family or {}, cost or {}
     means = {}
     for a in alive:
@@ -231,9 +233,17 @@ def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=Non
                 if u not in units and base_loss - best[u] >= KEEP_SHARE * gain and not any(
                         v != u and no_dearer(v, u) and best[v] <= best[u] for v in units):
                     units.append(u)
+    close: set = set()
+    if first and base_loss is not None and means and base_loss - min(means.values()) > 0:
+        # The fastest learning rate at the first rung is not always the best at the end (a high rate
+        # can lead early and overfit later): the leading unit keeps every rate that is close.
+        gain = base_loss - min(means.values())
+        lead = unit[min(means, key=lambda a: (means[a], a))]
+        close = {a for a, loss in means.items() if unit[a] == lead and base_loss - loss >= KEEP_SHARE * gain}
     keep = []
     for u in units:
-        keep += _top([a for a in means if unit[a] == u], means, reduction_factor)
+        top = _top([a for a in means if unit[a] == u], means, reduction_factor)
+        keep += top + sorted(a for a in close if unit[a] == u and a not in top)
     return keep
 
 

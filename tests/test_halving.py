@@ -260,11 +260,12 @@ def test_a_larger_rank_that_is_no_better_than_a_kept_smaller_one_is_not_kept_for
 def test_keep_share_needs_a_gain_and_keeps_whole_units_at_their_best_rates():
     groups = {f"r{r}-{lr}": r for r in (2, 4, 8) for lr in ("a", "b", "c")}
     arms = {t: (r, t[-1]) for t, r in groups.items()}
-    losses = {2: (2.6, 2.5, 2.55), 4: (2.2, 2.12, 2.3), 8: (2.1, 2.0, 2.2)}
+    losses = {2: (2.6, 2.5, 2.55), 4: (2.2, 2.12, 2.3), 8: (2.1, 2.0, 2.3)}
     scores = {t: {30: losses[r]["abc".index(t[-1])]} for t, r in groups.items()}
     d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, arms=arms, base={t: BASE for t in groups})
-    # by loss 1 of 3 ranks (r=8) at its best rate; r=4 (88%) goes on too, at its best rate only
-    assert sorted(d.survivors[0]) == [(4, "b"), (8, "b")]
+    # by loss 1 of 3 ranks (r=8) at its best rate; r=4 (88%) goes on too, at its best rate only; and
+    # at the first rung the leading rank keeps its close rates (r=8 "a": 90%; "c": 70% is cut)
+    assert sorted(d.survivors[0]) == [(4, "b"), (8, "a"), (8, "b")]
     worse = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, arms=arms, base={t: 1.5 for t in groups})
     assert worse.survivors[0] == [(8, "b")], "every rank worse than the base: no gain to share, loss alone decides"
     missing = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, arms=arms, base={t: NAN for t in groups})
@@ -298,3 +299,14 @@ def test_with_costs_a_unit_kept_for_its_share_is_one_no_cheaper_unit_beats():
     # without costs, ranks are only comparable within a choice: all-linear r=2 and r=4 are kept too
     ranks_only = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=3, families=families, base=base)
     assert sorted(ranks_only.survivors[0]) == [("all-linear", 2), ("all-linear", 4), ("all-linear", 8), ("mlp", 4)]
+
+
+
+def test_the_leading_rank_keeps_its_close_learning_rates_at_the_first_rung_only():
+    groups = {f"r{r}-{lr}": r for r in (4, 8) for lr in ("a", "b")}
+    arms = {t: (r, t[-1]) for t, r in groups.items()}
+    losses = {4: {30: (2.5, 2.6), 90: (2.3, 2.4)}, 8: {30: (2.0, 2.1), 90: (2.0, 2.05)}}
+    scores = {t: {step: losses[r][step]["ab".index(t[-1])] for step in (30, 90)} for t, r in groups.items()}
+    d = decide(groups, scores, ended=[], rungs=[30, 90], reduction_factor=2, arms=arms, base={t: BASE for t in groups})
+    assert sorted(d.survivors[0]) == [(8, "a"), (8, "b")], "rung 1: r=8 leads; its rate b (90% of the gain) goes on"
+    assert d.survivors[1] == [(8, "a")], "rung 2: the best half of its rates only"

@@ -95,7 +95,8 @@ def test_the_default_search_over_a_learning_rate_list_recommends_the_planted_ran
     # Successive halving on (rank, lr) arms: each rank's worse learning rates stopped at the first rung.
     rung = min(trials["steps"])
     went_on = trials[trials["steps"] > rung]
-    assert went_on.groupby("r")["lr"].nunique().max() == 1, "one learning rate per surviving rank"
+    rates = went_on.groupby("r")["lr"].nunique()
+    assert (rates > 1).sum() <= 1, "one learning rate per surviving rank, but the leader's close ones at the first rung"
     assert trials["steps"].sum() <= 0.4 * 15 * BUDGET["max_steps"], "at most 40% of the full (rank x lr) grid's steps"
 
 
