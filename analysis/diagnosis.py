@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import pandas as pd
 
@@ -160,10 +159,12 @@ def _unopposed(rec: Recommendation) -> list[Finding]:
     chosen = rec.evidence(rec.rank, rec.target_choice if rec.several_choices else None) if rec.rank is not None else None
     if chosen is None or (chosen.ref_choice, chosen.ref_rank) != (chosen.target_choice, chosen.r):
         return []
-    dearer = [e for e in rec.units if e is not chosen and e.evidence_step < chosen.evidence_step
-              and (e.trainable_params > chosen.trainable_params if rec.several_choices else e.r > chosen.r)]
+    others = [e for e in rec.units if e is not chosen]
+    if any(e.evidence_step >= chosen.evidence_step for e in others):
+        return []  # someone else got as far: it was opposed
+    dearer = [e for e in others if (e.trainable_params > chosen.trainable_params if rec.several_choices else e.r > chosen.r)]
     close = [e for e in dearer if not math.isfinite(e.gain_share) or e.gain_share >= 1 - NEAR_MISS * rec.tolerance]
-    if not dearer or len(close) == 0 or any(e.evidence_step >= chosen.evidence_step for e in rec.units if e is not chosen):
+    if not close:
         return []
     name = rec.unit_name(chosen.target_choice, chosen.r)
     parts = ", ".join(f"{rec.unit_name(e.target_choice, e.r)} ({_standing(rec, e)} at step {e.evidence_step})" for e in close)
@@ -256,6 +257,8 @@ def _overfit_after_choice(rec: Recommendation, history: pd.DataFrame) -> list:
     """Ranks whose learning rate was chosen at an early rung (the others cut there) and whose chosen
     arm then overfit: its eval loss at the end is above its best by more than the tolerance."""
     out = []
+    if history is None or history.empty or "eval_loss" not in history:
+        return out
     for e in rec.ranks:
         chosen = next((a for a in e.arms if a.lr == e.lr), None)
         if chosen is None or len(e.arms) < 2 or chosen.compared_step >= e.evidence_step:
@@ -269,9 +272,9 @@ def _overfit_after_choice(rec: Recommendation, history: pd.DataFrame) -> list:
     return out
 
 
-def _early_rate_choice(rec: Recommendation, history: pd.DataFrame) -> list[Finding]:
-    """The rate that led at the first rung went on alone and then overfit: a lower one may end better."""
-    ranks = _overfit_after_choice(rec, history)
+def _early_rate_choice(rec: Recommendation, ranks: list) -> list[Finding]:
+    """The rate that led at the first rung went on alone and then overfit (`ranks`, from
+    `_overfit_after_choice`): a lower one may end better."""
     if not ranks:
         return []
     step = min(e.arms[0].compared_step for e in ranks)
@@ -287,13 +290,12 @@ def _early_rate_choice(rec: Recommendation, history: pd.DataFrame) -> list[Findi
     ))]
 
 
-def _learning_rate_edges(rec: Recommendation, history: Optional[pd.DataFrame] = None) -> list[Finding]:
+def _learning_rate_edges(rec: Recommendation, overfit: frozenset = frozenset()) -> list[Finding]:
     """A rank whose best learning rate is the smallest or largest searched: the optimum may lie beyond
-    (not said upward for a rank whose rate was chosen early and then overfit)."""
+    (not said upward for the ranks in `overfit`, whose rate was chosen early and then overfit)."""
     rates = sorted(rec.learning_rates)
     if len(rates) < 2:
         return []
-    overfit = {e.r for e in _overfit_after_choice(rec, history)} if history is not None and not history.empty else set()
     out = []
     for edge, word, direction in ((rates[0], "smallest", "downward"), (rates[-1], "largest", "upward")):
         ranks = [e.r for e in rec.ranks if len(e.arms) >= 2 and e.lr == edge and not e.unstable
@@ -317,8 +319,9 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
     out += _judged_early(rec, trials, history)
     out += _cut_early(rec)
     out += _unstable(rec)
-    out += _early_rate_choice(rec, history)
-    out += _learning_rate_edges(rec, history)
+    overfit = _overfit_after_choice(rec, history)
+    out += _early_rate_choice(rec, overfit)
+    out += _learning_rate_edges(rec, frozenset(e.r for e in overfit))
     out += _overfitting(rec, trials, history, rec.relative_tolerance)
     out += _noise(rec)
     for note in rec.excluded:
