@@ -34,7 +34,7 @@ EVAL_EVERY = 25
 
 
 def grid(k: int, lrs: list[float], steps: int, root: str, folder: str | None, workers: int):
-    """The full grid's (trials, history, base loss), trained or read back from folder."""
+    """The full grid's (trials, history), trained or read back from folder."""
     import pandas as pd
 
     from trainables.planted import build_planted_task
@@ -53,21 +53,27 @@ def grid(k: int, lrs: list[float], steps: int, root: str, folder: str | None, wo
 
 
 def replay(trials, history, steps: int, grace_period: int | None = None, reduction_factor: float = 3):
-    """(the trials as halving leaves them, their history, the survivors of each rung)."""
+    """(the trials as halving leaves them, their history, the survivors of each rung, the rungs).
+    With a target_choice column, units are (choice, rank), compared as the search does (families,
+    and each unit's trainable_params as its cost)."""
     from search.config import GRACE_FRACTION
     from search.halving import decide, halving_rungs
 
     grace = grace_period or max(1, math.ceil(GRACE_FRACTION * steps))
     rungs = halving_rungs(grace, steps, reduction_factor)
     ids = list(trials["trial_id"])
-    groups = dict(zip(ids, trials["r"]))
-    arms = {t: (r, lr) for t, r, lr in zip(ids, trials["r"], trials["lr"])}
+    choices = "target_choice" in trials
+    groups = {t: (c, r) for t, c, r in zip(ids, trials["target_choice"], trials["r"])} if choices else dict(zip(ids, trials["r"]))
+    arms = {t: (groups[t], lr) for t, lr in zip(ids, trials["lr"])}
+    families = {t: u[0] for t, u in groups.items()} if choices else None
+    costs = dict(zip(ids, trials["trainable_params"])) if "trainable_params" in trials else None
     scores = {}
     for t in ids:
         mine = history[history["trial_id"] == t]
         scores[t] = {rung: float(mine[mine["step"] <= rung]["eval_loss"].min()) for rung in rungs}
     base = dict(zip(ids, trials["base_eval_loss"]))
-    d = decide(groups, scores, ended=[], rungs=rungs, reduction_factor=reduction_factor, arms=arms, base=base)
+    d = decide(groups, scores, ended=[], rungs=rungs, reduction_factor=reduction_factor, arms=arms, families=families,
+               base=base, costs=costs)
     reach = {t: rungs[d.level[t]] if d.level[t] < len(rungs) else steps for t in ids}
     kept = history[[s <= reach[t] for t, s in zip(history["trial_id"], history["step"])]]
     cut = trials.assign(steps=[reach[t] for t in ids],

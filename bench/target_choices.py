@@ -15,7 +15,6 @@ verdict adapts the MLP at the planted rank (or the next).
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def main() -> None:
 
     from analysis.selection import recommend
     from search.config import parse_config
-    from search.halving import decide
+    from bench.halving_replay import replay
     from search.runner import prepare
     from search.space import trial_settings
     from trainables.planted import MLP_TARGETS, build_planted_task, planted_config
@@ -57,13 +56,10 @@ def main() -> None:
     cfg = parse_config(raw)
     prepared = prepare(cfg, log=lambda _: None)
     settings = trial_settings(cfg, prepared.model_path, prepared.choices)
-    rungs = list(settings.rungs)
     rows, history = [], []
     saved = args.grids and os.path.join(args.grids, f"choices-k{args.k}-{args.steps}-lr{args.lr:g}-n{args.n_train}")
     if saved and os.path.exists(f"{saved}.trials.csv"):
         rows, history = pd.read_csv(f"{saved}.trials.csv").to_dict("records"), pd.read_csv(f"{saved}.history.csv").to_dict("records")
-        for row in rows:
-            row["targets"] = ast.literal_eval(row["targets"])  # a list, written as its repr
     for choice in CHOICES if not rows else []:
         for r in args.ranks:
             trial_id, reports, started = f"{choice}_r{r}", [], time.time()
@@ -82,22 +78,14 @@ def main() -> None:
         trials.to_csv(f"{saved}.trials.csv", index=False)
         hist.to_csv(f"{saved}.history.csv", index=False)
     grid = recommend(trials, hist)
-    groups = {t: (c, r) for t, c, r in zip(trials.trial_id, trials.target_choice, trials.r)}
-    scores = {t: {k: float(hist[(hist.trial_id == t) & (hist.step <= k)]["eval_loss"].min()) for k in rungs} for t in groups}
-    d = decide(groups, scores, ended=[], rungs=rungs, reduction_factor=cfg.scheduler.reduction_factor,
-               families={t: u[0] for t, u in groups.items()}, base=dict(zip(trials.trial_id, trials.base_eval_loss)),
-               costs=dict(zip(trials.trial_id, trials.trainable_params)))
-    reach = {t: rungs[d.level[t]] if d.level[t] < len(rungs) else args.steps for t in groups}
-    cut_hist = hist[[s <= reach[t] for t, s in zip(hist.trial_id, hist.step)]]
-    cut = trials.assign(steps=[reach[t] for t in trials.trial_id],
-                        status=["completed" if reach[t] == args.steps else "stopped" for t in trials.trial_id])
+    cut, cut_hist, survivors, rungs = replay(trials, hist, args.steps, reduction_factor=cfg.scheduler.reduction_factor)
     sha = recommend(cut, cut_hist)
-    print(f"\nbase {task.base_loss:.4f}, teacher {task.teacher_loss:.4f}; rungs {rungs}; survivors {d.survivors}")
+    print(f"\nbase {task.base_loss:.4f}, teacher {task.teacher_loss:.4f}; rungs {rungs}; survivors {survivors}")
     for name, rec in (("grid", grid), ("halving", sha)):
         print(f"{name}: {rec.target_choice} r={rec.rank} ({rec.trainable_params:,.0f} params): {rec.reason}")
         for note in rec.close:
             print(f"  close call: {note}")
-    ratio = sum(reach.values()) / (len(groups) * args.steps)
+    ratio = cut["steps"].sum() / (len(cut) * args.steps)
     same = (grid.target_choice, grid.rank) == (sha.target_choice, sha.rank)
     print(f"\ntraining steps, halving / grid: {ratio:.2f} (target <= {TARGET:.2f}); same verdict: {'yes' if same else 'no'}")
 
