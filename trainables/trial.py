@@ -22,9 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
 from search.config import TrialSettings
 from search.layout import TRAINER_STATE_FILE as STATE_FILE
-from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
-from trainables.failures import DIVERGED, OK, OOM, TrialDiverged, out_of_memory_detail, planned_fault
-from trainables.lora import alpha_label, lora_alpha, peft_config
+from trainables.data import TokenizedData, eval_batches
+from trainables.failures import OK, OOM, out_of_memory_detail
+from trainables.lora import peft_config
+from trainables.pack import lr_factor  # noqa: F401 - the schedule, where tests and benches look for it
 Report = Callable[[dict, Optional[str]], None]  # (metrics, checkpoint folder or None) -> None
 
 
@@ -42,18 +43,6 @@ def peak_memory_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def lr_factor(step: int, schedule: str, warmup: int, max_steps: int) -> float:
-    """Multiplier of the peak learning rate before optimizer step `step` (0-based)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
 
 def build_model(settings: TrialSettings, r: int, device: str, targets: Optional[Sequence[str]] = None):
@@ -140,45 +129,11 @@ def base_loss_once(model, data: TokenizedData, batch_size: int, device: str, set
     return loss
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> int:
-    """Adapter (PEFT format) + optimizer/scheduler/loop state; returns the adapter file's bytes."""
-    import torch
-
-    model.save_pretrained(folder / ADAPTER_DIR)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), **state},
-        folder / STATE_FILE,
-    )
-    return adapter_bytes(folder)
-
-
-def adapter_bytes(folder: Path) -> int:
-    """Size in bytes of the saved adapter weights file."""
-    return sum(p.stat().st_size for p in (Path(folder) / ADAPTER_DIR).glob("adapter_model.*"))
-
-
 def saved_step(folder: str) -> int:
     """The optimizer step a checkpoint folder was saved at."""
     import torch
 
     return int(torch.load(Path(folder) / STATE_FILE, weights_only=True)["step"])
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG; returns the saved loop state."""
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(Path(folder) / ADAPTER_DIR / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"checkpoint adapter does not fit the model: unexpected keys {result.unexpected_keys[:3]}")
-    state = torch.load(Path(folder) / STATE_FILE, weights_only=True)  # plain tensors and numbers, no pickled code
-    optimizer.load_state_dict(state.pop("optimizer"))
-    scheduler.load_state_dict(state.pop("scheduler"))
-    torch.set_rng_state(state.pop("rng"))
-    return state
 
 
 def run_trial(
@@ -189,7 +144,8 @@ def run_trial(
     restore_from: Optional[str] = None,
     threads: Optional[int] = None,
 ) -> dict:
-    """Train one (rank, learning rate, seed) trial to max_steps, reporting at every evaluation.
+    """Train one (rank, learning rate, seed) trial to max_steps, reporting at every evaluation: a
+    pack of one arm (`trainables.pack`), in this process.
 
     Args:
         config: the trial's Tune config: ``r``, ``lr`` and ``seed`` (plus labels such as
@@ -204,152 +160,54 @@ def run_trial(
     """
     import torch
 
+    from trainables.pack import Pack, next_report_step
+
     # ---- setup
     started = time.time()
-    r, seed = int(config["r"]), int(config["seed"])
-    train_cfg = settings.train
-    lr = float(config["lr"]) if config.get("lr") is not None else _single_lr(train_cfg.learning_rate)
-    if restore_from and saved_step(restore_from) >= train_cfg.max_steps:
+    if restore_from and saved_step(restore_from) >= settings.train.max_steps:
         return {}  # it had finished when its driver was killed: nothing to redo, no model to load
-    device = trial_device()
-    if device == "cpu":
-        torch.set_num_threads(threads or settings.cpus_per_trial)
-    torch.manual_seed(seed)
-    targets = settings.targets_for(config)  # its target choice's (settings.targets with one choice)
-    model = build_model(settings, r, device, targets)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
-    max_steps, eval_every = train_cfg.max_steps, train_cfg.eval_every
-    rungs = set(settings.rungs)  # the scheduler compares arms at these steps: evaluate there too
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, train_cfg.lr_schedule, train_cfg.warmup_steps, max_steps)
-    )
-    step, tokens_seen = 0, 0
-    best = {"best_eval_loss": math.inf, "best_step": 0}
-    lengths = [len(x) for x in data.train_ids]
-    order = BatchOrder(len(data.train_ids), seed, lengths=lengths, batch_size=train_cfg.batch_size)
-    eval_batch = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
-    if restore_from:
-        state = load_checkpoint(Path(restore_from), model, optimizer, scheduler)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        best = {"best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"]}
-        order = BatchOrder.from_state(len(data.train_ids), state["order"], lengths, train_cfg.batch_size)
-        base_eval_loss = state.get("base_eval_loss", math.nan)
-    else:
-        # LoRA's B starts at zero: before the first step this is the untouched base model, the
-        # reference every rank's gain is measured from (nats/token). The same for every trial of
-        # a search, so it is evaluated once per machine and read back by the others.
-        base_eval_loss = base_loss_once(model, data, eval_batch, device, settings)
-    alpha, rslora = lora_alpha(settings.lora.alpha, r)
-    fixed = {
-        "r": r,
-        "seed": seed,
-        "learning_rate": lr,
-        "base_eval_loss": base_eval_loss,
-        "lora_alpha": alpha,
-        "use_rslora": rslora,
-        "alpha_rule": alpha_label(settings.lora.alpha),
-        "target_modules": ",".join(targets),
-        "trainable_params": trainable_params,
-        "device": device,
+    pack = Pack(settings, data, threads=threads)
+    arm = pack.add("trial", config, restore_from)
+    here = process_metrics(started, time.time() - started)
+    metrics: dict[str, Any] = {}
+
+    # ---- train, evaluate and report
+    while arm.step < settings.train.max_steps:
+        target = next_report_step(arm.step, settings)
+        while arm.step < target and not pack.train_step(["trial"]):
+            pass
+        if arm.status != OK:  # diverged / out of memory: report why and end (a retry would fail the same way)
+            metrics = {**here, **metrics, **pack.failure_report("trial")}
+            report(metrics, None)
+            return metrics
+        try:
+            metrics = {**here, **pack.report(["trial"])["trial"], "elapsed_s": time.time() - started}
+        except torch.OutOfMemoryError:
+            detail = out_of_memory_detail(pack.device, arm.step, True, arm.r, settings.train.batch_size, max(pack.lengths))
+            metrics = {**here, **metrics, **pack.failure_report("trial"), "step": arm.step, "trial_status": OOM, "failure": detail}
+            report(metrics, None)
+            return metrics
+        if metrics["trial_status"] != OK:  # a non-finite evaluation: diverged
+            report(metrics, None)
+            return metrics
+        folder = Path(tempfile.mkdtemp(prefix=f"lrs-ckpt-r{arm.r}-"))
+        try:
+            metrics["adapter_bytes"] = pack.save("trial", folder)
+            report(metrics, str(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return metrics
+
+
+def process_metrics(started: float, load_seconds: float) -> dict:
+    """What a report says about the process that trained it (seconds since the epoch; seconds)."""
+    return {
         "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "node_id": _node_id(),
         "pid": os.getpid(),
         "started_at": started,
-        "resumed_from_step": step,
-        "load_seconds": time.time() - started,
+        "load_seconds": load_seconds,
     }
-    micro = train_cfg.batch_size
-    accum = train_cfg.grad_accum
-    metrics: dict[str, Any] = {}
-    fault = planned_fault(r, resumed=restore_from is not None)  # test hook, None in normal runs
-
-    # ---- train
-    losses: list[float] = []
-    interval_tokens, interval_time = 0, 0.0
-    evaluating = False
-    try:
-        while step < max_steps:
-            tick = time.perf_counter()
-            step_loss = 0.0
-            for _ in range(accum):
-                idx = order.next_indices(micro)
-                batch = collate([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx], data.pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss / accum
-                if fault and fault.step == step + 1:
-                    loss = fault.apply(loss)
-                loss.backward()
-                step_loss += float(loss.detach())
-                interval_tokens += int(batch["attention_mask"].sum())
-            if not math.isfinite(step_loss):
-                raise TrialDiverged(f"training loss became {step_loss} at step {step + 1} (r={r}, seed={seed})")
-            if train_cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-            current_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            interval_time += time.perf_counter() - tick
-
-            # ---- evaluate and report
-            if step % eval_every == 0 or step == max_steps or step in rungs:
-                tick = time.perf_counter()
-                evaluating = True
-                eval_loss, _ = evaluate(model, data, eval_batch, device)
-                evaluating = False
-                eval_seconds = time.perf_counter() - tick
-                tokens_seen += interval_tokens
-                if eval_loss < best["best_eval_loss"]:
-                    best = {"best_eval_loss": eval_loss, "best_step": step}
-                metrics = {
-                    **fixed,
-                    "step": step,
-                    "eval_loss": eval_loss,
-                    "eval_perplexity": math.exp(min(eval_loss, 50.0)),
-                    "train_loss": sum(losses) / len(losses),
-                    "tokens_seen": tokens_seen,
-                    "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
-                    "lr": current_lr,
-                    "eval_seconds": eval_seconds,
-                    "elapsed_s": time.time() - started,  # since the trial function started (seconds)
-                    "trial_status": OK,
-                    "failure": "",
-                    **best,
-                }
-                losses, interval_tokens, interval_time = [], 0, 0.0
-                folder = Path(tempfile.mkdtemp(prefix=f"lrs-ckpt-r{r}-"))
-                try:
-                    state = {"step": step, "tokens_seen": tokens_seen, "order": order.state(), "base_eval_loss": base_eval_loss, **best}
-                    metrics["adapter_bytes"] = save_checkpoint(folder, model, optimizer, scheduler, state)
-                    metrics["peak_memory_bytes"] = peak_memory_bytes(device)
-                    report(metrics, str(folder))
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
-
-    # ---- a diverged or out-of-memory trial reports why and ends (a retry would fail the same way)
-    except (TrialDiverged, torch.OutOfMemoryError) as exc:
-        at = step if evaluating else step + 1
-        if isinstance(exc, TrialDiverged):
-            status, detail = DIVERGED, str(exc)
-        else:
-            status, detail = OOM, out_of_memory_detail(device, at, evaluating, r, micro, max(lengths))
-        metrics = {
-            **fixed,
-            **metrics,
-            "step": at,
-            "eval_loss": math.nan,
-            "eval_perplexity": math.nan,
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "trial_status": status,
-            "failure": detail,
-        }
-        report(metrics, None)
-    return metrics
 
 
 def _single_lr(value) -> float:

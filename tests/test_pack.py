@@ -1,0 +1,150 @@
+"""Arms packed on one base train exactly as they would alone (no Ray): per-step train and eval
+losses, saved adapters loadable by PEFT, a failing arm leaving its pack-mates alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from search.config import parse_config
+from search.runner import prepare
+from search.space import trial_settings
+from trainables.failures import FAULT_ENV
+from trainables.pack import TURNS, Pack, mask_key, next_report_step
+
+ARMS = {  # different ranks, learning rates and target choices
+    "a": {"r": 2, "lr": 3e-3, "seed": 0, "target_choice": "attention"},
+    "b": {"r": 8, "lr": 1e-2, "seed": 1, "target_choice": "mlp"},
+    "c": {"r": 4, "lr": 1e-3, "seed": 2, "target_choice": "attention"},
+}
+STEPS, EVAL_EVERY = 20, 5
+TOL = 1e-4
+
+
+@pytest.fixture
+def packed_setup(raw_config):
+    def make(**over):
+        raw = raw_config(lora={"target_modules": ["attention", "mlp"], "dropout": 0.1, "alpha": 16},
+                         train={"max_steps": STEPS, "eval_every": EVAL_EVERY, "batch_size": 8, "learning_rate": [1e-3, 3e-3, 1e-2]},
+                         **over)
+        cfg = parse_config(raw)
+        prepared = prepare(cfg, log=lambda _: None)
+        return prepared, trial_settings(cfg, prepared.model_path, prepared.choices)
+
+    return make
+
+
+def _train(pack: Pack, keys, steps: int, every: int) -> dict:
+    """Train the pack's arms `steps` steps, evaluating every `every`: {key: [eval losses]}."""
+    evals = {k: [] for k in keys}
+    for step in range(1, steps + 1):
+        assert pack.train_step(keys) == []
+        if step % every == 0:
+            for key, loss in pack.evaluate(keys).items():
+                evals[key].append(loss)
+    return evals
+
+
+def _close(a, b) -> bool:
+    return abs(a - b) <= TOL * max(abs(a), abs(b), 1e-12)
+
+
+@pytest.mark.slow
+def test_three_different_arms_train_packed_exactly_as_alone(packed_setup, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from trainables.model import load_base_model
+
+    prepared, settings = packed_setup()
+    pack = Pack(settings, prepared.data, threads=2)
+    for key, config in ARMS.items():
+        pack.add(key, config)
+    assert pack.mode == "stacked"
+    packed_evals = _train(pack, list(ARMS), STEPS, EVAL_EVERY)
+    for key in ARMS:
+        pack.save(key, tmp_path / "packed" / key)
+
+    for key, config in ARMS.items():
+        alone = Pack(settings, prepared.data, threads=2)
+        alone.add(key, config)
+        alone_evals = _train(alone, [key], STEPS, EVAL_EVERY)
+        train_packed, train_alone = pack.arms[key].step_losses, alone.arms[key].step_losses
+        assert len(train_packed) == len(train_alone) == STEPS
+        bad = [(i + 1, p, a) for i, (p, a) in enumerate(zip(train_packed, train_alone)) if not _close(p, a)]
+        assert not bad, f"arm {key}: train losses differ at (step, packed, alone) {bad[:3]}"
+        bad = [(p, a) for p, a in zip(packed_evals[key], alone_evals[key]) if not _close(p, a)]
+        assert not bad, f"arm {key}: eval losses differ: {bad}"
+        assert train_alone[-1] < train_alone[0], "the arm learned"
+        alone.save(key, tmp_path / "alone" / key)
+        w_packed = load_file(str(tmp_path / "packed" / key / "adapter" / "adapter_model.safetensors"))
+        w_alone = load_file(str(tmp_path / "alone" / key / "adapter" / "adapter_model.safetensors"))
+        assert set(w_packed) == set(w_alone) and w_packed
+        for name in w_alone:
+            diff = float((w_packed[name] - w_alone[name]).abs().max())
+            scale = float(w_alone[name].abs().max())
+            assert diff <= TOL * max(scale, 1e-6) + 1e-7, f"arm {key}: {name} differs by {diff} (max {scale})"
+        del alone
+
+    # each saved adapter loads in PEFT onto the base, with its own rank and targets
+    base = load_base_model(settings.model_path, settings.quantization, "cpu")
+    model = PeftModel.from_pretrained(base, str(tmp_path / "packed" / "b" / "adapter"))
+    assert model.peft_config["default"].r == 8
+    assert any("mlp" in n and "lora_A" in n for n, _ in model.named_parameters())
+    assert not any("self_attn" in n and "lora_A" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_a_diverging_arm_leaves_its_pack_mates_training_as_alone(packed_setup, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "r=8:step=3:kind=nan")
+    prepared, settings = packed_setup()
+    pack = Pack(settings, prepared.data, threads=2)
+    for key, config in ARMS.items():
+        pack.add(key, config)
+    failed = []
+    for _ in range(5):
+        failed += pack.train_step(list(ARMS))
+    assert failed == ["b"] and pack.arms["b"].status == "diverged"
+    assert pack.arms["b"].failure == "training loss became nan at step 3 (r=8, seed=1)"
+    assert pack.arms["a"].step == pack.arms["c"].step == 5 and pack.arms["b"].step == 2
+    monkeypatch.delenv(FAULT_ENV)
+    alone = Pack(settings, prepared.data, threads=2)
+    alone.add("a", ARMS["a"])
+    for _ in range(5):
+        alone.train_step(["a"])
+    assert all(_close(p, a) for p, a in zip(pack.arms["a"].step_losses, alone.arms["a"].step_losses))
+    pack.remove("b")
+    assert "arm2" not in pack.model.peft_config and not any(".arm2." in n for n, _ in pack.model.named_parameters())
+
+
+@pytest.mark.slow
+def test_turns_give_the_same_losses_as_stacking(packed_setup):
+    prepared, settings = packed_setup()
+    stacked, turns = Pack(settings, prepared.data, threads=2), Pack(settings, prepared.data, threads=2, mode=TURNS)
+    for key, config in ARMS.items():
+        stacked.add(key, config)
+        turns.add(key, config)
+    a, b = _train(stacked, list(ARMS), 4, 2), _train(turns, list(ARMS), 4, 2)
+    assert all(_close(x, y) for k in ARMS for x, y in zip(a[k], b[k]))
+
+
+def test_dropout_masks_are_keyed_by_seed_step_and_layer():
+    assert mask_key(0, 5, "layers.0.q_proj") == mask_key(0, 5, "layers.0.q_proj")
+    keys = {mask_key(s, m, layer) for s in (0, 1) for m in (0, 1, 2) for layer in ("a.q_proj", "a.v_proj")}
+    assert len(keys) == 12
+
+
+def test_arms_report_at_every_eval_rung_and_the_end():
+    class S:
+        class train:
+            max_steps, eval_every = 60, 25
+        rungs = (10, 30)
+
+    steps, step = [], 0
+    while step < 60:
+        step = next_report_step(step, S)
+        steps.append(step)
+    assert steps == [10, 25, 30, 50, 60]
+    assert math.isfinite(steps[-1])
