@@ -153,6 +153,11 @@ class ResourcesConfig:
     )
     cpus_per_trial: int = _doc("CPU cores per trial (also torch threads on CPU)", default=1)
     max_concurrent: Optional[int] = _doc("cap on trials running at once; null = as many as fit", default=None)
+    arms_per_worker: Union[int, str] = _doc(
+        "arms trained together on one shared 4-bit base (a pack per GPU, per node on CPU): auto (sized by the memory"
+        " estimate) or a number; 1 = one arm per worker process, each with its own base",
+        default="auto",
+    )
     max_failures: int = _doc("retries of a failed trial, each from its last checkpoint", default=1)
 
 
@@ -349,6 +354,8 @@ def _coerce(value: Any, tp: Any, key: tuple, path: str, errors: list[str]) -> An
     # stay bools, other strings stay strings.
     if float in scalars and not isinstance(value, bool) and (isinstance(value, (int, float)) or _is_number_string(value)):
         return _coerce_scalar(value, float, path, errors)
+    if int in scalars and not isinstance(value, bool) and (isinstance(value, (int, float)) or _is_number_string(value)):
+        return _coerce_scalar(value, int, path, errors)
     if bool in scalars and isinstance(value, bool):
         return value
     if str in scalars and isinstance(value, str):
@@ -533,6 +540,9 @@ def _check(cfg: SearchConfig) -> list[str]:
         p.append(f"resources.max_concurrent: must be a positive integer or null, got {r.max_concurrent!r}")
     if r.max_failures < 0:
         p.append(f"resources.max_failures: must be >= 0, got {r.max_failures!r}")
+    a = r.arms_per_worker
+    if isinstance(a, str) and a != "auto" or not isinstance(a, str) and a < 1:
+        p.append(f"resources.arms_per_worker: must be a positive whole number or auto, got {a!r}")
     return p
 
 

@@ -101,3 +101,19 @@ def cluster_gpu_memory() -> Optional[int]:
         return local_gpu_memory()
 
     return ray.get(probe.remote(), timeout=300)
+
+
+MAX_ARMS_PER_PACK = 16  # auto never packs more arms than this on one GPU or node
+
+
+def arms_that_fit(estimate: MemoryEstimate, gpu_total_bytes: int, most: int) -> int:
+    """Arms per pack on one GPU (at most `most`): the base and the CUDA context once, plus each arm's
+    adapter, optimizer state and activations, within USABLE_FRACTION of the card."""
+    per_arm = max(1, estimate.adapter_and_optimizer + estimate.activations)
+    room = USABLE_FRACTION * gpu_total_bytes - estimate.base_weights - estimate.context
+    return max(1, min(int(most), int(room // per_arm)))
+
+
+def pack_memory(estimate: MemoryEstimate, arms: int) -> int:
+    """Bytes one pack of `arms` arms needs on the GPU: the base and context once, the rest per arm."""
+    return estimate.base_weights + estimate.context + arms * (estimate.adapter_and_optimizer + estimate.activations)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import platform
 import time
@@ -311,8 +312,60 @@ def describe_choices(prepared: Prepared) -> list[str]:
     return lines
 
 
-def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None):
-    """The Tuner (new or restored), one trial per Ray worker process.
+def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Callable[[str], None] = print):
+    """How many arms share one base (`resources.arms_per_worker`), and what each trial then asks Ray for.
+
+    Returns (PackPlan or None for one arm per worker, the per-trial resources). A pack holds one GPU
+    (the GPU fraction set in gpus_per_trial, when one is set), or on CPU the CPUs of a node; each of
+    its N client trials holds 1/N of that, so Ray places N trials on it.
+    """
+    import uuid
+
+    import ray
+
+    from search.resources import MAX_ARMS_PER_PACK, arms_that_fit, local_gpu_memory, cluster_gpu_memory, pack_memory
+    from trainables.lora import split_targets
+    from trainables.pack_server import PackPlan
+
+    wanted = cfg.resources.arms_per_worker
+    trials = num_trials(cfg)
+    experts = [label for label, targets in (prepared.choices or {"": prepared.targets}).items() if split_targets(targets)[1]]
+    if wanted == 1 or trials == 1:
+        return None, resources
+    if experts and wanted == "auto":
+        log("packing: off (MoE expert weights are adapted as parameters, which one pass cannot split between arms);"
+            " one arm per worker")
+        return None, resources
+    gpu = resources["gpu"] > 0
+    if gpu:
+        pack_gpu = 1.0 if cfg.resources.gpus_per_trial == "auto" else max(float(cfg.resources.gpus_per_trial), resources["gpu"])
+        estimate = memory_estimate(cfg, prepared)
+        total = local_gpu_memory() or cluster_gpu_memory() or 0
+        fit = arms_that_fit(estimate, int(total * pack_gpu), MAX_ARMS_PER_PACK) if total else MAX_ARMS_PER_PACK
+        arms = min(trials, fit if wanted == "auto" else int(wanted))
+        threads = cfg.resources.cpus_per_trial
+        note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
+        per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
+    else:
+        nodes = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        threads = max(cfg.resources.cpus_per_trial, int(min(nodes)) if nodes else 1)
+        arms = min(trials, MAX_ARMS_PER_PACK if wanted == "auto" else int(wanted))
+        note = ""
+        per_trial = {"cpu": threads / arms, "gpu": 0.0}
+    if arms <= 1:
+        log("packing: one arm per worker (no room for a second adapter beside the base)")
+        return None, resources
+    packs = math.ceil(trials / arms)
+    where = f"{pack_gpu:g} GPU" if gpu else f"{threads} CPU threads (a node)"
+    log(f"packing: {arms} arms per worker on one shared base, {packs} pack(s) of {where}{note}; arms stacked in one pass"
+        + (" (MoE expert weights: arms take turns)" if experts else ""))
+    return PackPlan(arms=arms, threads=threads, experiment=uuid.uuid4().hex[:8]), per_trial
+
+
+def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None,
+                plan=None):
+    """The Tuner (new or restored): one trial per arm, each in its own worker process or, with a
+    `PackPlan`, a client of its node's pack server (`trainables.pack_server`).
 
     storage_marker: {'path', 'token', 'storage_path'} of the marker the driver wrote into the
     experiment folder (`storage.write_marker`); every trial checks its node sees it.
@@ -320,10 +373,15 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     from ray import tune
 
     from search.progress import ProgressPrinter
+    from trainables.pack_server import packed_trial
     from trainables.trial import lora_trial
 
     settings = dataclasses.replace(trial_settings(cfg, prepared.model_path, prepared.choices or prepared.targets), storage_marker=storage_marker)
-    trainable = tune.with_resources(tune.with_parameters(lora_trial, settings=settings, data=prepared.data), resources)
+    if plan is None:
+        trainable = tune.with_parameters(lora_trial, settings=settings, data=prepared.data)
+    else:
+        trainable = tune.with_parameters(packed_trial, settings=settings, data=prepared.data, plan=plan)
+    trainable = tune.with_resources(trainable, resources)
     if resume:
         return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -432,8 +490,15 @@ def run_search(
         log(f"search: {num_trials(cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
-        tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)
-        tuner.fit()
+        plan, resources = plan_packs(cfg, prepared, resources, log)
+        tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker, plan=plan)
+        try:
+            tuner.fit()
+        finally:
+            if plan is not None:
+                from trainables.pack_server import stop_servers
+
+                stop_servers(plan.experiment)
     finally:
         if started_here:
             ray.shutdown()

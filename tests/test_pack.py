@@ -117,6 +117,10 @@ def test_a_diverging_arm_leaves_its_pack_mates_training_as_alone(packed_setup, m
     assert all(_close(p, a) for p, a in zip(pack.arms["a"].step_losses, alone.arms["a"].step_losses))
     pack.remove("b")
     assert "arm2" not in pack.model.peft_config and not any(".arm2." in n for n, _ in pack.model.named_parameters())
+    assert pack.train_step(["a", "c"]) == [] and pack.arms["a"].step == pack.arms["c"].step == 6, "the others train on"
+    assert all(p.requires_grad and p.grad is None for p in pack.arms["c"].params)
+    pack.add("d", {**ARMS["b"], "seed": 3})  # a new arm joins; the others keep training
+    assert pack.train_step(["a", "c", "d"]) == [] and pack.arms["d"].step == 1 and pack.arms["a"].step == 7
 
 
 @pytest.mark.slow

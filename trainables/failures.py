@@ -10,7 +10,7 @@ trial of rank 2 fail at optimizer step 20 (1-based): ``raise`` a RuntimeError, m
 ``nan``, raise ``oom`` (torch.OutOfMemoryError, also on CPU), or ``hang`` for HANG_SECONDS
 before that step (a stuck step: what a lost node looks like from inside the trial), or ``corrupt``:
 truncate the adapter weights of the trial's newest checkpoint on disk, then raise (a retry must
-fall back to an older checkpoint). Add
+fall back to an older checkpoint), or ``exit``: the process dies at once (in a pack, the whole pack). Add
 ``:once`` to fire only in a run that started from scratch (so a retry from a checkpoint gets past
 it); separate several faults with ``;``. Workers inherit it from the driver's environment on a
 local Ray.
@@ -25,7 +25,7 @@ from typing import Optional
 
 FAULT_ENV = "LORA_RANK_SEARCH_FAULT"
 OK, DIVERGED, OOM = "ok", "diverged", "oom"  # values of the `trial_status` metric
-FAULT_KINDS = ("raise", "nan", "oom", "hang", "corrupt")
+FAULT_KINDS = ("raise", "nan", "oom", "hang", "corrupt", "exit")
 HANG_SECONDS = 60.0
 GIB = 1024**3
 
@@ -54,6 +54,8 @@ class Fault:
             return loss * float("nan")
         if self.kind == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV} at step {self.step})")
+        if self.kind == "exit":  # the process dies at once (a crashed pack server, a killed worker)
+            os._exit(1)
         if self.kind == "corrupt":
             _truncate_newest_checkpoint()
         raise RuntimeError(f"injected fault ({FAULT_ENV} at step {self.step})")

@@ -193,17 +193,21 @@ class Pack:
             self.model.add_adapter(arm.name, lora_cfg)
         self._wire(arm)
         arm.params = [p for n, p in self.model.named_parameters() if f".{arm.name}." in n or n.endswith(f".{arm.name}")]
-        for p in arm.params:
-            p.requires_grad_(True)
+        self.arms[key] = arm
+        self._trainable()
         train = s.train
         arm.optimizer = torch.optim.AdamW(arm.params, lr=lr, weight_decay=train.weight_decay)
         arm.scheduler = torch.optim.lr_scheduler.LambdaLR(
             arm.optimizer, lambda step: lr_factor(step, train.lr_schedule, train.warmup_steps, train.max_steps))
         arm.order = BatchOrder(len(self.data.train_ids), seed, lengths=self.lengths, batch_size=train.batch_size)
-        if restore_from:
-            self._load(arm, Path(restore_from))
-        else:
-            arm.base_eval_loss = self.base_eval_loss()
+        try:
+            if restore_from:
+                self._load(arm, Path(restore_from))
+            else:
+                arm.base_eval_loss = self.base_eval_loss()
+        except BaseException:
+            self.remove(key)
+            raise
         arm.clock.micro = arm.step * train.grad_accum
         arm.fault = planned_fault(r, resumed=restore_from is not None)  # test hook, None in normal runs
         alpha, rslora = lora_alpha(s.lora.alpha, r)
@@ -213,7 +217,6 @@ class Pack:
             "target_modules": ",".join(targets), "trainable_params": sum(p.numel() for p in arm.params),
             "device": self.device, "resumed_from_step": arm.step,
         }
-        self.arms[key] = arm
         return arm
 
     def remove(self, key: str) -> None:
@@ -224,10 +227,17 @@ class Pack:
         arm.optimizer = arm.scheduler = None
         arm.params = []
         self.model.delete_adapter(arm.name)
+        self._trainable()
         if self.device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()
+
+    def _trainable(self) -> None:
+        """Every arm's adapter trains (PEFT's add/delete_adapter mark only its active adapter trainable)."""
+        for arm in self.arms.values():
+            for p in arm.params:
+                p.requires_grad_(True)
 
     def _wire(self, arm: Arm) -> None:
         """Route every LoRA layer through `_segment_forward` and give the arm its keyed dropout."""

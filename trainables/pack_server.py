@@ -1,0 +1,333 @@
+"""Packs served to Tune trials: a Ray actor per GPU (per node on CPU) holds the base, the trials are its clients.
+
+Ray Tune still sees one trial per arm, with its own name, folder, result.json, TensorBoard file,
+checkpoints (PEFT format), pauses, stops and retries. What changes is where the arm trains: the
+trial function (`packed_trial`) attaches its arm to the pack server of its GPU (its node on CPU),
+asks it for the steps up to its next report (`advance`), and reports what comes back, checkpoint
+included, as a trial alone would. The server (`PackServer`) trains whichever arms have asked, all
+stacked in one step (`trainables.pack.Pack`); an arm that is held at a rung, paused or stopped asks
+for nothing and leaves the batch at once, and a detached arm's memory goes back.
+
+Resources: each client trial holds 1/N of its pack's resources (N = arms per worker), so Ray puts N
+clients on one GPU; the server itself asks Ray for nothing and uses the GPU its clients were given.
+The server is a detached named actor (its name keys the experiment, node and GPU), so it outlives
+the client that started it; the driver kills the servers when the search ends (`stop_servers`).
+A server that dies fails its clients' calls: Tune retries each trial from its own last checkpoint,
+and the retried trial starts a new server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from search.config import TrialSettings
+from trainables.data import TokenizedData
+
+SERVER_PREFIX = "lrs-pack-"
+LIVENESS_SECONDS = 10.0  # how often an idle server checks that its arms' trials are still alive
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """How the search packs its arms (made by the driver, `search.runner.plan_packs`).
+
+    Attributes:
+        arms: arms per pack (N). threads: torch CPU threads of a pack.
+        experiment: a token naming this search's servers. rows_per_pass: rows per stacked pass (None: by device).
+    """
+
+    arms: int
+    threads: int
+    experiment: str
+    rows_per_pass: Optional[int] = None
+
+
+def read_folder(folder: str) -> dict[str, bytes]:
+    """Every file of a folder: relative path -> bytes (how checkpoints travel between client and server)."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_folder(files: dict[str, bytes], folder: Path) -> Path:
+    for name, content in files.items():
+        path = Path(folder) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return Path(folder)
+
+
+class PackServer:
+    """One pack, trained by a single thread; client calls only queue work and wait for it.
+
+    Args:
+        settings, data: the search's (as every trial gets them).
+        plan: the driver's `PackPlan`.
+        gpu: the CUDA device id the clients were given ('' on CPU).
+    """
+
+    def __init__(self, settings: TrialSettings, data: TokenizedData, plan: PackPlan, gpu: str = ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch starts CUDA: the clients' GPU, or none
+        from trainables.trial import quiet_libraries
+
+        quiet_libraries()
+        self.settings, self.data, self.plan = settings, data, plan
+        self.pack = None
+        self.started = time.time()
+        self.load_seconds = 0.0
+        self._cond = threading.Condition()
+        self._adds: dict[str, tuple] = {}  # key -> (config, checkpoint files or None, client actor id)
+        self._removes: set = set()
+        self._wanted: dict[str, int] = {}  # key -> the step its client waits for
+        self._done: dict[str, Any] = {}  # key -> what its client's call returns (or an exception)
+        self._clients: dict[str, str] = {}  # key -> the client trial's actor id
+        self._error: Optional[BaseException] = None
+        threading.Thread(target=self._loop, name="pack", daemon=True).start()
+
+    # ---- client calls (any thread)
+
+    def attach(self, key: str, config: dict, checkpoint: Optional[dict] = None, client: str = "") -> dict:
+        """Add an arm (fresh, or from its checkpoint's files); returns {'step', 'load_seconds', 'pid'}."""
+        return self._call(key, lambda: self._adds.__setitem__(key, (config, checkpoint, client)))
+
+    def advance(self, key: str, until: int) -> tuple:
+        """Train the arm to step `until` and evaluate it there: ('ok', metrics, checkpoint files), or
+        ('failed', metrics, None) when it diverged or ran out of memory."""
+        return self._call(key, lambda: self._wanted.__setitem__(key, int(until)))
+
+    def detach(self, key: str) -> None:
+        with self._cond:
+            self._removes.add(key)
+            self._wanted.pop(key, None)
+            self._cond.notify_all()
+
+    def arms(self) -> list:
+        """The keys of the arms in the pack (for tests and benches)."""
+        return sorted(self.pack.arms) if self.pack else []
+
+    def _call(self, key: str, enqueue) -> Any:
+        with self._cond:
+            if self._error is not None:
+                raise RuntimeError(f"the pack server failed: {self._error!r}")
+            self._done.pop(key, None)
+            enqueue()
+            self._cond.notify_all()
+            while key not in self._done:
+                self._cond.wait()
+            out = self._done.pop(key)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    # ---- the training thread
+
+    def _loop(self) -> None:
+        checked = time.time()
+        while True:
+            with self._cond:
+                while not (self._adds or self._removes or self._wanted):
+                    if not self._cond.wait(timeout=LIVENESS_SECONDS):
+                        self._drop_dead_clients()
+                adds, self._adds = self._adds, {}
+                removes, self._removes = self._removes, set()
+                wanted = dict(self._wanted)
+            try:
+                self._work(adds, removes, wanted)
+            except Exception as exc:  # noqa: BLE001 - the pack is broken: fail its waiting clients
+                import traceback
+
+                traceback.print_exc()
+                self._fail_all(exc)
+            if time.time() - checked > LIVENESS_SECONDS:
+                checked = time.time()
+                self._drop_dead_clients()
+
+    def _work(self, adds: dict, removes: set, wanted: dict) -> None:
+        import torch
+
+        from trainables.pack import Pack
+
+        for key in removes:
+            if self.pack is not None:
+                self.pack.remove(key)
+            self._clients.pop(key, None)
+        for key, (config, files, client) in adds.items():
+            try:
+                if self.pack is None:
+                    self.pack = Pack(self.settings, self.data, threads=self.plan.threads, rows_per_pass=self.plan.rows_per_pass)
+                    self.load_seconds = self.pack.load_seconds
+                tick = time.time()
+                folder = write_folder(files, Path(tempfile.mkdtemp(prefix="lrs-attach-"))) if files else None
+                try:
+                    arm = self.pack.add(key, config, str(folder) if folder else None)
+                finally:
+                    if folder:
+                        shutil.rmtree(folder, ignore_errors=True)
+                self._clients[key] = client
+                self._deliver(key, {"step": arm.step, "load_seconds": self.load_seconds + time.time() - tick, "pid": os.getpid()})
+            except Exception as exc:  # noqa: BLE001 - this arm cannot join; its client raises it
+                self._deliver(key, RuntimeError(f"pack server: cannot add the arm: {type(exc).__name__}: {exc}"))
+        if self.pack is None:
+            return
+        active = [k for k, until in wanted.items() if k in self.pack.arms and self.pack.arms[k].step < until]
+        if active:
+            for key in self.pack.train_step(active):
+                self._deliver(key, ("failed", self.pack.failure_report(key), None))
+                self.pack.remove(key)
+        due = [k for k, until in wanted.items() if k in self.pack.arms and self.pack.arms[k].step >= until]
+        if not due:
+            return
+        try:
+            reports = self.pack.report(due)
+        except torch.OutOfMemoryError:
+            reports = {}
+            for key in due:  # one at a time; an arm that still runs out of memory fails alone
+                try:
+                    reports.update(self.pack.report([key]))
+                except torch.OutOfMemoryError:
+                    self._oom_in_eval(key)
+        for key, metrics in reports.items():
+            if metrics["trial_status"] != "ok":
+                self._deliver(key, ("failed", metrics, None))
+                self.pack.remove(key)
+                continue
+            folder = Path(tempfile.mkdtemp(prefix="lrs-pack-ckpt-"))
+            try:
+                metrics["adapter_bytes"] = self.pack.save(key, folder)
+                files = read_folder(str(folder))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            metrics["pid"] = os.getpid()
+            self._deliver(key, ("ok", metrics, files))
+
+    def _oom_in_eval(self, key: str) -> None:
+        from trainables.failures import OOM, out_of_memory_detail
+
+        arm = self.pack.arms[key]
+        detail = out_of_memory_detail(self.pack.device, arm.step, True, arm.r, self.settings.train.batch_size, max(self.pack.lengths))
+        self._deliver(key, ("failed", {**self.pack.failure_report(key), "step": arm.step, "trial_status": OOM, "failure": detail}, None))
+        self.pack.remove(key)
+
+    def _deliver(self, key: str, out: Any) -> None:
+        with self._cond:
+            self._wanted.pop(key, None)
+            self._done[key] = out
+            self._cond.notify_all()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """A step failed for a reason that is not one arm's (a bug, a broken device): every waiting
+        client raises it, and Tune retries each trial from its own checkpoint (in a new server)."""
+        with self._cond:
+            self._error = exc
+            for key in list(self._wanted) + list(self._adds):
+                self._done[key] = RuntimeError(f"the pack server failed: {type(exc).__name__}: {exc}")
+            self._wanted.clear()
+            self._adds.clear()
+            self._cond.notify_all()
+        os._exit(1)  # noqa: SLF001 - a new server starts clean; this one's state cannot be trusted
+
+    def _drop_dead_clients(self) -> None:
+        """Free the arms whose trial process is gone (stopped or paused by Tune without detaching)."""
+        try:
+            from ray._private.state import actors
+        except ImportError:  # pragma: no cover
+            return
+        with self._cond:
+            idle = [k for k in self._clients if k not in self._wanted and k not in self._adds]
+        for key in idle:
+            try:
+                state = actors(self._clients[key]).get("State")
+            except Exception:  # noqa: BLE001 - no state to read: keep the arm
+                continue
+            if state == "DEAD":
+                with self._cond:
+                    self._removes.add(key)
+                    self._cond.notify_all()
+
+
+def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan):
+    """The pack server of this trial's GPU (its node on CPU), started if there is none yet."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if ray.get_gpu_ids() else ""
+    name = f"{SERVER_PREFIX}{plan.experiment}-{node[:12]}-{('gpu' + gpu.replace(',', '_')) if gpu else 'cpu'}"
+    actor = ray.remote(PackServer).options(
+        name=name, get_if_exists=True, lifetime="detached", num_cpus=0, num_gpus=0, max_concurrency=1000,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    )
+    return actor.remote(settings, data, plan, gpu)
+
+
+def stop_servers(experiment: str) -> int:
+    """Kill this search's pack servers (the driver, when the search ends); returns how many."""
+    import ray
+
+    killed = 0
+    for name in ray.util.list_named_actors():
+        if isinstance(name, str) and name.startswith(f"{SERVER_PREFIX}{experiment}-"):
+            try:
+                ray.kill(ray.get_actor(name))
+                killed += 1
+            except ValueError:
+                pass
+    return killed
+
+
+def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: Optional[TokenizedData] = None,
+                 plan: Optional[PackPlan] = None) -> None:
+    """Ray Tune function trainable of one arm trained in its node's pack (wrap with
+    tune.with_parameters(settings=..., data=..., plan=...)). Reports as `trainables.trial.lora_trial` does."""
+    import ray
+    from ray import tune
+
+    from trainables.pack import next_report_step
+    from trainables.trial import exit_quietly_on_sigterm, on_this_node, process_metrics, quiet_libraries
+    from trainables.trial import restorable_checkpoint, saved_step
+
+    quiet_libraries()
+    exit_quietly_on_sigterm()
+    started = time.time()
+    settings = on_this_node(settings)
+    max_steps = settings.train.max_steps
+    checkpoint, files = tune.get_checkpoint(), None
+    if checkpoint is not None:
+        local = restorable_checkpoint(checkpoint)
+        try:
+            if saved_step(local) >= max_steps:
+                return  # it had finished when its driver was killed
+            files = read_folder(local)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    key = tune.get_context().get_trial_id()
+    server = server_for(settings, data, plan)
+    attached = ray.get(server.attach.remote(key, config, files, ray.get_runtime_context().get_actor_id() or ""))
+    here = process_metrics(started, attached["load_seconds"])
+    here["pid"] = attached["pid"]
+    step = attached["step"]
+    try:
+        while step < max_steps:
+            status, metrics, files = ray.get(server.advance.remote(key, next_report_step(step, settings)))
+            metrics = {**here, **metrics, "elapsed_s": time.time() - started}
+            if status != "ok":
+                tune.report(metrics)
+                return
+            folder = write_folder(files, Path(tempfile.mkdtemp(prefix="lrs-ckpt-")))
+            try:
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            step = int(metrics["step"])
+    finally:
+        try:
+            server.detach.remote(key)
+        except Exception:  # noqa: BLE001 - the server is gone: nothing to free
+            pass
+
