@@ -38,6 +38,7 @@ METRICS = (
     Metric("lora_alpha", "", "lora_alpha given to PEFT (by the alpha rule)"),
     Metric("alpha_rule", "", "the configured alpha rule (a number, r, 2r or rslora)"),
     Metric("target_modules", "", "the resolved LoRA target names, comma-separated"),
+    Metric("train_pid", "", "the process that trained the arm: its own worker, or its pack's server"),
 )
 
 REPORTED = tuple(m.name for m in METRICS)  # keys present in every evaluation report

@@ -203,7 +203,6 @@ class PackServer:
                 files = read_folder(str(folder))
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-            metrics["pid"] = os.getpid()
             self._deliver(key, ("ok", metrics, files))
 
     def _oom_in_eval(self, key: str) -> None:
@@ -310,7 +309,7 @@ def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: O
     server = server_for(settings, data, plan)
     attached = ray.get(server.attach.remote(key, config, files, ray.get_runtime_context().get_actor_id() or ""))
     here = process_metrics(started, attached["load_seconds"])
-    here["pid"] = attached["pid"]
+    here["train_pid"] = attached["pid"]
     step = attached["step"]
     try:
         while step < max_steps:

@@ -205,6 +205,7 @@ def process_metrics(started: float, load_seconds: float) -> dict:
         "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "node_id": _node_id(),
         "pid": os.getpid(),
+        "train_pid": os.getpid(),
         "started_at": started,
         "load_seconds": load_seconds,
     }

@@ -1,0 +1,82 @@
+"""Packed searches through Ray and the CLI: per-arm folders and checkpoints as before, the same
+verdict as one arm per worker, a crashed pack's arms resuming from their own checkpoints, and a
+diverging arm leaving its pack-mates to finish."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis.results import load_experiment
+from search.cli import main
+from trainables.failures import FAULT_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def _search(raw_config, tmp_path, name: str, **resources) -> tuple[int, Path]:
+    raw = raw_config(
+        name=name,
+        lora={"ranks": [1, 4], "target_modules": "attention", "dropout": 0.05, "alpha": 16},
+        train={"max_steps": 30, "eval_every": 10, "batch_size": 8, "learning_rate": [3e-3, 1e-2]},
+        scheduler={"type": "none"},
+        resources={"cpus_per_trial": 1, "max_failures": 2, **resources},
+    )
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    code = main(["search", str(config)])
+    return code, Path(raw["storage_path"]) / name
+
+
+def _verdict(experiment: Path) -> dict:
+    return json.loads((experiment / "analysis" / "recommendation.json").read_text())
+
+
+def _final_losses(experiment: Path) -> dict:
+    trials, _ = load_experiment(str(experiment))
+    return {(row.r, row.lr): row.best_eval_loss for row in trials.itertuples()}
+
+
+def test_a_crashed_pack_resumes_its_arms_from_their_checkpoints_with_the_verdict_unchanged(raw_config, tmp_path, monkeypatch, capsys):
+    code, plain = _search(raw_config, tmp_path, "plain", arms_per_worker=4)
+    out = capsys.readouterr().out
+    assert code == 0 and "packing: 4 arms per worker" in out
+    folders = sorted(p.name for p in plain.iterdir() if p.is_dir() and p.name.startswith("r"))
+    assert len(folders) == 4, "one trial folder per arm, as without packing"
+    for folder in folders:
+        checkpoints = sorted((plain / folder).glob("checkpoint_*/adapter/adapter_model.safetensors"))
+        assert checkpoints, f"{folder}: PEFT checkpoints per arm"
+        assert len((plain / folder / "result.json").read_text().splitlines()) == 3
+    pids = {json.loads(line)["train_pid"] for f in folders for line in (plain / f / "result.json").read_text().splitlines()}
+    assert len(pids) == 1, "every arm trained in the one pack process"
+
+    monkeypatch.setenv(FAULT_ENV, "r=4:step=15:kind=exit:once")  # the whole pack process dies at step 15
+    code, crashed = _search(raw_config, tmp_path, "crashed", arms_per_worker=4)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "retrying from its last checkpoint" in captured.out + captured.err
+    resumed = [json.loads(line) for f in crashed.glob("r*/result.json") for line in f.read_text().splitlines()]
+    assert any(r["resumed_from_step"] == 10 for r in resumed), "arms resumed from their step-10 checkpoints"
+    assert len({r["train_pid"] for r in resumed}) == 2, "a new pack took over"
+    assert _verdict(crashed)["rank"] == _verdict(plain)["rank"]
+    assert _verdict(crashed)["learning_rate"] == _verdict(plain)["learning_rate"]
+    before, after = _final_losses(plain), _final_losses(crashed)
+    assert before.keys() == after.keys()
+    for arm in before:
+        assert after[arm] == pytest.approx(before[arm], rel=1e-4), f"arm {arm} continued exactly from its checkpoint"
+
+
+def test_a_diverging_arm_leaves_its_pack_mates_finishing(raw_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(FAULT_ENV, "r=1:step=12:kind=nan")
+    code, experiment = _search(raw_config, tmp_path, "diverge", arms_per_worker=4)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    trials, _ = load_experiment(str(experiment))
+    by_arm = {(row.r, row.lr): row for row in trials.itertuples()}
+    for lr in (3e-3, 1e-2):
+        assert by_arm[(1, lr)].status == "diverged" and by_arm[(1, lr)].steps == 12
+        assert by_arm[(1, lr)].failure == "training loss became nan at step 12 (r=1, seed=0)"
+        assert by_arm[(4, lr)].status == "completed" and by_arm[(4, lr)].steps == 30
