@@ -200,6 +200,43 @@ def trial_child(spec: dict) -> dict:
     }
 
 
+def pack_child(spec: dict) -> dict:
+    """Runs in a fresh process: `spec['arms']` arms of rank `spec['r']` (seeds 0..) in one pack
+    (trainables.pack) on one base, trained together; tokens/s after a warm-up step, peak memory."""
+    import torch
+
+    from search.config import parse_config
+    from search.runner import prepare
+    from search.space import trial_settings
+    from trainables.pack import Pack
+    from trainables.trial import peak_memory_bytes, quiet_libraries, trial_device
+
+    quiet_libraries()
+    device = trial_device()
+    cfg = parse_config(spec["raw"])
+    prepared = prepare(cfg, log=lambda _: None)
+    settings = trial_settings(cfg, prepared.model_path, prepared.targets)
+    pack = Pack(settings, prepared.data, threads=1)
+    keys = [str(i) for i in range(spec["arms"])]
+    for key in keys:
+        pack.add(key, {"r": spec["r"], "seed": int(key)})
+    pack.train_step(keys)  # the first step pays one-time costs (allocator, kernels): not timed
+    start_tokens = sum(pack.arms[k].interval_tokens for k in keys)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(spec["steps"] - 1):
+        pack.train_step(keys)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.time() - start
+    tokens = sum(pack.arms[k].interval_tokens for k in keys) - start_tokens
+    return {"device": device, "mode": pack.mode, "arms": len(keys), "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "peak_bytes": peak_memory_bytes(device),
+            "max_reserved_bytes": int(torch.cuda.max_memory_reserved()) if device.startswith("cuda") else 0,
+            "statuses": sorted({pack.arms[k].status for k in keys})}
+
+
 def run_children(specs: list[dict], work: Path, timeout_s: float, barrier: bool = False,
                  poll: Optional[Callable[[], None]] = None) -> list[dict]:
     """Run one trial process per spec, all at once, with one CPU thread each as a Ray worker of

@@ -26,6 +26,7 @@ def markdown(results: dict) -> str:
     lines += _correctness(results.get("correctness"))
     lines += _memory(results.get("memory"))
     lines += _packing(results.get("packing"))
+    lines += _packed(results.get("packed"))
     lines += _mfu(results.get("mfu") or {}, results["anchor_8b"], results)
     seconds = results.get("section_seconds") or {}
     if seconds:
@@ -100,6 +101,23 @@ def _packing(rows) -> list[str]:
         vs = "-" if r.get("vs_1_per_gpu") is None else f"{r['vs_1_per_gpu']:.2f}x"
         out.append(f"| {r['trials_per_gpu']} | {r['gpus_per_trial']:.3g} | **{_num(r['aggregate_tokens_per_s'])}** | {vs} | "
                    f"{_gib(max(r['per_process_peak_bytes']))} | {_gib(r['device_used_peak_bytes'])} | {r['all_trained_together']} |")
+    return out
+
+
+def _packed(rows) -> list[str]:
+    if rows is None:
+        return []
+    out = ["", "## packed: N arms on one base in one process vs N processes at 1/N GPU", "",
+           "Expected on a GPU: the 1B shape's pack of 4 trains >= 3x the aggregate tokens/s of 4 processes at 0.25 GPU.", "",
+           "| model | arms | pack mode | pack tokens/s | N processes tokens/s | pack / processes | peak per row (pack) |"
+           " peak per row (processes) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['arms']} | | error: {str(r['error']).strip().splitlines()[-1][:200]} | | | | |")
+            continue
+        vs = "-" if r.get("packed_vs_processes") is None else f"**{r['packed_vs_processes']:.2f}x**"
+        out.append(f"| {r['model']} | {r['arms']} | {r['mode']} | {_num(r['packed_tokens_per_s'])} | {_num(r['processes_tokens_per_s'])} | "
+                   f"{vs} | {_gib(r['packed_peak_bytes_per_row'])} | {_gib(r['processes_peak_bytes_per_row'])} |")
     return out
 
 

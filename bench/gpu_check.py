@@ -19,6 +19,10 @@ quantized in-process; scratch files go to --work (a temporary folder by default)
 - packing: 1, 2, 4, 8 trial processes on one GPU at once (Ray's gpus_per_trial 1 ... 0.125),
   SmolLM2-135M shape, r=16 on attention, batch 8 x 256: aggregate tokens/s over the window in
   which all of them train, the peak memory of each process.
+- packed: N arms in one process on one shared base (trainables.pack; N = 1, 2, 4, 8) against N
+  trial processes at 1/N GPU, for the SmolLM2-135M and the Llama-3.2-1B shapes, r=16 on attention:
+  aggregate tokens/s and peak memory per row (examples). Expected on a GPU: at 4 arms the pack
+  trains >= 3x the aggregate tokens/s of 4 processes at 0.25 GPU for the 1B shape.
 - mfu: tokens/s x model FLOPs per token / the measured matmul rate, for the 1B shape at 1 trial per
   GPU (its memory row without checkpointing); FLOPs per token = 4 N_frozen + 6 N_lora + 12 L s d
   (see _gpu_parts.flops_per_token). The 8B shape's tokens/s beside a published anchor.
@@ -41,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._gpu_parts import (  # noqa: E402
-    aggregate_rate, build_random_llama, chain_data, device_used, flops_per_token, matmul_tflops, random_text,
+    aggregate_rate, build_random_llama, chain_data, device_used, flops_per_token, matmul_tflops, pack_child, random_text,
     raw_config, run_children, trial_child,
 )
 from bench._gpu_report import markdown  # noqa: E402
@@ -71,15 +75,18 @@ class Plan:
     packing_rank: int
     packing_steps: int  # steps of the process that trains alone; k processes train packing_steps / k each
     budget_s: float
+    packed_shapes: tuple = ()  # (label, shape) of the packed section
+    packed_steps: int = 0  # steps of each packed row (the pack) and of each of its N processes
 
 
 GPU = Plan("cuda", 8192, 20, "small", 50, (("1b", "1b"), ("8b", "8b")), 4, 512, 64, 10, False,
-           "135m", (1, 2, 4, 8), 8, 256, 16, 240, 450)
+           "135m", (1, 2, 4, 8), 8, 256, 16, 240, 450, (("135m", "135m"), ("1b", "1b")), 20)
 # The smoke run keeps to five trial processes (their imports dominate its time on 2 cores): one
 # memory shape, packings of 1 and 2; mfu() and the report are tested on hand-made rows besides.
 SMOKE = Plan("cpu", 256, 5, "tiny", 50, (("1b", "tiny-1b"),), 4, 64, 64, 4, True,
-             "tiny", (1, 2), 8, 32, 16, 40, 600)
-SECTIONS = ("device", "correctness", "memory", "packing")
+             "tiny", (1, 2), 8, 32, 16, 40, 600, (("tiny", "tiny"),), 6)
+SECTIONS = ("device", "correctness", "memory", "packing", "packed")
+EXPECTED_PACKED_1B_AT_4 = 3.0  # aggregate tokens/s, 4 arms in one process / 4 processes at 0.25 GPU (1B shape)
 
 
 class Run:
@@ -283,6 +290,43 @@ def measure_packing(run: Run, work: Path) -> list[dict]:
     return rows
 
 
+def measure_packed(run: Run, work: Path) -> list[dict]:
+    """N arms in one pack against N trial processes at 1/N GPU, per shape (see the module doc)."""
+    plan = run.plan
+    rows = []
+    for label, shape in plan.packed_shapes:
+        model_path, words = build_random_llama(shape, work / f"packed-{shape}", plan.device)
+        data = random_text(words, plan.packing_seq, work / f"packed-{shape}.jsonl")
+        raw = raw_config("gpu-check-packed", model_path, data, work, fmt="text", seq=plan.packing_seq, rank=plan.packing_rank,
+                         targets="attention", batch=plan.packing_batch, steps=plan.packed_steps, eval_every=plan.packed_steps)
+        for k in plan.packings:
+            if run.left() < 30:
+                rows.append({"model": label, "arms": k, "error": "skipped: the time budget is spent"})
+                continue
+            used = PeakUsed()
+            packed = run_children([{"raw": raw, "r": plan.packing_rank, "arms": k, "steps": plan.packed_steps, "pack": True}],
+                                  work, run.left(), poll=used.poll)[0]
+            packed_used = used.bytes
+            used = PeakUsed()
+            specs = [{"raw": raw, "r": plan.packing_rank, "seed": i, "parent_used": used.baseline or 0} for i in range(k)]
+            procs = run_children(specs, work, run.left(), barrier=True, poll=used.poll)
+            errors = [r["error"] for r in [packed, *procs] if "error" in r]
+            if errors:
+                rows.append({"model": label, "arms": k, "error": errors[0]})
+                continue
+            curves = [[(rep["t"], rep["tokens_seen"]) for rep in r["reports"] if rep["step"] > 0] for r in procs]
+            rate, together = aggregate_rate(curves)
+            rows_per_step = k * plan.packing_batch
+            rows.append({
+                "model": label, "shape": shape, "arms": k, "mode": packed["mode"], "statuses": packed["statuses"],
+                "packed_tokens_per_s": packed["tokens_per_s"], "processes_tokens_per_s": rate, "processes_trained_together": together,
+                "packed_vs_processes": packed["tokens_per_s"] / rate if rate else None,
+                "packed_peak_bytes_per_row": (packed_used or packed["peak_bytes"]) / rows_per_step,
+                "processes_peak_bytes_per_row": (used.bytes or sum(r["reports"][-1]["peak_memory_bytes"] for r in procs)) / rows_per_step,
+            })
+    return rows
+
+
 def mfu(results: dict) -> dict:
     """Derived from the device and memory sections (recomputed whenever results are saved)."""
     rate = (results.get("device") or {}).get("matmul_bf16_tflops")
@@ -323,7 +367,8 @@ def main() -> int:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        Path(args.child[1]).write_text(json.dumps(trial_child(json.loads(Path(args.child[0]).read_text()))))
+        spec = json.loads(Path(args.child[0]).read_text())
+        Path(args.child[1]).write_text(json.dumps((pack_child if spec.get("pack") else trial_child)(spec)))
         return 0
     if not args.out:
         parser.error("--out is required")
@@ -352,6 +397,8 @@ def main() -> int:
         steps.append(("memory", lambda: measure_memory(run, work, *memory[0])))
     if "packing" in args.sections:
         steps.append(("packing", lambda: measure_packing(run, work)))
+    if "packed" in args.sections:
+        steps.append(("packed", lambda: measure_packed(run, work)))
     for label_shape in memory[1:]:
         steps.append(("memory", lambda ls=label_shape: measure_memory(run, work, *ls)))
     ok = True

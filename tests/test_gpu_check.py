@@ -57,9 +57,17 @@ def test_smoke_run_writes_every_section_without_ray(tmp_path):
     for row in packing:
         assert row["aggregate_tokens_per_s"] > 0 and row["all_trained_together"] and row["statuses"] == ["ok"]
         assert len(row["per_process_peak_bytes"]) == row["trials_per_gpu"]
+    packed = results["packed"]
+    assert [(r["model"], r["arms"]) for r in packed] == [("tiny", 1), ("tiny", 2)]
+    for row in packed:
+        assert row["mode"] == "stacked" and row["statuses"] == ["ok"]
+        assert row["packed_tokens_per_s"] > 0 and row["processes_tokens_per_s"] > 0
+        assert row["packed_vs_processes"] == pytest.approx(row["packed_tokens_per_s"] / row["processes_tokens_per_s"])
+        assert row["packed_peak_bytes_per_row"] > 0 and row["processes_peak_bytes_per_row"] > 0
+    assert packed[1]["packed_peak_bytes_per_row"] < packed[1]["processes_peak_bytes_per_row"], "one base, not two"
     assert 0 < results["mfu"]["1b"]["mfu"]
     text = (out / "results.md").read_text()
-    for heading in ("## device", "## correctness", "## memory", "## packing", "## mfu"):
+    for heading in ("## device", "## correctness", "## memory", "## packing", "## packed", "## mfu"):
         assert heading in text
     assert "error" not in text and "**PASS**" in text
 
@@ -97,6 +105,10 @@ def test_mfu_and_report_on_hand_made_gpu_results():
         "packing": [{"trials_per_gpu": 1, "gpus_per_trial": 1.0, "aggregate_tokens_per_s": 1000.0, "all_trained_together": True,
                      "per_process_peak_bytes": [2**30], "device_used_peak_bytes": 2**31, "vs_1_per_gpu": 1.0},
                     {"trials_per_gpu": 2, "error": "skipped: the time budget is spent"}],
+        "packed": [{"model": "1b", "shape": "1b", "arms": 4, "mode": "stacked", "statuses": ["ok"], "packed_tokens_per_s": 9000.0,
+                    "processes_tokens_per_s": 3000.0, "processes_trained_together": True, "packed_vs_processes": 3.0,
+                    "packed_peak_bytes_per_row": 2**27, "processes_peak_bytes_per_row": 2**28},
+                   {"model": "1b", "arms": 8, "error": "skipped: the time budget is spent"}],
     }
     derived = mfu(results)
     flops = 4 * 10**9 + 6 * 10**7 + 12 * 16 * 512 * 2048
@@ -107,3 +119,4 @@ def test_mfu_and_report_on_hand_made_gpu_results():
     assert f"MFU {100 * derived['1b']['mfu']:.1f}%" in text
     assert "4,826 tokens/s" in text and "2.00x the anchor" in text and "not measured" not in text
     assert "trial process timed out" in text and "skipped: the time budget is spent" in text
+    assert "| 1b | 4 | stacked | 9,000 | 3,000 | **3.00x** |" in text
