@@ -312,6 +312,9 @@ def describe_choices(prepared: Prepared) -> list[str]:
     return lines
 
 
+SMALL_HIDDEN = 256  # below this hidden size a CPU pack gets one core, and each core a pack
+
+
 def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Callable[[str], None] = print):
     """How many arms share one base (`resources.arms_per_worker`), and what each trial then asks Ray for.
 
@@ -348,18 +351,22 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
     else:
         nodes = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-        threads = max(cfg.resources.cpus_per_trial, int(min(nodes)) if nodes else 1)
-        arms = min(trials, MAX_ARMS_PER_PACK if wanted == "auto" else int(wanted))
-        note = ""
+        cpus = max(cfg.resources.cpus_per_trial, int(min(nodes)) if nodes else 1)
+        # A small model's ops are too small for several threads to share (its step is bound by Python
+        # and kernel launches): each CPU core then gets a pack of its own (measured: bench/packing.py).
+        per_node = max(1, cpus // cfg.resources.cpus_per_trial) if prepared.dims.get("hidden", 0) < SMALL_HIDDEN else 1
+        threads = max(1, cpus // per_node)
+        arms = min(math.ceil(trials / per_node), MAX_ARMS_PER_PACK if wanted == "auto" else int(wanted))
+        note = f", {per_node} packs per node" if per_node > 1 else ""
         per_trial = {"cpu": threads / arms, "gpu": 0.0}
     if arms <= 1:
         log("packing: one arm per worker (no room for a second adapter beside the base)")
         return None, resources
     packs = math.ceil(trials / arms)
-    where = f"{pack_gpu:g} GPU" if gpu else f"{threads} CPU threads (a node)"
+    where = f"{pack_gpu:g} GPU" if gpu else f"{threads} CPU thread{'s' if threads > 1 else ''}"
     log(f"packing: {arms} arms per worker on one shared base, {packs} pack(s) of {where}{note}; arms stacked in one pass"
         + (" (MoE expert weights: arms take turns)" if experts else ""))
-    return PackPlan(arms=arms, threads=threads, experiment=uuid.uuid4().hex[:8]), per_trial
+    return PackPlan(arms=arms, threads=threads, experiment=uuid.uuid4().hex[:8], packs_per_node=1 if gpu else per_node), per_trial
 
 
 def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None,

@@ -152,3 +152,41 @@ def test_arms_report_at_every_eval_rung_and_the_end():
         steps.append(step)
     assert steps == [10, 25, 30, 50, 60]
     assert math.isfinite(steps[-1])
+
+
+def test_arms_that_fit_a_gpu_hold_the_base_once_and_each_arm_beside_it():
+    from search.resources import GIB, MemoryEstimate, arms_that_fit, pack_memory
+
+    estimate = MemoryEstimate(base_weights=4 * GIB, adapter_and_optimizer=GIB // 2, activations=GIB // 2, context=GIB // 2)
+    # 0.9 * 80 GiB - 4 - 0.5 = 67.5 GiB of room, 1 GiB per arm -> 67, capped at 16
+    assert arms_that_fit(estimate, 80 * GIB, 16) == 16
+    assert arms_that_fit(estimate, 10 * GIB, 16) == 4  # 9 - 4.5 = 4.5 GiB -> 4 arms
+    assert arms_that_fit(estimate, 4 * GIB, 16) == 1  # not even one beside the base: one arm per worker
+    assert pack_memory(estimate, 4) == 4 * GIB + GIB // 2 + 4 * GIB
+    assert pack_memory(estimate, 4) <= 0.9 * 10 * GIB
+
+
+@pytest.mark.parametrize("over, expected", [
+    ({"arms_per_worker": 1}, None),
+    ({"arms_per_worker": "auto"}, (4, 1, 2)),  # tiny model (hidden < 256): a pack per core, 8 arms over 2 packs
+    ({"arms_per_worker": 3}, (3, 1, 2)),
+])
+def test_plan_packs_on_cpu(over, expected, raw_config, monkeypatch):
+    import ray
+
+    from search.config import parse_config
+    from search.runner import plan_packs
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, train={"learning_rate": [1e-3, 3e-3]},
+                                  resources={"cpus_per_trial": 1, **over}))
+    prepared = prepare(cfg, log=lambda _: None)
+    lines = []
+    plan, per_trial = plan_packs(cfg, prepared, {"cpu": 1, "gpu": 0.0}, lines.append)
+    if expected is None:
+        assert plan is None and per_trial == {"cpu": 1, "gpu": 0.0} and not lines
+        return
+    arms, threads, packs = expected
+    assert (plan.arms, plan.threads, plan.packs_per_node) == (arms, threads, packs)
+    assert per_trial == {"cpu": pytest.approx(threads / arms), "gpu": 0.0}
+    assert lines and lines[0].startswith(f"packing: {arms} arms per worker")

@@ -41,12 +41,14 @@ class PackPlan:
     Attributes:
         arms: arms per pack (N). threads: torch CPU threads of a pack.
         experiment: a token naming this search's servers. rows_per_pass: rows per stacked pass (None: by device).
+        packs_per_node: packs on one node on CPU (a trial joins the least loaded); on a GPU, one per GPU.
     """
 
     arms: int
     threads: int
     experiment: str
     rows_per_pass: Optional[int] = None
+    packs_per_node: int = 1
 
 
 def read_folder(folder: str) -> dict[str, bytes]:
@@ -110,6 +112,11 @@ class PackServer:
     def arms(self) -> list:
         """The keys of the arms in the pack (for tests and benches)."""
         return sorted(self.pack.arms) if self.pack else []
+
+    def load(self) -> int:
+        """Arms in the pack or on their way in (a new trial joins the least loaded pack of its node)."""
+        with self._cond:
+            return len(self._clients) + len(self._adds)
 
     def _call(self, key: str, enqueue) -> Any:
         with self._cond:
@@ -250,19 +257,32 @@ class PackServer:
                     self._cond.notify_all()
 
 
-def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan):
-    """The pack server of this trial's GPU (its node on CPU), started if there is none yet."""
+def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan, key: str = ""):
+    """The pack server of this trial's GPU (on CPU: the least loaded of its node's packs), started
+    if there is none yet."""
+    import zlib
+
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if ray.get_gpu_ids() else ""
-    name = f"{SERVER_PREFIX}{plan.experiment}-{node[:12]}-{('gpu' + gpu.replace(',', '_')) if gpu else 'cpu'}"
-    actor = ray.remote(PackServer).options(
-        name=name, get_if_exists=True, lifetime="detached", num_cpus=0, num_gpus=0, max_concurrency=1000,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-    )
-    return actor.remote(settings, data, plan, gpu)
+    slots = [f"gpu{gpu.replace(',', '_')}"] if gpu else [f"cpu{i}" for i in range(max(1, plan.packs_per_node))]
+
+    def start(slot: str):
+        actor = ray.remote(PackServer).options(
+            name=f"{SERVER_PREFIX}{plan.experiment}-{node[:12]}-{slot}", get_if_exists=True, lifetime="detached",
+            num_cpus=0, num_gpus=0, max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+        )
+        return actor.remote(settings, data, plan, gpu)
+
+    servers = [start(slot) for slot in slots]
+    if len(servers) == 1:
+        return servers[0]
+    loads = ray.get([s.load.remote() for s in servers])
+    least = [i for i, load in enumerate(loads) if load == min(loads)]
+    return servers[least[zlib.crc32(key.encode()) % len(least)]]  # trials arriving together spread over equal packs
 
 
 def stop_servers(experiment: str) -> int:
@@ -306,7 +326,7 @@ def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: O
         finally:
             shutil.rmtree(local, ignore_errors=True)
     key = tune.get_context().get_trial_id()
-    server = server_for(settings, data, plan)
+    server = server_for(settings, data, plan, key)
     attached = ray.get(server.attach.remote(key, config, files, ray.get_runtime_context().get_actor_id() or ""))
     here = process_metrics(started, attached["load_seconds"])
     here["train_pid"] = attached["pid"]
