@@ -133,3 +133,33 @@ def test_auto_sizes_the_fraction_from_the_device_memory_and_ray_packs_trials_by_
     assert lowest[0] == 0.0, "Ray never held four 0.5-GPU shares of the two GPUs at once"
     ids = trials["gpu_ids"].tolist()
     assert sorted(ids) == ["0", "0", "1", "1"], f"two trials per GPU: {ids}"
+
+
+@pytest.mark.parametrize("env, joined, allowed", [
+    ({}, False, False),
+    ({"LORA_RANK_SEARCH_AUTOSCALING": "1"}, False, True),
+    ({"LORA_RANK_SEARCH_AUTOSCALING": "0"}, False, False),
+    ({"RAY_ADDRESS": "ray://head:10001"}, False, True),
+    ({}, True, True),
+])
+def test_gpus_on_a_cluster_without_gpu_nodes_need_an_autoscaler(raw_config, monkeypatch, env, joined, allowed):
+    """gpus_per_trial > 0 on a Ray cluster with no GPU yet is refused, unless the cluster may add
+    GPU nodes: joined with --address, under `ray job submit` (RAY_ADDRESS), or LORA_RANK_SEARCH_AUTOSCALING=1."""
+    import ray
+
+    from search import runner
+    from search.config import ConfigError, parse_config
+
+    for key in ("LORA_RANK_SEARCH_AUTOSCALING", "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})  # a cluster of CPU nodes only
+    cfg = parse_config(raw_config(resources={"gpus_per_trial": 1}))
+    lines: list[str] = []
+    if allowed:
+        assert runner.resolve_resources(cfg, None, lines.append, joined=joined) == {"cpu": 1, "gpu": 1.0}
+        assert lines == ["resources: no GPU node in the cluster yet; trials wait for the autoscaler to add GPU nodes"]
+    else:
+        with pytest.raises(ConfigError, match="1 GPUs asked for, but this Ray cluster has no GPUs"):
+            runner.resolve_resources(cfg, None, lines.append, joined=joined)
