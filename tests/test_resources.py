@@ -163,3 +163,39 @@ def test_gpus_on_a_cluster_without_gpu_nodes_need_an_autoscaler(raw_config, monk
     else:
         with pytest.raises(ConfigError, match="1 GPUs asked for, but this Ray cluster has no GPUs"):
             runner.resolve_resources(cfg, None, lines.append, joined=joined)
+
+
+def test_the_cluster_8b_configs_published_memory_estimate_is_what_the_code_computes(tmp_path):
+    """configs/cluster-8b.yaml states the estimate for Qwen3-8B (r=128 on attention, batch 4 x 512,
+    gradient checkpointing) part by part and concludes one trial per 24 GB GPU: recompute it from
+    Qwen3-8B's published shape (a config only: the hub is not needed) and the config's own values."""
+    import re
+
+    import yaml
+    from transformers import Qwen3Config
+
+    from search.runner import _model_dims
+    from trainables.lora import linear_layers, lora_param_count, resolve_targets
+    from trainables.model import meta_model
+
+    path = "configs/cluster-8b.yaml"
+    text = open(path).read()
+    cfg = yaml.safe_load(text)
+    stated = re.search(r"([\d.]+) GiB base \+ ([\d.]+) GiB adapter/optimizer \+ ([\d.]+) GiB activations \+ ([\d.]+) GiB "
+                       r"CUDA context\s*#\s*= ([\d.]+) GiB", text)
+    assert stated, f"{path}: the estimate's comment moved"
+    Qwen3Config(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False).save_pretrained(tmp_path / "qwen3-8b")
+    meta = meta_model(str(tmp_path / "qwen3-8b"))
+    shapes = linear_layers(meta)
+    dims = _model_dims(meta, shapes)
+    assert 8.1e9 < dims["total_params"] < 8.3e9, "Qwen3-8B's size"
+    targets = resolve_targets(cfg["lora"]["target_modules"], shapes)
+    est = estimate_trial_memory(shapes, dims["other_params"], lora_param_count(shapes, targets, max(cfg["lora"]["ranks"])),
+                                hidden=dims["hidden"], layers=dims["layers"], vocab=dims["vocab"],
+                                batch_size=cfg["train"]["batch_size"], seq_len=cfg["data"]["max_seq_len"],
+                                gradient_checkpointing=cfg["train"]["gradient_checkpointing"])
+    parts = (est.base_weights, est.adapter_and_optimizer, est.activations, est.context, est.total)
+    assert [round(p / GIB, 1) for p in parts] == [float(v) for v in stated.groups()]
+    assert gpu_fraction_for(est.total, 24 * 10**9) == 1.0 and cfg["resources"]["gpus_per_trial"] == 1, "one trial per 24 GB GPU"
+    assert gpu_fraction_for(est.total, 80 * GIB) == 1 / 4  # and four on an 80 GB card
