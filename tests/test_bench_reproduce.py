@@ -3,9 +3,14 @@ inside its noise from one outside it (no benchmark is run here)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from bench.reproduce import BY_NAME, RESULTS, TABLES, Check, diff, section, values
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.reproduce import BY_NAME, RESULTS, TABLES, Check, diff, section, values  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(BY_NAME))
