@@ -170,12 +170,13 @@ def commit() -> str:
 
 def run(table: Table, python: str) -> str:
     """Run the table's command; write bench/results/<name>.txt (header + output); return the output."""
-    started, at = time.time(), commit()  # the code the command runs is the code at its start
+    started, at, load = time.time(), commit(), os.getloadavg()[0]  # the code and the machine at its start
     done = subprocess.run([python, *table.args], cwd=ROOT, capture_output=True, text=True)
     output = done.stdout + (f"\n[stderr tail]\n{done.stderr[-2000:]}" if done.returncode else "")
     os.makedirs(OUT, exist_ok=True)
     head = (f"# command: {' '.join(['.venv/bin/python', *table.args])}\n# commit: {at}\n# machine: {machine()}\n"
-            f"# date: {time.strftime('%Y-%m-%d %H:%M %Z')}; {time.time() - started:.0f} s; exit {done.returncode}\n")
+            f"# date: {time.strftime('%Y-%m-%d %H:%M %Z')}; {time.time() - started:.0f} s; exit {done.returncode}; "
+            f"load average at the start {load:.1f} on {os.cpu_count()} cores\n")
     with open(os.path.join(OUT, f"{table.name}.txt"), "w") as handle:
         handle.write(head + output)
     return output
