@@ -1,6 +1,12 @@
 """Successive halving replayed on full grids of planted tasks: does it keep the grid's verdict, at what cost?
 
     .venv/bin/python bench/halving_replay.py [--ks 2 4 8] [--lrs 3e-3 1e-2 3e-2] [--steps 500] [--grids DIR]
+        [--ranks 1 2 4 8] [--keep-share 0.8] [--grace-fraction 0.25 | --grace-period N]
+
+--ranks replays on a subset of the grid's ranks (the grid itself always trains ranks 1..16);
+--keep-share and --grace-fraction override `search.halving.KEEP_SHARE` and
+`search.config.GRACE_FRACTION` for the replay only (the search's defaults are unchanged): the
+sweeps of grace x KEEP_SHARE in bench/RESULTS.md are these options.
 
 For each planted rank k (2, 3, 4, 6, 8 by default; the tiny 4-bit Llama of `bench/alpha_lr.py`, ranks 1..16, the default
 alpha), the full grid ranks x learning rates is trained to the end by the search's own trial loop
@@ -52,14 +58,15 @@ def grid(k: int, lrs: list[float], steps: int, root: str, folder: str | None, wo
     return trials, history
 
 
-def replay(trials, history, steps: int, grace_period: int | None = None, reduction_factor: float = 3):
+def replay(trials, history, steps: int, grace_period: int | None = None, reduction_factor: float = 3,
+           keep_share: float | None = None, grace_fraction: float | None = None):
     """(the trials as halving leaves them, their history, the survivors of each rung, the rungs).
     With a target_choice column, units are (choice, rank), compared as the search does (families,
     and each unit's trainable_params as its cost)."""
     from search.config import GRACE_FRACTION
-    from search.halving import decide, halving_rungs
+    from search.halving import KEEP_SHARE, decide, halving_rungs
 
-    grace = grace_period or max(1, math.ceil(GRACE_FRACTION * steps))
+    grace = grace_period or max(1, math.ceil((GRACE_FRACTION if grace_fraction is None else grace_fraction) * steps))
     rungs = halving_rungs(grace, steps, reduction_factor)
     ids = list(trials["trial_id"])
     choices = "target_choice" in trials
@@ -73,7 +80,7 @@ def replay(trials, history, steps: int, grace_period: int | None = None, reducti
         scores[t] = {rung: float(mine[mine["step"] <= rung]["eval_loss"].min()) for rung in rungs}
     base = dict(zip(ids, trials["base_eval_loss"]))
     d = decide(groups, scores, ended=[], rungs=rungs, reduction_factor=reduction_factor, arms=arms, families=families,
-               base=base, costs=costs)
+               base=base, costs=costs, keep_share=KEEP_SHARE if keep_share is None else keep_share)
     reach = {t: rungs[d.level[t]] if d.level[t] < len(rungs) else steps for t in ids}
     kept = history[[s <= reach[t] for t, s in zip(history["trial_id"], history["step"])]]
     cut = trials.assign(steps=[reach[t] for t in ids],
@@ -89,6 +96,9 @@ def main() -> None:
     parser.add_argument("--grace-period", type=int, default=None, help="first rung (default: the search's)")
     parser.add_argument("--grids", default=None, help="keep the trained grids here and read them back")
     parser.add_argument("--workers", type=int, default=2, help="arms trained at once (one core each)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="replay on these of the grid's ranks (default: all)")
+    parser.add_argument("--keep-share", type=float, default=None, help="gain share that keeps a rank (default: the search's KEEP_SHARE)")
+    parser.add_argument("--grace-fraction", type=float, default=None, help="first rung as a share of --steps (default: the search's)")
     args = parser.parse_args()
 
     from analysis.selection import recommend
@@ -98,7 +108,17 @@ def main() -> None:
     quiet_libraries()
     header("successive halving replayed on full grids of planted tasks (gain-share verdict)")
     lrs = sorted(args.lrs)
-    print(f"ranks {RANKS}, learning rates {[format_lr(v) for v in lrs]}, {args.steps} steps, alpha 16, one seed")
+    from search.config import GRACE_FRACTION
+    from search.halving import KEEP_SHARE
+
+    ranks = sorted(args.ranks or RANKS)
+    unknown = sorted(set(ranks) - set(RANKS))
+    if unknown:
+        parser.error(f"--ranks: {unknown} are not in the grid's ranks {RANKS}")
+    keep_share = KEEP_SHARE if args.keep_share is None else args.keep_share
+    grace_fraction = GRACE_FRACTION if args.grace_fraction is None else args.grace_fraction
+    print(f"ranks {ranks}, learning rates {[format_lr(v) for v in lrs]}, {args.steps} steps, alpha 16, one seed; "
+          f"keep share {keep_share:g}, first rung " + (f"step {args.grace_period}" if args.grace_period else f"{grace_fraction:g} of the steps"))
     tally = {"settings": 0, "same": 0, "planted": 0}
     list_ratios = []
     started = time.time()
@@ -108,17 +128,18 @@ def main() -> None:
             trials, history = grid(k, lrs, args.steps, root, args.grids, args.workers)
             print(f"\n## planted k={k}")
             for name, subset in [(format_lr(v), [v]) for v in lrs] + [("list", lrs)]:
-                mine = trials[trials["lr"].isin(subset)]
+                mine = trials[trials["lr"].isin(subset) & trials["r"].isin(ranks)]
                 hist = history[history["trial_id"].isin(mine["trial_id"])]
                 full = recommend(mine, hist)
-                cut, kept, survivors, rungs = replay(mine, hist, args.steps, args.grace_period)
+                cut, kept, survivors, rungs = replay(mine, hist, args.steps, args.grace_period, keep_share=keep_share,
+                                                     grace_fraction=grace_fraction)
                 sha = recommend(cut, kept)
                 ratio = cut["steps"].sum() / (len(cut) * args.steps)
                 if name == "list":
                     list_ratios.append(ratio)
                 tally["settings"] += 1
                 tally["same"] += full.rank == sha.rank
-                tally["planted"] += sha.rank == min(r for r in RANKS if r >= k)  # the smallest searched rank that holds k
+                tally["planted"] += sha.rank == min((r for r in ranks if r >= k), default=None)  # the smallest searched rank that holds k
                 shares = " ".join(f"r{e.r}:{e.gain_share:.1%}@{e.evidence_step}" for e in sha.ranks)
                 print(f"{name:>6}: grid r={full.rank}  halving r={sha.rank}  steps {ratio:.2f}  "
                       f"rungs {rungs}: " + "; ".join(f"{rungs[i]}: {len(v)} arms" for i, v in sorted(survivors.items())))

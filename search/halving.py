@@ -119,6 +119,7 @@ def decide(
     families: Optional[Mapping[Any, Hashable]] = None,
     base: Optional[Mapping[Any, float]] = None,
     costs: Optional[Mapping[Any, float]] = None,
+    keep_share: float = KEEP_SHARE,
 ) -> Decision:
     """Successive halving as a pure function of what was reported.
 
@@ -142,6 +143,8 @@ def decide(
             the cheapest adequate unit, is often not among the fastest learners at an early rung.
         costs: trial -> its unit's trainable parameters (`trainable_params`): what "costs no
             more" means above. Default: a smaller rank of the same target choice.
+        keep_share: the gain share that keeps a unit (default KEEP_SHARE; other values are for
+            `bench/halving_replay.py --keep-share`, not a setting of the search).
 
     A rung is decided once every live trial of every surviving arm has reported there. An arm's
     score is its mean loss over the seeds that reported a finite one; a unit's score is its best
@@ -169,7 +172,8 @@ def decide(
         elif any(t not in arrived and t not in ended for t in members):
             break  # someone is still on the way to this rung
         else:
-            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family, base_loss, cost, first=k == 0)
+            keep = _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family, base_loss, cost, first=k == 0,
+                         keep_share=keep_share)
         survivors[k] = keep
         stopped |= {t for t in members if arms[t] not in keep}
         alive = [a for a in alive if a in keep]
@@ -196,7 +200,7 @@ def _base_loss(base: Optional[Mapping[Any, float]]) -> Optional[float]:
 
 
 def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=None, base_loss=None, cost=None,
-          first: bool = False) -> list:
+          first: bool = False, keep_share: float = KEEP_SHARE) -> list:
     """The arms that pass a rung: the best 1/rf of the target choices (each at its best unit), within
     each of those the best 1/rf of its units (each at its best arm), and within each of those the
     best 1/rf of its arms; besides, every unit whose gain share at the rung is at least KEEP_SHARE
@@ -230,7 +234,7 @@ def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=Non
                 return family.get(v, "") == family.get(u, "") and v < u
 
             for u in sorted(best, key=lambda u: (cost.get(u, math.inf), u)):
-                if u not in units and base_loss - best[u] >= KEEP_SHARE * gain and not any(
+                if u not in units and base_loss - best[u] >= keep_share * gain and not any(
                         v != u and no_dearer(v, u) and best[v] <= best[u] for v in units):
                     units.append(u)
     close: set = set()
@@ -239,7 +243,7 @@ def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=Non
         # can lead early and overfit later): the leading unit keeps every rate that is close.
         gain = base_loss - min(means.values())
         lead = unit[min(means, key=lambda a: (means[a], a))]
-        close = {a for a, loss in means.items() if unit[a] == lead and base_loss - loss >= KEEP_SHARE * gain}
+        close = {a for a, loss in means.items() if unit[a] == lead and base_loss - loss >= keep_share * gain}
     keep = []
     for u in units:
         top = _top([a for a in means if unit[a] == u], means, reduction_factor)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -12,6 +14,17 @@ from trainables.tiny import build_tiny_llama, chain_records, word_list, write_js
 
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# One converted/pre-quantized model cache for the whole test session, never the user's
+# ~/.cache/lora-rank-search: set before any Ray starts, so trial workers and driver subprocesses
+# inherit it. Tests that check the cache itself point the variable at their own folder.
+TEST_CACHE = tempfile.mkdtemp(prefix="lrs-test-cache-")
+os.environ["LORA_RANK_SEARCH_CACHE"] = TEST_CACHE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache():
+    yield TEST_CACHE
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 WORDS = word_list(60)
 ROLES = ["user", "assistant", "system"]  # so chat templates render to known words

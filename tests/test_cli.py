@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import glob
 import os
 import subprocess
 import sys
@@ -70,3 +71,40 @@ def test_cli_search_end_to_end_prints_the_table_and_writes_the_experiment(raw_co
     # Running it again without --resume is refused: no silent merge into the old experiment.
     again = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 2 and "already exists; add --resume" in again.stderr
+
+
+def test_analyze_and_export_name_bad_input(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nope")]) == 2
+    assert "EXPERIMENT_DIR: no experiment at" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path), "--tolerance", "-0.5"]) == 2
+    assert "--tolerance: must be a number >= 0" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert glob.glob(str(tmp_path / "x")) == []
+
+
+def test_params_and_analyze_do_not_load_the_4bit_kernels(tmp_path):
+    """Neither command needs bitsandbytes: it stays unimported, so its "Failed to load CPU
+    gemm_4bit_forward from kernels-community" line is not printed."""
+    from conftest import write_fake_experiment
+
+    _tiny_llama_config().save_pretrained(tmp_path / "llama")
+    experiment = write_fake_experiment(tmp_path / "fake")
+    script = (
+        "import sys\n"
+        "from search.cli import main\n"
+        f"assert main(['params', {str(tmp_path / 'llama')!r}, '--ranks', '8']) == 0\n"
+        f"assert main(['analyze', {experiment!r}]) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('bitsandbytes', 'peft'))\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LOADED []" in done.stderr, done.stderr[-3000:]
+    assert "kernels-community" not in done.stderr + done.stdout
+
+
+def _tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, vocab_size=100)

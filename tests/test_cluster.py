@@ -129,9 +129,9 @@ def test_trials_spread_over_nodes_and_a_lost_node_resumes_from_checkpoints(raw_c
 
     def remove_a_busy_worker() -> None:
         """Once a trial has finished, remove the worker node of a running trial that has a
-        recorded checkpoint (step > 0): a node lost mid-search."""
-        deadline = time.time() + 150
-        while time.time() < deadline and not seen:
+        recorded checkpoint (step > 0): a node lost mid-search. Watches until that moment or the
+        search's end (an event, not a deadline: a loaded machine only makes the search slower)."""
+        while not search_ended.is_set() and not seen:
             reports, recorded = _progress(experiment), _recorded_checkpoints(experiment)
             done = {f for f, rows in reports.items() if rows and rows[-1]["step"] >= MAX_STEPS}
             for folder, rows in reports.items():
@@ -144,13 +144,17 @@ def test_trials_spread_over_nodes_and_a_lost_node_resumes_from_checkpoints(raw_c
                                 finished_bytes={f: open(os.path.join(experiment, f, "result.json"), "rb").read() for f in done})
                     made.remove_node(node, allow_graceful=False)
                     return
-            time.sleep(0.2)
+            search_ended.wait(0.2)
 
+    search_ended = threading.Event()
     remover = threading.Thread(target=remove_a_busy_worker, daemon=True)
     started = time.time()
     remover.start()
-    run_search(cfg, address=made.address, log=lambda _: None)
-    remover.join(timeout=5)
+    try:
+        run_search(cfg, address=made.address, log=lambda _: None)
+    finally:
+        search_ended.set()
+        remover.join()
     elapsed = time.time() - started
     assert seen, "no moment with a finished trial and a running one with a checkpoint; nothing was removed"
 

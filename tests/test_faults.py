@@ -31,6 +31,7 @@ def test_the_fault_hook_is_off_unless_set_and_once_skips_a_resumed_run():
         planned_fault(2, resumed=False, spec="r=2:step=1:kind=segfault")
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("kind, status, detail", [
     ("nan", "diverged", "training loss became nan at step 7 (r=2, seed=0)"),
     ("oom", "oom", "out of memory at step 7 (r=2, batch 16 x"),
@@ -114,6 +115,7 @@ def test_failing_trials_leave_the_others_finishing_and_show_in_the_results(raw_c
     assert last["trial_status"] == "diverged" and last["failure"]
 
 
+@pytest.mark.slow  # trains
 def test_a_trial_restored_from_its_final_checkpoint_ends_without_loading_the_model(raw_config, tmp_path, weight_loads):
     """What a driver killed between a trial's last report and the next snapshot leaves behind."""
     cfg = parse_config(raw_config(train={"max_steps": 10, "eval_every": 10}))

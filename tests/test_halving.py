@@ -248,6 +248,9 @@ def test_a_rank_close_to_the_best_gain_is_kept_though_it_is_not_among_the_fastes
     d = decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3, base=base)
     assert sorted(d.survivors[0]) == [4, 8, 16], "r=4 recovers 85% >= KEEP_SHARE of the best gain"
     assert d.stopped == {"t1", "t2"}, "r=2 (50%) and r=1 (30%) are far from it"
+    # keep_share (bench/halving_replay.py --keep-share) moves that line; the default is KEEP_SHARE
+    assert sorted(decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3, base=base, keep_share=0.9).survivors[0]) == [8, 16]
+    assert sorted(decide(RANKS, scores, ended=[], rungs=[40, 120], reduction_factor=3, base=base, keep_share=0.5).survivors[0]) == [2, 4, 8, 16]
 
 
 def test_a_larger_rank_that_is_no_better_than_a_kept_smaller_one_is_not_kept_for_its_share():

@@ -1,5 +1,5 @@
-"""Whole searches on a real (local) Ray runtime: ASHA stops trials, fractional GPU packing,
-TensorBoard event files, every metric on every report."""
+"""Whole searches on a real (local) Ray runtime: ASHA stops trials, successive halving, TensorBoard
+event files, every metric on every report."""
 
 from __future__ import annotations
 
@@ -57,21 +57,8 @@ def test_asha_stops_poor_ranks_and_every_trial_leaves_readable_results(raw_confi
             assert abs(scalars[step] - value) < 1e-5 * max(1.0, abs(value))
 
 
-def test_fractional_gpus_pack_four_trials_onto_two_logical_gpus(raw_config, ray_session):
-    ray_session(num_cpus=4, num_gpus=2)  # logical GPUs: Ray schedules them, torch never sees CUDA
-    cfg = parse_config(raw_config(
-        lora={"ranks": [1, 2, 4, 8]},
-        train={"max_steps": 20, "eval_every": 10},
-        scheduler={"type": "none"},
-        resources={"gpus_per_trial": 0.5},
-    ))
-    trials, _ = load_experiment(run_search(cfg, log=lambda _: None))
-    assert len(trials) == 4 and trials["status"].eq("completed").all()
-    # All four ran at the same time: the latest start is before the earliest end.
-    assert trials["started_at"].max() < trials["ended_at"].min()
-    ids = trials["gpu_ids"].tolist()
-    assert all(len(i.split(",")) == 1 and i in ("0", "1") for i in ids), ids
-    assert sorted(ids) == ["0", "0", "1", "1"], "two trials per GPU"
+# Fractional packing on logical GPUs (four trials at 0.5 GPU on two GPUs) is checked with
+# `gpus_per_trial: auto` in test_resources.py, by the shares Ray holds at once rather than by clocks.
 
 
 def test_successive_halving_compares_all_ranks_at_each_rung_and_resumes_survivors(raw_config, ray_session):

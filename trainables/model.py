@@ -250,7 +250,7 @@ def _quantize_from_original(path: str, quantization: QuantizationConfig, device:
 
 def _load_4bit_cached(path: str, quantization: QuantizationConfig, device: str, dtype, trust_remote_code: bool):
     """Quantize once per machine and save the 4-bit checkpoint (bitsandbytes serializes packed
-    weights and quantization state); every later trial loads that instead (~8x faster)."""
+    weights and quantization state); every later trial loads that instead (bench/model_load.py measures the speed-up)."""
     target = prequantized_dir(path, quantization, device)
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
