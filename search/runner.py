@@ -355,8 +355,12 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         # A small model's ops are too small for several threads to share (its step is bound by Python
         # and kernel launches): each CPU core then gets a pack of its own (measured: bench/packing.py).
         per_node = max(1, cpus // cfg.resources.cpus_per_trial) if prepared.dims.get("hidden", 0) < SMALL_HIDDEN else 1
+        if wanted == "auto":
+            arms = min(math.ceil(trials / per_node), MAX_ARMS_PER_PACK)
+        else:  # as many arms per pack as asked, in as few packs as that needs
+            arms = min(trials, int(wanted))
+            per_node = max(1, min(per_node, math.ceil(trials / arms)))
         threads = max(1, cpus // per_node)
-        arms = min(math.ceil(trials / per_node), MAX_ARMS_PER_PACK if wanted == "auto" else int(wanted))
         note = f", {per_node} packs per node" if per_node > 1 else ""
         per_trial = {"cpu": threads / arms, "gpu": 0.0}
     if arms <= 1:

@@ -169,7 +169,8 @@ def test_arms_that_fit_a_gpu_hold_the_base_once_and_each_arm_beside_it():
 @pytest.mark.parametrize("over, expected", [
     ({"arms_per_worker": 1}, None),
     ({"arms_per_worker": "auto"}, (4, 1, 2)),  # tiny model (hidden < 256): a pack per core, 8 arms over 2 packs
-    ({"arms_per_worker": 3}, (3, 1, 2)),
+    ({"arms_per_worker": 3}, (3, 1, 2)),  # 3 per pack: 3 packs, 2 on this node at a time
+    ({"arms_per_worker": 8}, (8, 2, 1)),  # all 8 in one pack, as asked: it gets both cores
 ])
 def test_plan_packs_on_cpu(over, expected, raw_config, monkeypatch):
     import ray

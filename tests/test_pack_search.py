@@ -5,13 +5,16 @@ diverging arm leaving its pack-mates to finish."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
 from analysis.results import load_experiment
+from processes import kill_marked
 from search.cli import main
+from test_interrupt import _wait_for, driver_env  # noqa: F401 - driver_env is a fixture used below
 from trainables.failures import FAULT_ENV
 
 pytestmark = pytest.mark.slow
@@ -80,3 +83,34 @@ def test_a_diverging_arm_leaves_its_pack_mates_finishing(raw_config, tmp_path, m
         assert by_arm[(1, lr)].status == "diverged" and by_arm[(1, lr)].steps == 12
         assert by_arm[(1, lr)].failure == "training loss became nan at step 12 (r=1, seed=0)"
         assert by_arm[(4, lr)].status == "completed" and by_arm[(4, lr)].steps == 30
+
+
+def test_a_killed_packed_search_resumes_its_arms_from_their_checkpoints(raw_config, tmp_path, driver_env):
+    import subprocess
+    import sys
+
+    raw = raw_config(name="packed-kill", lora={"ranks": [1, 4], "target_modules": "attention", "alpha": 16},
+                     train={"max_steps": 40, "eval_every": 10, "batch_size": 8, "learning_rate": [3e-3, 1e-2]},
+                     scheduler={"type": "sha", "grace_period": 10, "reduction_factor": 2},
+                     resources={"cpus_per_trial": 1, "arms_per_worker": 4})
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    experiment = str(tmp_path / "runs" / "packed-kill")
+    cli = [sys.executable, "-m", "search.cli", "search", str(config)]
+    logs = [open(tmp_path / name, "w+") for name in ("out-0.txt", "err-0.txt", "out-1.txt", "err-1.txt")]
+    first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env=driver_env)
+    _wait_for(experiment, first, lambda snap: any(step >= 10 for _, step in snap.values()))
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())  # the pack server and the trials with it
+
+    second = subprocess.Popen([*cli, "--resume"], stdout=logs[2], stderr=logs[3], env=driver_env)
+    second.wait(timeout=600)
+    assert second.returncode == 0, (logs[3].seek(0) or logs[3].read())[-3000:]
+    logs[2].seek(0)
+    assert "packing: 4 arms per worker" in logs[2].read()
+    trials, history = load_experiment(experiment)
+    assert len(trials) == 4 and set(trials["status"]) <= {"completed", "stopped"}
+    assert (trials["status"] == "completed").sum() == 1
+    assert (history["resumed_from_step"] >= 10).any(), "arms continued from their checkpoints"
+    assert _verdict(Path(experiment))["rank"] in (1, 4)

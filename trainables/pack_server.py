@@ -31,6 +31,7 @@ from search.config import TrialSettings
 from trainables.data import TokenizedData
 
 SERVER_PREFIX = "lrs-pack-"
+NAMESPACE = "lora-rank-search"  # the servers' Ray namespace (named, detached actors need one)
 LIVENESS_SECONDS = 10.0  # how often an idle server checks that its arms' trials are still alive
 
 
@@ -271,7 +272,8 @@ def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan, key
 
     def start(slot: str):
         actor = ray.remote(PackServer).options(
-            name=f"{SERVER_PREFIX}{plan.experiment}-{node[:12]}-{slot}", get_if_exists=True, lifetime="detached",
+            name=f"{SERVER_PREFIX}{plan.experiment}-{node[:12]}-{slot}", namespace=NAMESPACE, get_if_exists=True,
+            lifetime="detached",
             num_cpus=0, num_gpus=0, max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
         )
@@ -290,10 +292,10 @@ def stop_servers(experiment: str) -> int:
     import ray
 
     killed = 0
-    for name in ray.util.list_named_actors():
-        if isinstance(name, str) and name.startswith(f"{SERVER_PREFIX}{experiment}-"):
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == NAMESPACE and entry.get("name", "").startswith(f"{SERVER_PREFIX}{experiment}-"):
             try:
-                ray.kill(ray.get_actor(name))
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
                 killed += 1
             except ValueError:
                 pass
