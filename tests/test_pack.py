@@ -121,6 +121,10 @@ def test_a_diverging_arm_leaves_its_pack_mates_training_as_alone(packed_setup, m
     assert all(p.requires_grad and p.grad is None for p in pack.arms["c"].params)
     pack.add("d", {**ARMS["b"], "seed": 3})  # a new arm joins; the others keep training
     assert pack.train_step(["a", "c", "d"]) == [] and pack.arms["d"].step == 1 and pack.arms["a"].step == 7
+    for key in ("a", "c", "d"):  # the pack empties, and a new arm still trains and evaluates in it
+        pack.remove(key)
+    pack.add("e", ARMS["c"])
+    assert pack.train_step(["e"]) == [] and math.isfinite(pack.evaluate(["e"])["e"])
 
 
 @pytest.mark.slow

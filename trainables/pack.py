@@ -191,6 +191,8 @@ class Pack:
             self.model = get_peft_model(self.base, lora_cfg, adapter_name=arm.name)
         else:
             self.model.add_adapter(arm.name, lora_cfg)
+            if self.model.active_adapter not in self.model.peft_config:  # the pack was empty: PEFT still names a deleted one
+                self.model.set_adapter(arm.name)
         self._wire(arm)
         arm.params = [p for n, p in self.model.named_parameters() if f".{arm.name}." in n or n.endswith(f".{arm.name}")]
         self.arms[key] = arm
@@ -227,6 +229,8 @@ class Pack:
         arm.optimizer = arm.scheduler = None
         arm.params = []
         self.model.delete_adapter(arm.name)
+        if self.arms:  # PEFT's forward reads the config of an active adapter: name one that exists
+            self.model.set_adapter(next(iter(self.arms.values())).name)
         self._trainable()
         if self.device.startswith("cuda"):
             import torch
