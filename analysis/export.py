@@ -18,6 +18,7 @@ GGUF model it names the folder holding the GGUF file (load the base with `gguf_f
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
@@ -74,6 +75,9 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     if earlier is not None and not force:
         what = f" (r={earlier.get('rank')}, trial {earlier.get('trial_dir')}, from {earlier.get('experiment')})" if earlier else ""
         raise ExportError(f"--out: {out!r} holds an earlier export{what}; pass --force to replace it")
+    refused = unshippable(trials, rec.trial_id)
+    if refused:
+        raise ExportError(f"nothing to export: {refused}")
     ckpt = best_checkpoint(experiment, trials, history, rec.trial_id)
     if ckpt is None:
         raise ExportError(f"trial {rec.trial_id} (r={rec.rank}) has no checkpoint with an eval loss on disk under {experiment!r}")
@@ -126,6 +130,26 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     with open(os.path.join(out, EXPORT_INFO), "w") as handle:
         json.dump(json_safe(info), handle, indent=2)
     return info
+
+
+def unshippable(trials: pd.DataFrame, trial_id: str) -> str:
+    """Why the trial's adapter must not be shipped (damaged files, or a failed or non-finite trial:
+    diverged, oom, error); '' when it may be."""
+    from analysis.results import DAMAGED, FAILED
+
+    rows = trials[trials["trial_id"].astype(str) == str(trial_id)] if "trial_id" in trials else trials.iloc[0:0]
+    if rows.empty:
+        return f"trial {trial_id} is not among the experiment's trials"
+    row = rows.iloc[0]
+    status = str(row.get("status", ""))
+    final = pd.to_numeric(pd.Series([row.get("final_eval_loss")]), errors="coerce").iloc[0]
+    if status in FAILED:
+        what = "its folder is damaged" if status == DAMAGED else f"it {'failed' if status == 'error' else status}"
+        return (f"the recommended trial {row.get('trial_dir', trial_id)} (r={row.get('r')}) is not shipped: {what} "
+                f"({row.get('failure') or status}); train that arm again (a lower learning rate if it diverged)")
+    if not pd.isna(final) and not math.isfinite(float(final)):
+        return f"the recommended trial {row.get('trial_dir', trial_id)} ended with a non-finite eval loss ({final}); train that arm again"
+    return ""
 
 
 def stop_note(info: dict) -> str:

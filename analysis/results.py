@@ -13,6 +13,7 @@ from typing import Optional
 import pandas as pd
 import yaml
 
+from analysis.integrity import arm_mismatch, diverged_reason, duplicate_arms, nonfinite_eval
 from search.arms import format_lr
 from search import layout, storage
 from search.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
@@ -21,7 +22,8 @@ from trainables.failures import DIVERGED, OOM
 # Trial status as analysis names it (Ray's TERMINATED covers both finished and early-stopped; a
 # trial that diverged or ran out of memory ends itself and says so in its last report).
 COMPLETED, STOPPED, ERROR, INTERRUPTED, PENDING = "completed", "stopped", "error", "interrupted", "pending"
-FAILED = (ERROR, DIVERGED, OOM)  # statuses whose `failure` column says why
+DAMAGED = "damaged"  # its folder's files are missing, damaged or contradict each other: left out of the evidence
+FAILED = (ERROR, DIVERGED, OOM, DAMAGED)  # statuses whose `failure` column says why
 DONE = (COMPLETED, STOPPED, *FAILED)  # trials that ended; the rest were interrupted before they could
 
 
@@ -125,17 +127,31 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if layout.RESULT_FILE not in files and _ran(files, ray_status):
             problems.append("result.json is missing, though the trial ran ("
                             + (f"Ray recorded it as {ray_status}" if ray_status not in ("", "PENDING") else "its folder holds its outputs") + ")")
-        if problems:
-            incomplete.append(f"{name}: {'; '.join(problems)}")
+        elif layout.RESULT_FILE in files and history.empty and _reported(files, ray_status):
+            size = getattr(files[layout.RESULT_FILE], "size", None)
+            problems.append(f"result.json holds no report ({size if size is not None else '?'} bytes), though the trial "
+                            + (f"has checkpoints" if _checkpointed(files) else f"ran (Ray recorded it as {ray_status})"))
+        problems.extend(arm_mismatch(params, history, parsed))
         if "r" not in params and (history.empty or "r" not in history):
+            if problems:
+                incomplete.append(f"{name}: {'; '.join(problems)}")
             continue  # nothing says which arm it was: only named as incomplete
         row = _trial_row(name, trial_id, params, history, files, ray_status, max_steps, _configured_lr(config))
         row["retries"] = failures if row["status"] != ERROR else max(failures - 1, 0)
         if row["status"] == ERROR:
             row["failure"] = _error_line(fs, trial_root)
+        if problems:
+            row.update(status=DAMAGED, failure="; ".join(problems), stopped_early=False)
         trials.append(row)
         if not history.empty:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
+    for row in trials:  # two syncs merged into one folder: neither copy is believed
+        twin = duplicate_arms(trials).get(row["trial_dir"])
+        if twin:
+            row.update(status=DAMAGED, failure="; ".join(filter(None, [row["failure"] if row["status"] == DAMAGED else "", twin])),
+                       stopped_early=False)
+    incomplete = sorted({line.split(":", 1)[0]: line for line in incomplete
+                         + [f"{row['trial_dir']}: {row['failure']}" for row in trials if row["status"] == DAMAGED]}.values())
     trials_df = pd.DataFrame(trials)
     if not trials_df.empty:
         trials_df = trials_df.sort_values(["target_choice", "r", "lr", "seed"]).reset_index(drop=True)
@@ -168,6 +184,15 @@ def _ran(files: dict, ray_status: str) -> bool:
     """The trial produced something (Ray's status past PENDING, or outputs in its folder)."""
     return ray_status not in ("", "PENDING") or any(n in files for n in layout.TRIAL_OUTPUTS) or any(
         n.startswith((layout.CHECKPOINT_PREFIX, "events.out.tfevents")) for n in files)
+
+
+def _checkpointed(files: dict) -> bool:
+    return any(n.startswith(layout.CHECKPOINT_PREFIX) for n in files)
+
+
+def _reported(files: dict, ray_status: str) -> bool:
+    """The trial reported at least once: Tune ended it, or it saved a checkpoint (one per report)."""
+    return ray_status in ("TERMINATED", "ERROR") or _checkpointed(files)
 
 
 def _params(fs, trial_root: str, files: dict, problems: list) -> dict:
@@ -232,6 +257,8 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         status = ERROR
     elif reported in (DIVERGED, OOM):
         status = reported
+    elif nonfinite_eval(history):
+        status = DIVERGED  # an eval loss of NaN/inf is divergence, whatever the loop reported
     elif ray_status in ("RUNNING", "PENDING", "PAUSED") or (ray_status == "" and steps and max_steps and steps < max_steps):
         status = INTERRUPTED if steps else PENDING
     elif max_steps and steps >= max_steps:
@@ -255,7 +282,7 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         # the target choice's label (a preset, or names joined by '+'); with one choice, its label
         "target_choice": str(params.get("target_choice") or params.get("target_preset") or ""),
         "status": status,
-        "failure": str(_last(history, "failure", "")) if status in (DIVERGED, OOM) else "",
+        "failure": _failure(history, status, params),
         "stopped_early": status == STOPPED,
         "steps": steps,
         "max_steps": max_steps,
@@ -276,6 +303,17 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         "started_at": float(_last(history, "started_at")),
         "ended_at": float(_last(history, "timestamp")),
     }
+
+
+def _failure(history: pd.DataFrame, status: str, params: dict) -> str:
+    """Why a diverged or out-of-memory trial ended: its own last word, else the non-finite eval."""
+    if status not in (DIVERGED, OOM):
+        return ""
+    said = str(_last(history, "failure", ""))
+    bad = nonfinite_eval(history)
+    if said or bad is None:
+        return said
+    return diverged_reason(bad[0], bad[1], params.get("lr", _last(history, "learning_rate")), int(params.get("r", _last(history, "r", 0))))
 
 
 def _size(n: float, unit: str = "B") -> str:
