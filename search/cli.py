@@ -38,6 +38,11 @@ def _search(args: argparse.Namespace) -> int:
     print(f"\nexperiment: {experiment}")
     # Tune catches the first Ctrl-C itself, saves its state and returns as if done: count what finished.
     unfinished = num_trials(cfg) - (int(trials["status"].isin(DONE).sum()) if not trials.empty else 0)
+    if unfinished and args.resume and not trials.empty and len(trials) != num_trials(cfg):
+        print(f"error: name: the experiment {experiment!r} holds {len(trials)} trials but the config asks for {num_trials(cfg)}; "
+              "resuming cannot finish it (was its stored config changed or lost?): start a new search under another name",
+              file=sys.stderr)
+        return 2
     if unfinished:
         print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
