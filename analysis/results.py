@@ -99,16 +99,23 @@ def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFra
 
 def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, history): one row per trial, and one row per report with a `trial_id` column."""
-    fs, root = _fs(experiment)
-    listing = _listing(fs, root)
+    import pyarrow.fs
+
+    try:
+        fs, root = _fs(experiment)
+        kind = fs.get_file_info(root).type
+        listing = _listing(fs, root) if kind == pyarrow.fs.FileType.Directory else {}
+    except (ValueError, OSError) as exc:  # an unknown URI scheme, an unreadable folder
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileNotFoundError(f"cannot read {experiment!r} ({first})") from None
+    if kind == pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"{experiment!r} is a file, not an experiment folder (give storage_path/name of a search)")
     if not listing:
         raise FileNotFoundError(f"no experiment at {experiment!r}")
     config = read_config(experiment)
     max_steps = (config.get("train") or {}).get("max_steps")
     statuses = _ray_statuses(fs, root, listing)
     trials, histories, incomplete = [], [], []
-    import pyarrow.fs
-
     for name in sorted(listing):
         if listing[name].type != pyarrow.fs.FileType.Directory:
             continue

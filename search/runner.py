@@ -262,8 +262,13 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
     with less (a run that died in its first seconds) can be neither resumed nor reused.
     """
     exp = cfg.experiment_path
-    names = storage.listdir(exp)
-    resumable = is_resumable(exp)
+    try:
+        names = storage.listdir(exp)
+    except (ValueError, OSError) as exc:  # pyarrow: an unknown URI scheme, a bucket it cannot reach
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError([f"storage_path: cannot open {cfg.storage_path!r} ({first}); use a local folder, s3://, gs:// "
+                           "or another filesystem pyarrow knows"], "input") from None
+    resumable = layout.is_resumable(names)
     if not resume and resumable:
         raise ConfigError(
             [f"name: experiment {exp!r} already exists; add --resume to continue it, or choose another name (--set name=...)"],
