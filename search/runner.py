@@ -130,6 +130,11 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
             tag = f" (target choice {label})" if len(choices) > 1 else ""
             problems.extend(p + tag for p in refused if p + tag not in problems)
             warnings.extend(w + tag for w in warned)
+        if len(out.choices) == len(choices):
+            out.choices, merged = merge_same_choices(out.choices)
+            if merged:
+                warnings.extend(merged)
+                out.cfg = _keep_choices(cfg, choices, out.choices)
         out.targets = next(iter(out.choices.values()), [])
         tokenizer = load_tokenizer(out.model_path, cfg.model.trust_remote_code)
     except ModelSourceError as exc:
@@ -155,6 +160,30 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
 
     out.data_stats = describe(out.data)
     return out
+
+
+def merge_same_choices(choices: dict) -> tuple[dict, list[str]]:
+    """Target choices (label -> resolved targets) without the ones that resolve to the same layers as
+    an earlier choice (they would train the same adapters twice), and one warning per choice left out."""
+    kept: dict = {}
+    first: dict = {}
+    notes = []
+    for label, targets in choices.items():
+        key = tuple(sorted(targets))
+        if key in first:
+            notes.append(f"lora.target_modules: target choice {label!r} selects the same layers as {first[key]!r} "
+                         f"({', '.join(key)}); merged into it, so they are trained once")
+            continue
+        first[key] = label
+        kept[label] = targets
+    return kept, notes
+
+
+def _keep_choices(cfg: SearchConfig, choices: list, kept: dict) -> SearchConfig:
+    """The config with lora.target_modules reduced to the choices in `kept` (the search it runs)."""
+    specs = [spec for label, spec in choices if label in kept]
+    target_modules = specs[0] if len(specs) == 1 else tuple(specs)
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, target_modules=target_modules))
 
 
 def memory_estimate(cfg: SearchConfig, prepared: Prepared) -> MemoryEstimate:
@@ -236,7 +265,7 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
         "model": prepared.dims,
         "data": prepared.data_stats,
         "resources_per_trial": resources,
-        "num_trials": num_trials(cfg),
+        "num_trials": num_trials(prepared.cfg),
         "config": cfg.to_dict(),  # what lora_rank_search.yaml holds: rebuilds it if it goes missing
         FINGERPRINTS: fingerprints(cfg.to_dict(), prepared.model_path),
         "versions": {
@@ -331,6 +360,32 @@ def check_fingerprints(cfg: SearchConfig, prepared: Prepared) -> None:
     changed = changes(recorded, fingerprints(cfg.to_dict(), prepared.model_path))
     if changed:
         raise ConfigError([f"{line} (experiment {cfg.experiment_path})" for line in changed], "input")
+
+
+ADDRESS_TIMEOUT_S = 10.0  # seconds: how long --address HOST:PORT may take to accept a TCP connection
+
+
+def address_problem(address: Optional[str], timeout_s: float = ADDRESS_TIMEOUT_S) -> Optional[str]:
+    """Why --address HOST:PORT (or ray://HOST:PORT) cannot be a Ray cluster: nothing accepts a TCP
+    connection there within timeout_s (Ray itself retries for minutes). None when it answers, and
+    for auto, local and addresses that are not HOST:PORT (Ray says what is wrong with those)."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return None
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = hostport.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or type(exc).__name__)
+        return (f"--address: no Ray cluster answers at {address!r} (tried a TCP connection to {host}:{port} for up to "
+                f"{timeout_s:g} s: {why}); start the head with `ray start --head`, check the address and port "
+                "(GCS 6379, Ray client 10001) and the firewall, or leave --address out to run locally")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -440,6 +495,9 @@ def run_search(
     # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_experiment_dir(cfg, resume)
+    problem = address_problem(address)
+    if problem:
+        raise ConfigError([problem], "input")
     log(f"preparing: model {cfg.model.name_or_path}, data {cfg.data.source}")
     # Without --address: the cluster of a `ray job submit` (RAY_ADDRESS), else a private local
     # Ray, even if a `ray start` cluster runs on this machine (--address auto joins that one).
@@ -462,7 +520,11 @@ def run_search(
         # on ... from checkpoint": the progress lines say so).
         level = {"RAY_LOGGER_LEVEL": os.environ.get("RAY_LOGGER_LEVEL", "warning")} if local_ray else {}
         with _environ(level), isolated_ray_start(local_ray):
-            ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+            except ConnectionError as exc:  # --address auto with no cluster on this machine, a head that went away
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ConfigError([f"--address: cannot connect to the Ray cluster at {address!r} ({first})"], "input") from None
     try:
         joined = bool(address and address != "local") or bool(os.environ.get("RAY_ADDRESS"))
         resources = resolve_resources(cfg, prepared, log, joined=joined)
@@ -476,10 +538,10 @@ def run_search(
         rungs = rung_steps(cfg)
         rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
         choices = f"{len(prepared.choices)} target choices x " if len(prepared.choices) > 1 else ""
-        log(f"search: {num_trials(cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
+        log(f"search: {num_trials(prepared.cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
-        tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)
+        tuner = build_tuner(prepared.cfg, prepared, resources, resume, storage_marker=marker)
         tuner.fit()
     finally:
         if started_here:
