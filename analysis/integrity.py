@@ -32,14 +32,14 @@ def _same(a: float, b: float) -> bool:
 
 
 def nonfinite_eval(history: pd.DataFrame) -> Optional[tuple[int, float]]:
-    """(step, value) of the first evaluation whose eval_loss is NaN or infinite; None when every one
-    is finite (or there is none)."""
+    """(step, value) of the first report whose eval_loss is NaN or infinite (or not a number); None
+    when every one is finite, or no report has an eval_loss column. Every report of the trial loop
+    carries an evaluation, so a NaN there is a failed evaluation, not a missing one."""
     if history is None or history.empty or "eval_loss" not in history:
         return None
     values = pd.to_numeric(history["eval_loss"], errors="coerce")
-    present = history["eval_loss"].notna()  # a report without an eval is not a NaN eval
-    for index in history.index[present]:
-        value = float(values.loc[index]) if values.loc[index] == values.loc[index] else math.nan
+    for index in history.index:
+        value = float(values.loc[index])
         if not math.isfinite(value):
             step = history.loc[index, "step"] if "step" in history else 0
             return int(step) if _number(step) is not None else 0, value

@@ -198,8 +198,9 @@ def _checkpointed(files: dict) -> bool:
 
 
 def _reported(files: dict, ray_status: str) -> bool:
-    """The trial reported at least once: Tune ended it, or it saved a checkpoint (one per report)."""
-    return ray_status in ("TERMINATED", "ERROR") or _checkpointed(files)
+    """The trial reported at least once: Tune ended it normally (every trial reports before it ends;
+    one that raised first is ERROR), or it saved a checkpoint (one per report)."""
+    return ray_status == "TERMINATED" or _checkpointed(files)
 
 
 def _params(fs, trial_root: str, files: dict, problems: list) -> dict:
@@ -234,7 +235,7 @@ def check_complete(experiment: str, allow_incomplete: bool = False) -> list[str]
     if lines and not allow_incomplete:
         n = len(lines)
         raise IncompleteExperiment(
-            f"EXPERIMENT_DIR: {n} trial folder{'s are' if n > 1 else ' is'} incomplete, so a recommendation could be "
+            f"EXPERIMENT_DIR: {n} trial folder{'s are' if n > 1 else ' is'} incomplete or damaged, so a recommendation could be "
             "wrong:\n" + "\n".join(f"  {line}" for line in lines)
             + "\nrestore the files (sync the experiment again), or pass --allow-incomplete to use the other trials"
         )

@@ -49,6 +49,15 @@ def _search(args: argparse.Namespace) -> int:
         print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
     errored = _trials_in_error(trials)
+    from analysis.results import incomplete_trials
+
+    damaged = incomplete_trials(trials)
+    if damaged:
+        for line in damaged:
+            print(f"warning: EXPERIMENT_DIR: incomplete trial folder {line}", file=sys.stderr)
+        print(f"error: EXPERIMENT_DIR: {len(damaged)} trial folder(s) of {experiment!r} are incomplete or damaged, so no verdict "
+              f"is given; restore them, or run: lora-rank analyze {shlex.quote(experiment)} --allow-incomplete", file=sys.stderr)
+        return 2
     if args.no_analyze:
         print(f"next: lora-rank analyze {shlex.quote(experiment)}")
         return 1 if errored else 0

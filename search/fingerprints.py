@@ -91,8 +91,8 @@ def changes(before: Mapping, now: Mapping) -> list[str]:
                        f"started and is {'not ' if new.get('files') is None else ''}one now")
             continue
         names = sorted(n for n in set(old["files"]) | set(new["files"]) if old["files"].get(n) != new["files"].get(n))
-        shown = ", ".join(os.path.join(new.get("path") or old.get("path") or "", n) if len(old["files"]) > 1 or len(new["files"]) > 1
-                          else str(new.get("path") or old.get("path")) for n in names[:3])
+        where = str(new.get("path") or old.get("path") or "")
+        shown = ", ".join(where if os.path.basename(where) == n else os.path.join(where, n) for n in names[:3])
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         out.append(f"{field}: the contents of {shown}{more} changed since the search started; trials before and after "
                    "would not be comparable (restore the original, or start a new search under another name)")
