@@ -74,7 +74,7 @@ def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFra
         text = _read(fs, f"{trial_root}/{layout.RESULT_FILE}")
     except (FileNotFoundError, OSError):
         return pd.DataFrame()
-    rows, bad = [], []
+    rows, bad, cut = [], [], None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -83,9 +83,16 @@ def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFra
         except ValueError:
             row = None
         if isinstance(row, dict):
+            if cut is not None and row.get("iterations_since_restore") != 1:
+                bad.append(cut)  # not followed by a restart: a damaged line, not one cut by an interruption
+            cut = None
             rows.append(row)
         else:
-            bad.append(number)
+            if cut is not None:
+                bad.append(cut)
+            cut = number  # a line cut by a killed run is followed by the resumed run's first report
+    if cut is not None:
+        bad.append(cut)
     if bad and problems is not None:
         problems.append(f"result.json line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:3]))} not a JSON report")
     frame = pd.DataFrame(rows)

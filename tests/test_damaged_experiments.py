@@ -96,6 +96,34 @@ def test_target_choices_that_resolve_to_the_same_layers_are_merged_with_a_warnin
             in capsys.readouterr().err)
 
 
+def _hand_made(root, lines: list[str]) -> str:
+    """An experiment of one finished trial (r=2, 20 steps) whose result.json holds `lines`."""
+    trial = root / "r0002_lr1e-3_seed0_t_00000"
+    trial.mkdir(parents=True)
+    (root / "lora_rank_search.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 20}}))
+    (trial / "params.json").write_text(json.dumps({"r": 2, "lr": 1e-3, "seed": 0}))
+    (trial / "result.json").write_text("".join(line + "\n" for line in lines))
+    return str(root)
+
+
+def _line(step: int, restart: int = 0) -> str:
+    return json.dumps({"trial_id": "t_00000", "r": 2, "seed": 0, "learning_rate": 1e-3, "step": step, "eval_loss": 2.0 - step / 100,
+                       "iterations_since_restore": restart or step // 10})
+
+
+def test_a_line_cut_by_a_killed_run_and_re_reported_after_the_resume_is_not_damage(tmp_path):
+    from analysis.results import load_experiment
+
+    cut = _line(20)[:25]
+    resumed = _hand_made(tmp_path / "a", [_line(10), cut, _line(20, restart=1)])
+    trials, _ = load_experiment(resumed)
+    assert trials.attrs["incomplete"] == [] and trials.loc[0, "status"] == "completed"
+    damaged = _hand_made(tmp_path / "b", [_line(10), cut, cut, _line(20)])  # no restart follows: damage
+    trials, _ = load_experiment(damaged)
+    assert trials.attrs["incomplete"] == ["r0002_lr1e-3_seed0_t_00000: result.json lines 2, 3 not a JSON report"]
+    assert trials.loc[0, "status"] == "damaged"
+
+
 # --------------------------------------------------------------------------- a real experiment, damaged
 
 WINNER, LOSER = "r0002", "r0001"  # on the chain task, r=2 recovers far more of the gain than r=1 at 20 steps
