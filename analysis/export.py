@@ -81,6 +81,10 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     ckpt = best_checkpoint(experiment, trials, history, rec.trial_id)
     if ckpt is None:
         raise ExportError(f"trial {rec.trial_id} (r={rec.rank}) has no checkpoint with an eval loss on disk under {experiment!r}")
+    damaged = adapter_problem(ckpt.adapter)
+    if damaged:
+        raise ExportError(f"EXPERIMENT_DIR: the adapter of trial {ckpt.trial_dir} ({ckpt.name}) is not shipped: {damaged}; "
+                          "restore the experiment's files (sync it again)")
     if earlier is not None:  # force: the earlier export's files go, so none of them outlives it
         for name in [*earlier.get("files", []), EXPORT_INFO]:
             if os.path.isfile(os.path.join(out, name)) and os.sep not in name:
@@ -130,6 +134,25 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     with open(os.path.join(out, EXPORT_INFO), "w") as handle:
         json.dump(json_safe(info), handle, indent=2)
     return info
+
+
+def adapter_problem(adapter_dir: str) -> str:
+    """Why the adapter folder must not be shipped: its config or weights do not load, or a weight is
+    NaN/inf; '' when it is sound."""
+    import numpy as np
+
+    from analysis.checkpoints import read_adapter
+
+    try:
+        config, tensors = read_adapter(adapter_dir)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        return f"{adapter_dir} does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    if not isinstance(config, dict) or not tensors:
+        return f"{adapter_dir} holds no adapter config or no weights"
+    bad = sorted(name for name, array in tensors.items() if not np.isfinite(array).all())
+    if bad:
+        return f"{adapter_dir} has non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    return ""
 
 
 def unshippable(trials: pd.DataFrame, trial_id: str) -> str:

@@ -301,3 +301,28 @@ def test_resume_after_the_data_model_or_stored_config_changed_is_refused_naming_
     before = (trial / "result.json").read_bytes()
     assert main([*search, "--resume"]) == 0, capsys.readouterr().err
     assert (trial / "result.json").read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_an_adapter_whose_weights_are_damaged_is_never_exported(damage, experiment, tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    winner = _folder(experiment, WINNER)
+    for checkpoint in sorted(n for n in os.listdir(winner) if n.startswith("checkpoint_")):
+        weights = os.path.join(winner, checkpoint, "adapter", "adapter_model.safetensors")
+        if damage == "truncated":
+            data = open(weights, "rb").read()
+            open(weights, "wb").write(data[: len(data) // 2])
+        else:
+            tensors = load_file(weights)
+            name = sorted(tensors)[0]
+            tensors[name] = np.full_like(tensors[name], np.nan)
+            save_file(tensors, weights, metadata={"format": "pt"})
+    code = main(["export", experiment, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"error: EXPERIMENT_DIR: the adapter of trial {os.path.basename(winner)}" in err
+    assert ("does not load" if damage == "truncated" else "has non-finite weights") in err
+    assert not os.path.exists(tmp_path / "x" / "adapter_model.safetensors")
