@@ -144,7 +144,7 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         elif layout.RESULT_FILE in files and history.empty and _reported(files, ray_status):
             size = getattr(files[layout.RESULT_FILE], "size", None)
             problems.append(f"result.json holds no report ({size if size is not None else '?'} bytes), though the trial "
-                            + (f"has checkpoints" if _checkpointed(files) else f"ran (Ray recorded it as {ray_status})"))
+                            + ("has checkpoints" if _checkpointed(files) else f"ran (Ray recorded it as {ray_status})"))
         problems.extend(arm_mismatch(params, history, parsed))
         if "r" not in params and (history.empty or "r" not in history):
             if problems:
@@ -159,8 +159,9 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         trials.append(row)
         if not history.empty:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
+    twins = duplicate_arms(trials)
     for row in trials:  # two syncs merged into one folder: neither copy is believed
-        twin = duplicate_arms(trials).get(row["trial_dir"])
+        twin = twins.get(row["trial_dir"])
         if twin:
             row.update(status=DAMAGED, failure="; ".join(filter(None, [row["failure"] if row["status"] == DAMAGED else "", twin])),
                        stopped_early=False)
