@@ -159,7 +159,7 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         trials.append(row)
         if not history.empty:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
-    twins = duplicate_arms(trials)
+    twins = duplicate_arms([row for row in trials if row["status"] != DAMAGED])  # a damaged row's arm is not known
     for row in trials:  # two syncs merged into one folder: neither copy is believed
         twin = twins.get(row["trial_dir"])
         if twin:

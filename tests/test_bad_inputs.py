@@ -300,6 +300,46 @@ def test_bad_input_to_the_other_commands_is_one_line_and_exit_2(case, argv, expe
     assert "Traceback" not in err + out
 
 
+WINNER = "r0004_lr1e-3_seed0_fake_00005"  # the hand-made experiment's best trial (conftest.FAKE_TRIALS)
+
+
+def _empty_results(exp: str) -> None:
+    open(os.path.join(exp, WINNER, "result.json"), "w").close()
+
+
+def _twin_folder(exp: str) -> None:
+    shutil.copytree(os.path.join(exp, WINNER), os.path.join(exp, "r0004_lr1e-3_seed0_copy_00099"))
+
+
+def _contradicting_params(exp: str) -> None:
+    with open(os.path.join(exp, WINNER, "params.json"), "w") as handle:
+        json.dump({"r": 8, "lr": 1e-3, "seed": 0, "alpha_rule": "16", "target_preset": "attention"}, handle)
+
+
+# Damaged experiment folders: (id, damage, expected fragment). analyze and export refuse them.
+DAMAGE_CASES = [
+    ("empty result.json of a trial that ran", _empty_results, f"{WINNER}: result.json holds no report (0 bytes), though the trial ran (Ray recorded it as TERMINATED)"),
+    ("two folders claiming one arm", _twin_folder, f"{WINNER}: another folder claims the same arm attention r=4 lr=1e-3 seed=0 (r0004_lr1e-3_seed0_copy_00099)"),
+    ("params.json contradicting the results", _contradicting_params, f"{WINNER}: params.json says r=8 but result.json says r=4; params.json says r=8 but the folder name says r=4"),
+]
+
+
+@pytest.mark.parametrize("case, damage, expected", DAMAGE_CASES, ids=[c[0] for c in DAMAGE_CASES])
+def test_a_damaged_experiment_folder_is_refused_by_analyze_and_export(case, damage, expected, tmp_path, capsys):
+    from conftest import write_fake_experiment
+
+    exp = write_fake_experiment(tmp_path / "exp")
+    damage(exp)
+    for argv in (["analyze", exp, "--out", str(tmp_path / "a")], ["export", exp, "--out", str(tmp_path / "x")]):
+        code = main(argv)
+        out, err = capsys.readouterr()
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2, err + out
+        assert len(errors) == 1 and "EXPERIMENT_DIR:" in errors[0] and any(line.startswith(f"  {expected}") for line in err.splitlines()), err
+        assert "Traceback" not in err + out
+    assert not (tmp_path / "x").exists() and not (tmp_path / "a").exists()
+
+
 def test_analyze_without_search_meta_json_is_no_traceback(tmp_path, capsys):
     from conftest import write_fake_experiment
 
