@@ -5,7 +5,8 @@ refuses when one changed (`changes`), because trials evaluated on different data
 base are not comparable. Digests are sha256 of the bytes; a file over FULL_HASH_BYTES (a large
 weight shard) is fingerprinted by its size and three SAMPLE_BYTES samples (start, middle, end),
 so a resume never reads many gigabytes. A hub model or dataset (not a local path) is recorded by
-name only: nothing on this machine says what it held.
+name only: nothing on this machine says what it held. `check_fingerprints` and the messages for a
+missing stored config (`missing_config`, `recovery`) are what `--resume` runs before Ray starts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import hashlib
 import json
 import os
 from typing import Mapping, Optional
+
+from search import layout, storage
+from search.config import ConfigError, warn
 
 FINGERPRINTS = "fingerprints"  # the search_meta.json key
 CONFIG_KEYS_IGNORED = ("resources.",)  # what may change between a run and its resume (as check_experiment_dir allows)
@@ -97,6 +101,36 @@ def changes(before: Mapping, now: Mapping) -> list[str]:
         out.append(f"{field}: the contents of {shown}{more} changed since the search started; trials before and after "
                    "would not be comparable (restore the original, or start a new search under another name)")
     return out
+
+
+# --------------------------------------------------------------------------- on --resume
+
+def missing_config(exp: str, saved_path: str) -> str:
+    return (f"{saved_path}: the experiment's stored config is missing, so nothing says what this search was and "
+            f"--resume cannot check it; {recovery(exp, saved_path)}")
+
+
+def recovery(exp: str, saved_path: str) -> str:
+    """How to rebuild the stored config: search_meta.json holds a copy (searches since its `config` entry)."""
+    if layout.read_meta(exp).get("config"):
+        meta = storage.join(exp, layout.META_FILE)
+        return (f"rebuild it from search_meta.json's copy: python -c \"import json,yaml;print(yaml.safe_dump(json.load("
+                f"open('{meta}'))['config'],sort_keys=False))\" > {saved_path!r}, then resume again")
+    return "restore it from a copy of the experiment (sync it again); or start a new search under another name (--set name=...)"
+
+
+def check_fingerprints(cfg, model_path: str) -> None:
+    """On --resume: refuse (ConfigError, one line per change) when the config, the model's weight
+    files or the data's contents differ from the fingerprints recorded when the search started.
+    An experiment from before fingerprints is warned about and resumed."""
+    recorded = layout.read_meta(cfg.experiment_path).get(FINGERPRINTS)
+    if not isinstance(recorded, dict):
+        warn(f"name: {cfg.experiment_path!r} records no fingerprints (an older search, or search_meta.json is missing): "
+             "whether its model and data changed since it started cannot be checked")
+        return
+    changed = changes(recorded, fingerprints(cfg.to_dict(), model_path))
+    if changed:
+        raise ConfigError([f"{line} (experiment {cfg.experiment_path})" for line in changed], "input")
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:

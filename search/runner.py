@@ -20,7 +20,8 @@ import yaml
 from search import storage
 from search.arms import format_lr
 from search import layout
-from search.fingerprints import FINGERPRINTS, changes, fingerprints
+from search.address import address_problem
+from search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, missing_config, recovery
 from search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn
 from search.isolation import isolated_ray_start
 from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
@@ -315,15 +316,15 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
     if resume:
         saved_path = storage.join(exp, layout.CONFIG_FILE)
         if not storage.exists(saved_path):
-            raise ConfigError([_missing_config(exp, saved_path)], "input")
+            raise ConfigError([missing_config(exp, saved_path)], "input")
         try:
             saved = yaml.safe_load(storage.read_text(saved_path))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError([f"{saved_path}: the experiment's stored config does not parse ({type(exc).__name__}); "
-                               + _recovery(exp, saved_path)], "input") from None
+                               + recovery(exp, saved_path)], "input") from None
         if not isinstance(saved, dict) or not saved:
             raise ConfigError([f"{saved_path}: the experiment's stored config is empty or not a mapping; "
-                               + _recovery(exp, saved_path)], "input")
+                               + recovery(exp, saved_path)], "input")
         now, before = _flatten(cfg.to_dict()), _flatten(saved or {})
         changed = [k for k in sorted(set(now) | set(before)) if not k.startswith("resources.") and now.get(k) != before.get(k)]
         if changed:
@@ -331,61 +332,6 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
                 [f"{k}: {now.get(k)!r} differs from {before.get(k)!r} in the experiment being resumed ({exp})" for k in changed],
                 "input",
             )
-
-
-def _missing_config(exp: str, saved_path: str) -> str:
-    return (f"{saved_path}: the experiment's stored config is missing, so nothing says what this search was and "
-            f"--resume cannot check it; {_recovery(exp, saved_path)}")
-
-
-def _recovery(exp: str, saved_path: str) -> str:
-    """How to rebuild the stored config: search_meta.json holds a copy (searches since its `config` entry)."""
-    if layout.read_meta(exp).get("config"):
-        meta = storage.join(exp, layout.META_FILE)
-        return (f"rebuild it from search_meta.json's copy: python -c \"import json,yaml;print(yaml.safe_dump(json.load("
-                f"open('{meta}'))['config'],sort_keys=False))\" > {saved_path!r}, then resume again")
-    return (f"restore it from a copy of the experiment (sync it again); or start a new search under another name "
-            f"(--set name=...)")
-
-
-def check_fingerprints(cfg: SearchConfig, prepared: Prepared) -> None:
-    """On --resume: refuse (ConfigError, one line per change) when the config, the model's weight
-    files or the data's contents differ from the fingerprints recorded when the search started.
-    An experiment from before fingerprints is warned about and resumed."""
-    recorded = layout.read_meta(cfg.experiment_path).get(FINGERPRINTS)
-    if not isinstance(recorded, dict):
-        warn(f"name: {cfg.experiment_path!r} records no fingerprints (an older search, or search_meta.json is missing): "
-             "whether its model and data changed since it started cannot be checked")
-        return
-    changed = changes(recorded, fingerprints(cfg.to_dict(), prepared.model_path))
-    if changed:
-        raise ConfigError([f"{line} (experiment {cfg.experiment_path})" for line in changed], "input")
-
-
-ADDRESS_TIMEOUT_S = 10.0  # seconds: how long --address HOST:PORT may take to accept a TCP connection
-
-
-def address_problem(address: Optional[str], timeout_s: float = ADDRESS_TIMEOUT_S) -> Optional[str]:
-    """Why --address HOST:PORT (or ray://HOST:PORT) cannot be a Ray cluster: nothing accepts a TCP
-    connection there within timeout_s (Ray itself retries for minutes). None when it answers, and
-    for auto, local and addresses that are not HOST:PORT (Ray says what is wrong with those)."""
-    import socket
-
-    if not address or address in ("auto", "local"):
-        return None
-    hostport = address.split("://", 1)[1] if "://" in address else address
-    host, _, port = hostport.rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        return None
-    host = host.strip("[]")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return None
-    except OSError as exc:
-        why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or type(exc).__name__)
-        return (f"--address: no Ray cluster answers at {address!r} (tried a TCP connection to {host}:{port} for up to "
-                f"{timeout_s:g} s: {why}); start the head with `ray start --head`, check the address and port "
-                "(GCS 6379, Ray client 10001) and the firewall, or leave --address out to run locally")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -505,7 +451,7 @@ def run_search(
     local_ray = started_here and not address and not os.environ.get("RAY_ADDRESS")
     prepared = prepare(cfg, log, local_ray=local_ray)
     if resume:
-        check_fingerprints(cfg, prepared)
+        check_fingerprints(cfg, prepared.model_path)
     s = prepared.data_stats
     log(
         f"data: {s['train_examples']} train / {s['eval_examples']} eval examples ({s['eval_tokens']} eval tokens); "

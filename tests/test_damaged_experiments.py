@@ -73,7 +73,7 @@ def test_fingerprint_changes_name_the_field_and_the_file(tmp_path):
 
 
 def test_an_address_that_does_not_answer_fails_fast_naming_what_was_tried(monkeypatch):
-    from search.runner import address_problem
+    from search.address import address_problem
 
     def silent(*args, timeout=None, **kwargs):
         raise socket.timeout("timed out")
