@@ -108,10 +108,12 @@ def parameter_table(
     if problems:
         raise ValueError("\n".join(problems))
     try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's typed configs raise it
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        StrictDataclassError = TypeError
+    try:
         meta = meta_model(path, trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - transformers' strict config dataclasses raise plain Exception subclasses
-        if type(exc).__name__ not in ("StrictDataclassFieldValidationError", "StrictDataclassError", "TypeError"):
-            raise
+    except (StrictDataclassError, TypeError) as exc:
         raise ValueError(f"MODEL: cannot read the model config of {model!r}: {' '.join(str(exc).split())}") from None
     shapes = linear_layers(meta)
     base = sum(p.numel() for p in meta.parameters())

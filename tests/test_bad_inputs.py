@@ -168,6 +168,7 @@ OTHER_CASES = [
     ("tensorboard --logdir an unwritable path", ["tensorboard", "{exp}", "--no-serve", "--logdir", "{file}/tb"], "--logdir: cannot write '{file}/tb'"),
     ("params: a non-numeric size", ["params", "{bad}/size-word"], "MODEL: {bad}/size-word/config.json hidden_size: expected a positive integer, got 'big'"),
     ("params: a config lacking hidden_size", ["params", "{bad}/no-hidden"], "MODEL: {bad}/no-hidden/config.json lacks hidden_size; transformers would fill in a default"),
+    ("params: another field of the wrong type", ["params", "{bad}/intermediate-word"], "MODEL: cannot read the model config of '{bad}/intermediate-word': Validation error for field 'intermediate_size'"),
     ("params: an empty --targets", ["params", "{model}", "--targets", ""], "--targets: an empty value names no layer"),
 ]
 
@@ -222,7 +223,8 @@ def bad(tmp_path_factory, tiny_model, chain_data) -> str:
             (folder / "lora_rank_search.yaml").write_text(saved)
     with open(os.path.join(tiny_model, "config.json")) as handle:
         model_config = json.load(handle)
-    for name, change in (("size-word", {"hidden_size": "big"}), ("no-hidden", {"hidden_size": None})):
+    for name, change in (("size-word", {"hidden_size": "big"}), ("no-hidden", {"hidden_size": None}),
+                         ("intermediate-word", {"intermediate_size": "big"})):
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps({k: v for k, v in {**model_config, **change}.items() if v is not None}))
     return str(root)
