@@ -326,3 +326,17 @@ def test_an_adapter_whose_weights_are_damaged_is_never_exported(damage, experime
     assert f"error: EXPERIMENT_DIR: the adapter of trial {os.path.basename(winner)}" in err
     assert ("does not load" if damage == "truncated" else "has non-finite weights") in err
     assert not os.path.exists(tmp_path / "x" / "adapter_model.safetensors")
+
+
+def test_a_resume_that_cannot_finish_the_experiment_exits_2_instead_of_asking_to_resume_again(raw_config, tmp_path, monkeypatch, capsys):
+    import search.runner
+    from conftest import FAKE_TRIALS, write_fake_experiment
+
+    experiment = write_fake_experiment(tmp_path / "exp")  # 14 trials, two unfinished; no search_meta.json
+    monkeypatch.setattr(search.runner, "run_search", lambda cfg, **kwargs: experiment)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw_config()))  # asks for 4 trials
+    assert main(["search", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: name: the experiment {experiment!r} holds {len(FAKE_TRIALS)} trials but the config asks for 4; resuming cannot finish it" in err
+    assert "Continue with" not in err
