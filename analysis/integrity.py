@@ -78,6 +78,23 @@ def _show(key: str, value: float) -> str:
     return format_lr(value) if key == "lr" else f"{value:g}"
 
 
+BASE_LOSS_RTOL = 0.01  # relative: trials of one experiment evaluate the same untouched base on the same data
+
+
+def base_loss_outliers(rows: Iterable[Mapping], rtol: float = BASE_LOSS_RTOL) -> dict[str, str]:
+    """{trial folder: problem} for every trial whose step-0 (base) eval loss differs from the median of
+    the experiment's trials by more than rtol: it was evaluated on other data or another base (data
+    changed under a resumed search, two experiments merged), so its losses compare with nothing here."""
+    bases = {str(row["trial_dir"]): _number(row.get("base_eval_loss")) for row in rows}
+    known = sorted(v for v in bases.values() if v is not None)
+    if len(known) < 2:
+        return {}
+    median = known[len(known) // 2] if len(known) % 2 else (known[len(known) // 2 - 1] + known[len(known) // 2]) / 2
+    return {folder: (f"its base eval loss {value:.4f} differs from the other trials' {median:.4f}: evaluated on other data "
+                     "or another base model (did the data change under a resumed search?)")
+            for folder, value in bases.items() if value is not None and abs(value - median) > rtol * abs(median)}
+
+
 def duplicate_arms(rows: Iterable[Mapping]) -> dict[str, str]:
     """{trial folder: problem} for every folder that claims the same arm (target choice, rank,
     learning rate, seed) or the same trial id as another: two syncs merged into one folder. Such

@@ -13,7 +13,7 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from analysis.integrity import arm_mismatch, diverged_reason, duplicate_arms, nonfinite_eval
+from analysis.integrity import arm_mismatch, base_loss_outliers, diverged_reason, duplicate_arms, nonfinite_eval
 from search.arms import format_lr
 from search import layout, storage
 from search.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
@@ -160,8 +160,9 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if not history.empty:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
     twins = duplicate_arms([row for row in trials if row["status"] != DAMAGED])  # a damaged row's arm is not known
-    for row in trials:  # two syncs merged into one folder: neither copy is believed
-        twin = twins.get(row["trial_dir"])
+    outliers = base_loss_outliers([row for row in trials if row["status"] != DAMAGED])
+    for row in trials:  # two syncs merged into one folder: neither copy is believed; nor one judged on other data
+        twin = "; ".join(filter(None, [twins.get(row["trial_dir"]), outliers.get(row["trial_dir"])]))
         if twin:
             row.update(status=DAMAGED, failure="; ".join(filter(None, [row["failure"] if row["status"] == DAMAGED else "", twin])),
                        stopped_early=False)

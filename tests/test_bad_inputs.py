@@ -318,10 +318,19 @@ def _contradicting_params(exp: str) -> None:
         json.dump({"r": 8, "lr": 1e-3, "seed": 0, "alpha_rule": "16", "target_preset": "attention"}, handle)
 
 
+def _other_eval_data(exp: str) -> None:
+    path = os.path.join(exp, WINNER, "result.json")
+    with open(path) as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    with open(path, "w") as handle:  # evaluated on a shortened eval file after a resume: another base loss
+        handle.write("".join(json.dumps({**row, "base_eval_loss": 2.7}) + "\n" for row in rows))
+
+
 # Damaged experiment folders: (id, damage, expected fragment). analyze and export refuse them.
 DAMAGE_CASES = [
     ("empty result.json of a trial that ran", _empty_results, f"{WINNER}: result.json holds no report (0 bytes), though the trial ran (Ray recorded it as TERMINATED)"),
     ("two folders claiming one arm", _twin_folder, f"{WINNER}: another folder claims the same arm attention r=4 lr=1e-3 seed=0 (r0004_lr1e-3_seed0_copy_00099)"),
+    ("a trial evaluated on other data", _other_eval_data, f"{WINNER}: its base eval loss 2.7000 differs from the other trials' 3.0000: evaluated on other data"),
     ("params.json contradicting the results", _contradicting_params, f"{WINNER}: params.json says r=8 but result.json says r=4; params.json says r=8 but the folder name says r=4"),
 ]
 

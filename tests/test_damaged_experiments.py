@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis.integrity import arm_mismatch, duplicate_arms, nonfinite_eval
+from analysis.integrity import arm_mismatch, base_loss_outliers, duplicate_arms, nonfinite_eval
 from search.cli import main
 from search.fingerprints import changes, fingerprints
 
@@ -53,6 +53,13 @@ def test_two_folders_claiming_one_arm_are_both_named():
     found = duplicate_arms(rows)
     assert sorted(found) == ["a", "b"] and "r=2 lr=1e-3 seed=0 (b)" in found["a"]
     assert duplicate_arms(rows[:1] + [{**rows[2], "trial_id": "t1"}]) .keys() == {"a", "c"}  # one trial id in two folders
+
+
+def test_a_trial_whose_base_loss_differs_from_the_others_is_named():
+    rows = [{"trial_dir": name, "base_eval_loss": base} for name, base in (("a", 4.19), ("b", 4.1901), ("c", 4.02), ("d", math.nan))]
+    assert list(base_loss_outliers(rows)) == ["c"]
+    assert "its base eval loss 4.0200 differs from the other trials' 4.1900" in base_loss_outliers(rows)["c"]
+    assert base_loss_outliers(rows[:1]) == {} and base_loss_outliers(rows[:2]) == {}
 
 
 def test_fingerprint_changes_name_the_field_and_the_file(tmp_path):
