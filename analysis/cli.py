@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from analysis.selection import DEFAULT_RULE, RULES, check_rule, check_tolerance
@@ -107,13 +108,18 @@ def _tensorboard(args: argparse.Namespace) -> int:
     experiment = experiment_path(args.experiment)
     try:
         trials, history = load_experiment(experiment)
-        _warn_incomplete(trials)
-        logdir = args.logdir or default_logdir(experiment)
-        runs = write_logdir(trials, history, logdir)
     except FileNotFoundError as exc:
         return _fail(f"EXPERIMENT_DIR: {exc}")
+    _warn_incomplete(trials)
+    logdir = args.logdir or default_logdir(experiment)
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        return _fail(f"--logdir: {logdir!r} is a file; give a folder")
+    try:
+        runs = write_logdir(trials, history, logdir)
     except FileExistsError as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"--logdir: cannot write {logdir!r} ({exc.strerror or type(exc).__name__})")
     print(f"wrote {len(runs)} runs (scalars by optimizer step + HParams) to {logdir}")
     if args.no_serve:
         return 0

@@ -18,6 +18,7 @@ GGUF model it names the folder holding the GGUF file (load the base with `gguf_f
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
@@ -74,9 +75,16 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     if earlier is not None and not force:
         what = f" (r={earlier.get('rank')}, trial {earlier.get('trial_dir')}, from {earlier.get('experiment')})" if earlier else ""
         raise ExportError(f"--out: {out!r} holds an earlier export{what}; pass --force to replace it")
+    refused = unshippable(trials, rec.trial_id)
+    if refused:
+        raise ExportError(f"nothing to export: {refused}")
     ckpt = best_checkpoint(experiment, trials, history, rec.trial_id)
     if ckpt is None:
         raise ExportError(f"trial {rec.trial_id} (r={rec.rank}) has no checkpoint with an eval loss on disk under {experiment!r}")
+    damaged = adapter_problem(ckpt.adapter)
+    if damaged:
+        raise ExportError(f"EXPERIMENT_DIR: the adapter of trial {ckpt.trial_dir} ({ckpt.name}) is not shipped: {damaged}; "
+                          "restore the experiment's files (sync it again)")
     if earlier is not None:  # force: the earlier export's files go, so none of them outlives it
         for name in [*earlier.get("files", []), EXPORT_INFO]:
             if os.path.isfile(os.path.join(out, name)) and os.sep not in name:
@@ -126,6 +134,45 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
     with open(os.path.join(out, EXPORT_INFO), "w") as handle:
         json.dump(json_safe(info), handle, indent=2)
     return info
+
+
+def adapter_problem(adapter_dir: str) -> str:
+    """Why the adapter folder must not be shipped: its config or weights do not load, or a weight is
+    NaN/inf; '' when it is sound."""
+    import numpy as np
+
+    from analysis.checkpoints import read_adapter
+
+    try:
+        config, tensors = read_adapter(adapter_dir)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        return f"{adapter_dir} does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    if not isinstance(config, dict) or not tensors:
+        return f"{adapter_dir} holds no adapter config or no weights"
+    bad = sorted(name for name, array in tensors.items() if not np.isfinite(array).all())
+    if bad:
+        return f"{adapter_dir} has non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    return ""
+
+
+def unshippable(trials: pd.DataFrame, trial_id: str) -> str:
+    """Why the trial's adapter must not be shipped (damaged files, or a failed or non-finite trial:
+    diverged, oom, error); '' when it may be."""
+    from analysis.results import DAMAGED, FAILED
+
+    rows = trials[trials["trial_id"].astype(str) == str(trial_id)] if "trial_id" in trials else trials.iloc[0:0]
+    if rows.empty:
+        return f"trial {trial_id} is not among the experiment's trials"
+    row = rows.iloc[0]
+    status = str(row.get("status", ""))
+    final = pd.to_numeric(pd.Series([row.get("final_eval_loss")]), errors="coerce").iloc[0]
+    if status in FAILED:
+        what = "its folder is damaged" if status == DAMAGED else f"it {'failed' if status == 'error' else status}"
+        return (f"the recommended trial {row.get('trial_dir', trial_id)} (r={row.get('r')}) is not shipped: {what} "
+                f"({row.get('failure') or status}); train that arm again (a lower learning rate if it diverged)")
+    if not pd.isna(final) and not math.isfinite(float(final)):
+        return f"the recommended trial {row.get('trial_dir', trial_id)} ended with a non-finite eval loss ({final}); train that arm again"
+    return ""
 
 
 def stop_note(info: dict) -> str:

@@ -98,13 +98,28 @@ def parameter_table(
     bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
     if bad or not ranks:
         raise ValueError(f"--ranks: ranks must be positive integers, got {list(ranks)!r}")
+    empty = [spec for spec in target_specs if not spec]
+    if empty or not target_specs:
+        raise ValueError("--targets: an empty value names no layer; give a preset (attention, mlp, all-linear, ...) or "
+                         "comma-separated layer names, got ''")
     started = time.perf_counter()
     path = resolve_model(model)
-    meta = meta_model(path, trust_remote_code)
+    problems = config_field_problems(path)
+    if problems:
+        raise ValueError("\n".join(problems))
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's typed configs raise it
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        StrictDataclassError = TypeError
+    try:
+        meta = meta_model(path, trust_remote_code)
+    except (StrictDataclassError, TypeError) as exc:
+        raise ValueError(f"MODEL: cannot read the model config of {model!r}: {' '.join(str(exc).split())}") from None
     shapes = linear_layers(meta)
     base = sum(p.numel() for p in meta.parameters())
     rows = []
-    problems = []
+    seen: dict = {}  # resolved targets -> the first spec that chose them
+    notes: list[str] = []
     for spec in target_specs:
         try:
             targets = resolve_targets(spec, shapes)
@@ -113,6 +128,10 @@ def parameter_table(
             continue
         chosen, params = targeted_layers(shapes, targets), targeted_params(shapes, targets)
         label = spec if isinstance(spec, str) else ",".join(spec)
+        key = tuple(sorted(targets))
+        if key in seen:
+            notes.append(f"--targets {label} selects the same layers as {seen[key]}")
+        seen.setdefault(key, label)
         for r in ranks:
             rows.append(ParamRow(label, targets, int(r), len(chosen) + len(params), lora_param_count(shapes, targets, r),
                                  adapter_file_bytes(chosen, r, params=params), int(base)))
@@ -126,10 +145,45 @@ def parameter_table(
         "linear_layers": len(shapes),
         "expert_weights": sum(1 for n in shapes.params if shapes.place.get(n) == "experts"),
         "expert_params": sum(i * o * e for n, (i, o, e, _) in shapes.params.items() if shapes.place.get(n) == "experts"),
-        "notes": _notes(shapes),
+        "notes": notes + _notes(shapes),
         "seconds": time.perf_counter() - started,
     }
     return rows, facts
+
+
+SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")  # a count is wrong without them
+
+
+def config_field_problems(path: str) -> list[str]:
+    """What a local config.json lacks or holds wrongly among SIZE_FIELDS (under the model type's own
+    names, e.g. GPT-2's n_embd): transformers would fill in its defaults and count another model.
+    [] for a hub id, or a config whose model type transformers does not know (reported later)."""
+    import os
+
+    from transformers import CONFIG_MAPPING
+
+    file = path if os.path.isfile(path) else os.path.join(path, "config.json")
+    try:
+        with open(file) as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, dict) or raw.get("model_type") not in CONFIG_MAPPING:
+        return []
+    sections = [raw] + [raw[k] for k in ("text_config",) if isinstance(raw.get(k), dict)]
+    aliases = getattr(CONFIG_MAPPING[raw["model_type"]], "attribute_map", {}) or {}
+    problems = []
+    for name in SIZE_FIELDS:
+        keys = [name] + ([aliases[name]] if name in aliases else [])
+        found = [(key, section[key]) for section in sections for key in keys if key in section]
+        if not found:
+            problems.append(f"MODEL: {file} lacks {name}" + (f" (or {aliases[name]})" if name in aliases else "")
+                            + "; transformers would fill in a default and count a different model")
+            continue
+        key, value = found[-1]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"MODEL: {file} {key}: expected a positive integer, got {value!r}")
+    return problems
 
 
 def _notes(shapes) -> list[str]:

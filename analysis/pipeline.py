@@ -41,8 +41,8 @@ def load(experiment: str, tolerance: Optional[float] = None, rule: str = DEFAULT
     experiment = experiment_path(experiment)
     try:
         trials, history = load_experiment(experiment)
-    except FileNotFoundError:
-        raise ExperimentNotFound(f"EXPERIMENT_DIR: no experiment at {experiment!r}") from None
+    except FileNotFoundError as exc:
+        raise ExperimentNotFound(f"EXPERIMENT_DIR: {exc}") from None
     if trials.empty:
         raise ExperimentNotFound(f"EXPERIMENT_DIR: {experiment!r} holds no trial folders (is it storage_path/name of a search?)")
     rec = recommend(trials, history, tolerance, rule)
@@ -56,6 +56,21 @@ def default_out(experiment: str) -> str:
     return os.path.join(experiment, layout.ANALYSIS_DIR)
 
 
+def check_out(out: str, given: bool) -> None:
+    """Create the output folder, or raise ValueError naming --out (or the default) and why not."""
+    name = "--out" if given else "the default output folder (choose another with --out)"
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{name}: {out!r} is a file; give a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".lora-rank-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot write to {out!r} ({exc.strerror or type(exc).__name__})") from None
+
+
 def run_analysis(experiment: str, tolerance: Optional[float] = None, out: Optional[str] = None,
                  rule: str = DEFAULT_RULE) -> Analysis:
     """Everything `lora-rank analyze` writes: results.csv/.parquet, recommendation.json, plots,
@@ -64,8 +79,10 @@ def run_analysis(experiment: str, tolerance: Optional[float] = None, out: Option
     from analysis.plots import all_plots
     from analysis.report import PLOTS_DIR, write_outputs
 
+    given = out
+    out = out or default_out(experiment_path(experiment))
     result = load(experiment, tolerance, rule)
-    out = out or default_out(result.experiment)
+    check_out(out, given is not None)
     result.effective = effective_rank_table(result.experiment, result.trials, result.history)
     plots = all_plots(result.trials, result.history, result.recommendation, result.effective, os.path.join(out, PLOTS_DIR))
     sentence = evidence_sentence(result.effective, result.recommendation.rank)

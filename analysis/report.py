@@ -12,7 +12,7 @@ from typing import Optional
 import pandas as pd
 
 from analysis.diagnosis import Finding
-from analysis.results import format_table
+from analysis.results import format_table, incomplete_trials
 from analysis.selection import Recommendation
 from search.arms import format_lr
 
@@ -168,6 +168,12 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
         blocks.append(("p", rec.reason + "."))
     if rec.base_eval_loss == rec.base_eval_loss:
         blocks.append(("p", f"Untouched base model (every trial's step-0 evaluation): eval loss {rec.base_eval_loss:.4f}."))
+    damaged = incomplete_trials(trials)
+    if damaged:
+        blocks.append(("h2", "Damaged trial folders (left out of the evidence)"))
+        blocks.append(("p", "Their files are missing, damaged or contradict each other; the verdict was taken without them "
+                            "(--allow-incomplete). Restore them (sync the experiment again) and analyze again."))
+        blocks.append(("list", damaged))
     blocks.append(("p", f"**Rule:** {rec.rule}."))
     if rec.knee is not None:
         blocks.append(("p", f"Knee of the gap-vs-log2(r) curve (an estimate, not used by the rule): r = {rec.knee}."))
@@ -296,7 +302,7 @@ def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Reco
     frame.to_csv(paths["csv"], index=False)
     frame.to_parquet(paths["parquet"], index=False)
     payload = {"experiment": experiment, **rec.to_dict(), "lora_dropout": dropout, "rule_name": rec.rule_name,
-               "lora_config": snippet, "diagnosis": [{"kind": f.kind, "text": f.text} for f in findings]}
+               "lora_config": snippet, "damaged_trials": incomplete_trials(trials), "diagnosis": [{"kind": f.kind, "text": f.text} for f in findings]}
     with open(paths["json"], "w") as handle:
         json.dump(payload, handle, indent=2)
     blocks = build_blocks(experiment, trials, rec, findings, eff_sentence, eff, plots, snippet, config)

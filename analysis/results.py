@@ -13,6 +13,7 @@ from typing import Optional
 import pandas as pd
 import yaml
 
+from analysis.integrity import arm_mismatch, base_loss_outliers, diverged_reason, duplicate_arms, nonfinite_eval
 from search.arms import format_lr
 from search import layout, storage
 from search.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
@@ -21,7 +22,8 @@ from trainables.failures import DIVERGED, OOM
 # Trial status as analysis names it (Ray's TERMINATED covers both finished and early-stopped; a
 # trial that diverged or ran out of memory ends itself and says so in its last report).
 COMPLETED, STOPPED, ERROR, INTERRUPTED, PENDING = "completed", "stopped", "error", "interrupted", "pending"
-FAILED = (ERROR, DIVERGED, OOM)  # statuses whose `failure` column says why
+DAMAGED = "damaged"  # its folder's files are missing, damaged or contradict each other: left out of the evidence
+FAILED = (ERROR, DIVERGED, OOM, DAMAGED)  # statuses whose `failure` column says why
 DONE = (COMPLETED, STOPPED, *FAILED)  # trials that ended; the rest were interrupted before they could
 
 
@@ -72,7 +74,7 @@ def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFra
         text = _read(fs, f"{trial_root}/{layout.RESULT_FILE}")
     except (FileNotFoundError, OSError):
         return pd.DataFrame()
-    rows, bad = [], []
+    rows, bad, cut = [], [], None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -81,9 +83,16 @@ def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFra
         except ValueError:
             row = None
         if isinstance(row, dict):
+            if cut is not None and row.get("iterations_since_restore") != 1:
+                bad.append(cut)  # not followed by a restart: a damaged line, not one cut by an interruption
+            cut = None
             rows.append(row)
         else:
-            bad.append(number)
+            if cut is not None:
+                bad.append(cut)
+            cut = number  # a line cut by a killed run is followed by the resumed run's first report
+    if cut is not None:
+        bad.append(cut)
     if bad and problems is not None:
         problems.append(f"result.json line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:3]))} not a JSON report")
     frame = pd.DataFrame(rows)
@@ -97,16 +106,23 @@ def _history(fs, trial_root: str, problems: Optional[list] = None) -> pd.DataFra
 
 def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, history): one row per trial, and one row per report with a `trial_id` column."""
-    fs, root = _fs(experiment)
-    listing = _listing(fs, root)
+    import pyarrow.fs
+
+    try:
+        fs, root = _fs(experiment)
+        kind = fs.get_file_info(root).type
+        listing = _listing(fs, root) if kind == pyarrow.fs.FileType.Directory else {}
+    except (ValueError, OSError) as exc:  # an unknown URI scheme, an unreadable folder
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileNotFoundError(f"cannot read {experiment!r} ({first})") from None
+    if kind == pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"{experiment!r} is a file, not an experiment folder (give storage_path/name of a search)")
     if not listing:
         raise FileNotFoundError(f"no experiment at {experiment!r}")
     config = read_config(experiment)
     max_steps = (config.get("train") or {}).get("max_steps")
     statuses = _ray_statuses(fs, root, listing)
     trials, histories, incomplete = [], [], []
-    import pyarrow.fs
-
     for name in sorted(listing):
         if listing[name].type != pyarrow.fs.FileType.Directory:
             continue
@@ -125,17 +141,33 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if layout.RESULT_FILE not in files and _ran(files, ray_status):
             problems.append("result.json is missing, though the trial ran ("
                             + (f"Ray recorded it as {ray_status}" if ray_status not in ("", "PENDING") else "its folder holds its outputs") + ")")
-        if problems:
-            incomplete.append(f"{name}: {'; '.join(problems)}")
+        elif layout.RESULT_FILE in files and history.empty and _reported(files, ray_status):
+            size = getattr(files[layout.RESULT_FILE], "size", None)
+            problems.append(f"result.json holds no report ({size if size is not None else '?'} bytes), though the trial "
+                            + ("has checkpoints" if _checkpointed(files) else f"ran (Ray recorded it as {ray_status})"))
+        problems.extend(arm_mismatch(params, history, parsed))
         if "r" not in params and (history.empty or "r" not in history):
+            if problems:
+                incomplete.append(f"{name}: {'; '.join(problems)}")
             continue  # nothing says which arm it was: only named as incomplete
         row = _trial_row(name, trial_id, params, history, files, ray_status, max_steps, _configured_lr(config))
         row["retries"] = failures if row["status"] != ERROR else max(failures - 1, 0)
         if row["status"] == ERROR:
             row["failure"] = _error_line(fs, trial_root)
+        if problems:
+            row.update(status=DAMAGED, failure="; ".join(problems), stopped_early=False)
         trials.append(row)
         if not history.empty:
             histories.append(history.assign(trial_id=trial_id, trial_dir=name))
+    twins = duplicate_arms([row for row in trials if row["status"] != DAMAGED])  # a damaged row's arm is not known
+    outliers = base_loss_outliers([row for row in trials if row["status"] != DAMAGED])
+    for row in trials:  # two syncs merged into one folder: neither copy is believed; nor one judged on other data
+        twin = "; ".join(filter(None, [twins.get(row["trial_dir"]), outliers.get(row["trial_dir"])]))
+        if twin:
+            row.update(status=DAMAGED, failure="; ".join(filter(None, [row["failure"] if row["status"] == DAMAGED else "", twin])),
+                       stopped_early=False)
+    incomplete = sorted({line.split(":", 1)[0]: line for line in incomplete
+                         + [f"{row['trial_dir']}: {row['failure']}" for row in trials if row["status"] == DAMAGED]}.values())
     trials_df = pd.DataFrame(trials)
     if not trials_df.empty:
         trials_df = trials_df.sort_values(["target_choice", "r", "lr", "seed"]).reset_index(drop=True)
@@ -170,6 +202,16 @@ def _ran(files: dict, ray_status: str) -> bool:
         n.startswith((layout.CHECKPOINT_PREFIX, "events.out.tfevents")) for n in files)
 
 
+def _checkpointed(files: dict) -> bool:
+    return any(n.startswith(layout.CHECKPOINT_PREFIX) for n in files)
+
+
+def _reported(files: dict, ray_status: str) -> bool:
+    """The trial reported at least once: Tune ended it normally (every trial reports before it ends;
+    one that raised first is ERROR), or it saved a checkpoint (one per report)."""
+    return ray_status == "TERMINATED" or _checkpointed(files)
+
+
 def _params(fs, trial_root: str, files: dict, problems: list) -> dict:
     """params.json as a mapping; {} (and a line in `problems`) when missing, unparsable or not a mapping."""
     if layout.PARAMS_FILE not in files:
@@ -202,7 +244,7 @@ def check_complete(experiment: str, allow_incomplete: bool = False) -> list[str]
     if lines and not allow_incomplete:
         n = len(lines)
         raise IncompleteExperiment(
-            f"EXPERIMENT_DIR: {n} trial folder{'s are' if n > 1 else ' is'} incomplete, so a recommendation could be "
+            f"EXPERIMENT_DIR: {n} trial folder{'s are' if n > 1 else ' is'} incomplete or damaged, so a recommendation could be "
             "wrong:\n" + "\n".join(f"  {line}" for line in lines)
             + "\nrestore the files (sync the experiment again), or pass --allow-incomplete to use the other trials"
         )
@@ -232,6 +274,8 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         status = ERROR
     elif reported in (DIVERGED, OOM):
         status = reported
+    elif nonfinite_eval(history):
+        status = DIVERGED  # an eval loss of NaN/inf is divergence, whatever the loop reported
     elif ray_status in ("RUNNING", "PENDING", "PAUSED") or (ray_status == "" and steps and max_steps and steps < max_steps):
         status = INTERRUPTED if steps else PENDING
     elif max_steps and steps >= max_steps:
@@ -255,7 +299,7 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         # the target choice's label (a preset, or names joined by '+'); with one choice, its label
         "target_choice": str(params.get("target_choice") or params.get("target_preset") or ""),
         "status": status,
-        "failure": str(_last(history, "failure", "")) if status in (DIVERGED, OOM) else "",
+        "failure": _failure(history, status, params),
         "stopped_early": status == STOPPED,
         "steps": steps,
         "max_steps": max_steps,
@@ -276,6 +320,17 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         "started_at": float(_last(history, "started_at")),
         "ended_at": float(_last(history, "timestamp")),
     }
+
+
+def _failure(history: pd.DataFrame, status: str, params: dict) -> str:
+    """Why a diverged or out-of-memory trial ended: its own last word, else the non-finite eval."""
+    if status not in (DIVERGED, OOM):
+        return ""
+    said = str(_last(history, "failure", ""))
+    bad = nonfinite_eval(history)
+    if said or bad is None:
+        return said
+    return diverged_reason(bad[0], bad[1], params.get("lr", _last(history, "learning_rate")), int(params.get("r", _last(history, "r", 0))))
 
 
 def _size(n: float, unit: str = "B") -> str:

@@ -58,7 +58,7 @@ RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default to
 DEFAULT_RULE = "gain"
 DEFAULT_TOLERANCE = RULES[DEFAULT_RULE]
 NO_SIGNAL = 0.005  # the best rank must improve on the base by at least this share of the base loss
-UNUSABLE_STATUSES = ("error",)  # trials whose evaluations are not used (diverged/oom keep the ones before)
+UNUSABLE_STATUSES = ("error", "damaged")  # trials whose evaluations are not used (diverged/oom keep the ones before)
 KNEE_MIN_BEND = 0.1  # the knee must sit this far below the chord (in [0, 1] scaled units), else no knee
 
 _SLACK_TEXT = {

@@ -27,9 +27,11 @@ def _search(args: argparse.Namespace) -> int:
         print(_interrupted_message(cfg, args, again), file=sys.stderr)
         return 130
     from analysis.results import DONE, format_failures, format_table, load_experiment
+    from search.layout import read_meta
     from search.space import num_trials
 
     trials, _ = load_experiment(experiment)
+    planned = int(read_meta(experiment).get("num_trials") or num_trials(cfg))  # duplicate target choices merged
     print()
     print(format_table(trials))
     failures = format_failures(trials)
@@ -37,11 +39,25 @@ def _search(args: argparse.Namespace) -> int:
         print(f"\nfailed trials (the others are unaffected):\n{failures}")
     print(f"\nexperiment: {experiment}")
     # Tune catches the first Ctrl-C itself, saves its state and returns as if done: count what finished.
-    unfinished = num_trials(cfg) - (int(trials["status"].isin(DONE).sum()) if not trials.empty else 0)
+    unfinished = planned - (int(trials["status"].isin(DONE).sum()) if not trials.empty else 0)
+    if unfinished and args.resume and not trials.empty and len(trials) != planned:
+        print(f"error: name: the experiment {experiment!r} holds {len(trials)} trials but the config asks for {planned}; "
+              "resuming cannot finish it (was its stored config changed or lost?): start a new search under another name",
+              file=sys.stderr)
+        return 2
     if unfinished:
         print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
     errored = _trials_in_error(trials)
+    from analysis.results import incomplete_trials
+
+    damaged = incomplete_trials(trials)
+    if damaged:
+        for line in damaged:
+            print(f"warning: EXPERIMENT_DIR: incomplete trial folder {line}", file=sys.stderr)
+        print(f"error: EXPERIMENT_DIR: {len(damaged)} trial folder(s) of {experiment!r} are incomplete or damaged, so no verdict "
+              f"is given; restore them, or run: lora-rank analyze {shlex.quote(experiment)} --allow-incomplete", file=sys.stderr)
+        return 2
     if args.no_analyze:
         print(f"next: lora-rank analyze {shlex.quote(experiment)}")
         return 1 if errored else 0

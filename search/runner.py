@@ -21,6 +21,8 @@ import yaml
 from search import storage
 from search.arms import format_lr
 from search import layout
+from search.address import address_problem
+from search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, missing_config, recovery
 from search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn
 from search.isolation import isolated_ray_start
 from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
@@ -130,6 +132,11 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
             tag = f" (target choice {label})" if len(choices) > 1 else ""
             problems.extend(p + tag for p in refused if p + tag not in problems)
             warnings.extend(w + tag for w in warned)
+        if len(out.choices) == len(choices):
+            out.choices, merged = merge_same_choices(out.choices)
+            if merged:
+                warnings.extend(merged)
+                out.cfg = _keep_choices(cfg, choices, out.choices)
         out.targets = next(iter(out.choices.values()), [])
         tokenizer = load_tokenizer(out.model_path, cfg.model.trust_remote_code)
     except ModelSourceError as exc:
@@ -155,6 +162,30 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
 
     out.data_stats = describe(out.data)
     return out
+
+
+def merge_same_choices(choices: dict) -> tuple[dict, list[str]]:
+    """Target choices (label -> resolved targets) without the ones that resolve to the same layers as
+    an earlier choice (they would train the same adapters twice), and one warning per choice left out."""
+    kept: dict = {}
+    first: dict = {}
+    notes = []
+    for label, targets in choices.items():
+        key = tuple(sorted(targets))
+        if key in first:
+            notes.append(f"lora.target_modules: target choice {label!r} selects the same layers as {first[key]!r} "
+                         f"({', '.join(key)}); merged into it, so they are trained once")
+            continue
+        first[key] = label
+        kept[label] = targets
+    return kept, notes
+
+
+def _keep_choices(cfg: SearchConfig, choices: list, kept: dict) -> SearchConfig:
+    """The config with lora.target_modules reduced to the choices in `kept` (the search it runs)."""
+    specs = [spec for label, spec in choices if label in kept]
+    target_modules = specs[0] if len(specs) == 1 else tuple(specs)
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, target_modules=target_modules))
 
 
 def memory_estimate(cfg: SearchConfig, prepared: Prepared) -> MemoryEstimate:
@@ -236,7 +267,9 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
         "model": prepared.dims,
         "data": prepared.data_stats,
         "resources_per_trial": resources,
-        "num_trials": num_trials(cfg),
+        "num_trials": num_trials(prepared.cfg),
+        "config": cfg.to_dict(),  # what lora_rank_search.yaml holds: rebuilds it if it goes missing
+        FINGERPRINTS: fingerprints(cfg.to_dict(), prepared.model_path),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -260,8 +293,13 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
     with less (a run that died in its first seconds) can be neither resumed nor reused.
     """
     exp = cfg.experiment_path
-    names = storage.listdir(exp)
-    resumable = is_resumable(exp)
+    try:
+        names = storage.listdir(exp)
+    except (ValueError, OSError) as exc:  # pyarrow: an unknown URI scheme, a bucket it cannot reach
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError([f"storage_path: cannot open {cfg.storage_path!r} ({first}); use a local folder, s3://, gs:// "
+                           "or another filesystem pyarrow knows"], "input") from None
+    resumable = layout.is_resumable(names)
     if not resume and resumable:
         raise ConfigError(
             [f"name: experiment {exp!r} already exists; add --resume to continue it, or choose another name (--set name=...)"],
@@ -278,15 +316,23 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
         raise ConfigError([f"name: nothing to resume at {exp!r} ({why} start without --resume)"], "input")
     if resume:
         saved_path = storage.join(exp, layout.CONFIG_FILE)
-        if storage.exists(saved_path):
+        if not storage.exists(saved_path):
+            raise ConfigError([missing_config(exp, saved_path)], "input")
+        try:
             saved = yaml.safe_load(storage.read_text(saved_path))
-            now, before = _flatten(cfg.to_dict()), _flatten(saved or {})
-            changed = [k for k in sorted(set(now) | set(before)) if not k.startswith("resources.") and now.get(k) != before.get(k)]
-            if changed:
-                raise ConfigError(
-                    [f"{k}: {now.get(k)!r} differs from {before.get(k)!r} in the experiment being resumed ({exp})" for k in changed],
-                    "input",
-                )
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{saved_path}: the experiment's stored config does not parse ({type(exc).__name__}); "
+                               + recovery(exp, saved_path)], "input") from None
+        if not isinstance(saved, dict) or not saved:
+            raise ConfigError([f"{saved_path}: the experiment's stored config is empty or not a mapping; "
+                               + recovery(exp, saved_path)], "input")
+        now, before = _flatten(cfg.to_dict()), _flatten(saved or {})
+        changed = [k for k in sorted(set(now) | set(before)) if not k.startswith("resources.") and now.get(k) != before.get(k)]
+        if changed:
+            raise ConfigError(
+                [f"{k}: {now.get(k)!r} differs from {before.get(k)!r} in the experiment being resumed ({exp})" for k in changed],
+                "input",
+            )
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -464,12 +510,17 @@ def run_search(
     # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_experiment_dir(cfg, resume)
+    problem = address_problem(address)
+    if problem:
+        raise ConfigError([problem], "input")
     log(f"preparing: model {cfg.model.name_or_path}, data {cfg.data.source}")
     # Without --address: the cluster of a `ray job submit` (RAY_ADDRESS), else a private local
     # Ray, even if a `ray start` cluster runs on this machine (--address auto joins that one).
     started_here = not ray.is_initialized()
     local_ray = started_here and not address and not os.environ.get("RAY_ADDRESS")
     prepared = prepare(cfg, log, local_ray=local_ray)
+    if resume:
+        check_fingerprints(cfg, prepared.model_path)
     s = prepared.data_stats
     log(
         f"data: {s['train_examples']} train / {s['eval_examples']} eval examples ({s['eval_tokens']} eval tokens); "
@@ -484,7 +535,11 @@ def run_search(
         # on ... from checkpoint": the progress lines say so).
         level = {"RAY_LOGGER_LEVEL": os.environ.get("RAY_LOGGER_LEVEL", "warning")} if local_ray else {}
         with _environ(level), isolated_ray_start(local_ray):
-            ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+            except ConnectionError as exc:  # --address auto with no cluster on this machine, a head that went away
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ConfigError([f"--address: cannot connect to the Ray cluster at {address!r} ({first})"], "input") from None
     try:
         joined = bool(address and address != "local") or bool(os.environ.get("RAY_ADDRESS"))
         resources = resolve_resources(cfg, prepared, log, joined=joined)
@@ -498,11 +553,11 @@ def run_search(
         rungs = rung_steps(cfg)
         rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
         choices = f"{len(prepared.choices)} target choices x " if len(prepared.choices) > 1 else ""
-        log(f"search: {num_trials(cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
+        log(f"search: {num_trials(prepared.cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
-        plan, resources = plan_packs(cfg, prepared, resources, log)
-        tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker, plan=plan)
+        plan, resources = plan_packs(prepared.cfg, prepared, resources, log)
+        tuner = build_tuner(prepared.cfg, prepared, resources, resume, storage_marker=marker, plan=plan)
         try:
             tuner.fit()
         finally:

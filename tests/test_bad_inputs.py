@@ -148,6 +148,28 @@ CASES = [
     ("data source is a folder", {"data": {"source": "{bad}"}}, [], "data.source: '{bad}' is a folder, not a data file"),
     ("data file not UTF-8", {"data": {"source": "{bad}/latin1.jsonl"}}, [], "data.source: '{bad}/latin1.jsonl' is not UTF-8 text (byte 0xe9"),
     ("broken line in a .json file", {"data": {"source": "{bad}/broken.json"}}, [], "data.source: cannot parse '{bad}/broken.json': line 3 column"),
+    # --- issue 24: tracebacks and silent acceptances of the search command
+    ("storage path with an unknown scheme", {"storage_path": "foo://bucket/runs"}, [], "storage_path: cannot open 'foo://bucket/runs' (Unrecognized filesystem type"),
+    ("unreachable --address", {}, ["--address", "127.0.0.1:1"], "--address: no Ray cluster answers at '127.0.0.1:1' (tried a TCP connection to 127.0.0.1:1 for up to 10 s"),
+    ("resume with the stored config deleted", {"storage_path": "{bad}/runs", "name": "no-config"}, ["--resume"], "{bad}/runs/no-config/lora_rank_search.yaml: the experiment's stored config is missing, so nothing says what this search was"),
+    ("resume with the stored config emptied", {"storage_path": "{bad}/runs", "name": "empty-config"}, ["--resume"], "{bad}/runs/empty-config/lora_rank_search.yaml: the experiment's stored config is empty or not a mapping"),
+]
+
+# The other commands: (id, argv, expected fragment of the one error line). {exp}: a hand-made
+# experiment folder (no search_meta.json), {file}: a YAML file, {bad}, {model}: the tiny model.
+OTHER_CASES = [
+    ("analyze given a file", ["analyze", "{file}"], "EXPERIMENT_DIR: '{file}' is a file, not an experiment folder"),
+    ("analyze of an unknown URI scheme", ["analyze", "foo://bucket/exp"], "EXPERIMENT_DIR: cannot read 'foo://bucket/exp' (Unrecognized filesystem type"),
+    ("analyze --out an existing file", ["analyze", "{exp}", "--out", "{file}"], "--out: '{file}' is a file; give a folder"),
+    ("analyze --out an unwritable path", ["analyze", "{exp}", "--out", "{file}/out"], "--out: cannot write to '{file}/out' (Not a directory)"),
+    ("export given a file", ["export", "{file}", "--out", "{tmp}/out"], "EXPERIMENT_DIR: '{file}' is a file, not an experiment folder"),
+    ("tensorboard given a YAML file", ["tensorboard", "{file}", "--no-serve"], "EXPERIMENT_DIR: '{file}' is a file, not an experiment folder"),
+    ("tensorboard --logdir an existing file", ["tensorboard", "{exp}", "--no-serve", "--logdir", "{file}"], "--logdir: '{file}' is a file; give a folder"),
+    ("tensorboard --logdir an unwritable path", ["tensorboard", "{exp}", "--no-serve", "--logdir", "{file}/tb"], "--logdir: cannot write '{file}/tb'"),
+    ("params: a non-numeric size", ["params", "{bad}/size-word"], "MODEL: {bad}/size-word/config.json hidden_size: expected a positive integer, got 'big'"),
+    ("params: a config lacking hidden_size", ["params", "{bad}/no-hidden"], "MODEL: {bad}/no-hidden/config.json lacks hidden_size; transformers would fill in a default"),
+    ("params: another field of the wrong type", ["params", "{bad}/intermediate-word"], "MODEL: cannot read the model config of '{bad}/intermediate-word': Validation error for field 'intermediate_size'"),
+    ("params: an empty --targets", ["params", "{model}", "--targets", ""], "--targets: an empty value names no layer"),
 ]
 
 
@@ -192,6 +214,19 @@ def bad(tmp_path_factory, tiny_model, chain_data) -> str:
     died.mkdir(parents=True)
     (died / "lora_rank_search.yaml").write_text("name: died\n")
     (died / "tuner.pkl").write_bytes(b"")
+    for name, saved in (("no-config", None), ("empty-config", "")):  # resumable, but the stored config is gone or empty
+        folder = root / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "tuner.pkl").write_bytes(b"")
+        (folder / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+        if saved is not None:
+            (folder / "lora_rank_search.yaml").write_text(saved)
+    with open(os.path.join(tiny_model, "config.json")) as handle:
+        model_config = json.load(handle)
+    for name, change in (("size-word", {"hidden_size": "big"}), ("no-hidden", {"hidden_size": None}),
+                         ("intermediate-word", {"intermediate_size": "big"})):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps({k: v for k, v in {**model_config, **change}.items() if v is not None}))
     return str(root)
 
 
@@ -250,6 +285,79 @@ def test_bad_input_is_refused_before_any_model_loads_or_ray_starts(case, config,
     assert weight_loads == [], "model weights were loaded"
     assert not (tmp_path / "runs").exists(), "the storage folder was created"
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("case, argv, expected", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
+def test_bad_input_to_the_other_commands_is_one_line_and_exit_2(case, argv, expected, bad, tiny_model, tmp_path, capsys):
+    from conftest import write_fake_experiment
+
+    names = {"bad": bad, "tmp": str(tmp_path), "model": tiny_model, "exp": write_fake_experiment(tmp_path / "exp"),
+             "file": str(tmp_path / "search.yaml")}
+    (tmp_path / "search.yaml").write_text("name: x\n")
+    code = main(_expand(argv, names))
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err + out
+    assert len(errors) == 1 and _expand(expected, names) in errors[0], err
+    assert "Traceback" not in err + out
+
+
+WINNER = "r0004_lr1e-3_seed0_fake_00005"  # the hand-made experiment's best trial (conftest.FAKE_TRIALS)
+
+
+def _empty_results(exp: str) -> None:
+    open(os.path.join(exp, WINNER, "result.json"), "w").close()
+
+
+def _twin_folder(exp: str) -> None:
+    shutil.copytree(os.path.join(exp, WINNER), os.path.join(exp, "r0004_lr1e-3_seed0_copy_00099"))
+
+
+def _contradicting_params(exp: str) -> None:
+    with open(os.path.join(exp, WINNER, "params.json"), "w") as handle:
+        json.dump({"r": 8, "lr": 1e-3, "seed": 0, "alpha_rule": "16", "target_preset": "attention"}, handle)
+
+
+def _other_eval_data(exp: str) -> None:
+    path = os.path.join(exp, WINNER, "result.json")
+    with open(path) as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    with open(path, "w") as handle:  # evaluated on a shortened eval file after a resume: another base loss
+        handle.write("".join(json.dumps({**row, "base_eval_loss": 2.7}) + "\n" for row in rows))
+
+
+# Damaged experiment folders: (id, damage, expected fragment). analyze and export refuse them.
+DAMAGE_CASES = [
+    ("empty result.json of a trial that ran", _empty_results, f"{WINNER}: result.json holds no report (0 bytes), though the trial ran (Ray recorded it as TERMINATED)"),
+    ("two folders claiming one arm", _twin_folder, f"{WINNER}: another folder claims the same arm attention r=4 lr=1e-3 seed=0 (r0004_lr1e-3_seed0_copy_00099)"),
+    ("a trial evaluated on other data", _other_eval_data, f"{WINNER}: its base eval loss 2.7000 differs from the other trials' 3.0000: evaluated on other data"),
+    ("params.json contradicting the results", _contradicting_params, f"{WINNER}: params.json says r=8 but result.json says r=4; params.json says r=8 but the folder name says r=4"),
+]
+
+
+@pytest.mark.parametrize("case, damage, expected", DAMAGE_CASES, ids=[c[0] for c in DAMAGE_CASES])
+def test_a_damaged_experiment_folder_is_refused_by_analyze_and_export(case, damage, expected, tmp_path, capsys):
+    from conftest import write_fake_experiment
+
+    exp = write_fake_experiment(tmp_path / "exp")
+    damage(exp)
+    for argv in (["analyze", exp, "--out", str(tmp_path / "a")], ["export", exp, "--out", str(tmp_path / "x")]):
+        code = main(argv)
+        out, err = capsys.readouterr()
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2, err + out
+        assert len(errors) == 1 and "EXPERIMENT_DIR:" in errors[0] and any(line.startswith(f"  {expected}") for line in err.splitlines()), err
+        assert "Traceback" not in err + out
+    assert not (tmp_path / "x").exists() and not (tmp_path / "a").exists()
+
+
+def test_analyze_without_search_meta_json_is_no_traceback(tmp_path, capsys):
+    from conftest import write_fake_experiment
+
+    exp = write_fake_experiment(tmp_path / "exp")
+    assert not os.path.exists(os.path.join(exp, "search_meta.json"))
+    assert main(["analyze", exp, "--out", str(tmp_path / "out")]) == 0
+    assert "Traceback" not in "".join(capsys.readouterr())
 
 
 def test_the_catalogue_is_large_and_its_cases_distinct():

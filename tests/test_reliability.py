@@ -106,7 +106,7 @@ def test_a_deleted_result_json_refuses_a_recommendation_unless_allowed(experimen
     os.remove(os.path.join(experiment, "r0004_seed0_t4_00000", "result.json"))  # the best trial's results
     assert main(["analyze", experiment]) == 2
     err = capsys.readouterr().err
-    assert "EXPERIMENT_DIR: 1 trial folder is incomplete, so a recommendation could be wrong:" in err
+    assert "EXPERIMENT_DIR: 1 trial folder is incomplete or damaged, so a recommendation could be wrong:" in err
     assert "r0004_seed0_t4_00000: result.json is missing, though the trial ran (its folder holds its outputs)" in err
     lines = check_complete(experiment, allow_incomplete=True)
     assert lines == ["r0004_seed0_t4_00000: result.json is missing, though the trial ran (its folder holds its outputs)"]
