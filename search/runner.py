@@ -100,7 +100,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     With local_ray (the search will start its own Ray on this machine) the resources per trial are
     checked against this machine too.
     """
-    from trainables.data import DataError, load_splits, tokenize_splits
+    from trainables.data import DataError, load_data, tokenize_splits
     from trainables.data import overlap_warning
     from trainables.lora import TargetError, dropout_problems, linear_layers, rank_problems, resolve_targets
     from trainables.model import ModelSourceError, check_weights, load_tokenizer, meta_model, resolve_model
@@ -137,7 +137,9 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         problems.append(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} as a local folder or hub model ({first})")
     try:
-        train_records, eval_records = load_splits(d)
+        train_records, eval_records, d, notes = load_data(d)
+        for note in notes:  # the detected shape is news; a converted value is a warning
+            (log if note.startswith("data.format: auto") else warnings.append)(note)
         warnings.extend(filter(None, [overlap_warning(train_records, eval_records, d)]))
         if tokenizer is not None:
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
@@ -152,7 +154,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         warn(line)
     from trainables.data import describe
 
-    out.data_stats = describe(out.data)
+    out.data_stats = {"format": d.format, **describe(out.data)}
     return out
 
 
