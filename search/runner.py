@@ -221,7 +221,72 @@ def trial_dirname(trial) -> str:
     return layout.trial_dirname(trial.config, trial.trial_id)
 
 
-def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
+def has_budget(cfg: SearchConfig) -> bool:
+    b = cfg.budget
+    return any(v is not None for v in (b.gpu_hours, b.cpu_hours, b.wall_minutes))
+
+
+def _fit_budget(cfg: SearchConfig, prepared: Prepared, resources: dict, started_at: float, log) -> tuple:
+    """Probe this machine, estimate the search, refuse or shrink it (search.budget.fit); returns
+    (the config to run, the budget record for search_meta.json)."""
+    import ray
+
+    from search import budget
+    from trainables.probe import probe
+
+    choices = prepared.choices or {"": prepared.targets}
+    from trainables.lora import lora_param_count
+
+    r = max(cfg.lora.ranks)
+    targets = max(choices.values(), key=lambda t: lora_param_count(prepared.linear_shapes, t, r))
+    settings = trial_settings(cfg, prepared.model_path, list(targets))
+    measured = probe(settings, prepared.data, r, cfg.budget.probe_steps)
+    slots = budget.slots_for(resources, ray.cluster_resources(), cfg.resources.max_concurrent)
+    configured = cfg.train.max_steps
+    cfg, est = budget.fit(cfg, measured, resources, slots, time.time() - started_at, log)
+    return cfg, {
+        "limits": dataclasses.asdict(cfg.budget),
+        "probe": dataclasses.asdict(measured),
+        "estimate": {**dataclasses.asdict(est), "wall_minutes": est.wall_minutes},
+        "configured_max_steps": configured,
+        "max_steps": cfg.train.max_steps,
+        "started_at": started_at,
+    }
+
+
+def _shrunk_as_saved(cfg: SearchConfig) -> SearchConfig:
+    """On --resume with budget.fit: shrink, the max_steps the search was shrunk to (its saved config)."""
+    from search.budget import with_max_steps
+
+    saved_path = storage.join(cfg.experiment_path, layout.CONFIG_FILE)
+    if not storage.exists(saved_path):
+        return cfg
+    saved = (yaml.safe_load(storage.read_text(saved_path)) or {}).get("train", {}).get("max_steps")
+    return with_max_steps(cfg, int(saved)) if isinstance(saved, int) and saved < cfg.train.max_steps else cfg
+
+
+def _record_spent(cfg: SearchConfig, grid, resources: dict, started_at: float) -> None:
+    """What the search spent (wall seconds since the command started, trial-seconds and the resource
+    hours they mean), beside its budget in search_meta.json; the report ends with it."""
+    trial_seconds = 0.0
+    for result in grid:
+        metrics = getattr(result, "metrics", None) or {}
+        trial_seconds += float(metrics.get("time_total_s", 0.0) or 0.0)
+    gpu, cpu = float(resources.get("gpu", 0) or 0), float(resources.get("cpu", 1) or 1)
+    exp = cfg.experiment_path
+    meta = layout.read_meta(exp)
+    record = meta.get("budget") or {"limits": dataclasses.asdict(cfg.budget)}
+    record["spent"] = {
+        "wall_seconds": time.time() - float(record.get("started_at", started_at)),
+        "trial_seconds": trial_seconds,
+        "gpu_hours": trial_seconds * gpu / 3600.0,
+        "cpu_hours": 0.0 if gpu > 0 else trial_seconds * cpu / 3600.0,
+    }
+    meta["budget"] = record
+    layout.write_meta(exp, meta)
+
+
+def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: Optional[dict] = None) -> None:
     import peft
     import ray
     import torch
@@ -238,6 +303,7 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
         "data": prepared.data_stats,
         "resources_per_trial": resources,
         "num_trials": num_trials(cfg),
+        **({"budget": budget} if budget else {}),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -396,6 +462,9 @@ def run_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our ProgressPrinter replaces Tune's tables
     # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started_at = time.time()
+    if resume and cfg.budget.fit == "shrink":
+        cfg = _shrunk_as_saved(cfg)
     check_experiment_dir(cfg, resume)
     log(f"preparing: model {cfg.model.name_or_path}, data {cfg.data.source}")
     # Without --address: the cluster of a `ray job submit` (RAY_ADDRESS), else a private local
@@ -425,8 +494,14 @@ def run_search(
         problem = storage.check_shared_with_nodes(cfg.storage_path)
         if problem:
             raise ConfigError([problem], "input")
+        budget = None
+        if has_budget(cfg) and not resume:
+            cfg, budget = _fit_budget(cfg, prepared, resources, started_at, log)
+            prepared.cfg = cfg
+        elif has_budget(cfg):
+            log("budget: resumed: the estimate and any shrinking were done when the search started")
         if not resume:
-            _write_meta(cfg, prepared, resources)
+            _write_meta(cfg, prepared, resources, budget)
         marker = storage.write_marker(cfg.experiment_path)
         rungs = rung_steps(cfg)
         rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
@@ -435,7 +510,9 @@ def run_search(
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
         tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)
-        tuner.fit()
+        grid = tuner.fit()
+        if has_budget(cfg):
+            _record_spent(cfg, grid, resources, started_at)
     finally:
         if started_here:
             ray.shutdown()
