@@ -180,6 +180,33 @@ class BudgetConfig:
 
 
 BUDGET_FITS = ("refuse", "shrink")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow: one run per trial, nested under one run for the search (which gets the verdict)."""
+
+    tracking_uri: Optional[str] = _doc("a local folder, an sqlite:///FILE.db, or an http(s):// server; null = off", default=None)
+    experiment_name: Optional[str] = _doc("the MLflow experiment; null = the search's name", default=None)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases: one run per trial in a group named for the search, plus a verdict run."""
+
+    project: Optional[str] = _doc("the W&B project; null = off", default=None)
+    entity: Optional[str] = _doc("the W&B entity (user or team); null = your default", default=None)
+    mode: str = _doc("online | offline (files only; `wandb sync` uploads them) | disabled", default="online")
+    dir: Optional[str] = _doc("where W&B writes its run folders; null = the experiment folder", default=None)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers, through Ray Tune's logger callbacks (optional: pip install 'lora-rank-search[tracking]')."""
+
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass(frozen=True)
@@ -196,6 +223,7 @@ class SearchConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists, not tuples), round-trips through `parse_config`."""
@@ -555,6 +583,13 @@ def _check(cfg: SearchConfig) -> list[str]:
     choice("budget.fit", b.fit, BUDGET_FITS)
     if b.probe_steps <= 0:
         p.append(f"budget.probe_steps: must be a positive integer, got {b.probe_steps!r}")
+
+    tr = cfg.tracking
+    choice("tracking.wandb.mode", tr.wandb.mode, WANDB_MODES)
+    if tr.mlflow.tracking_uri is not None and not tr.mlflow.tracking_uri.strip():
+        p.append(f"tracking.mlflow.tracking_uri: must not be empty (null = off), got {tr.mlflow.tracking_uri!r}")
+    if tr.wandb.project is not None and not tr.wandb.project.strip():
+        p.append(f"tracking.wandb.project: must not be empty (null = off), got {tr.wandb.project!r}")
 
     r = cfg.resources
     g = r.gpus_per_trial

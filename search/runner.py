@@ -145,6 +145,9 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
     except DataError as exc:
         problems.append(str(exc))
+    from search import tracking
+
+    problems.extend(tracking.problems(cfg))
     storage_problem = _check_storage(cfg.storage_path)
     if storage_problem:
         problems.append(storage_problem)
@@ -286,7 +289,18 @@ def _record_spent(cfg: SearchConfig, grid, resources: dict, started_at: float) -
     layout.write_meta(exp, meta)
 
 
-def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: Optional[dict] = None) -> None:
+def _resumed_trackers(cfg: SearchConfig, log) -> tuple[list, dict]:
+    """On --resume the trackers of the first start are not re-created (a second MLflow parent run
+    would split the search); the resumed trials log nowhere new, and the verdict still goes to the
+    trackers recorded in search_meta.json."""
+    record = layout.read_meta(cfg.experiment_path).get("tracking") or {}
+    if record:
+        log("tracking: resumed: the verdict goes to the trackers of the first start; resumed trials are not logged again")
+    return [], {}
+
+
+def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: Optional[dict] = None,
+                tracked: Optional[dict] = None) -> None:
     import peft
     import ray
     import torch
@@ -304,6 +318,7 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: 
         "resources_per_trial": resources,
         "num_trials": num_trials(cfg),
         **({"budget": budget} if budget else {}),
+        **({"tracking": tracked} if tracked else {}),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -379,7 +394,8 @@ def describe_choices(prepared: Prepared) -> list[str]:
     return lines
 
 
-def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None):
+def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None,
+                callbacks: Optional[list] = None):
     """The Tuner (new or restored), one trial per Ray worker process.
 
     storage_marker: {'path', 'token', 'storage_path'} of the marker the driver wrote into the
@@ -413,7 +429,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
                 num_to_keep=storage.CHECKPOINTS_KEPT, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-            callbacks=[ProgressPrinter(cfg.train.max_steps)],
+            callbacks=[ProgressPrinter(cfg.train.max_steps), *(callbacks or [])],
             verbose=0,
         ),
     )
@@ -500,8 +516,11 @@ def run_search(
             prepared.cfg = cfg
         elif has_budget(cfg):
             log("budget: resumed: the estimate and any shrinking were done when the search started")
+        from search import tracking
+
+        trackers, tracked = tracking.callbacks(cfg, log) if not resume else _resumed_trackers(cfg, log)
         if not resume:
-            _write_meta(cfg, prepared, resources, budget)
+            _write_meta(cfg, prepared, resources, budget, tracked)
         marker = storage.write_marker(cfg.experiment_path)
         rungs = rung_steps(cfg)
         rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
@@ -509,8 +528,10 @@ def run_search(
         log(f"search: {num_trials(cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
-        tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker)
-        grid = tuner.fit()
+        tuner = build_tuner(cfg, prepared, resources, resume, storage_marker=marker, callbacks=trackers)
+        with tracking.environment(tracked):
+            grid = tuner.fit()
+        tracking.end_parent(tracked)
         if has_budget(cfg):
             _record_spent(cfg, grid, resources, started_at)
     finally:
