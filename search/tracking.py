@@ -38,6 +38,10 @@ def problems(cfg: SearchConfig) -> list[str]:
     if t.mlflow.tracking_uri and not _has("mlflow"):
         out.append(f"tracking.mlflow.tracking_uri: logging to MLflow needs the mlflow package: {INSTALL} "
                    "(or pip install mlflow-skinny)")
+    elif t.mlflow.tracking_uri and t.mlflow.tracking_uri.startswith(("sqlite:", "postgresql:", "mysql:")) and not (
+            _has("sqlalchemy") and _has("alembic")):
+        out.append("tracking.mlflow.tracking_uri: a database store (sqlite:, postgresql:, mysql:) needs MLflow's database "
+                   "parts, which mlflow-skinny lacks: pip install mlflow (or use a folder or a server)")
     if t.wandb.project and t.wandb.mode != "disabled" and not _has("wandb"):
         out.append(f"tracking.wandb.project: logging to W&B needs the wandb package: {INSTALL} (or pip install wandb)")
     return out
