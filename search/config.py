@@ -180,6 +180,19 @@ class BudgetConfig:
 
 
 BUDGET_FITS = ("refuse", "shrink")
+METRIC_MODES = ("max", "min")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A downstream metric as the verdict's quantity (the eval loss stays beside it)."""
+
+    metric: Optional[str] = _doc(
+        "exact_match | contains (on greedy generations of the eval prompts) | module:function (called with the "
+        "generations and the references, returning a number); null = the verdict uses the eval loss", default=None
+    )
+    metric_mode: str = _doc("max (higher is better) | min", default="max")
+    max_new_tokens: int = _doc("tokens generated per eval prompt for the metric", default=32)
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -224,6 +237,7 @@ class SearchConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists, not tuples), round-trips through `parse_config`."""
@@ -262,6 +276,7 @@ class TrialSettings:
     rungs: tuple = ()
     storage_marker: Optional[dict] = None
     choices: tuple = ()
+    eval: Optional[EvalConfig] = None  # eval.metric: the downstream metric a trial evaluates (issue 22)
 
     def targets_for(self, config: Any) -> tuple:
         """The resolved targets of a trial's target choice (its config's `target_choice`)."""
@@ -583,6 +598,13 @@ def _check(cfg: SearchConfig) -> list[str]:
     choice("budget.fit", b.fit, BUDGET_FITS)
     if b.probe_steps <= 0:
         p.append(f"budget.probe_steps: must be a positive integer, got {b.probe_steps!r}")
+
+    ev = cfg.eval
+    choice("eval.metric_mode", ev.metric_mode, METRIC_MODES)
+    if ev.max_new_tokens <= 0:
+        p.append(f"eval.max_new_tokens: must be a positive integer, got {ev.max_new_tokens!r}")
+    if ev.metric is not None and ev.metric not in ("exact_match", "contains") and ":" not in ev.metric:
+        p.append(f"eval.metric: must be exact_match | contains | module:function, got {ev.metric!r}")
 
     tr = cfg.tracking
     choice("tracking.wandb.mode", tr.wandb.mode, WANDB_MODES)

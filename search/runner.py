@@ -148,6 +148,12 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     from search import tracking
 
     problems.extend(tracking.problems(cfg))
+    if cfg.eval.metric:
+        from trainables.downstream import metric_problem
+
+        problem = metric_problem(cfg.eval.metric)
+        if problem:
+            problems.append(f"eval.metric: {problem}")
     storage_problem = _check_storage(cfg.storage_path)
     if storage_problem:
         problems.append(storage_problem)

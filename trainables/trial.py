@@ -242,6 +242,10 @@ def run_trial(
         # reference every rank's gain is measured from (nats/token). The same for every trial of
         # a search, so it is evaluated once per machine and read back by the others.
         base_eval_loss = base_loss_once(model, data, eval_batch, device, settings)
+    # >>> issue 22: downstream metric (eval.metric): the untouched base's value at step 0 (port into the pack loop)
+    downstream = _downstream_hook(settings, data, device)
+    base_metric = downstream(model) if downstream and not restore_from else {}
+    # <<< issue 22
     alpha, rslora = lora_alpha(settings.lora.alpha, r)
     fixed = {
         "r": r,
@@ -321,6 +325,10 @@ def run_trial(
                     "failure": "",
                     **best,
                 }
+                # >>> issue 22: downstream metric at every evaluation (eval_metric, eval_metric_error)
+                if downstream:
+                    metrics.update({"base_eval_metric": base_metric.get("eval_metric", math.nan), **downstream(model)})
+                # <<< issue 22
                 losses, interval_tokens, interval_time = [], 0, 0.0
                 folder = Path(tempfile.mkdtemp(prefix=f"lrs-ckpt-r{r}-"))
                 try:
@@ -350,6 +358,19 @@ def run_trial(
         }
         report(metrics, None)
     return metrics
+
+
+def _downstream_hook(settings: TrialSettings, data: TokenizedData, device: str):
+    """issue 22: model -> {eval_metric[, eval_metric_error]} when eval.metric is set, else None
+    (trainables.downstream holds the logic: greedy generation of the eval prompts and scoring)."""
+    ev = getattr(settings, "eval", None)
+    if ev is None or not ev.metric:
+        return None
+    from trainables.downstream import evaluate_metric
+    from trainables.model import load_tokenizer
+
+    tokenizer = load_tokenizer(settings.model_path, settings.model.trust_remote_code)
+    return lambda model: evaluate_metric(model, tokenizer, data, ev.metric, ev.max_new_tokens, device)
 
 
 def _single_lr(value) -> float:
