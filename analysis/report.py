@@ -167,7 +167,14 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
     else:
         blocks.append(("h2", "No recommendation"))
         blocks.append(("p", rec.reason + "."))
-    if rec.base_eval_loss == rec.base_eval_loss:
+    if rec.quantity != "eval_loss":
+        metric = rec.quantity.split(":", 1)[1]
+        sign = "−" if rec.metric_mode == "max" else ""
+        blocks.append(("p", f"**Judged by the downstream metric `{metric}` ({rec.metric_mode} is better), not the eval loss.** "
+                            f"Untouched base model (step 0): {metric} {rec.base_eval_metric:.4f}, eval loss "
+                            f"{rec.base_eval_loss_measured:.4f}; the recommended adapter: {metric} {rec.eval_metric:.4f}. "
+                            f"In the tables below the 'loss' columns hold {sign}{metric}; the eval loss stays in the table of all trials."))
+    elif rec.base_eval_loss == rec.base_eval_loss:
         blocks.append(("p", f"Untouched base model (every trial's step-0 evaluation): eval loss {rec.base_eval_loss:.4f}."))
     blocks.append(("p", f"**Rule:** {rec.rule}."))
     if rec.knee is not None:

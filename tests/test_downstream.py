@@ -90,3 +90,83 @@ def test_a_trial_reports_the_metric_and_the_base_value_and_survives_a_raising_fu
             assert all(math.isnan(m[METRIC_KEY]) for m in reports), "the failed evaluation has no value"
             assert all(m[METRIC_ERROR_KEY] == f"the metric function '{mod}:broken' raised ZeroDivisionError: oops" for m in reports)
             assert math.isfinite(reports[-1]["eval_loss"]), "the trial trained on and reported"
+
+
+def _experiment(root, curves: dict, metric: dict) -> str:
+    """A hand-made experiment folder (search.layout): r -> {step: eval loss} and {step: metric}."""
+    import json
+    from pathlib import Path
+
+    from search import layout
+
+    root = Path(root)
+    root.mkdir(parents=True)
+    layout.write_config(str(root), {"model": {"name_or_path": "tiny"}, "lora": {"dropout": 0.0},
+                                    "train": {"max_steps": 100, "learning_rate": 1e-3},
+                                    "eval": {"metric": "exact_match", "metric_mode": "max", "max_new_tokens": 4}})
+    states = []
+    for i, r in enumerate(sorted(curves)):
+        trial_id = f"fake_{i:05d}"
+        config = {"r": r, "lr": 1e-3, "seed": 0, "alpha_rule": "16", "target_preset": "attention"}
+        folder = root / layout.trial_dirname(config, trial_id)
+        folder.mkdir()
+        (folder / layout.PARAMS_FILE).write_text(json.dumps(config))
+        lines, best = [], float("inf")
+        for step, loss in sorted(curves[r].items()):
+            best = min(best, loss)
+            lines.append(json.dumps({
+                "trial_id": trial_id, "step": step, "r": r, "seed": 0, "learning_rate": 1e-3, "lora_alpha": 16.0,
+                "alpha_rule": "16", "target_modules": "q_proj,v_proj", "base_eval_loss": 4.0, "eval_loss": loss,
+                "best_eval_loss": best, "train_loss": loss, "lr": 1e-3, "tokens_seen": 100 * step, "tokens_per_s": 1000.0,
+                "trainable_params": 1000 * r, "adapter_bytes": 4000 * r, "peak_memory_bytes": 2**20,
+                "time_total_s": float(step), "timestamp": 1e9 + step, "started_at": 1e9, "trial_status": "ok", "failure": "",
+                "eval_metric": metric[r][step], "base_eval_metric": 0.0}))
+        (folder / layout.RESULT_FILE).write_text("\n".join(lines) + "\n")
+        states.append([json.dumps({"trial_id": trial_id, "status": "TERMINATED"}), json.dumps({"num_failures": 0})])
+    (root / f"{layout.STATE_PREFIX}2026-12-02_00-00-00.json").write_text(json.dumps({"trial_data": states}))
+    (root / layout.TUNER_FILE).write_bytes(b"")
+    return str(root)
+
+
+def test_the_verdict_follows_the_metric_where_loss_and_metric_disagree(tmp_path):
+    """Base: loss 4.0, exact_match 0.0. By loss r=8 is far ahead (r=2 recovers 52% of its gain);
+    by exact_match r=2 recovers 98% of r=8's gain: the loss says r=8, the metric r=2."""
+    import json
+
+    from analysis.pipeline import run_analysis
+    from analysis.selection import recommend
+
+    curves = {1: {50: 3.2, 100: 3.0}, 2: {50: 3.1, 100: 2.95}, 8: {50: 2.5, 100: 2.0}}
+    metric = {1: {50: 0.05, 100: 0.10}, 2: {50: 0.50, 100: 0.60}, 8: {50: 0.55, 100: 0.61}}
+    experiment = _experiment(tmp_path / "exp", curves, metric)
+    result = run_analysis(experiment)
+    rec = result.recommendation
+    assert recommend(result.trials, result.history).rank == 8, "by the eval loss"
+    assert rec.rank == 2 and rec.quantity == "eval_metric:exact_match"
+    assert rec.gain_share == pytest.approx(0.60 / 0.61)
+    saved = json.loads(open(result.files["json"]).read())
+    assert saved["base_eval_metric"] == 0.0 and saved["eval_metric"] == pytest.approx(0.60)
+    assert saved["base_eval_loss_measured"] == 4.0 and saved["quantity"] == "eval_metric:exact_match"
+    report = open(result.files["md"]).read()
+    assert "Judged by the downstream metric `exact_match` (max is better), not the eval loss." in report
+
+
+def test_evaluations_whose_metric_failed_are_named_in_the_diagnosis(tmp_path):
+    from analysis.pipeline import run_analysis
+
+    curves = {1: {50: 3.2, 100: 3.0}, 2: {50: 3.1, 100: 2.95}}
+    metric = {1: {50: 0.1, 100: float("nan")}, 2: {50: 0.5, 100: 0.6}}
+    experiment = _experiment(tmp_path / "exp", curves, metric)
+    import json
+    from pathlib import Path
+
+    for result_file in Path(experiment).glob("*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines()]
+        for row in rows:
+            row["eval_metric_error"] = "the metric function 'm:f' raised ValueError: x" if row["eval_metric"] != row["eval_metric"] else ""
+        result_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = run_analysis(experiment)
+    notes = [f.text for f in result.findings]
+    assert any("1 evaluation(s) without a exact_match value, left out of the verdict: the metric function 'm:f' raised "
+               "ValueError: x" in n for n in notes), notes
+    assert result.recommendation.rank is not None, "the search's verdict still comes out"
