@@ -174,6 +174,9 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
                             f"Untouched base model (step 0): {metric} {rec.base_eval_metric:.4f}, eval loss "
                             f"{rec.base_eval_loss_measured:.4f}; the recommended adapter: {metric} {rec.eval_metric:.4f}. "
                             f"In the tables below the 'loss' columns hold {sign}{metric}; the eval loss stays in the table of all trials."))
+        if rec.metric_errors:
+            blocks.append(("p", "The metric failed:"))
+            blocks.append(("list", list(rec.metric_errors)))
     elif rec.base_eval_loss == rec.base_eval_loss:
         blocks.append(("p", f"Untouched base model (every trial's step-0 evaluation): eval loss {rec.base_eval_loss:.4f}."))
     blocks.append(("p", f"**Rule:** {rec.rule}."))

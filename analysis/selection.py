@@ -171,6 +171,7 @@ class Recommendation:
     base_eval_metric: float = math.nan  # the untouched base's metric at step 0
     eval_metric: float = math.nan  # the recommended unit's metric where it was judged
     base_eval_loss_measured: float = math.nan  # the base's eval loss, beside the metric
+    metric_errors: list = field(default_factory=list)  # 'N evaluation(s) ...: the function's error', per distinct error
     curves: Optional[pd.DataFrame] = field(default=None, repr=False, compare=False)  # trial_curves, computed once
 
     def evidence(self, r: int, choice: Optional[str] = None) -> Optional[RankEvidence]:
@@ -390,7 +391,9 @@ def recommend_by_metric(trials: pd.DataFrame, history: pd.DataFrame, metric: str
         errors = history["eval_metric_error"].dropna().astype(str)
         errors = errors[errors != ""]
         for message, count in errors.value_counts().items():
-            rec.excluded.append(f"{count} evaluation(s) without a {metric} value, left out of the verdict: {message}")
+            note = f"{count} evaluation(s) without a {metric} value, left out of the verdict: {message}"
+            rec.metric_errors.append(note)
+            rec.excluded.append(note)
     return rec
 
 

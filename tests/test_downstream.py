@@ -5,6 +5,7 @@ every evaluation and the untouched base's value, and a raising function leaves t
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 
@@ -170,3 +171,34 @@ def test_evaluations_whose_metric_failed_are_named_in_the_diagnosis(tmp_path):
     assert any("1 evaluation(s) without a exact_match value, left out of the verdict: the metric function 'm:f' raised "
                "ValueError: x" in n for n in notes), notes
     assert result.recommendation.rank is not None, "the search's verdict still comes out"
+
+
+@pytest.mark.slow
+def test_a_real_search_is_judged_by_the_metric_and_one_whose_function_raises_finishes(raw_config, tmp_path, monkeypatch, capsys):
+    import json
+
+    import yaml
+
+    from search.cli import main
+
+    source = _mapping_task(tmp_path / "map.jsonl")
+    mod = _module(tmp_path, monkeypatch, "def broken(gens, refs):\n    raise KeyError('answer')\n", "search_metric")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # for the Ray workers
+    for name, metric in (("judged", "exact_match"), ("raising", f"{mod}:broken")):
+        raw = raw_config(name=name, data={"source": source, "eval_fraction": 0.2}, lora={"ranks": [1, 8]},
+                         train={"max_steps": 30, "eval_every": 15, "learning_rate": 1e-2}, scheduler={"type": "none"},
+                         eval={"metric": metric, "max_new_tokens": 3})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        code = main(["search", str(path)])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-3000:]
+        analysis = tmp_path / "runs" / name / "analysis"
+        saved = json.loads((analysis / "recommendation.json").read_text())
+        report = (analysis / "REPORT.md").read_text()
+        if name == "judged":
+            assert saved["quantity"] == "eval_metric:exact_match" and saved["base_eval_metric"] == 0.0
+            assert saved["rank"] in (1, 8) and 0.0 <= saved["eval_metric"] <= 1.0
+            assert "Judged by the downstream metric `exact_match`" in report
+        else:
+            assert f"the metric function '{mod}:broken' raised KeyError: 'answer'" in report
