@@ -25,6 +25,7 @@ from search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfi
 MIN_FIRST_RUNG = 30
 TRIAL_START_S = 10.0  # a Ray worker's start and imports before a trial loads its model (s; bench: ~44 s for 8 tiny trials on 2 workers)
 FIXED_S = 30.0  # the analysis and report after the search, Ray's shutdown (s)
+SHRINK_TARGET = 0.9  # fit: shrink aims at this share of each limit: the probe's timings drift with the machine's load
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,15 @@ def estimate(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elaps
     )
 
 
-def over_budget(est: Estimate, budget: BudgetConfig, on_gpu: bool) -> list[str]:
-    """One line per limit the estimate exceeds (empty: it fits)."""
+def over_budget(est: Estimate, budget: BudgetConfig, on_gpu: bool, share: float = 1.0) -> list[str]:
+    """One line per limit the estimate exceeds (empty: it fits); share < 1 checks against that
+    share of each limit."""
     out = []
-    if on_gpu and budget.gpu_hours is not None and est.gpu_hours > budget.gpu_hours:
+    if on_gpu and budget.gpu_hours is not None and est.gpu_hours > share * budget.gpu_hours:
         out.append(f"budget.gpu_hours: the search would use ~{est.gpu_hours:.3g} GPU-hours, over the {budget.gpu_hours:g} allowed")
-    if not on_gpu and budget.cpu_hours is not None and est.cpu_hours > budget.cpu_hours:
+    if not on_gpu and budget.cpu_hours is not None and est.cpu_hours > share * budget.cpu_hours:
         out.append(f"budget.cpu_hours: the search would use ~{est.cpu_hours:.3g} CPU-hours, over the {budget.cpu_hours:g} allowed")
-    if budget.wall_minutes is not None and est.wall_minutes > budget.wall_minutes:
+    if budget.wall_minutes is not None and est.wall_minutes > share * budget.wall_minutes:
         out.append(f"budget.wall_minutes: the search would take ~{est.wall_minutes:.1f} min, over the {budget.wall_minutes:g} allowed")
     return out
 
@@ -157,7 +159,8 @@ def fit(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elapsed_s:
     """Check the configured search against its budget: returns (the config to run, its estimate).
 
     Over the budget: refuse (ConfigError with the numbers) or, with `budget.fit: shrink`, the
-    largest max_steps (not below `min_max_steps`) whose estimate fits, said in one line."""
+    largest max_steps (not below `min_max_steps`) whose estimate fits SHRINK_TARGET of the budget,
+    said in one line."""
     on_gpu = float(resources.get("gpu", 0) or 0) > 0
     b = cfg.budget
     log(f"budget: probe: {probe.step_s:.3g} s per optimizer step, {probe.eval_s:.3g} s per evaluation, "
@@ -177,14 +180,14 @@ def fit(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elapsed_s:
         while low <= high:  # the estimate grows with max_steps: the largest that fits
             mid = (low + high) // 2
             trial = estimate(with_max_steps(cfg, mid), probe, resources, slots, elapsed_s)
-            if over_budget(trial, b, on_gpu):
+            if over_budget(trial, b, on_gpu, SHRINK_TARGET):
                 high = mid - 1
             else:
                 best, low = mid, mid + 1
         if best is not None:
             shrunk = with_max_steps(cfg, best)
             est2 = estimate(shrunk, probe, resources, slots, elapsed_s)
-            log(f"budget: fit: shrink: train.max_steps {cfg.train.max_steps} -> {best} to fit the budget "
+            log(f"budget: fit: shrink: train.max_steps {cfg.train.max_steps} -> {best} to fit {SHRINK_TARGET:.0%} of the budget "
                 f"({describe(est2, on_gpu)})")
             return shrunk, est2
         least = estimate(with_max_steps(cfg, floor), probe, resources, slots, elapsed_s)
