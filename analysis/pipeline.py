@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis.diagnosis import Finding, diagnose
 from analysis.results import load_experiment
-from analysis.selection import DEFAULT_RULE, Recommendation, recommend
+from analysis.selection import DEFAULT_RULE, Recommendation, recommend, recommend_by_metric
 from search import layout, storage
 from search.layout import read_config
 
@@ -45,8 +45,13 @@ def load(experiment: str, tolerance: Optional[float] = None, rule: str = DEFAULT
         raise ExperimentNotFound(f"EXPERIMENT_DIR: {exc}") from None
     if trials.empty:
         raise ExperimentNotFound(f"EXPERIMENT_DIR: {experiment!r} holds no trial folders (is it storage_path/name of a search?)")
-    rec = recommend(trials, history, tolerance, rule)
-    return Analysis(experiment, trials, history, rec, diagnose(rec, trials, history), config=read_config(experiment))
+    config = read_config(experiment)
+    ev = config.get("eval") or {}
+    if ev.get("metric"):  # eval.metric: the verdict on the downstream metric, the eval loss beside it
+        rec = recommend_by_metric(trials, history, ev["metric"], ev.get("metric_mode") or "max", tolerance, rule)
+    else:
+        rec = recommend(trials, history, tolerance, rule)
+    return Analysis(experiment, trials, history, rec, diagnose(rec, trials, history), config=config)
 
 
 def default_out(experiment: str) -> str:

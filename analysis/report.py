@@ -15,6 +15,7 @@ from analysis.diagnosis import Finding
 from analysis.results import format_table, incomplete_trials
 from analysis.selection import Recommendation
 from search.arms import format_lr
+from search.layout import read_meta
 
 RESULTS_CSV, RESULTS_PARQUET = "results.csv", "results.parquet"
 RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md", "report.html"
@@ -166,7 +167,17 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
     else:
         blocks.append(("h2", "No recommendation"))
         blocks.append(("p", rec.reason + "."))
-    if rec.base_eval_loss == rec.base_eval_loss:
+    if rec.quantity != "eval_loss":
+        metric = rec.quantity.split(":", 1)[1]
+        sign = "−" if rec.metric_mode == "max" else ""
+        blocks.append(("p", f"**Judged by the downstream metric `{metric}` ({rec.metric_mode} is better), not the eval loss.** "
+                            f"Untouched base model (step 0): {metric} {rec.base_eval_metric:.4f}, eval loss "
+                            f"{rec.base_eval_loss_measured:.4f}; the recommended adapter: {metric} {rec.eval_metric:.4f}. "
+                            f"In the tables below the 'loss' columns hold {sign}{metric}; the eval loss stays in the table of all trials."))
+        if rec.metric_errors:
+            blocks.append(("p", "The metric failed:"))
+            blocks.append(("list", list(rec.metric_errors)))
+    elif rec.base_eval_loss == rec.base_eval_loss:
         blocks.append(("p", f"Untouched base model (every trial's step-0 evaluation): eval loss {rec.base_eval_loss:.4f}."))
     damaged = incomplete_trials(trials)
     if damaged:
@@ -219,6 +230,42 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
     blocks.append(("h2", "All trials"))
     blocks.append(("code", format_table(trials) if not trials.empty else "(no trials)"))
     return blocks
+
+
+def budget_blocks(budget: Optional[dict]) -> list[tuple]:
+    """The report's last section: the budget against the probe's estimate and what was spent
+    (search_meta.json's `budget`, written by search.runner); [] for a search without a budget."""
+    if not budget:
+        return []
+    limits, est, spent = budget.get("limits") or {}, budget.get("estimate") or {}, budget.get("spent") or {}
+    rows = []
+    for key, label, unit in (("gpu_hours", "GPU-hours", "{:.3g}"), ("cpu_hours", "CPU-hours", "{:.3g}"),
+                             ("wall_minutes", "wall minutes", "{:.1f}")):
+        if limits.get(key) is None:
+            continue
+        spent_value = spent.get(key) if key != "wall_minutes" else (spent.get("wall_seconds", float("nan")) / 60.0 if spent else None)
+        shown = (lambda v: "?" if v is None else unit.format(v))
+        within = "" if spent_value is None else ("yes" if spent_value <= limits[key] else "no")
+        rows.append([label, f"{limits[key]:g}", shown(est.get(key)), shown(spent_value), within])
+    out = [("h2", "Budget")]
+    probe = budget.get("probe") or {}
+    lines = []
+    if probe:
+        lines.append(f"Probe before training: {probe.get('step_s', float('nan')):.3g} s per optimizer step, "
+                     f"{probe.get('eval_s', float('nan')):.3g} s per evaluation, {probe.get('load_s', float('nan')):.3g} s to load "
+                     f"(on {probe.get('device', '?')}).")
+    if budget.get("configured_max_steps") and budget.get("max_steps") != budget.get("configured_max_steps"):
+        lines.append(f"budget.fit: shrink lowered train.max_steps from {budget['configured_max_steps']} to {budget['max_steps']} "
+                     "to fit the budget.")
+    if not spent:
+        lines.append("Nothing spent recorded yet (the search did not finish).")
+    else:
+        lines.append("Spent: wall clock from the command's start to the end of the search (the analysis after it not "
+                     f"included); {spent.get('trial_seconds', 0):.0f} trial-seconds.")
+    out.append(("p", " ".join(lines)))
+    if rows:
+        out.append(("table", (["limit", "budget", "estimated", "spent", "within"], rows)))
+    return out
 
 
 def render_markdown(blocks: list[tuple], out_dir: str) -> str:
@@ -306,6 +353,7 @@ def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Reco
     with open(paths["json"], "w") as handle:
         json.dump(payload, handle, indent=2)
     blocks = build_blocks(experiment, trials, rec, findings, eff_sentence, eff, plots, snippet, config)
+    blocks += budget_blocks(read_meta(experiment).get("budget"))
     with open(paths["md"], "w") as handle:
         handle.write(render_markdown(blocks, out_dir))
     with open(paths["html"], "w") as handle:

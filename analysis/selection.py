@@ -164,6 +164,14 @@ class Recommendation:
     excluded: list = field(default_factory=list)  # plain-words notes on trials left out
     no_signal: bool = False
     rule: str = RULE
+    # eval.metric (issue 22): the verdict's quantity. With a metric, every loss field above holds
+    # the metric as a loss (-metric for metric_mode max, so lower is better and gains are base - L).
+    quantity: str = "eval_loss"  # or 'eval_metric:<name>'
+    metric_mode: str = ""
+    base_eval_metric: float = math.nan  # the untouched base's metric at step 0
+    eval_metric: float = math.nan  # the recommended unit's metric where it was judged
+    base_eval_loss_measured: float = math.nan  # the base's eval loss, beside the metric
+    metric_errors: list = field(default_factory=list)  # 'N evaluation(s) ...: the function's error', per distinct error
     curves: Optional[pd.DataFrame] = field(default=None, repr=False, compare=False)  # trial_curves, computed once
 
     def evidence(self, r: int, choice: Optional[str] = None) -> Optional[RankEvidence]:
@@ -352,6 +360,41 @@ def knee_rank(ranks: Sequence[int], gaps: Sequence[float]) -> Optional[int]:
     below = (1.0 - xn) - yn  # the chord from (0, 1) to (1, 0), minus the curve
     i = int(np.argmax(below))
     return pairs[i][0] if below[i] >= KNEE_MIN_BEND else None
+
+
+def metric_view(trials: pd.DataFrame, history: pd.DataFrame, metric: str, mode: str) -> tuple:
+    """(trials, history) with the downstream metric in the loss columns (eval.metric, issue 22): the
+    eval loss becomes -metric (mode max) or the metric (mode min) and the base's step-0 loss the
+    base's step-0 metric, so the verdict (gain share, same-step comparison, cheapest adequate) is
+    computed on the metric by the same code. Evaluations whose metric failed (NaN) drop out."""
+    sign = -1.0 if mode == "max" else 1.0
+    hist = history.copy()
+    hist["eval_loss"] = sign * pd.to_numeric(hist.get("eval_metric", pd.Series(np.nan, index=hist.index)), errors="coerce")
+    base_values = pd.to_numeric(hist.get("base_eval_metric", pd.Series(dtype=float)), errors="coerce").dropna()
+    base = float(base_values.median()) if len(base_values) else math.nan
+    out = trials.copy()
+    out["base_eval_loss"] = sign * base
+    return out, hist, base
+
+
+def recommend_by_metric(trials: pd.DataFrame, history: pd.DataFrame, metric: str, mode: str = "max",
+                        tolerance: Optional[float] = None, rule: str = DEFAULT_RULE) -> "Recommendation":
+    """The verdict on a downstream metric (eval.metric) instead of the eval loss."""
+    view_trials, view_history, base = metric_view(trials, history, metric, mode)
+    rec = recommend(view_trials, view_history, tolerance, rule)
+    sign = -1.0 if mode == "max" else 1.0
+    rec.quantity, rec.metric_mode = f"eval_metric:{metric}", mode
+    rec.base_eval_metric = base
+    rec.eval_metric = sign * rec.loss if rec.loss == rec.loss else math.nan
+    rec.base_eval_loss_measured = base_loss(trials)
+    if "eval_metric_error" in history:
+        errors = history["eval_metric_error"].dropna().astype(str)
+        errors = errors[errors != ""]
+        for message, count in errors.value_counts().items():
+            note = f"{count} evaluation(s) without a {metric} value, left out of the verdict: {message}"
+            rec.metric_errors.append(note)
+            rec.excluded.append(note)
+    return rec
 
 
 def base_loss(trials: pd.DataFrame) -> float:

@@ -72,6 +72,9 @@ def _search(args: argparse.Namespace) -> int:
         return 1 if errored else 0
     print()
     print(verdict_lines(result))
+    from search import layout, tracking
+
+    tracking.log_verdict(layout.read_meta(experiment).get("tracking"), result.recommendation)
     if errored:
         return 1
     return 0

@@ -21,7 +21,7 @@ import yaml
 
 ALPHA_RULES = ("r", "2r", "rslora")
 TARGET_PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")  # = trainables.lora.PRESETS
-DATA_FORMATS = ("instruction", "chat", "text")
+DATA_FORMATS = ("auto", "instruction", "completion", "alpaca", "chat", "sharegpt", "text")  # = trainables.formats.FORMATS + auto
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SCHEDULER_TYPES = ("sha", "asha", "none")
@@ -73,16 +73,24 @@ class DataConfig:
     """Training and evaluation data."""
 
     source: str = _doc(
-        "jsonl/json/csv/parquet/txt file, hub dataset name, or 'builtin:chatterbot' (shipped on PyPI)",
+        "jsonl/json/csv/parquet/txt file, a dataset folder (datasets' save_to_disk, or a Hugging Face dataset folder), "
+        "hub dataset name, or 'builtin:chatterbot' (shipped on PyPI)",
         default="builtin:chatterbot",
     )
-    format: str = _doc("instruction | chat | text", default="instruction")
+    format: str = _doc(
+        "auto (detected from the columns, and said) | instruction {prompt, response} | completion {prompt, completion} | "
+        "alpaca {instruction, input, output} | chat {messages} | sharegpt {conversations: [{from, value}]} | text {text}",
+        default="auto",
+    )
+    split: str = _doc("dataset folder or hub name: the split trained on", default="train")
+    eval_split: Optional[str] = _doc("dataset folder or hub name: a split held out for eval (instead of the hash split)", default=None)
+    subset: Optional[str] = _doc("dataset folder or hub name: the subset (configuration name)", default=None)
     prompt_field: str = _doc("instruction format: the prompt column", default="prompt")
     response_field: str = _doc("instruction format: the response column (the only tokens with loss)", default="response")
     messages_field: str = _doc("chat format: column of [{role, content}, ...] lists", default="messages")
     text_field: str = _doc("text format: the text column", default="text")
     use_chat_template: Union[bool, str] = _doc(
-        "instruction format: render through the tokenizer's chat template (auto = if it has one)", default="auto"
+        "instruction, alpaca, chat, sharegpt: render through the tokenizer's chat template (auto = if it has one)", default="auto"
     )
     eval_source: Optional[str] = _doc("separate eval file; otherwise a deterministic hash split", default=None)
     eval_fraction: float = _doc("share of examples (by hash of the prompt) held out for eval", default=0.1)
@@ -162,6 +170,64 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """A cap on the whole search, checked before any training: a short probe times optimizer steps
+    on this machine and the halving arithmetic turns them into the search's cost."""
+
+    gpu_hours: Optional[float] = _doc("GPU-hours the whole search may use (trial time x GPUs per trial); null = no cap", default=None)
+    cpu_hours: Optional[float] = _doc("on CPU: CPU-hours the whole search may use (trial time x CPUs per trial); null = no cap", default=None)
+    wall_minutes: Optional[float] = _doc("minutes of wall clock the whole search may take; null = no cap", default=None)
+    fit: str = _doc(
+        "over the budget: refuse (exit 2 with the estimate, before training) | shrink (lower train.max_steps until it "
+        "fits, never putting the first rung below the validated 30 steps, and say so)", default="refuse"
+    )
+    probe_steps: int = _doc("optimizer steps the probe times (after one untimed warm-up step)", default=3)
+
+
+BUDGET_FITS = ("refuse", "shrink")
+METRIC_MODES = ("max", "min")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A downstream metric as the verdict's quantity (the eval loss stays beside it)."""
+
+    metric: Optional[str] = _doc(
+        "exact_match | contains (on greedy generations of the eval prompts) | module:function (called with the "
+        "generations and the references, returning a number); null = the verdict uses the eval loss", default=None
+    )
+    metric_mode: str = _doc("max (higher is better) | min", default="max")
+    max_new_tokens: int = _doc("tokens generated per eval prompt for the metric", default=32)
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow: one run per trial, nested under one run for the search (which gets the verdict)."""
+
+    tracking_uri: Optional[str] = _doc("a local folder, an sqlite:///FILE.db, or an http(s):// server; null = off", default=None)
+    experiment_name: Optional[str] = _doc("the MLflow experiment; null = the search's name", default=None)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases: one run per trial in a group named for the search, plus a verdict run."""
+
+    project: Optional[str] = _doc("the W&B project; null = off", default=None)
+    entity: Optional[str] = _doc("the W&B entity (user or team); null = your default", default=None)
+    mode: str = _doc("online | offline (files only; `wandb sync` uploads them) | disabled", default="online")
+    dir: Optional[str] = _doc("where W&B writes its run folders; null = the experiment folder", default=None)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers, through Ray Tune's logger callbacks (optional: pip install 'lora-rank-search[tracking]')."""
+
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """A whole rank search."""
 
@@ -174,6 +240,9 @@ class SearchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists, not tuples), round-trips through `parse_config`."""
@@ -212,6 +281,7 @@ class TrialSettings:
     rungs: tuple = ()
     storage_marker: Optional[dict] = None
     choices: tuple = ()
+    eval: Optional[EvalConfig] = None  # eval.metric: the downstream metric a trial evaluates (issue 22)
 
     def targets_for(self, config: Any) -> tuple:
         """The resolved targets of a trial's target choice (its config's `target_choice`)."""
@@ -439,7 +509,9 @@ def _check(cfg: SearchConfig) -> list[str]:
     choice("data.format", d.format, DATA_FORMATS)
     if isinstance(d.use_chat_template, str) and d.use_chat_template != "auto":
         p.append(f"data.use_chat_template: must be true, false or auto, got {d.use_chat_template!r}")
-    if d.eval_source is None and not (0.0 < d.eval_fraction < 1.0):
+    if d.eval_source is not None and d.eval_split is not None:
+        p.append(f"data.eval_split: give data.eval_source or data.eval_split, not both, got {d.eval_split!r}")
+    if d.eval_source is None and d.eval_split is None and not (0.0 < d.eval_fraction < 1.0):
         p.append(f"data.eval_fraction: must be in (0, 1) when no eval_source is given, got {d.eval_fraction!r}")
     if d.max_seq_len <= 0:
         p.append(f"data.max_seq_len: must be a positive integer, got {d.max_seq_len!r}")
@@ -524,6 +596,29 @@ def _check(cfg: SearchConfig) -> list[str]:
     if s.type in ("asha", "sha"):
         if s.reduction_factor < 2:
             p.append(f"scheduler.reduction_factor: must be >= 2, got {s.reduction_factor!r}")
+
+    b = cfg.budget
+    for name in ("gpu_hours", "cpu_hours", "wall_minutes"):
+        value = getattr(b, name)
+        if value is not None and value <= 0:
+            p.append(f"budget.{name}: must be a positive number or null, got {value!r}")
+    choice("budget.fit", b.fit, BUDGET_FITS)
+    if b.probe_steps <= 0:
+        p.append(f"budget.probe_steps: must be a positive integer, got {b.probe_steps!r}")
+
+    ev = cfg.eval
+    choice("eval.metric_mode", ev.metric_mode, METRIC_MODES)
+    if ev.max_new_tokens <= 0:
+        p.append(f"eval.max_new_tokens: must be a positive integer, got {ev.max_new_tokens!r}")
+    if ev.metric is not None and ev.metric not in ("exact_match", "contains") and ":" not in ev.metric:
+        p.append(f"eval.metric: must be exact_match | contains | module:function, got {ev.metric!r}")
+
+    tr = cfg.tracking
+    choice("tracking.wandb.mode", tr.wandb.mode, WANDB_MODES)
+    if tr.mlflow.tracking_uri is not None and not tr.mlflow.tracking_uri.strip():
+        p.append(f"tracking.mlflow.tracking_uri: must not be empty (null = off), got {tr.mlflow.tracking_uri!r}")
+    if tr.wandb.project is not None and not tr.wandb.project.strip():
+        p.append(f"tracking.wandb.project: must not be empty (null = off), got {tr.wandb.project!r}")
 
     r = cfg.resources
     g = r.gpus_per_trial

@@ -103,7 +103,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     With local_ray (the search will start its own Ray on this machine) the resources per trial are
     checked against this machine too.
     """
-    from trainables.data import DataError, load_splits, tokenize_splits
+    from trainables.data import DataError, load_data, tokenize_splits
     from trainables.data import overlap_warning
     from trainables.lora import TargetError, dropout_problems, linear_layers, rank_problems, resolve_targets
     from trainables.model import ModelSourceError, check_weights, load_tokenizer, meta_model, resolve_model
@@ -145,12 +145,23 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         problems.append(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} as a local folder or hub model ({first})")
     try:
-        train_records, eval_records = load_splits(d)
+        train_records, eval_records, d, notes = load_data(d)
+        for note in notes:  # the detected shape is news; a converted value is a warning
+            (log if note.startswith("data.format: auto") else warnings.append)(note)
         warnings.extend(filter(None, [overlap_warning(train_records, eval_records, d)]))
         if tokenizer is not None:
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
     except DataError as exc:
         problems.append(str(exc))
+    from search import tracking
+
+    problems.extend(tracking.problems(cfg))
+    if cfg.eval.metric:
+        from trainables.downstream import metric_problem
+
+        problem = metric_problem(cfg.eval.metric)
+        if problem:
+            problems.append(f"eval.metric: {problem}")
     storage_problem = _check_storage(cfg.storage_path)
     if storage_problem:
         problems.append(storage_problem)
@@ -160,7 +171,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         warn(line)
     from trainables.data import describe
 
-    out.data_stats = describe(out.data)
+    out.data_stats = {"format": d.format, **describe(out.data)}
     return out
 
 
@@ -251,7 +262,83 @@ def trial_dirname(trial) -> str:
     return layout.trial_dirname(trial.config, trial.trial_id)
 
 
-def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
+def has_budget(cfg: SearchConfig) -> bool:
+    b = cfg.budget
+    return any(v is not None for v in (b.gpu_hours, b.cpu_hours, b.wall_minutes))
+
+
+def _fit_budget(cfg: SearchConfig, prepared: Prepared, resources: dict, started_at: float, log) -> tuple:
+    """Probe this machine, estimate the search, refuse or shrink it (search.budget.fit); returns
+    (the config to run, the budget record for search_meta.json)."""
+    import ray
+
+    from search import budget
+    from trainables.probe import probe
+
+    choices = prepared.choices or {"": prepared.targets}
+    from trainables.lora import lora_param_count
+
+    r = max(cfg.lora.ranks)
+    targets = max(choices.values(), key=lambda t: lora_param_count(prepared.linear_shapes, t, r))
+    settings = trial_settings(cfg, prepared.model_path, list(targets))
+    measured = probe(settings, prepared.data, r, cfg.budget.probe_steps)
+    slots = budget.slots_for(resources, ray.cluster_resources(), cfg.resources.max_concurrent)
+    configured = cfg.train.max_steps
+    cfg, est = budget.fit(cfg, measured, resources, slots, time.time() - started_at, log)
+    return cfg, {
+        "limits": dataclasses.asdict(cfg.budget),
+        "probe": dataclasses.asdict(measured),
+        "estimate": {**dataclasses.asdict(est), "wall_minutes": est.wall_minutes},
+        "configured_max_steps": configured,
+        "max_steps": cfg.train.max_steps,
+        "started_at": started_at,
+    }
+
+
+def _shrunk_as_saved(cfg: SearchConfig) -> SearchConfig:
+    """On --resume with budget.fit: shrink, the max_steps the search was shrunk to (its saved config)."""
+    from search.budget import with_max_steps
+
+    saved_path = storage.join(cfg.experiment_path, layout.CONFIG_FILE)
+    if not storage.exists(saved_path):
+        return cfg
+    saved = (yaml.safe_load(storage.read_text(saved_path)) or {}).get("train", {}).get("max_steps")
+    return with_max_steps(cfg, int(saved)) if isinstance(saved, int) and saved < cfg.train.max_steps else cfg
+
+
+def _record_spent(cfg: SearchConfig, grid, resources: dict, started_at: float) -> None:
+    """What the search spent (wall seconds since the command started, trial-seconds and the resource
+    hours they mean), beside its budget in search_meta.json; the report ends with it."""
+    trial_seconds = 0.0
+    for result in grid:
+        metrics = getattr(result, "metrics", None) or {}
+        trial_seconds += float(metrics.get("time_total_s", 0.0) or 0.0)
+    gpu, cpu = float(resources.get("gpu", 0) or 0), float(resources.get("cpu", 1) or 1)
+    exp = cfg.experiment_path
+    meta = layout.read_meta(exp)
+    record = meta.get("budget") or {"limits": dataclasses.asdict(cfg.budget)}
+    record["spent"] = {
+        "wall_seconds": time.time() - float(record.get("started_at", started_at)),
+        "trial_seconds": trial_seconds,
+        "gpu_hours": trial_seconds * gpu / 3600.0,
+        "cpu_hours": 0.0 if gpu > 0 else trial_seconds * cpu / 3600.0,
+    }
+    meta["budget"] = record
+    layout.write_meta(exp, meta)
+
+
+def _resumed_trackers(cfg: SearchConfig, log) -> tuple[list, dict]:
+    """On --resume the trackers of the first start are not re-created (a second MLflow parent run
+    would split the search); the resumed trials log nowhere new, and the verdict still goes to the
+    trackers recorded in search_meta.json."""
+    record = layout.read_meta(cfg.experiment_path).get("tracking") or {}
+    if record:
+        log("tracking: resumed: the verdict goes to the trackers of the first start; resumed trials are not logged again")
+    return [], {}
+
+
+def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: Optional[dict] = None,
+                tracked: Optional[dict] = None) -> None:
     import peft
     import ray
     import torch
@@ -270,6 +357,8 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict) -> None:
         "num_trials": num_trials(prepared.cfg),
         "config": cfg.to_dict(),  # what lora_rank_search.yaml holds: rebuilds it if it goes missing
         FINGERPRINTS: fingerprints(cfg.to_dict(), prepared.model_path),
+        **({"budget": budget} if budget else {}),
+        **({"tracking": tracked} if tracked else {}),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -420,7 +509,7 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
 
 
 def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None,
-                plan=None):
+                plan=None, callbacks: Optional[list] = None):
     """The Tuner (new or restored): one trial per arm, each in its own worker process or, with a
     `PackPlan`, a client of its node's pack server (`trainables.pack_server`).
 
@@ -460,7 +549,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
                 num_to_keep=storage.CHECKPOINTS_KEPT, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-            callbacks=[ProgressPrinter(cfg.train.max_steps)],
+            callbacks=[ProgressPrinter(cfg.train.max_steps), *(callbacks or [])],
             verbose=0,
         ),
     )
@@ -509,6 +598,9 @@ def run_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our ProgressPrinter replaces Tune's tables
     # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started_at = time.time()
+    if resume and cfg.budget.fit == "shrink":
+        cfg = _shrunk_as_saved(cfg)
     check_experiment_dir(cfg, resume)
     problem = address_problem(address)
     if problem:
@@ -547,8 +639,17 @@ def run_search(
         problem = storage.check_shared_with_nodes(cfg.storage_path)
         if problem:
             raise ConfigError([problem], "input")
+        budget = None
+        if has_budget(cfg) and not resume:
+            cfg, budget = _fit_budget(cfg, prepared, resources, started_at, log)
+            prepared.cfg = dataclasses.replace(prepared.cfg, train=cfg.train)  # the shrunk budget, the merged target choices
+        elif has_budget(cfg):
+            log("budget: resumed: the estimate and any shrinking were done when the search started")
+        from search import tracking
+
+        trackers, tracked = tracking.callbacks(cfg, log) if not resume else _resumed_trackers(cfg, log)
         if not resume:
-            _write_meta(cfg, prepared, resources)
+            _write_meta(cfg, prepared, resources, budget, tracked)
         marker = storage.write_marker(cfg.experiment_path)
         rungs = rung_steps(cfg)
         rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
@@ -557,14 +658,18 @@ def run_search(
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
         plan, resources = plan_packs(prepared.cfg, prepared, resources, log)
-        tuner = build_tuner(prepared.cfg, prepared, resources, resume, storage_marker=marker, plan=plan)
+        tuner = build_tuner(prepared.cfg, prepared, resources, resume, storage_marker=marker, plan=plan, callbacks=trackers)
         try:
-            tuner.fit()
+            with tracking.environment(tracked):
+                grid = tuner.fit()
         finally:
             if plan is not None:
                 from trainables.pack_server import stop_servers
 
                 stop_servers(plan.experiment)
+        tracking.end_parent(tracked)
+        if has_budget(cfg):
+            _record_spent(cfg, grid, resources, started_at)
     finally:
         if started_here:
             ray.shutdown()

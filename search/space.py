@@ -61,7 +61,7 @@ def trial_settings(cfg: SearchConfig, model_path: str, targets: Union[Sequence[s
     return TrialSettings(
         model_path=model_path, model=cfg.model, quantization=cfg.quantization, lora=cfg.lora, train=cfg.train,
         targets=tuple(targets), cpus_per_trial=cfg.resources.cpus_per_trial, rungs=tuple(rung_steps(cfg)),
-        choices=choices,
+        choices=choices, eval=cfg.eval,
     )
 
 

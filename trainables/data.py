@@ -6,6 +6,7 @@ Labels are -100 wherever no loss is taken (prompts, chat scaffolding, padding).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import importlib.util
@@ -19,14 +20,11 @@ from typing import Any, Optional
 import numpy as np
 
 from search.config import DataConfig
+from trainables.formats import DataError, describe_shapes, get_format, shape_of
 
 BUILTIN_DATA = ("builtin:chatterbot",)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-IGNORE = -100
-
-
-class DataError(ValueError):
-    """The configured data cannot be read or lacks what the format needs."""
+from trainables.formats import IGNORE  # noqa: E402,F401 - one definition
 
 
 @dataclass
@@ -68,21 +66,64 @@ def _chatterbot_records() -> list[dict]:
     return records
 
 
-def read_records(source: str, field: str = "data.source") -> list[dict]:
-    """All records of a file (by suffix), a builtin, or a hub dataset ('train' split)."""
+def read_records(source: str, field: str = "data.source", split: str = "train", subset: Optional[str] = None) -> list[dict]:
+    """All records of a file (by suffix), a builtin, a dataset folder (`datasets.load_from_disk`
+    or a Hugging Face dataset folder) or a hub dataset: its `split` (and `subset`, the config name)."""
     if source in BUILTIN_DATA:
         return _chatterbot_records()
     if source.startswith("builtin:"):
         raise DataError(f"{field}: unknown builtin dataset {source!r}; builtins: {', '.join(BUILTIN_DATA)}")
     path = Path(source)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        return _read_dataset(source, field, split, subset)
     if suffix in FILE_SUFFIXES or path.exists() or os.path.isabs(source) or source.startswith("."):
-        if path.is_dir():
-            raise DataError(f"{field}: {source!r} is a folder, not a data file (give one {', '.join(FILE_SUFFIXES)} file)")
         if not path.is_file():
             raise DataError(f"{field}: data file not found: {source!r}")
         return _read_file(path, suffix, field)
-    return _read_hub(source, field)
+    return _read_dataset(source, field, split, subset)
+
+
+def is_dataset_source(source: Optional[str]) -> bool:
+    """A dataset folder or hub name (it has splits and subsets), not a file or a builtin."""
+    if not source or source.startswith("builtin:"):
+        return False
+    path = Path(source)
+    if path.is_dir():
+        return True
+    return not (path.suffix.lower() in FILE_SUFFIXES or path.exists() or os.path.isabs(source) or source.startswith("."))
+
+
+def _read_dataset(name: str, field: str, split: str, subset: Optional[str]) -> list[dict]:
+    """A `save_to_disk` folder (`datasets.load_from_disk`), else `load_dataset(name, subset,
+    split=split)`: a local dataset folder of data files, or a hub name."""
+    import datasets
+
+    folder = Path(name)
+    saved = folder.is_dir() and any((folder / f).is_file() for f in ("dataset_dict.json", "state.json"))
+    try:
+        if saved:
+            loaded = datasets.load_from_disk(str(folder))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"{field}: no split {split!r} in {name!r} (splits: {', '.join(loaded)})")
+                loaded = loaded[split]
+            elif split != "train":
+                raise DataError(f"{field}: {name!r} holds one dataset, not named splits; there is no split {split!r}")
+            return [dict(r) for r in loaded]
+        # A local folder is read afresh: datasets' cache keys it by folder name and layout, not by
+        # content, and would serve an edited folder's old rows.
+        fresh = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if folder.is_dir() else {}
+        return [dict(r) for r in datasets.load_dataset(name, subset, split=split, **fresh)]
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the library's errors become one line naming the field
+        first = (str(exc).splitlines() or [""])[0][:200]
+        why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        if folder.is_dir():
+            raise DataError(f"{field}: cannot load the dataset folder {name!r} (split {split!r}"
+                            f"{f', subset {subset!r}' if subset else ''}; {why})") from None
+        raise DataError(f"{field}: {name!r} is neither a local file nor a loadable hub dataset ({why})") from None
 
 
 def _read_file(path: Path, suffix: str, field: str) -> list[dict]:
@@ -115,15 +156,6 @@ def _read_file(path: Path, suffix: str, field: str) -> list[dict]:
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
         raise DataError(f"{field}: cannot parse {str(path)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     raise DataError(f"{field}: unsupported file type {suffix!r} (use {', '.join(FILE_SUFFIXES)})")
-
-
-def _read_hub(name: str, field: str) -> list[dict]:
-    try:
-        from datasets import load_dataset
-
-        return list(load_dataset(name, split="train"))
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{field}: {name!r} is neither a local file nor a loadable hub dataset ({type(exc).__name__})") from None
 
 
 def check_columns(records: list[dict], fields: list[str], where: str) -> None:
@@ -203,45 +235,71 @@ def _value_problem(value: Any, trained: bool) -> Optional[str]:
     return None
 
 
-def _chat_problem(messages: Any) -> Optional[str]:
-    if not isinstance(messages, list) or not messages:
-        return "is not a non-empty list of {role, content} messages"
-    for m in messages:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
-            return "holds a message that is not {role, content}"
-        if _is_null(m["content"]) or isinstance(m["content"], (dict, list)):
-            return "holds a message whose content is null or not text"
-    if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in messages):
-        return "has no assistant turn with content (loss is taken on assistant turns only)"
+def _kind(value: Any) -> Optional[str]:
+    """'true/false' or 'number' for a value that is not text but would be trained as its text."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return "true/false value"
+    if isinstance(value, (int, float)) or type(value).__module__ == "numpy":
+        return "number"
     return None
 
 
-def check_values(records: list, data_cfg: DataConfig, where: str) -> None:
+def check_values(records: list, data_cfg: DataConfig, where: str) -> list[str]:
     """Refuse records whose needed values are null (they would become the text 'None'), not text,
-    or empty where the loss is taken; chat records need an assistant turn. Names the lines."""
-    fmt = data_cfg.format
-    if fmt == "instruction":
-        columns = [(data_cfg.prompt_field, False), (data_cfg.response_field, True)]
-    elif fmt == "text":
-        columns = [(data_cfg.text_field, True)]
-    else:
-        columns = []
-        column = data_cfg.messages_field
+    or empty where the loss is taken; message lists need an assistant turn. Names the lines.
+
+    Numbers and true/false values (`42`, `True`) are converted to their text, and said: returns
+    one warning per column naming the count and the first lines."""
+    fmt = get_format(data_cfg.format)
+    if fmt.messages is not None:
+        column, checker = fmt.messages(data_cfg)
         found: dict[str, list[int]] = {}
         for i, record in enumerate(records):
-            problem = _chat_problem(record[column])
+            problem = checker(record[column])
             if problem:
                 found.setdefault(problem, []).append(i)
         for problem, indices in found.items():
             raise DataError(f"{where}: {column!r} {problem} in {_count(len(indices), 'record')} ({_places(records, indices)})")
-    for column, trained in columns:
+    warnings = []
+    for column, trained in fmt.texts(data_cfg):
         found = {}
+        converted: dict[str, list[int]] = {}
         for i, record in enumerate(records):
-            problem = _value_problem(record[column], trained)
+            if column in fmt.optional and _is_null(record.get(column)):
+                continue
+            value = record[column]
+            problem = _value_problem(value, trained)
             if problem:
                 found.setdefault(problem, []).append(i)
+            elif _kind(value):
+                converted.setdefault(_kind(value), []).append(i)
         for problem, indices in found.items():
             raise DataError(f"{where}: {column!r} {problem} in {_count(len(indices), 'record')} ({_places(records, indices)})")
+        for kind, indices in converted.items():
+            first = records[indices[0]][column]
+            warnings.append(f"{where}: {column!r} holds {_count(len(indices), kind)}, not text ({_places(records, indices)}: "
+                            f"{first!r}); trained as their text ({str(first)!r}); quote them in the file if that is meant")
+    return warnings
+
+
+def detect_format(records: list, data_cfg: DataConfig, where: str) -> str:
+    """The shape of the records (`data.format: auto`): that of the first record; every record must
+    have it. A record that fits no shape, or another shape, is named with the columns it has."""
+    if not records:
+        raise DataError(f"{where}: dataset is empty")
+    _check_mappings(records, where)
+    name = None
+    for i, record in enumerate(records):
+        shape = shape_of(record, data_cfg)
+        if shape is None:
+            raise DataError(f"{where}: {_places(records, [i])} fits no record shape: columns found: "
+                            f"{', '.join(map(str, record)) or 'none'}; shapes: {describe_shapes(data_cfg)} (or set data.format)")
+        if name is None:
+            name = shape
+        elif shape != name:
+            raise DataError(f"{where}: {_places(records, [i])} has the {shape} shape (columns {', '.join(map(str, record))}) "
+                            f"but {_places(records, [0])} has the {name} shape; one file holds one shape (or set data.format)")
+    return name
 
 
 def overlap_warning(train_records: list, eval_records: list, data_cfg: DataConfig) -> Optional[str]:
@@ -267,14 +325,7 @@ def overlap_warning(train_records: list, eval_records: list, data_cfg: DataConfi
 
 def split_key(record: dict, data_cfg: DataConfig) -> str:
     """What the hash split keys on: the prompt, the first user message, or the text."""
-    fmt = data_cfg.format
-    if fmt == "instruction":
-        return str(record[data_cfg.prompt_field])
-    if fmt == "chat":
-        messages = record[data_cfg.messages_field]
-        users = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        return str(users[0] if users else messages)
-    return str(record[data_cfg.text_field])
+    return get_format(data_cfg.format).split_key(record, data_cfg)
 
 
 def hash_fraction(key: str) -> float:
@@ -302,13 +353,6 @@ def _uses_template(tokenizer, setting: Any) -> bool:
     return bool(setting)
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, template: bool) -> str:
-    if template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + ("assistant: " if generation_prompt else "")
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -328,56 +372,17 @@ def _segments_to_example(tokenizer, segments: list[tuple[str, bool]], add_bos: b
     return ids, labels
 
 
-def _chat_segments(tokenizer, messages: list[dict], template: bool) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, has_loss) pieces: loss on assistant turns."""
-    full = _render(tokenizer, messages, False, template)
-    cuts: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        prefix = _render(tokenizer, messages[:i], True, template) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], False, template)
-        if not (full.startswith(prefix) and full.startswith(upto)):
-            raise DataError("data.format: the chat template does not render conversations prefix by prefix")
-        cuts.append((len(prefix), len(upto)))
-    segments, pos = [], 0
-    for start, end in cuts:
-        segments.append((full[pos:start], False))
-        segments.append((full[start:end], True))
-        pos = end
-    segments.append((full[pos:], False))
-    return segments
-
-
 def encode_record(record: dict, tokenizer, data_cfg: DataConfig, template: bool) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one record, untruncated."""
-    fmt = data_cfg.format
-    eos = tokenizer.eos_token or ""
+    """(input_ids, labels) of one record, untruncated: loss only on the format's trained pieces."""
+    fmt = get_format(data_cfg.format)
+    segments = fmt.segments(record, tokenizer, data_cfg, template and fmt.templated)
     # Chat templates carry their own special tokens; plain text gets the tokenizer's BOS if it uses one.
-    plain_bos = bool(getattr(tokenizer, "add_bos_token", False))
-    if fmt == "instruction":
-        prompt = str(record[data_cfg.prompt_field])
-        response = str(record[data_cfg.response_field])
-        if template:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return _segments_to_example(tokenizer, _chat_segments(tokenizer, messages, True), False)
-        return _segments_to_example(tokenizer, [(prompt + "\n", False), (response + eos, True)], plain_bos)
-    if fmt == "chat":
-        messages = record[data_cfg.messages_field]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise DataError(f"data.messages_field: expected a list of {{role, content}} messages, got {str(messages)[:80]!r}")
-        return _segments_to_example(tokenizer, _chat_segments(tokenizer, messages, template), False)
-    text = str(record[data_cfg.text_field])
-    return _segments_to_example(tokenizer, [(text + eos, True)], plain_bos)
+    plain_bos = fmt.messages is None and not (template and fmt.templated) and bool(getattr(tokenizer, "add_bos_token", False))
+    return _segments_to_example(tokenizer, segments, plain_bos)
 
 
 def required_fields(data_cfg: DataConfig) -> list[str]:
-    fmt = data_cfg.format
-    if fmt == "instruction":
-        return [data_cfg.prompt_field, data_cfg.response_field]
-    if fmt == "chat":
-        return [data_cfg.messages_field]
-    return [data_cfg.text_field]
+    return get_format(data_cfg.format).columns(data_cfg)
 
 
 def _tokenize(records: list[dict], tokenizer, data_cfg: DataConfig, template: bool) -> tuple[list, list, int]:
@@ -394,17 +399,36 @@ def _tokenize(records: list[dict], tokenizer, data_cfg: DataConfig, template: bo
     return ids_out, labels_out, dropped
 
 
-def load_splits(data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """Read the records and split them into (train, eval); raises DataError on any problem."""
+def load_data(data_cfg: DataConfig) -> tuple[list[dict], list[dict], DataConfig, list[str]]:
+    """Read the records, detect their shape (`format: auto`), check them and split them.
+
+    Returns (train, eval, the data config with its format resolved, notes): the notes say which
+    shape was detected and which values were converted. Raises DataError on any problem."""
+    dataset = is_dataset_source(data_cfg.source)
+    records = read_records(data_cfg.source, "data.source", data_cfg.split if dataset else "train", data_cfg.subset)
+    notes = []
+    if data_cfg.format == "auto":
+        fmt = detect_format(records, data_cfg, "data.source")
+        data_cfg = dataclasses.replace(data_cfg, format=fmt)
+        found = ", ".join(sorted({str(k) for r in records[:50] for k in r}))
+        notes.append(f"data.format: auto: detected the {fmt} shape (columns {found})")
     fields = required_fields(data_cfg)
-    records = read_records(data_cfg.source)
     check_columns(records, fields, "data.source")
-    check_values(records, data_cfg, "data.source")
-    if data_cfg.eval_source:
+    notes += check_values(records, data_cfg, "data.source")
+    held_out = data_cfg.eval_source or data_cfg.eval_split
+    if held_out:
         train_records = records
-        eval_records = read_records(data_cfg.eval_source, "data.eval_source")
-        check_columns(eval_records, fields, "data.eval_source")
-        check_values(eval_records, data_cfg, "data.eval_source")
+        if data_cfg.eval_split:
+            if not dataset:
+                raise DataError(f"data.eval_split: {data_cfg.source!r} is a file, not a dataset folder or hub name with "
+                                f"splits (use data.eval_source for a separate eval file), got {data_cfg.eval_split!r}")
+            where = "data.eval_split"
+            eval_records = read_records(data_cfg.source, where, data_cfg.eval_split, data_cfg.subset)
+        else:
+            where = "data.eval_source"
+            eval_records = read_records(data_cfg.eval_source, where)
+        check_columns(eval_records, fields, where)
+        notes += check_values(eval_records, data_cfg, where)
     else:
         train_records, eval_records = split_records(records, data_cfg)
     if data_cfg.max_eval_examples:
@@ -417,17 +441,23 @@ def load_splits(data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             "raise eval_fraction or give data.eval_source"
         )
     if len(train_records) < MIN_TRAIN_EXAMPLES:
-        where = "data.source" if data_cfg.eval_source else "data.eval_fraction"
+        where = "data.source" if held_out else "data.eval_fraction"
         raise DataError(
             f"{where}: the training set has {_count(len(train_records), 'example')}; a rank search needs at least "
             f"{MIN_TRAIN_EXAMPLES} (with so few, every rank memorizes them and the comparison means nothing)"
         )
+    return train_records, eval_records, data_cfg, notes
+
+
+def load_splits(data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """Read the records and split them into (train, eval); raises DataError on any problem."""
+    train_records, eval_records, _, _ = load_data(data_cfg)
     return train_records, eval_records
 
 
 def tokenize_splits(train_records: list[dict], eval_records: list[dict], tokenizer, data_cfg: DataConfig) -> TokenizedData:
     """Token ids and loss masks for both splits, truncated to max_seq_len."""
-    template = data_cfg.format != "text" and _uses_template(tokenizer, data_cfg.use_chat_template)
+    template = get_format(data_cfg.format).templated and _uses_template(tokenizer, data_cfg.use_chat_template)
     train_ids, train_labels, dropped_t = _tokenize(train_records, tokenizer, data_cfg, template)
     eval_ids, eval_labels, dropped_e = _tokenize(eval_records, tokenizer, data_cfg, template)
     if not train_ids or not eval_ids:
@@ -439,8 +469,9 @@ def tokenize_splits(train_records: list[dict], eval_records: list[dict], tokeniz
 
 
 def prepare_data(data_cfg: DataConfig, tokenizer) -> TokenizedData:
-    """Read, split and tokenize according to the `data` section of the config (as a dict)."""
-    return tokenize_splits(*load_splits(data_cfg), tokenizer, data_cfg)
+    """Read, split and tokenize according to the `data` section of the config."""
+    train_records, eval_records, data_cfg, _ = load_data(data_cfg)
+    return tokenize_splits(train_records, eval_records, tokenizer, data_cfg)
 
 
 # --------------------------------------------------------------------------- batching

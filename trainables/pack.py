@@ -116,6 +116,7 @@ class Arm:
     interval_tokens: int = 0
     interval_time: float = 0.0
     base_eval_loss: float = math.nan
+    base_eval_metric: float = math.nan  # eval.metric of the untouched base (NaN without a metric)
     fixed: dict = field(default_factory=dict)
     fault: Any = None
     status: str = OK
@@ -165,6 +166,8 @@ class Pack:
         self._base_loss: Optional[float] = None
         self.lengths = [len(x) for x in data.train_ids]
         self.eval_batch = settings.train.eval_batch_size or 2 * settings.train.batch_size
+        self.downstream = _downstream(settings, data, self.device)  # eval.metric: model -> {eval_metric, ...}, or None
+        self._base_metric: Optional[dict] = None
 
     # ---- arms in and out
 
@@ -207,6 +210,7 @@ class Pack:
                 self._load(arm, Path(restore_from))
             else:
                 arm.base_eval_loss = self.base_eval_loss()
+                arm.base_eval_metric = self.base_metric().get("eval_metric", math.nan)
         except BaseException:
             self.remove(key)
             raise
@@ -275,6 +279,27 @@ class Pack:
             finally:
                 self.segments = saved
         return self._base_loss
+
+    def base_metric(self) -> dict:
+        """eval.metric of the untouched base ({} without a metric), evaluated once per pack."""
+        if self.downstream is None:
+            return {}
+        if self._base_metric is None:
+            saved, self.segments = self.segments, []
+            try:
+                self._base_metric = self.downstream(self.model if self.model is not None else self.base)
+            finally:
+                self.segments = saved
+        return self._base_metric
+
+    def _metric(self, arm: Arm) -> dict:
+        """eval.metric of one arm (greedy generations one prompt at a time: the arm owns every row)."""
+        self.segments = [(arm.name, 0, 1)]
+        try:
+            return {"base_eval_metric": arm.base_eval_metric, **self.downstream(self.model)}
+        finally:
+            self.segments = []
+            self.model.train()
 
     # ---- a training step
 
@@ -456,6 +481,8 @@ class Pack:
                 "eval_seconds": eval_seconds, "trial_status": OK, "failure": "", **arm.best,
                 "peak_memory_bytes": peak_memory_bytes(self.device),
             }
+            if self.downstream is not None:  # eval.metric at the same steps as the eval loss
+                metrics.update(self._metric(arm))
             if not math.isfinite(loss):
                 arm.status = DIVERGED
                 arm.failure = f"eval loss became {loss} at step {arm.step} (r={arm.r}, seed={arm.seed})"
@@ -490,7 +517,7 @@ class Pack:
         config = self.model.peft_config[arm.name]
         config.save_pretrained(str(adapter))
         state = {"step": arm.step, "tokens_seen": arm.tokens_seen, "order": arm.order.state(),
-                 "base_eval_loss": arm.base_eval_loss, **arm.best}
+                 "base_eval_loss": arm.base_eval_loss, "base_eval_metric": arm.base_eval_metric, **arm.best}
         torch.save({"optimizer": arm.optimizer.state_dict(), "scheduler": arm.scheduler.state_dict(),
                     "rng": torch.get_rng_state(), **state}, Path(folder) / STATE_FILE)
         return (adapter / ADAPTER_WEIGHTS).stat().st_size
@@ -512,6 +539,20 @@ class Pack:
         arm.best = {"best_eval_loss": state["best_eval_loss"], "best_step": state["best_step"]}
         arm.order = BatchOrder.from_state(len(self.data.train_ids), state["order"], self.lengths, self.settings.train.batch_size)
         arm.base_eval_loss = state.get("base_eval_loss", math.nan)
+        arm.base_eval_metric = state.get("base_eval_metric", math.nan)
+
+
+def _downstream(settings: TrialSettings, data: TokenizedData, device: str):
+    """model -> {eval_metric[, eval_metric_error]} when eval.metric is set, else None
+    (`trainables.downstream`: greedy generation of the eval prompts and scoring)."""
+    ev = getattr(settings, "eval", None)
+    if ev is None or not ev.metric:
+        return None
+    from trainables.downstream import evaluate_metric
+    from trainables.model import load_tokenizer
+
+    tokenizer = load_tokenizer(settings.model_path, settings.model.trust_remote_code)
+    return lambda model: evaluate_metric(model, tokenizer, data, ev.metric, ev.max_new_tokens, device)
 
 
 def _segment_forward(layer, pack: Pack):

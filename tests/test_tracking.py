@@ -1,0 +1,146 @@
+"""Trackers (issue 22): a real search writes an MLflow tracking folder and offline W&B files, read
+back by the real mlflow client and W&B's own offline-file reader; a missing package is refused
+before Ray with what to install; an unreachable tracker warns and the search goes on. No network."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from search import tracking
+from search.config import parse_config
+
+# mlflow and wandb come with the tracking extra, which `make test` installs (pip install -e '.[dev,tracking]').
+
+
+def _write(tmp_path, raw) -> str:
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def wandb_records(run_dir: str) -> list:
+    """Every record of an offline W&B run file (run-*.wandb): W&B's transaction log (a LevelDB-style
+    log: a 7-byte ':W&B' header, 32 KiB blocks of chunks with a crc32/length/type header), each
+    record parsed with W&B's own protobuf `Record`."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    data = open(path, "rb").read()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B transaction log"
+    out, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def test_a_missing_tracker_package_is_refused_before_ray_saying_what_to_install(raw_config, tmp_path, capsys, monkeypatch):
+    import ray
+
+    from search.cli import main
+
+    monkeypatch.setattr(tracking, "_has", lambda module: False)
+    raw = raw_config(tracking={"mlflow": {"tracking_uri": str(tmp_path / "mlruns")}, "wandb": {"project": "p", "mode": "offline"}})
+    assert main(["search", _write(tmp_path, raw)]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.mlflow.tracking_uri: logging to MLflow needs the mlflow package: pip install 'lora-rank-search[tracking]'" in err
+    assert "tracking.wandb.project: logging to W&B needs the wandb package: pip install 'lora-rank-search[tracking]'" in err
+    assert not ray.is_initialized()
+
+
+def test_an_unreachable_tracker_warns_and_the_search_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tracking, "REACH_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    cfg = parse_config({"name": "s", "storage_path": str(tmp_path),
+                        "tracking": {"mlflow": {"tracking_uri": "http://127.0.0.1:9"}, "wandb": {"project": "p"}}})
+    callbacks, record = tracking.callbacks(cfg, log=lambda line: None)
+    err = capsys.readouterr().err
+    assert "warning: tracking.mlflow.tracking_uri: cannot reach http://127.0.0.1:9" in err and "goes on without MLflow" in err
+    assert "warning: tracking.wandb: cannot reach http://127.0.0.1:9; the search goes on with W&B logging offline" in err
+    assert "mlflow" not in record and record["wandb"]["mode"] == "offline"
+    assert [type(c).__name__ for c in callbacks] == ["WandbLoggerCallback"]
+
+
+def test_a_local_folder_becomes_a_file_uri_and_uris_stay():
+    assert tracking.mlflow_uri("/x/mlruns") == "file:///x/mlruns"
+    assert tracking.mlflow_uri("sqlite:///x/m.db") == "sqlite:///x/m.db"
+    assert tracking.mlflow_uri("http://host:5000") == "http://host:5000"
+
+
+@pytest.mark.slow
+def test_a_real_search_logs_every_trial_and_the_verdict_to_mlflow_and_offline_wandb(raw_config, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from search.cli import main
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    store, wdir = tmp_path / "mlruns", tmp_path / "wandb-files"
+    raw = raw_config(name="tracked", lora={"ranks": [1, 4]}, train={"max_steps": 20, "eval_every": 10},
+                     scheduler={"type": "none"},
+                     tracking={"mlflow": {"tracking_uri": str(store)},
+                               "wandb": {"project": "rank-search", "mode": "offline", "dir": str(wdir)}})
+    code = main(["search", _write(tmp_path, raw)])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "tracking: verdict logged on MLflow run" in out and "tracking: verdict logged as the summary of W&B run" in out
+
+    tracking.allow_folder("file://" + str(store))
+    client = MlflowClient(tracking_uri="file://" + str(store))
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("lora_rank_search.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.data.params["r"] for c in children) == ["1", "4"]
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "eval_loss")
+        assert len(history) >= 2 and child.data.metrics["step"] == 20
+    assert parent.data.params["recommended_rank"] in ("1", "4")
+    assert {"gain_share", "base_eval_loss"} <= set(parent.data.metrics)
+
+    run_dirs = sorted(glob.glob(str(wdir / "wandb" / "offline-run-*")))
+    assert len(run_dirs) == 3, run_dirs  # two trials and the verdict
+    groups, verdicts, trial_histories = set(), [], 0
+    for run_dir in run_dirs:
+        records = wandb_records(run_dir)
+        for record in records:
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                groups.add(record.run.run_group)
+                if record.run.job_type == "verdict":
+                    verdicts.append(run_dir)
+            if kind == "history" and any(_key(item) == "eval_loss" for item in record.history.item):
+                trial_histories += 1
+        summary = {_key(item): item.value_json for r in records if r.WhichOneof("record_type") == "summary"
+                   for item in r.summary.update}
+        if run_dir in verdicts:
+            assert summary["recommended_rank"] == parent.data.params["recommended_rank"]
+            assert "gain_share" in summary and "base_eval_loss" in summary
+    assert groups == {"tracked"} and len(verdicts) == 1
+    assert trial_histories >= 4, [(d, [r.WhichOneof("record_type") for r in wandb_records(d)]) for d in run_dirs]
