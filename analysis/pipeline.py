@@ -8,6 +8,7 @@ from typing import Optional
 
 import pandas as pd
 
+from analysis.confirmations import apply as apply_confirmations
 from analysis.diagnosis import Finding, diagnose
 from analysis.results import load_experiment
 from analysis.selection import DEFAULT_RULE, Recommendation, recommend
@@ -46,6 +47,7 @@ def load(experiment: str, tolerance: Optional[float] = None, rule: str = DEFAULT
     if trials.empty:
         raise ExperimentNotFound(f"EXPERIMENT_DIR: {experiment!r} holds no trial folders (is it storage_path/name of a search?)")
     rec = recommend(trials, history, tolerance, rule)
+    apply_confirmations(rec, trials, history, layout.read_confirmations(experiment), tolerance, rule)
     return Analysis(experiment, trials, history, rec, diagnose(rec, trials, history), config=read_config(experiment))
 
 

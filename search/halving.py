@@ -19,6 +19,12 @@ A trial that arrives early is paused when another trial waits for its slot, and 
 checkpoint it reported at the rung; when nothing waits it holds in its worker (model loaded) until
 the rung is decided. Once one arm is left it trains to the end without further pauses.
 
+With `confirm` (`scheduler.confirm: tail | full`, see `search.confirm`) a cut arm that may be a
+challenger stays paused with its rung checkpoint instead of stopping; when a slot is free (nothing
+kept waits for it) the near-miss cheaper unit and the strongest costlier unit train on from there
+to max_t (a held one goes on in its live worker). With `tail` they, and every paused cut arm, stop
+when the last kept arm ends, so Tune's run ends then; `confirm: off` stops cut arms at once.
+
 The decisions are a pure function of the losses reported at the rungs (`decide`), recomputed at
 every event; a rung's survivors are frozen once decided, so a late report cannot undo a stop.
 After `--resume` the scheduler reads the rung losses back from each trial's result.json, so the
@@ -37,6 +43,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from search.arms import arm_of, family_of, unit_of
+from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, free_slots
 
 logger = logging.getLogger(__name__)
 
@@ -259,12 +266,15 @@ class SuccessiveHalving(TrialScheduler):
         score_attr: the result key ranks are compared on (default: the metric). The search uses
             best_eval_loss, the best so far, as the selection rule does (and Tune's kept checkpoint).
         metric, mode: set by TuneConfig; a non-finite metric ends the trial.
+        confirm: off | tail | full (`search.confirm`): cut arms that may be challengers stay paused,
+            and free slots train them on to max_t.
     """
 
     def __init__(self, time_attr: str, max_t: int, rungs: Sequence[int], reduction_factor: float,
                  score_attr: Optional[str] = None,
-                 metric: Optional[str] = None, mode: Optional[str] = None):
+                 metric: Optional[str] = None, mode: Optional[str] = None, confirm: str = "off"):
         super().__init__()
+        self._confirm = confirm
         self._time_attr = time_attr
         self._score_attr = score_attr
         self._max_t = int(max_t)
@@ -277,6 +287,13 @@ class SuccessiveHalving(TrialScheduler):
         self._cost: dict[str, float] = {}  # trial -> its adapter's trainable parameters
         self._frozen: dict[int, list] = {}
         self._held: set[str] = set()  # trials holding at a rung in their live worker (nothing waited for the slot)
+        self._challengers: dict[str, dict] = {}  # trial -> {role, unit, from_step}: cut, trained on as a confirmation
+        self._filled: set[str] = set()  # challenger roles given (each once per search)
+        self._ending: set[str] = set()  # trials being stopped (stop_trial calls back into on_trial_complete)
+        self._why_none = ""  # why nothing was confirmed (the last reason seen)
+        self._kept_over = False  # the last kept arm has ended (tail: confirmations end too)
+        self._candidate_arms: set = set()  # cut arms that may still be challengers (kept paused)
+        self._done: set[str] = set()  # trials that completed (Tune calls on_trial_complete before marking them)
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
         if (self._metric and metric) or (self._mode and mode):
@@ -300,6 +317,8 @@ class SuccessiveHalving(TrialScheduler):
             if isinstance(value, (int, float)) and math.isfinite(value):
                 into[trial.trial_id] = float(value)
         mine = self._scores.setdefault(trial.trial_id, {})
+        if trial.trial_id in self._challengers:
+            return  # a confirmation's later losses are the analysis's, not the halving's
         for rung in self._rungs:
             if step >= rung and rung not in mine:
                 mine[rung] = loss
@@ -323,8 +342,15 @@ class SuccessiveHalving(TrialScheduler):
     def _stop_cut_trials(self, tune_controller, d: Decision) -> None:
         """Stop paused or queued trials whose rank was cut. A trial still saving its pause
         checkpoint is left for the next call (stopping it mid-save can leave it PAUSED)."""
+        controller = _controller(tune_controller)
         for trial in self._trials:
             if trial.trial_id in d.stopped and trial.status in (Trial.PAUSED, Trial.PENDING) and not trial.is_saving:
+                if self._resumable(trial, d):
+                    # kept for a confirmation: paused with its rung checkpoint (a pending one, back from
+                    # --resume, would otherwise be started by Tune whether a slot is free or not)
+                    if trial.status == Trial.PENDING and trial not in getattr(controller, "_staged_trials", ()):
+                        controller._set_trial_status(trial, Trial.PAUSED)
+                    continue
                 tune_controller.stop_trial(trial)
                 # Ray 2.60 does not mark a trial without an actor for the next experiment snapshot,
                 # which would keep it PAUSED there (and resume it on --resume).
@@ -350,6 +376,12 @@ class SuccessiveHalving(TrialScheduler):
         for trial in [t for t in self._trials if t.trial_id in self._held]:
             if trial.status != Trial.RUNNING:
                 self._held.discard(trial.trial_id)
+            elif trial.trial_id in self._challengers:
+                self._held.discard(trial.trial_id)
+                controller._schedule_trial_train(trial)  # confirmed in place, in its live worker
+            elif trial.trial_id in d.stopped and self._resumable(trial, d):
+                self._held.discard(trial.trial_id)
+                tune_controller.pause_trial(trial, should_checkpoint=False)  # resumable from its rung checkpoint
             elif trial.trial_id in d.stopped:
                 self._held.discard(trial.trial_id)
                 tune_controller.stop_trial(trial)
@@ -362,9 +394,180 @@ class SuccessiveHalving(TrialScheduler):
 
     def _settle(self, tune_controller) -> Decision:
         d = self._decision()
+        if self._confirm != "off":
+            self._confirmations(tune_controller, d)
         self._stop_cut_trials(tune_controller, d)
         self._release_held(tune_controller, d)
         return d
+
+    # ---- confirmations (`search.confirm`): cut arms trained on in free capacity
+
+    def _rung_table(self, d: Decision) -> dict:
+        """rung index -> {arm: mean finite loss over its seeds there} for the arms that competed there."""
+        arms = {t.trial_id: arm_of(t.config) for t in self._trials}
+        table: dict = {}
+        for k in sorted(d.survivors):
+            members = None if k == 0 else set(d.survivors[k - 1])
+            losses: dict = {}
+            for tid, mine in self._scores.items():
+                if tid in arms and self._rungs[k] in mine and math.isfinite(mine[self._rungs[k]]) and (
+                        members is None or arms[tid] in members):
+                    losses.setdefault(arms[tid], []).append(mine[self._rungs[k]])
+            table[k] = {a: sum(v) / len(v) for a, v in losses.items()}
+        return table
+
+    def _kept_active(self, tune_controller, d: Decision) -> bool:
+        """A kept trial (not cut) is still to run or running, or the search has trials to create."""
+        search_alg = getattr(_controller(tune_controller), "search_alg", None)
+        if search_alg is not None and not search_alg.is_finished():
+            return True
+        return any(t.trial_id not in d.stopped and t.trial_id not in self._done and t.status not in (Trial.TERMINATED, Trial.ERROR)
+                   for t in self._trials)
+
+    def _resumable(self, trial: Trial, d: Decision) -> bool:
+        """A cut trial kept paused: a challenger, or one that may still become one."""
+        if self._confirm == "off" or self._kept_over:
+            return False
+        if trial.trial_id in self._challengers:
+            return True
+        if {NEAR_MISS, COSTLIER} <= self._filled:
+            return False
+        return arm_of(trial.config) in self._candidate_arms
+
+    def _confirmations(self, tune_controller, d: Decision) -> None:
+        """Bookkeeping at every event: the tail's end, challengers back from --resume, new challengers."""
+        self._candidate_arms = set()
+        if not d.survivors:
+            return
+        groups = {arm_of(t.config): unit_of(t.config) for t in self._trials}
+        trial_unit = {t.trial_id: unit_of(t.config) for t in self._trials}
+        table = self._rung_table(d)
+        cost = {trial_unit[t]: c for t, c in self._cost.items() if t in trial_unit}
+        base = _base_loss(self._base)
+        every = choose_challengers(table, d.survivors, groups, free=2, cost=cost, base=base)
+        self._candidate_arms = {c.arm for c in choose_challengers(table, d.survivors, groups, free=2, cost=cost, base=base,
+                                                                  filled=self._filled)}
+        for trial in self._trials:  # back from --resume: a cut trial that trained past its rung was confirming
+            level = d.level.get(trial.trial_id, 0)
+            last = int(trial.last_result.get(self._time_attr, 0) or 0)
+            if trial.trial_id in d.stopped and trial.trial_id not in self._challengers and level < len(self._rungs) \
+                    and last > self._rungs[level]:
+                role = next((c.role for c in every if c.arm == arm_of(trial.config)), COSTLIER)
+                self._challengers[trial.trial_id] = {"role": role, "from_step": self._rungs[level], "step": last}
+                self._filled.add(role)
+        if not self._kept_active(tune_controller, d):
+            if not self._kept_over:
+                self._kept_over = True
+                self._end_tail(tune_controller)
+            return
+        if not every:
+            self._why_none = self._why_none or ("no unit to confirm: no cheaper unit was cut within a few points of "
+                                                "adequacy and no costlier unit was cut")
+            return
+        waiting = self._others_wait(tune_controller, d)
+        if waiting:
+            self._preempt(tune_controller)
+        held = [t for t in self._trials if t.trial_id in self._held and t.trial_id in d.stopped and t.status == Trial.RUNNING]
+        free = len(held)
+        if not waiting and not free and self._candidate_arms and not self._starting():
+            free = self._free_capacity(next(t for t in self._trials if arm_of(t.config) in self._candidate_arms))
+        seeds = max(1, max((sum(1 for t in self._trials if arm_of(t.config) == a) for a in groups), default=1))
+        picks = choose_challengers(table, d.survivors, groups, free=free // seeds if free >= seeds else (1 if free else 0),
+                                   cost=cost, base=base, kept_waiting=waiting, filled=self._filled)
+        if not picks and not self._challengers and self._candidate_arms:
+            self._why_none = "no slot was free while the kept arms trained (each was taken by a kept arm until the last one ended)"
+        for pick in picks:
+            mine = [t for t in self._trials if arm_of(t.config) == pick.arm and t.trial_id in d.stopped
+                    and t.status in (Trial.RUNNING, Trial.PAUSED, Trial.PENDING)]
+            if not mine:
+                continue
+            self._filled.add(pick.role)
+            for t in mine:
+                self._challengers[t.trial_id] = {"role": pick.role, "from_step": self._rungs[pick.rung],
+                                                 "step": int(t.last_result.get(self._time_attr, 0) or 0)}
+            logger.info("successive halving: confirming %s (%s) from step %d to %d", pick.unit, pick.role,
+                        self._rungs[pick.rung], self._max_t)
+        if picks:
+            self._write_record()
+
+    def _starting(self) -> bool:
+        """A challenger was handed to Tune and has no worker yet (one starts at a time)."""
+        return any(t.trial_id in self._challengers and t.status == Trial.PENDING for t in self._trials)
+
+    def _challenger_to_run(self, tune_controller, d: Decision) -> Optional[Trial]:
+        """A paused challenger, when a slot is free that nothing kept waits for."""
+        paused = [t for t in self._trials if t.trial_id in self._challengers and t.status == Trial.PAUSED]
+        if not paused or self._starting() or self._others_wait(tune_controller, d):
+            return None
+        return paused[0] if self._free_capacity(paused[0]) >= 1 else None
+
+    def _free_capacity(self, trial: Trial) -> int:
+        """Trials of `trial`'s size that fit now on nodes that already run a trial of this search
+        (`search.confirm.free_slots`): never a new node, never an idle one kept busy."""
+        try:
+            import ray
+
+            demand = dict(trial.placement_group_factory.required_resources)
+            ip_of = {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+            from ray._private.state import available_resources_per_node
+
+            available = {ip_of.get(node, node): res for node, res in available_resources_per_node().items()}
+        except Exception as exc:  # noqa: BLE001 - no Ray state (a test without Ray): nothing is free
+            logger.debug("successive halving: no resource view (%s): no confirmation", exc)
+            return 0
+        held = {t.last_result.get("node_ip") for t in self._trials if t.status == Trial.RUNNING}
+        return free_slots(available, held - {None}, demand)
+
+    def _preempt(self, tune_controller) -> None:
+        """A kept trial waits for a slot: a running challenger gives its slot back (it resumes later
+        from its last checkpoint)."""
+        for trial in self._trials:
+            if trial.trial_id in self._challengers and trial.status == Trial.RUNNING and trial.trial_id not in self._held \
+                    and trial.trial_id not in self._ending and not trial.is_saving:
+                tune_controller.pause_trial(trial, should_checkpoint=False)
+                return
+
+    def _end_tail(self, tune_controller) -> None:
+        """The last kept arm ended: stop what waits for a confirmation and (tail) the challengers."""
+        for trial in self._trials:
+            if trial.trial_id in self._ending or trial.status in (Trial.TERMINATED, Trial.ERROR):
+                continue
+            if trial.trial_id in self._challengers and self._confirm == "full" and trial.status == Trial.RUNNING:
+                continue
+            if trial.status == Trial.RUNNING or (trial.status in (Trial.PAUSED, Trial.PENDING) and not trial.is_saving):
+                self._ending.add(trial.trial_id)
+                self._held.discard(trial.trial_id)
+                tune_controller.stop_trial(trial)
+                controller = _controller(tune_controller)
+                if hasattr(controller, "_mark_trial_to_checkpoint"):
+                    controller._mark_trial_to_checkpoint(trial)
+        self._write_record()
+
+    def confirmation_record(self) -> dict:
+        """What `confirmations.json` holds (`search.layout.CONFIRMATIONS_FILE`)."""
+        by_id = {t.trial_id: t for t in self._trials}
+        rows = []
+        for tid, c in sorted(self._challengers.items()):
+            t = by_id.get(tid)
+            rows.append({"trial_id": tid, "role": c["role"], "from_step": int(c["from_step"]), "step": int(c.get("step", 0)),
+                         "unit": list(unit_of(t.config)) if t else None, "lr": t.config.get("lr") if t else None,
+                         "seed": t.config.get("seed") if t else None})
+        return {"mode": self._confirm, "target_step": self._max_t, "challengers": rows,
+                "why_none": "" if rows else (self._why_none or "no unit was cut before the last kept arm ended")}
+
+    def _write_record(self) -> None:
+        """Write `confirmations.json` into the experiment folder (local or remote storage)."""
+        if self._confirm == "off" or not self._trials:
+            return
+        try:
+            from search.layout import CONFIRMATIONS_FILE
+
+            storage = self._trials[0].storage
+            path = f"{storage.experiment_fs_path}/{CONFIRMATIONS_FILE}"
+            with storage.storage_filesystem.open_output_stream(path) as handle:
+                handle.write(json.dumps(self.confirmation_record(), indent=2).encode("utf-8"))
+        except (OSError, AttributeError, RuntimeError) as exc:
+            logger.warning("successive halving: cannot write the confirmations record (%s)", exc)
 
     # ---- TrialScheduler interface
 
@@ -388,6 +591,14 @@ class SuccessiveHalving(TrialScheduler):
             return TrialScheduler.STOP  # a diverged / out-of-memory trial reports once and ends
         self._record(trial, step, self._loss(result), result)
         d = self._settle(tune_controller)
+        if trial.trial_id in self._challengers:
+            self._challengers[trial.trial_id]["step"] = step
+            if step >= self._max_t or trial.trial_id in self._ending:
+                self._write_record()
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE  # to max_t, past the rungs: it is compared, not halved
+        if trial.trial_id in d.stopped and self._resumable(trial, d):
+            return TrialScheduler.PAUSE  # cut, but it may be confirmed: paused with its rung checkpoint
         if trial.trial_id in d.stopped:
             return TrialScheduler.STOP
         if step >= self._max_t:
@@ -404,6 +615,11 @@ class SuccessiveHalving(TrialScheduler):
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         self._held.discard(trial.trial_id)
+        self._done.add(trial.trial_id)  # still RUNNING while Tune calls this
+        if trial.trial_id in self._challengers:
+            self._challengers[trial.trial_id]["step"] = int((result or {}).get(self._time_attr, 0) or
+                                                            self._challengers[trial.trial_id]["step"])
+            self._write_record()
         self._settle(tune_controller)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
@@ -422,6 +638,8 @@ class SuccessiveHalving(TrialScheduler):
         for trial in self._trials:
             if trial.status == Trial.PAUSED and trial.trial_id not in d.stopped and not self._waiting(trial, d):
                 return trial  # its rank passed the rung: resume it from the rung's checkpoint
+        if self._confirm != "off" and not self._kept_over:
+            return self._challenger_to_run(tune_controller, d)
         return None
 
     def debug_string(self) -> str:
