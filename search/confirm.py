@@ -5,8 +5,8 @@ leader then reaches its judging step with no other unit beside it (the `unoppose
 `scheduler.confirm: tail` (or `full`) the scheduler trains *challengers* on from the checkpoint of
 the rung where they were cut, to the leader's judging step (train.max_steps), in this order:
 
-1. **the near miss**: the cheapest unit, cheaper than the leader, that was cut at a rung within
-   NEAR_MISS_SHARE of the best gain there (a few points of adequacy): if it catches up, the verdict
+1. **the near miss**: the cheapest unit, cheaper than the leader, that was cut at a rung with at
+   least NEAR_MISS_SHARE of the best gain there (close to adequacy): if it catches up, the verdict
    moves to a cheaper adapter;
 2. **the strongest costlier unit**: among the units costlier than the leader, the one that got
    furthest (deepest rung), best loss there: so that the leader is compared with an opponent at its
@@ -17,7 +17,8 @@ waiting for (a kept trial pending, or paused and ready to go on, always comes fi
 cluster, room for one trial on a node that already runs a trial of this search (`free_slots`):
 a confirmation never asks the autoscaler for a node and never keeps an otherwise idle node busy.
 With `tail` they stop when the search's last kept arm finishes (a challenger that has not reached
-the step is then judged where it got); with `full` a started challenger runs to max_steps.
+the step is then judged where it got; one within TAIL_FINISH_SHARE of it trains on to it); with
+`full` a started challenger runs to max_steps.
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ from typing import Any, Collection, Hashable, Mapping, Optional, Sequence
 CONFIRM_MODES = ("off", "tail", "full")
 DEFAULT_CONFIRM = "tail"
 # A cheaper unit cut at a rung with at least this share of the best unit's gain over the base there is
-# a near miss: three tolerances (15 points) of the verdict's default 95%, as `analysis.diagnosis` flags
-# a smaller rank cut early (NEAR_MISS there). Without a base loss: within 3% of the best loss.
-NEAR_MISS_SHARE = 0.85
+# a near miss. Halving already keeps a cheaper unit at KEEP_SHARE (80%) of the best gain unless a kept
+# unit that costs no more is as good, so the cheaper units it cuts sit below 80% or were cut for that
+# cheaper one: 70% is the band just below, where a unit of exactly the needed rank sits at an early
+# rung (it learns more slowly than a larger one). Without a base loss: within 3% of the best loss.
+NEAR_MISS_SHARE = 0.70
 NEAR_MISS_RELATIVE = 0.03
 NEAR_MISS, COSTLIER = "near miss", "strongest costlier"
+# With `tail`, a challenger that has at most this share of its confirmation (from its rung to the
+# leader's step) left when the last kept arm ends runs on to the step: one resumed from a checkpoint
+# starts a little after the leader's tail began (a new worker loads the model), and stopping it a
+# report short of the step would waste the confirmation. At most a third of the tail is added.
+TAIL_FINISH_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,13 @@ def choose_challengers(
             k, loss, arm = cut[u]
             out.append(Challenger(arm, u, COSTLIER, k, loss))
     return out[:free]
+
+
+def finishes_in_tail(step: int, from_step: int, target: int) -> bool:
+    """A challenger at `step` (confirming from `from_step` to `target`) is close enough to the step,
+    when the last kept arm ends, to train on to it with `confirm: tail` (TAIL_FINISH_SHARE)."""
+    span = max(1, target - from_step)
+    return step > from_step and target - step <= TAIL_FINISH_SHARE * span + 1e-9
 
 
 def _near(loss: float, at_rung: Mapping[Hashable, float], base: Optional[float]) -> bool:

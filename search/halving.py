@@ -43,7 +43,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from search.arms import arm_of, family_of, unit_of
-from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, free_slots
+from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, finishes_in_tail, free_slots
 
 logger = logging.getLogger(__name__)
 
@@ -507,15 +507,16 @@ class SuccessiveHalving(TrialScheduler):
         try:
             import ray
 
-            demand = dict(trial.placement_group_factory.required_resources)
-            ip_of = {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
             from ray._private.state import available_resources_per_node
 
-            available = {ip_of.get(node, node): res for node, res in available_resources_per_node().items()}
+            if not ray.is_initialized():
+                return 0
+            demand = dict(trial.placement_group_factory.required_resources)
+            available = available_resources_per_node()  # node id -> its free resources now
         except Exception as exc:  # noqa: BLE001 - no Ray state (a test without Ray): nothing is free
             logger.debug("successive halving: no resource view (%s): no confirmation", exc)
             return 0
-        held = {t.last_result.get("node_ip") for t in self._trials if t.status == Trial.RUNNING}
+        held = {t.last_result.get("node_id") for t in self._trials if t.status == Trial.RUNNING}
         return free_slots(available, held - {None}, demand)
 
     def _preempt(self, tune_controller) -> None:
@@ -532,8 +533,10 @@ class SuccessiveHalving(TrialScheduler):
         for trial in self._trials:
             if trial.trial_id in self._ending or trial.status in (Trial.TERMINATED, Trial.ERROR):
                 continue
-            if trial.trial_id in self._challengers and self._confirm == "full" and trial.status == Trial.RUNNING:
-                continue
+            c = self._challengers.get(trial.trial_id)
+            if c and trial.status == Trial.RUNNING and (
+                    self._confirm == "full" or finishes_in_tail(int(c.get("step", 0)), int(c["from_step"]), self._max_t)):
+                continue  # runs on to max_t
             if trial.status == Trial.RUNNING or (trial.status in (Trial.PAUSED, Trial.PENDING) and not trial.is_saving):
                 self._ending.add(trial.trial_id)
                 self._held.discard(trial.trial_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, cut_units, free_slots, leader_of
+from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, cut_units, finishes_in_tail, free_slots, leader_of
 
 BASE = 3.0
 UNIT = {r: r for r in (1, 2, 4, 8, 16)}  # one arm per unit: the arm is the rank
@@ -20,6 +20,8 @@ def demo_table():
 
 def test_a_near_miss_first_then_the_strongest_costlier_unit():
     table, survivors = demo_table()
+    assert [c.unit for c in choose_challengers(table, survivors, UNIT, free=9, base=BASE)] == [2, 8], \
+        "at most one of each: r=1 (40% of the gain) is no near miss, r=16 is weaker than r=8"
     got = choose_challengers(table, survivors, UNIT, free=2, base=BASE)
     assert [(c.unit, c.role, c.rung) for c in got] == [(2, NEAR_MISS, 0), (8, COSTLIER, 1)]
     one = choose_challengers(table, survivors, UNIT, free=1, base=BASE)
@@ -55,7 +57,10 @@ def test_the_cheapest_leader_has_no_near_miss_and_the_costliest_no_costlier_oppo
     assert [(c.unit, c.role) for c in choose_challengers(table, {0: [1]}, UNIT, free=2, base=BASE)] == [(2, COSTLIER)]
     table = {0: {1: 2.6, 2: 2.2, 4: 2.0}}
     got = choose_challengers(table, {0: [4]}, UNIT, free=2, base=BASE)
-    assert got == []
+    assert [(c.unit, c.role) for c in got] == [(2, NEAR_MISS)], "r=2 recovers (3 - 2.2) / (3 - 2.0) = 80%"
+    table = {0: {1: 2.6, 2: 2.4, 4: 2.0}}
+    # r=2 recovers 60% < NEAR_MISS_SHARE: no near miss, and nothing costs more than r=4
+    assert choose_challengers(table, {0: [4]}, UNIT, free=2, base=BASE) == []
 
 
 def test_units_arms_and_costs():
@@ -86,6 +91,13 @@ def test_free_slots_count_only_nodes_already_held():
     assert free_slots(available, held={"a", "b"}, demand={"CPU": 1, "GPU": 0.5}) == 3
     assert free_slots(available, held={"a"}, demand={"CPU": 0.25, "GPU": 0}) == 6, "pack clients: 1/N of a node"
     assert free_slots({}, held={"a"}, demand={"CPU": 1}) == 0
+
+
+def test_in_the_tail_a_challenger_close_to_the_step_finishes_and_one_far_from_it_stops():
+    assert finishes_in_tail(50, 30, 60), "a third of its 30 steps left: it trains on to step 60"
+    assert not finishes_in_tail(40, 30, 60), "two thirds left: it stops with the last kept arm"
+    assert not finishes_in_tail(30, 30, 60), "never started"
+    assert finishes_in_tail(60, 30, 60)
 
 
 # --------------------------------------------------------------------------- the verdict uses them (pure, no Ray)
