@@ -65,8 +65,10 @@ class Confirmations:
             return False
         return arm_of(trial.config) in self._candidate_arms
 
-    def _confirmations(self, tune_controller, d: Decision) -> None:
-        """Bookkeeping at every event: the tail's end, challengers back from --resume, new challengers."""
+    def _confirmations(self, tune_controller, d: Decision, reporting: Optional[Trial] = None) -> None:
+        """Bookkeeping at every event: the tail's end, challengers back from --resume, new challengers.
+        A cut trial that still holds its worker (held at the rung, or `reporting` its rung result
+        now) is a free slot, confirmed in place if chosen: no restart, no model load."""
         self._candidate_arms = set()
         if not d.survivors:
             return
@@ -98,7 +100,8 @@ class Confirmations:
         waiting = self._others_wait(tune_controller, d)
         if waiting:
             self._preempt(tune_controller)
-        held = [t for t in self._trials if t.trial_id in self._held and t.trial_id in d.stopped and t.status == Trial.RUNNING]
+        held = [t for t in self._trials if (t.trial_id in self._held or t is reporting) and t.trial_id in d.stopped
+                and t.trial_id not in self._challengers and t.status == Trial.RUNNING]
         free = len(held)
         if not waiting and not free and self._candidate_arms and not self._starting():
             free = self._free_capacity(next(t for t in self._trials if arm_of(t.config) in self._candidate_arms))

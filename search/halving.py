@@ -393,10 +393,12 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
                 self._held.discard(trial.trial_id)
                 tune_controller.pause_trial(trial, should_checkpoint=False)  # its rung checkpoint is saved
 
-    def _settle(self, tune_controller) -> Decision:
+    def _settle(self, tune_controller, reporting: Optional[Trial] = None) -> Decision:
+        """Decide, then act on it. `reporting`: the trial whose result is being handled (it holds
+        its worker: if it was just cut and is chosen to be confirmed, it goes on in place)."""
         d = self._decision()
         if self._confirm != "off":
-            self._confirmations(tune_controller, d)
+            self._confirmations(tune_controller, d, reporting)
         self._stop_cut_trials(tune_controller, d)
         self._release_held(tune_controller, d)
         return d
@@ -422,7 +424,7 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         if not math.isfinite(self._loss(result, self._metric)):
             return TrialScheduler.STOP  # a diverged / out-of-memory trial reports once and ends
         self._record(trial, step, self._loss(result), result)
-        d = self._settle(tune_controller)
+        d = self._settle(tune_controller, reporting=trial)
         if trial.trial_id in self._challengers:
             self._challengers[trial.trial_id]["step"] = step
             if step >= self._max_t or trial.trial_id in self._ending:
