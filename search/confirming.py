@@ -91,7 +91,7 @@ class Confirmations:
         if not self._kept_active(tune_controller, d):
             if not self._kept_over:
                 self._kept_over = True
-                self._end_tail(tune_controller)
+                self._end_tail(tune_controller, d)
             return
         if not every:
             self._why_none = self._why_none or ("no unit to confirm: no cheaper unit was cut within a few points of "
@@ -162,10 +162,12 @@ class Confirmations:
                 tune_controller.pause_trial(trial, should_checkpoint=False)
                 return
 
-    def _end_tail(self, tune_controller) -> None:
-        """The last kept arm ended: stop what waits for a confirmation and (tail) the challengers."""
+    def _end_tail(self, tune_controller, d: Decision) -> None:
+        """The last kept arm ended: stop what waits for a confirmation and (tail) the challengers.
+        Only cut trials: a kept one ends by itself (the last is still RUNNING while Tune completes it)."""
         for trial in self._trials:
-            if trial.trial_id in self._ending or trial.status in (Trial.TERMINATED, Trial.ERROR):
+            if trial.trial_id in self._ending or trial.trial_id in self._done or trial.trial_id not in d.stopped \
+                    or trial.status in (Trial.TERMINATED, Trial.ERROR):
                 continue
             c = self._challengers.get(trial.trial_id)
             if c and trial.status == Trial.RUNNING and (

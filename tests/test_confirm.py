@@ -167,3 +167,52 @@ def test_a_confirmation_stopped_short_is_reported_as_such():
     curves = {2: {10: 2.3, 30: 2.1, 60: 2.0}, 8: {10: 2.25, 30: 2.12, 50: 2.05}}
     rec, line, _ = _analysed(curves, _record(step=50))
     assert "r=8 lr 5e-4 (strongest costlier) trained from step 30 to 50 only, short of step 60" in line
+
+
+# --------------------------------------------------------------------------- the scheduler's bookkeeping (fake trials, no Ray session)
+
+class _Trial:
+    """What the scheduler reads of a Tune trial."""
+
+    def __init__(self, trial_id, r, status, step):
+        self.trial_id, self.config, self.status, self.is_saving = trial_id, {"r": r, "lr": 3e-2, "seed": 0}, status, False
+        self.last_result = {"step": step}
+
+    def set_status(self, status):
+        self.status = status
+
+
+class _Controller:
+    """A TuneController as the scheduler uses it: statuses, stops, staging."""
+
+    def __init__(self):
+        self.stopped, self._staged_trials = [], set()
+        self.search_alg = type("Done", (), {"is_finished": lambda self: True})()
+
+    def _set_trial_status(self, trial, status):
+        trial.status = status
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.status = "TERMINATED"
+
+
+def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and_the_tail_ends_the_run():
+    from search.halving import SuccessiveHalving
+
+    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="tail")
+    # back from --resume: r=2 (kept at step 10) was at step 30, r=16 (cut at 10) had been confirming up to step 20
+    lead, challenger = _Trial("a", 2, "PENDING", 30), _Trial("b", 16, "PENDING", 20)
+    ctrl = _Controller()
+    for trial, loss, cost in ((lead, 2.5, 100), (challenger, 2.6, 800)):
+        sched.on_trial_add(ctrl, trial)
+        sched._record(trial, 10, loss, {"base_eval_loss": BASE, "trainable_params": cost})
+    assert sched.choose_trial_to_run(ctrl) is lead, "the kept arm gets the slot first"
+    assert sched._challengers["b"]["from_step"] == 10 and challenger.status == "PAUSED", \
+        "recognised as a challenger, and paused (Tune would start a pending one whether a slot is free or not)"
+    lead.status = "RUNNING"
+    assert sched.choose_trial_to_run(ctrl) is None, "no resource view (no Ray): no slot is known to be free"
+    sched.on_trial_complete(ctrl, lead, {"step": 40})
+    assert ctrl.stopped == ["b"], "the last kept arm ended: the paused challenger stops, so Tune's run ends"
+    record = sched.confirmation_record()
+    assert record["challengers"][0]["role"] == COSTLIER and record["challengers"][0]["step"] == 20
