@@ -67,6 +67,11 @@ def verdict_lines(result, details: bool = False) -> str:
     else:
         lines.append("no recommendation")
     lines.append(f"  {rec.reason}")
+    from analysis.confirmations import summary
+
+    confirmed = summary(rec)
+    if confirmed:
+        lines.append(f"  {confirmed}")
     if details:
         lines += [f"  - {finding.text}" for finding in result.findings]
     if result.files.get("md"):

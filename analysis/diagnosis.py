@@ -176,6 +176,18 @@ def _unopposed(rec: Recommendation) -> list[Finding]:
     ))]
 
 
+def _confirmed(rec: Recommendation) -> list[Finding]:
+    """What the confirmations (units trained on in the search's idle capacity) showed, or why none ran."""
+    from analysis.confirmations import summary
+
+    text = summary(rec)
+    if not text:
+        return []
+    if rec.confirmations and rec.unopposed_without_confirmations:
+        text += f"; without them {rec.unit_name(rec.target_choice, rec.rank)} would have been judged alone at its step"
+    return [Finding("confirmed" if rec.confirmations else "not-confirmed", text[0].upper() + text[1:] + ".")]
+
+
 def _overtaken(rec: Recommendation) -> list[Finding]:
     """Units stopped where a cheaper unit was as good, which then trained on and fell short."""
     gone = [e for e in rec.units if e.overtaken_by]
@@ -315,7 +327,7 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
         failed = int((trials["status"] == "error").sum()) if not trials.empty and "status" in trials else 0
         text = rec.reason + (f" ({failed} trial(s) failed: see error.txt in their folders)." if failed else ".")
         return [Finding("no-signal" if rec.no_signal else "no-result", text)] + _unstable(rec)
-    out = _overtaken(rec) + _unopposed(rec) + _grid(rec, history)
+    out = _confirmed(rec) + _overtaken(rec) + _unopposed(rec) + _grid(rec, history)
     out += _judged_early(rec, trials, history)
     out += _cut_early(rec)
     out += _unstable(rec)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import pandas as pd
 
+from analysis.confirmations import apply as apply_confirmations
 from analysis.diagnosis import Finding, diagnose
 from analysis.results import load_experiment
 from analysis.selection import DEFAULT_RULE, Recommendation, recommend, recommend_by_metric
@@ -51,6 +52,7 @@ def load(experiment: str, tolerance: Optional[float] = None, rule: str = DEFAULT
         rec = recommend_by_metric(trials, history, ev["metric"], ev.get("metric_mode") or "max", tolerance, rule)
     else:
         rec = recommend(trials, history, tolerance, rule)
+        apply_confirmations(rec, trials, history, layout.read_confirmations(experiment), tolerance, rule)
     return Analysis(experiment, trials, history, rec, diagnose(rec, trials, history), config=config)
 
 

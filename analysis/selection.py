@@ -172,6 +172,13 @@ class Recommendation:
     eval_metric: float = math.nan  # the recommended unit's metric where it was judged
     base_eval_loss_measured: float = math.nan  # the base's eval loss, beside the metric
     metric_errors: list = field(default_factory=list)  # 'N evaluation(s) ...: the function's error', per distinct error
+    # confirmations (`analysis.confirmations`): units trained on in the search's idle capacity
+    confirm_mode: str = ""  # scheduler.confirm of the search ('' when it kept no record: off, or not sha)
+    confirmations: list = field(default_factory=list)  # one dict per confirmed trial: unit, role, from_step, step, ...
+    confirm_why_none: str = ""  # why nothing was confirmed
+    without_confirmations: Optional[dict] = None  # the verdict on the reports cut where the confirmed trials were cut
+    verdict_changed: Optional[bool] = None  # the verdict differs from that one
+    unopposed_without_confirmations: Optional[bool] = None  # without them, no other unit was judged at the verdict's step
     curves: Optional[pd.DataFrame] = field(default=None, repr=False, compare=False)  # trial_curves, computed once
 
     def evidence(self, r: int, choice: Optional[str] = None) -> Optional[RankEvidence]:

@@ -18,7 +18,10 @@ the replay makes the search's own decisions. Each setting (every learning rate a
 list) is judged twice by the default rule (`analysis.selection.recommend`): on the grid and on
 what halving trained. Printed per setting: both verdicts, the planted k, the ratio of training
 steps, and the survivors of each rung. Last: how many settings kept the grid's verdict and the
-planted k, and the worst step ratio on the list (target: <= 0.40).
+planted k, and the worst step ratio on the list (target: <= 0.40). With --confirm, each setting is
+also judged after the confirmations (`search.confirm`) the search would run in its tail: their
+units, the verdict, their extra training steps as a share of the grid's, and which of the
+`unopposed` / `judged-early` / `smaller-rank-cut-early` findings remain.
 """
 
 from __future__ import annotations
@@ -88,6 +91,49 @@ def replay(trials, history, steps: int, grace_period: int | None = None, reducti
     return cut, kept, d.survivors, rungs
 
 
+def confirm_replay(trials, history, steps: int, cut, kept, survivors: dict, rungs: list):
+    """Confirmations (`search.confirm`, `scheduler.confirm: full`) replayed after `replay`: the
+    challengers chosen from the rung table train on to `steps` (their grid curves past the rung).
+    Assumes a slot is free for each (the tail of a search on 2+ slots). Returns (trials, history,
+    the challengers, the extra training steps)."""
+    import pandas as pd
+
+    from search.confirm import choose_challengers
+
+    ids = list(trials["trial_id"])
+    choices = "target_choice" in trials
+    unit = {t: (c, r) for t, c, r in zip(ids, trials["target_choice"], trials["r"])} if choices else dict(zip(ids, trials["r"]))
+    arm = {t: (unit[t], lr) for t, lr in zip(ids, trials["lr"])}
+    table = {}
+    for k, rung in enumerate(rungs):
+        if k not in survivors:
+            break
+        members = None if k == 0 else set(survivors[k - 1])
+        losses: dict = {}
+        for t in ids:
+            if members is None or arm[t] in members:
+                mine = history[(history["trial_id"] == t) & (history["step"] <= rung)]["eval_loss"]
+                if len(mine):
+                    losses.setdefault(arm[t], []).append(float(mine.min()))
+        table[k] = {a: sum(v) / len(v) for a, v in losses.items()}
+    cost = {unit[t]: c for t, c in zip(ids, trials["trainable_params"])} if "trainable_params" in trials else None
+    base = float(pd.to_numeric(trials["base_eval_loss"], errors="coerce").median())
+    picks = choose_challengers(table, survivors, {a: a[0] for a in arm.values()}, free=2, cost=cost,
+                               base=base if math.isfinite(base) else None)
+    chosen = {t for t in ids if any(arm[t] == p.arm for p in picks)}
+    reach = dict(zip(cut["trial_id"], cut["steps"]))
+    extra = sum(steps - reach[t] for t in chosen)
+    for t in chosen:
+        reach[t] = steps
+    more = history[[s <= reach[t] for t, s in zip(history["trial_id"], history["step"])]]
+    out = cut.assign(steps=[reach[t] for t in cut["trial_id"]],
+                     status=["completed" if reach[t] == steps else "stopped" for t in cut["trial_id"]])
+    return out, more, picks, extra
+
+
+EARLY = ("unopposed", "judged-early", "smaller-rank-cut-early")  # the findings confirmations are meant to answer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6, 8], help="planted ranks")
@@ -99,6 +145,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=None, help="replay on these of the grid's ranks (default: all)")
     parser.add_argument("--keep-share", type=float, default=None, help="gain share that keeps a rank (default: the search's KEEP_SHARE)")
     parser.add_argument("--grace-fraction", type=float, default=None, help="first rung as a share of --steps (default: the search's)")
+    parser.add_argument("--confirm", action="store_true",
+                        help="also replay confirmations (search.confirm): the chosen challengers trained on to the end")
     args = parser.parse_args()
 
     from analysis.selection import recommend
@@ -119,7 +167,7 @@ def main() -> None:
     grace_fraction = GRACE_FRACTION if args.grace_fraction is None else args.grace_fraction
     print(f"ranks {ranks}, learning rates {[format_lr(v) for v in lrs]}, {args.steps} steps, alpha 16, one seed; "
           f"keep share {keep_share:g}, first rung " + (f"step {args.grace_period}" if args.grace_period else f"{grace_fraction:g} of the steps"))
-    tally = {"settings": 0, "same": 0, "planted": 0}
+    tally = {"settings": 0, "same": 0, "planted": 0, "confirmed_same": 0}
     list_ratios = []
     started = time.time()
     with tempfile.TemporaryDirectory() as root:
@@ -144,9 +192,22 @@ def main() -> None:
                 print(f"{name:>6}: grid r={full.rank}  halving r={sha.rank}  steps {ratio:.2f}  "
                       f"rungs {rungs}: " + "; ".join(f"{rungs[i]}: {len(v)} arms" for i, v in sorted(survivors.items())))
                 print(f"        halving gain shares: {shares}")
+                if args.confirm:
+                    from analysis.diagnosis import diagnose
+
+                    c_trials, c_hist, picks, extra = confirm_replay(mine, hist, args.steps, cut, kept, survivors, rungs)
+                    conf = recommend(c_trials, c_hist)
+                    before = sorted({f.kind for f in diagnose(sha, cut, kept)} & set(EARLY))
+                    after = sorted({f.kind for f in diagnose(conf, c_trials, c_hist)} & set(EARLY))
+                    tally["confirmed_same"] += full.rank == conf.rank
+                    print(f"        confirmations: {', '.join(f'r={p.unit} ({p.role}, from step {rungs[p.rung]})' for p in picks) or 'none'}"
+                          f"; verdict r={conf.rank}; extra steps {extra / (len(cut) * args.steps):.3f} of the grid's; "
+                          f"findings {before or 'none'} -> {after or 'none'}")
     print(f"\n## summary ({time.time() - started:.0f} s)")
     print(f"same verdict as the grid: {tally['same']} of {tally['settings']}; halving verdict = the smallest searched rank >= k: "
           f"{tally['planted']} of {tally['settings']}")
+    if args.confirm:
+        print(f"with confirmations, same verdict as the grid: {tally['confirmed_same']} of {tally['settings']}")
     worst = max(list_ratios) if list_ratios else math.nan
     print(f"RATIO halving / grid training steps on the list: worst {worst:.2f} (target <= {TARGET:.2f})")
 

@@ -25,6 +25,7 @@ DATA_FORMATS = ("auto", "instruction", "completion", "alpaca", "chat", "sharegpt
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SCHEDULER_TYPES = ("sha", "asha", "none")
+from search.confirm import CONFIRM_MODES, DEFAULT_CONFIRM  # noqa: E402 (pure, no imports)
 GRACE_FRACTION = 0.25  # scheduler.grace_period: null = this share of train.max_steps (bench/halving_replay.py)
 
 
@@ -149,6 +150,12 @@ class SchedulerConfig:
         default=None,
     )
     reduction_factor: float = _doc("keep the best 1/reduction_factor of the ranks at each rung (>= 2)", default=3)
+    confirm: str = _doc(
+        "sha only: tail (idle capacity in the search's tail trains the near-miss cheaper unit and the strongest costlier"
+        " unit on to max_steps, stopping when the last kept arm ends) | full (a started confirmation runs to max_steps)"
+        " | off (cut arms stop at once). See docs/confirmations.md",
+        default=DEFAULT_CONFIRM,
+    )
 
 
 @dataclass(frozen=True)
@@ -588,6 +595,7 @@ def _check(cfg: SearchConfig) -> list[str]:
 
     s = cfg.scheduler
     choice("scheduler.type", s.type, SCHEDULER_TYPES)
+    choice("scheduler.confirm", s.confirm, CONFIRM_MODES)
     if s.type in ("asha", "sha") and s.grace_period is not None:
         if s.grace_period <= 0:
             p.append(f"scheduler.grace_period: must be a positive number of steps, got {s.grace_period!r}")

@@ -19,6 +19,13 @@ A trial that arrives early is paused when another trial waits for its slot, and 
 checkpoint it reported at the rung; when nothing waits it holds in its worker (model loaded) until
 the rung is decided. Once one arm is left it trains to the end without further pauses.
 
+With `confirm` (`scheduler.confirm: tail | full`, see `search.confirm`) a cut arm that may be a
+challenger stays paused with its rung checkpoint instead of stopping; when a slot is free (nothing
+kept waits for it) the near-miss cheaper unit and the strongest costlier unit train on from there
+to max_t (a held one goes on in its live worker). With `tail` they, and every paused cut arm, stop
+when the last kept arm ends, so Tune's run ends then; `confirm: off` stops cut arms at once. The
+bookkeeping is the `search.confirming.Confirmations` mixin; who is confirmed, `search.confirm`.
+
 The decisions are a pure function of the losses reported at the rungs (`decide`), recomputed at
 every event; a rung's survivors are frozen once decided, so a late report cannot undo a stop.
 After `--resume` the scheduler reads the rung losses back from each trial's result.json, so the
@@ -37,6 +44,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from search.arms import arm_of, family_of, unit_of
+from search.confirming import Confirmations, _controller
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +259,7 @@ def _keep(alive, arrived, arms, unit, scores, rung, reduction_factor, family=Non
     return keep
 
 
-class SuccessiveHalving(TrialScheduler):
+class SuccessiveHalving(Confirmations, TrialScheduler):
     """Synchronous successive halving of ranks, on `time_attr` (optimizer steps).
 
     Args:
@@ -263,12 +271,15 @@ class SuccessiveHalving(TrialScheduler):
         score_attr: the result key ranks are compared on (default: the metric). The search uses
             best_eval_loss, the best so far, as the selection rule does (and Tune's kept checkpoint).
         metric, mode: set by TuneConfig; a non-finite metric ends the trial.
+        confirm: off | tail | full (`search.confirm`): cut arms that may be challengers stay paused,
+            and free slots train them on to max_t.
     """
 
     def __init__(self, time_attr: str, max_t: int, rungs: Sequence[int], reduction_factor: float,
                  score_attr: Optional[str] = None,
-                 metric: Optional[str] = None, mode: Optional[str] = None):
+                 metric: Optional[str] = None, mode: Optional[str] = None, confirm: str = "off"):
         super().__init__()
+        self._confirm = confirm
         self._time_attr = time_attr
         self._score_attr = score_attr
         self._max_t = int(max_t)
@@ -281,6 +292,13 @@ class SuccessiveHalving(TrialScheduler):
         self._cost: dict[str, float] = {}  # trial -> its adapter's trainable parameters
         self._frozen: dict[int, list] = {}
         self._held: set[str] = set()  # trials holding at a rung in their live worker (nothing waited for the slot)
+        self._challengers: dict[str, dict] = {}  # trial -> {role, unit, from_step}: cut, trained on as a confirmation
+        self._filled: set[str] = set()  # challenger roles given (each once per search)
+        self._ending: set[str] = set()  # trials being stopped (stop_trial calls back into on_trial_complete)
+        self._why_none = ""  # why nothing was confirmed (the last reason seen)
+        self._kept_over = False  # the last kept arm has ended (tail: confirmations end too)
+        self._candidate_arms: set = set()  # cut arms that may still be challengers (kept paused)
+        self._done: set[str] = set()  # trials that completed (Tune calls on_trial_complete before marking them)
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
         if (self._metric and metric) or (self._mode and mode):
@@ -304,6 +322,8 @@ class SuccessiveHalving(TrialScheduler):
             if isinstance(value, (int, float)) and math.isfinite(value):
                 into[trial.trial_id] = float(value)
         mine = self._scores.setdefault(trial.trial_id, {})
+        if trial.trial_id in self._challengers:
+            return  # a confirmation's later losses are the analysis's, not the halving's
         for rung in self._rungs:
             if step >= rung and rung not in mine:
                 mine[rung] = loss
@@ -327,8 +347,15 @@ class SuccessiveHalving(TrialScheduler):
     def _stop_cut_trials(self, tune_controller, d: Decision) -> None:
         """Stop paused or queued trials whose rank was cut. A trial still saving its pause
         checkpoint is left for the next call (stopping it mid-save can leave it PAUSED)."""
+        controller = _controller(tune_controller)
         for trial in self._trials:
             if trial.trial_id in d.stopped and trial.status in (Trial.PAUSED, Trial.PENDING) and not trial.is_saving:
+                if self._resumable(trial, d):
+                    # kept for a confirmation: paused with its rung checkpoint (a pending one, back from
+                    # --resume, would otherwise be started by Tune whether a slot is free or not)
+                    if trial.status == Trial.PENDING and trial not in getattr(controller, "_staged_trials", ()):
+                        controller._set_trial_status(trial, Trial.PAUSED)
+                    continue
                 tune_controller.stop_trial(trial)
                 # Ray 2.60 does not mark a trial without an actor for the next experiment snapshot,
                 # which would keep it PAUSED there (and resume it on --resume).
@@ -354,6 +381,12 @@ class SuccessiveHalving(TrialScheduler):
         for trial in [t for t in self._trials if t.trial_id in self._held]:
             if trial.status != Trial.RUNNING:
                 self._held.discard(trial.trial_id)
+            elif trial.trial_id in self._challengers:
+                self._held.discard(trial.trial_id)
+                controller._schedule_trial_train(trial)  # confirmed in place, in its live worker
+            elif trial.trial_id in d.stopped and self._resumable(trial, d):
+                self._held.discard(trial.trial_id)
+                tune_controller.pause_trial(trial, should_checkpoint=False)  # resumable from its rung checkpoint
             elif trial.trial_id in d.stopped:
                 self._held.discard(trial.trial_id)
                 tune_controller.stop_trial(trial)
@@ -364,8 +397,12 @@ class SuccessiveHalving(TrialScheduler):
                 self._held.discard(trial.trial_id)
                 tune_controller.pause_trial(trial, should_checkpoint=False)  # its rung checkpoint is saved
 
-    def _settle(self, tune_controller) -> Decision:
+    def _settle(self, tune_controller, reporting: Optional[Trial] = None) -> Decision:
+        """Decide, then act on it. `reporting`: the trial whose result is being handled (it holds
+        its worker: if it was just cut and is chosen to be confirmed, it goes on in place)."""
         d = self._decision()
+        if self._confirm != "off":
+            self._confirmations(tune_controller, d, reporting)
         self._stop_cut_trials(tune_controller, d)
         self._release_held(tune_controller, d)
         return d
@@ -391,7 +428,15 @@ class SuccessiveHalving(TrialScheduler):
         if not math.isfinite(self._loss(result, self._metric)):
             return TrialScheduler.STOP  # a diverged / out-of-memory trial reports once and ends
         self._record(trial, step, self._loss(result), result)
-        d = self._settle(tune_controller)
+        d = self._settle(tune_controller, reporting=trial)
+        if trial.trial_id in self._challengers:
+            self._challengers[trial.trial_id]["step"] = step
+            if step >= self._max_t or trial.trial_id in self._ending:
+                self._write_record()
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE  # to max_t, past the rungs: it is compared, not halved
+        if trial.trial_id in d.stopped and self._resumable(trial, d):
+            return TrialScheduler.PAUSE  # cut, but it may be confirmed: paused with its rung checkpoint
         if trial.trial_id in d.stopped:
             return TrialScheduler.STOP
         if step >= self._max_t:
@@ -408,6 +453,11 @@ class SuccessiveHalving(TrialScheduler):
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         self._held.discard(trial.trial_id)
+        self._done.add(trial.trial_id)  # still RUNNING while Tune calls this
+        if trial.trial_id in self._challengers:
+            self._challengers[trial.trial_id]["step"] = int((result or {}).get(self._time_attr, 0) or
+                                                            self._challengers[trial.trial_id]["step"])
+            self._write_record()
         self._settle(tune_controller)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
@@ -426,17 +476,13 @@ class SuccessiveHalving(TrialScheduler):
         for trial in self._trials:
             if trial.status == Trial.PAUSED and trial.trial_id not in d.stopped and not self._waiting(trial, d):
                 return trial  # its rank passed the rung: resume it from the rung's checkpoint
+        if self._confirm != "off" and not self._kept_over:
+            return self._challenger_to_run(tune_controller, d)
         return None
 
     def debug_string(self) -> str:
         decided = "; ".join(f"step {self._rungs[k]}: {', '.join(map(str, v))}" for k, v in sorted(self._frozen.items()))
         return f"Successive halving at steps {self._rungs} (keep 1/{self._rf:g}); survivors {decided or 'none yet'}"
-
-
-def _controller(tune_controller):
-    """The TuneController behind the wrapper Tune hands to schedulers (private methods are used
-    without the wrapper's access warning)."""
-    return getattr(tune_controller, "_tune_controller", tune_controller)
 
 
 def _reports(trial: Trial) -> list[dict]:

@@ -7,6 +7,7 @@ search and the analysis: the analysis reads only what is on disk. Both halves im
     <experiment>/
       lora_rank_search.yaml        CONFIG_FILE: the validated config (plain YAML)
       search_meta.json             META_FILE: what the driver worked out (targets, data, resources)
+      confirmations.json           CONFIRMATIONS_FILE: the units confirmed in idle capacity (search.halving)
       tuner.pkl, experiment_state-*.json     Tune's own (TUNER_FILE, STATE_PREFIX): --resume
       .lora-rank-search-storage    storage.MARKER: this run's token (shared-storage check)
       r0008_lr3e-4_seed0_<id>/     one folder per trial (trial_dirname / parse_trial_dirname);
@@ -30,6 +31,7 @@ from search.arms import family_of, format_lr
 
 CONFIG_FILE = "lora_rank_search.yaml"
 META_FILE = "search_meta.json"
+CONFIRMATIONS_FILE = "confirmations.json"
 TUNER_FILE = "tuner.pkl"
 STATE_PREFIX = "experiment_state-"
 PARAMS_FILE = "params.json"
@@ -110,3 +112,15 @@ def read_meta(experiment: str) -> dict:
     except (OSError, ValueError):
         return {}
     return loaded if isinstance(loaded, dict) else {}
+
+
+def read_confirmations(experiment: str) -> Optional[dict]:
+    """`confirmations.json` (written by successive halving with `scheduler.confirm` on), or None."""
+    path = storage.join(experiment, CONFIRMATIONS_FILE)
+    try:
+        if not storage.exists(path):
+            return None
+        loaded = json.loads(storage.read_text(path))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None

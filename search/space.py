@@ -103,6 +103,7 @@ def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
             rungs=rung_steps(cfg),
             reduction_factor=cfg.scheduler.reduction_factor,
             score_attr="best_eval_loss",  # best so far, as the selection rule compares ranks
+            confirm=cfg.scheduler.confirm,
         )
     from ray.tune.schedulers import ASHAScheduler
 

@@ -46,7 +46,7 @@ BASE = {
     "lora": {"ranks": [1, 2, 16, 32], "target_modules": "all-linear", "dropout": 0.0, "alpha": "2r"},
     "data": {"max_seq_len": 32},
     "train": {"max_steps": 40, "eval_every": 10, "batch_size": 16, "learning_rate": 3.0e-3, "lr_schedule": "constant"},
-    "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+    "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2, "confirm": "off"},
     "resources": {"gpus_per_trial": 0, "cpus_per_trial": 1, "arms_per_worker": 1},
 }
 

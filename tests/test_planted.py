@@ -65,7 +65,7 @@ def default_search(planted, ray_local, tmp_path_factory) -> str:
     """The default search (successive halving, the default alpha rule and verdict) over ranks 1..16
     with a learning-rate list spanning 10x."""
     raw = planted_config(planted, [1, 2, 4, 8, 16], str(tmp_path_factory.mktemp("runs")), name="default", lora={"alpha": DEFAULT_ALPHA},
-                         train={**BUDGET, "learning_rate": SPAN}, scheduler={"type": "sha"})
+                         train={**BUDGET, "learning_rate": SPAN}, scheduler={"type": "sha", "confirm": "off"})
     return run_search(parse_config(raw), log=lambda _: None)
 
 
@@ -73,7 +73,7 @@ def default_search(planted, ray_local, tmp_path_factory) -> str:
 def test_the_default_search_at_either_end_of_the_span_recommends_the_planted_rank(
         planted, ray_local, tmp_path_factory, lr):
     raw = planted_config(planted, [1, 2, 4, 8, 16], str(tmp_path_factory.mktemp("runs")), name=f"lr{lr:g}", lora={"alpha": DEFAULT_ALPHA},
-                         train={**BUDGET, "learning_rate": lr}, scheduler={"type": "sha"})
+                         train={**BUDGET, "learning_rate": lr}, scheduler={"type": "sha", "confirm": "off"})
     trials, history = load_experiment(run_search(parse_config(raw), log=lambda _: None))
     assert not trials["unstable"].any(), "no rank turned unstable"
     rec = recommend(trials, history)

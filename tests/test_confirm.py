@@ -1,0 +1,218 @@
+"""The choice of challengers for confirmations, on hand-made rung tables (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, cut_units, finishes_in_tail, free_slots, leader_of
+
+BASE = 3.0
+UNIT = {r: r for r in (1, 2, 4, 8, 16)}  # one arm per unit: the arm is the rank
+
+
+def demo_table():
+    """Rung 0 (step 10): r=4 and r=8 lead; r=2 at 87.5% of the best gain; r=1 and r=16 far.
+    Rung 1 (step 30): r=4 goes on alone, r=8 is cut close behind."""
+    table = {0: {1: 2.6, 2: 2.125, 4: 2.0, 8: 2.05, 16: 2.5}, 1: {4: 1.8, 8: 1.82}}
+    survivors = {0: [4, 8], 1: [4]}
+    return table, survivors
+
+
+def test_a_near_miss_first_then_the_strongest_costlier_unit():
+    table, survivors = demo_table()
+    assert [c.unit for c in choose_challengers(table, survivors, UNIT, free=9, base=BASE)] == [2, 8], \
+        "at most one of each: r=1 (40% of the gain) is no near miss, r=16 is weaker than r=8"
+    got = choose_challengers(table, survivors, UNIT, free=2, base=BASE)
+    assert [(c.unit, c.role, c.rung) for c in got] == [(2, NEAR_MISS, 0), (8, COSTLIER, 1)]
+    one = choose_challengers(table, survivors, UNIT, free=1, base=BASE)
+    assert [(c.unit, c.role) for c in one] == [(2, NEAR_MISS)], "one free slot: the near miss comes first"
+
+
+def test_the_strongest_costlier_unit_is_the_one_that_got_furthest_then_the_best_there():
+    table = {0: {1: 2.6, 2: 2.5, 4: 2.0, 8: 2.05, 16: 2.01}, 1: {4: 1.8, 8: 1.82}}
+    survivors = {0: [4, 8], 1: [4]}
+    got = choose_challengers(table, survivors, UNIT, free=4, base=BASE)
+    # r=16 was better than r=8 at step 10, but r=8 got to step 30: it is the leader's closest opponent
+    assert [(c.unit, c.role) for c in got] == [(8, COSTLIER)], "r=2 (50% of the gain) is no near miss; nothing else"
+    assert cut_units(table, survivors, UNIT) == {1: (0, 2.6, 1), 2: (0, 2.5, 2), 16: (0, 2.01, 16), 8: (1, 1.82, 8)}
+
+
+def test_nothing_when_no_capacity_is_free_or_a_kept_arm_waits():
+    table, survivors = demo_table()
+    assert choose_challengers(table, survivors, UNIT, free=0, base=BASE) == []
+    assert choose_challengers(table, survivors, UNIT, free=3, base=BASE, kept_waiting=True) == [], \
+        "a kept trial pending or paused for a slot takes it: a confirmation never delays a kept arm"
+
+
+def test_nothing_before_a_rung_is_decided_and_each_role_once():
+    table, survivors = demo_table()
+    assert choose_challengers({0: table[0]}, {}, UNIT, free=2, base=BASE) == []
+    got = choose_challengers(table, survivors, UNIT, free=2, base=BASE, filled=[NEAR_MISS])
+    assert [(c.unit, c.role) for c in got] == [(8, COSTLIER)]
+    assert choose_challengers(table, survivors, UNIT, free=2, base=BASE, filled=[NEAR_MISS, COSTLIER]) == []
+
+
+def test_the_cheapest_leader_has_no_near_miss_and_the_costliest_no_costlier_opponent():
+    table = {0: {1: 2.0, 2: 2.1, 4: 2.5}}
+    assert [(c.unit, c.role) for c in choose_challengers(table, {0: [1]}, UNIT, free=2, base=BASE)] == [(2, COSTLIER)]
+    table = {0: {1: 2.6, 2: 2.2, 4: 2.0}}
+    got = choose_challengers(table, {0: [4]}, UNIT, free=2, base=BASE)
+    assert [(c.unit, c.role) for c in got] == [(2, NEAR_MISS)], "r=2 recovers (3 - 2.2) / (3 - 2.0) = 80%"
+    table = {0: {1: 2.6, 2: 2.4, 4: 2.0}}
+    # r=2 recovers 60% < NEAR_MISS_SHARE: no near miss, and nothing costs more than r=4
+    assert choose_challengers(table, {0: [4]}, UNIT, free=2, base=BASE) == []
+
+
+def test_units_arms_and_costs():
+    # units (choice, r), arms (choice, r, lr): a unit is resumed at its best arm where it was cut
+    arm = {("mlp", 2, "a"): ("mlp", 2), ("mlp", 2, "b"): ("mlp", 2), ("all", 2, "a"): ("all", 2), ("all", 4, "a"): ("all", 4)}
+    cost = {("mlp", 2): 1000, ("all", 2): 2500, ("all", 4): 5000}
+    table = {0: {("mlp", 2, "a"): 2.2, ("mlp", 2, "b"): 2.1, ("all", 2, "a"): 2.0, ("all", 4, "a"): 2.02}}
+    got = choose_challengers(table, {0: [("all", 2, "a")]}, arm, free=2, cost=cost, base=BASE)
+    assert [(c.arm, c.role) for c in got] == [(("mlp", 2, "b"), NEAR_MISS), (("all", 4, "a"), COSTLIER)]
+
+
+def test_without_a_base_loss_a_near_miss_is_within_a_few_percent_of_the_best_loss():
+    table = {0: {1: 2.05, 2: 2.2, 4: 2.0}}
+    got = choose_challengers(table, {0: [4]}, UNIT, free=2)
+    assert [(c.unit, c.role) for c in got] == [(1, NEAR_MISS)], "r=1 within 3%, the cheapest such"
+    assert leader_of(table, {0: [4]}) == 4
+
+
+def test_non_finite_losses_are_never_challengers():
+    table = {0: {1: math.nan, 2: 2.0, 4: math.inf}}
+    assert choose_challengers(table, {0: [2]}, UNIT, free=2, base=BASE) == []
+
+
+def test_free_slots_count_only_nodes_already_held():
+    available = {"a": {"CPU": 1.5, "GPU": 0.5}, "b": {"CPU": 8, "GPU": 1.0}}
+    assert free_slots(available, held={"a"}, demand={"CPU": 1, "GPU": 0.5}) == 1
+    assert free_slots(available, held={"a"}, demand={"CPU": 1, "GPU": 1}) == 0, "node b is idle: never used"
+    assert free_slots(available, held={"a", "b"}, demand={"CPU": 1, "GPU": 0.5}) == 3
+    assert free_slots(available, held={"a"}, demand={"CPU": 0.25, "GPU": 0}) == 6, "pack clients: 1/N of a node"
+    assert free_slots({}, held={"a"}, demand={"CPU": 1}) == 0
+
+
+def test_in_the_tail_a_challenger_close_to_the_step_finishes_and_one_far_from_it_stops():
+    assert finishes_in_tail(50, 30, 60), "a third of its 30 steps left: it trains on to step 60"
+    assert not finishes_in_tail(40, 30, 60), "two thirds left: it stops with the last kept arm"
+    assert not finishes_in_tail(30, 30, 60), "never started"
+    assert finishes_in_tail(60, 30, 60)
+
+
+# --------------------------------------------------------------------------- the verdict uses them (pure, no Ray)
+
+def _tables(curves: dict, base: float = 3.0):
+    """(trials, history) from {r: {step: eval_loss}} (one seed; max_steps 60)."""
+    import pandas as pd
+
+    trials, history = [], []
+    for r, curve in curves.items():
+        steps = max(curve)
+        trials.append({"trial_id": f"t{r}", "r": r, "seed": 0, "lr": 5e-4, "status": "TERMINATED", "steps": steps,
+                       "max_steps": 60, "base_eval_loss": base, "lora_alpha": 16.0, "alpha_rule": "fixed", "targets": "q_proj"})
+        history += [{"trial_id": f"t{r}", "step": s, "eval_loss": loss} for s, loss in curve.items()]
+    return pd.DataFrame(trials), pd.DataFrame(history)
+
+
+def _record(trial="t8", from_step=30, step=60):
+    return {"mode": "tail", "target_step": 60, "why_none": "",
+            "challengers": [{"trial_id": trial, "role": COSTLIER, "from_step": from_step, "step": step, "unit": ["", 8],
+                             "lr": 5e-4, "seed": 0}]}
+
+
+def _analysed(curves, record):
+    from analysis.confirmations import apply, summary
+    from analysis.diagnosis import diagnose
+    from analysis.selection import recommend
+
+    trials, history = _tables(curves)
+    rec = recommend(trials, history)
+    apply(rec, trials, history, record)
+    return rec, summary(rec), {f.kind for f in diagnose(rec, trials, history)}
+
+
+def test_a_confirmed_unit_is_judged_at_the_leaders_step_and_the_verdict_says_so():
+    # r=2 led alone from step 30; r=8, cut at 30 close behind, was confirmed to 60 and ends no better
+    curves = {1: {10: 2.6}, 2: {10: 2.3, 30: 2.1, 60: 2.0}, 8: {10: 2.25, 30: 2.12, 60: 2.01}}
+    rec, line, kinds = _analysed(curves, _record())
+    assert rec.rank == 2 and rec.evidence_step == 60
+    assert rec.evidence(8).evidence_step == 60, "judged at the later step like any other unit"
+    assert rec.confirmations[0]["unit"] == "r=8" and rec.confirmations[0]["trained"]
+    assert rec.verdict_changed is False and rec.unopposed_without_confirmations is True
+    assert line.startswith("confirmed against r=8 lr 5e-4 (strongest costlier, from step 30) at step 60")
+    assert "the verdict is the same without them" in line
+    assert "confirmed" in kinds and "unopposed" not in kinds
+
+
+def test_a_confirmation_that_changes_the_verdict_says_what_it_would_have_been():
+    # r=8 pulls ahead after step 30: r=2 (alone at 60 without it) recovers under 95% of r=8's gain
+    curves = {2: {10: 2.3, 30: 2.1, 60: 2.05}, 8: {10: 2.25, 30: 2.12, 60: 1.8}}
+    rec, line, _ = _analysed(curves, _record())
+    assert rec.rank == 8 and rec.verdict_changed is True
+    assert rec.without_confirmations["rank"] == 2
+    assert "without them the verdict would have been r=2" in line
+
+
+def test_why_nothing_was_confirmed_and_off_says_nothing():
+    curves = {2: {10: 2.3, 30: 2.1, 60: 2.0}, 8: {10: 2.25, 30: 2.12}}
+    rec, line, _ = _analysed(curves, {"mode": "tail", "target_step": 60, "challengers": [], "why_none": "no slot was free"})
+    assert line == "nothing confirmed (scheduler.confirm: tail): no slot was free"
+    assert rec.unopposed_without_confirmations is True
+    rec, line, _ = _analysed(curves, None)
+    assert line == "" and rec.confirm_mode == "" and rec.confirmations == []
+
+
+def test_a_confirmation_stopped_short_is_reported_as_such():
+    curves = {2: {10: 2.3, 30: 2.1, 60: 2.0}, 8: {10: 2.25, 30: 2.12, 50: 2.05}}
+    rec, line, _ = _analysed(curves, _record(step=50))
+    assert "r=8 lr 5e-4 (strongest costlier) trained from step 30 to 50 only, short of step 60" in line
+
+
+# --------------------------------------------------------------------------- the scheduler's bookkeeping (fake trials, no Ray session)
+
+class _Trial:
+    """What the scheduler reads of a Tune trial."""
+
+    def __init__(self, trial_id, r, status, step):
+        self.trial_id, self.config, self.status, self.is_saving = trial_id, {"r": r, "lr": 3e-2, "seed": 0}, status, False
+        self.last_result = {"step": step}
+
+    def set_status(self, status):
+        self.status = status
+
+
+class _Controller:
+    """A TuneController as the scheduler uses it: statuses, stops, staging."""
+
+    def __init__(self):
+        self.stopped, self._staged_trials = [], set()
+        self.search_alg = type("Done", (), {"is_finished": lambda self: True})()
+
+    def _set_trial_status(self, trial, status):
+        trial.status = status
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.status = "TERMINATED"
+
+
+def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and_the_tail_ends_the_run():
+    from search.halving import SuccessiveHalving
+
+    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="tail")
+    # back from --resume: r=2 (kept at step 10) was at step 30, r=16 (cut at 10) had been confirming up to step 20
+    lead, challenger = _Trial("a", 2, "PENDING", 30), _Trial("b", 16, "PENDING", 20)
+    ctrl = _Controller()
+    for trial, loss, cost in ((lead, 2.5, 100), (challenger, 2.6, 800)):
+        sched.on_trial_add(ctrl, trial)
+        sched._record(trial, 10, loss, {"base_eval_loss": BASE, "trainable_params": cost})
+    assert sched.choose_trial_to_run(ctrl) is lead, "the kept arm gets the slot first"
+    assert sched._challengers["b"]["from_step"] == 10 and challenger.status == "PAUSED", \
+        "recognised as a challenger, and paused (Tune would start a pending one whether a slot is free or not)"
+    lead.status = "RUNNING"
+    assert sched.choose_trial_to_run(ctrl) is None, "no resource view (no Ray): no slot is known to be free"
+    sched.on_trial_complete(ctrl, lead, {"step": 40})
+    assert ctrl.stopped == ["b"], "the last kept arm ended: the paused challenger stops, so Tune's run ends"
+    record = sched.confirmation_record()
+    assert record["challengers"][0]["role"] == COSTLIER and record["challengers"][0]["step"] == 20
