@@ -17,9 +17,7 @@ from typing import Optional
 import pandas as pd
 
 from search import storage
-from search.layout import ADAPTER_DIR, CHECKPOINT_PREFIX
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+from search.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
 
 
 @dataclass

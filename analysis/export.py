@@ -26,9 +26,9 @@ import pandas as pd
 
 from analysis.checkpoints import best_checkpoint, copy_tree
 from analysis.selection import Recommendation, json_safe
+from search.layout import ADAPTER_CONFIG
 
 EXPORT_INFO = "lora_rank_export.json"
-ADAPTER_CONFIG = "adapter_config.json"
 # builtin model -> the hub model its shipped GGUF file was made from (what a PEFT user loads)
 BUILTIN_BASES = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 

@@ -56,7 +56,6 @@ from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_
 
 RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default tolerance
 DEFAULT_RULE = "gain"
-DEFAULT_TOLERANCE = RULES[DEFAULT_RULE]
 NO_SIGNAL = 0.005  # the best rank must improve on the base by at least this share of the base loss
 UNUSABLE_STATUSES = ("error", "damaged")  # trials whose evaluations are not used (diverged/oom keep the ones before)
 KNEE_MIN_BEND = 0.1  # the knee must sit this far below the chord (in [0, 1] scaled units), else no knee
@@ -224,10 +223,14 @@ def _plain_field(value):
     return value
 
 
+COUNTS = frozenset({"trainable_params", "adapter_bytes", "step", "steps", "best_step", "evidence_step", "tokens_seen", "r",
+                    "from_step", "rank"})  # fields that hold a count: written as integers
+
+
 def json_safe(value):
-    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    """JSON-safe: NaN -> None, numpy scalars -> Python, a finite count (`COUNTS`) -> int."""
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {k: _count(json_safe(v)) if k in COUNTS else json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     if isinstance(value, (np.integer,)):
@@ -237,6 +240,10 @@ def json_safe(value):
     if isinstance(value, (float, np.floating)):
         return None if not math.isfinite(float(value)) else float(value)
     return value
+
+
+def _count(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def check_rule(rule: str) -> str:

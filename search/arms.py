@@ -26,7 +26,6 @@ CHOICE_KEY = "target_choice"  # the target choice's label: a preset name, or 'q_
 UNIT_KEYS = (CHOICE_KEY, "r")
 NUISANCE_KEYS = ("lr",)
 REPLICATE_KEY = "seed"
-ARM_KEYS = UNIT_KEYS + NUISANCE_KEYS
 
 
 def unit_of(config: Mapping[str, Any]) -> tuple:
@@ -61,8 +60,3 @@ def format_lr(lr: Any) -> str:
     mantissa, exponent = f"{value:.2e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
-
-
-def describe_unit(choice: str, r: Any) -> str:
-    """'r=8', or 'mlp r=8' when the unit has a target choice."""
-    return f"{choice} r={r}" if choice else f"r={r}"

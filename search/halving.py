@@ -44,6 +44,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from search.arms import arm_of, family_of, unit_of
+from search.layout import RESULT_FILE
 from search.confirming import Confirmations, _controller
 
 logger = logging.getLogger(__name__)
@@ -489,7 +490,7 @@ def _reports(trial: Trial) -> list[dict]:
     """Every report in the trial's result.json (as persisted in storage)."""
     try:
         storage = trial.storage
-        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/result.json") as handle:
+        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/{RESULT_FILE}") as handle:
             lines = handle.read().decode("utf-8").splitlines()
     except (OSError, AttributeError, RuntimeError) as exc:
         logger.warning("successive halving: cannot read the reports of %s (%s); it re-enters at its next rung", trial, exc)

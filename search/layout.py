@@ -42,6 +42,7 @@ PROGRESS_FILE = "progress.csv"
 CHECKPOINT_PREFIX = "checkpoint_"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 ANALYSIS_DIR = "analysis"
 TRIAL_OUTPUTS = (RESULT_FILE, PROGRESS_FILE, *ERROR_FILES)  # a trial folder holding any of these has run

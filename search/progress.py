@@ -8,6 +8,8 @@ from typing import Optional, TextIO
 
 from ray.tune import Callback
 
+from search.layout import ERROR_FILE
+
 
 WIDTH = 22  # trial names: r16-lr3e-4-seed0
 
@@ -64,4 +66,4 @@ class ProgressPrinter(Callback):
         self._say(f"{str(trial):<{WIDTH}} crashed (last report at step {step}); retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(f"{str(trial):<{WIDTH}} FAILED (see {trial.storage.trial_fs_path if trial.storage else 'its folder'}/error.txt)")
+        self._say(f"{str(trial):<{WIDTH}} FAILED (see {trial.storage.trial_fs_path if trial.storage else 'its folder'}/{ERROR_FILE})")

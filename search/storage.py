@@ -27,14 +27,6 @@ def filesystem(path: str):
 _fs = filesystem
 
 
-def entries(path: str) -> dict:
-    """name -> pyarrow FileInfo of everything in a folder (local or URI); {} if it does not exist."""
-    import pyarrow.fs
-
-    fs, inner = filesystem(path)
-    return {info.base_name: info for info in fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))}
-
-
 def exists(path: str) -> bool:
     """True if a file or folder exists at the path or URI."""
     if not is_uri(path):

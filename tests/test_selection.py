@@ -444,3 +444,12 @@ def test_a_rate_that_led_at_the_first_rung_and_then_overfit_is_named_and_not_pus
     trials, history = arm_tables(curves, max_steps=60)
     kinds = {f.kind for f in diagnose(recommend(trials, history), trials, history)}
     assert "rate-chosen-early" not in kinds
+
+
+def test_counts_are_written_as_integers():
+    from analysis.selection import json_safe
+
+    out = json_safe({"trainable_params": 8704.0, "rank": 4.0, "gain_share": 0.5, "nested": [{"step": np.float64(60.0)}],
+                     "adapter_bytes": float("nan")})
+    assert out == {"trainable_params": 8704, "rank": 4, "gain_share": 0.5, "nested": [{"step": 60}], "adapter_bytes": None}
+    assert isinstance(out["trainable_params"], int) and isinstance(out["nested"][0]["step"], int)
