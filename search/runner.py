@@ -447,7 +447,10 @@ def describe_choices(prepared: Prepared) -> list[str]:
     return lines
 
 
-SMALL_HIDDEN = 256  # below this hidden size a CPU pack gets one core, and each core a pack
+# On CPU, auto packs only a model below this hidden size, one pack per core: measured 0.56x the wall
+# time of one arm per worker on the planted task (hidden 64) but 1.06x on the quickstart (SmolLM2-135M,
+# hidden 576), whose 2-thread pack of 15 arms was memory-bound (bench/packing.py, 2026-12-05).
+SMALL_HIDDEN = 256
 
 
 def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Callable[[str], None] = print):
@@ -485,11 +488,17 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
     else:
+        small = prepared.dims.get("hidden", 0) < SMALL_HIDDEN
+        if wanted == "auto" and not small:
+            log(f"packing: off on CPU for a model of hidden size {prepared.dims.get('hidden')}: measured no faster than one arm"
+                " per worker on 2 cores (bench/packing.py: 1.06x the wall time on the quickstart); one arm per worker"
+                " (resources.arms_per_worker: N packs anyway)")
+            return None, resources
         nodes = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
         cpus = max(cfg.resources.cpus_per_trial, int(min(nodes)) if nodes else 1)
         # A small model's ops are too small for several threads to share (its step is bound by Python
         # and kernel launches): each CPU core then gets a pack of its own (measured: bench/packing.py).
-        per_node = max(1, cpus // cfg.resources.cpus_per_trial) if prepared.dims.get("hidden", 0) < SMALL_HIDDEN else 1
+        per_node = max(1, cpus // cfg.resources.cpus_per_trial) if small else 1
         if wanted == "auto":
             arms = min(math.ceil(trials / per_node), MAX_ARMS_PER_PACK)
         else:  # as many arms per pack as asked, in as few packs as that needs

@@ -195,3 +195,22 @@ def test_plan_packs_on_cpu(over, expected, raw_config, monkeypatch):
     assert (plan.arms, plan.threads, plan.packs_per_node) == (arms, threads, packs)
     assert per_trial == {"cpu": pytest.approx(threads / arms), "gpu": 0.0}
     assert lines and lines[0].startswith(f"packing: {arms} arms per worker")
+
+
+def test_auto_does_not_pack_a_larger_model_on_cpu_and_says_why(raw_config, monkeypatch):
+    import ray
+
+    from search.config import parse_config
+    from search.runner import plan_packs
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, resources={"cpus_per_trial": 1, "arms_per_worker": "auto"}))
+    prepared = prepare(cfg, log=lambda _: None)
+    prepared.dims["hidden"] = 576  # SmolLM2-135M's width: measured no faster packed on 2 cores
+    lines = []
+    plan, per_trial = plan_packs(cfg, prepared, {"cpu": 1, "gpu": 0.0}, lines.append)
+    assert plan is None and per_trial == {"cpu": 1, "gpu": 0.0}
+    assert lines and lines[0].startswith("packing: off on CPU") and "bench/packing.py" in lines[0]
+    cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, resources={"cpus_per_trial": 1, "arms_per_worker": 4}))
+    plan, _ = plan_packs(cfg, prepared, {"cpu": 1, "gpu": 0.0}, lines.append)
+    assert plan is not None and plan.arms == 4 and plan.packs_per_node == 1, "an explicit number still packs"
