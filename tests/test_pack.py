@@ -214,3 +214,18 @@ def test_auto_does_not_pack_a_larger_model_on_cpu_and_says_why(raw_config, monke
     cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, resources={"cpus_per_trial": 1, "arms_per_worker": 4}))
     plan, _ = plan_packs(cfg, prepared, {"cpu": 1, "gpu": 0.0}, lines.append)
     assert plan is not None and plan.arms == 4 and plan.packs_per_node == 1, "an explicit number still packs"
+
+
+@pytest.mark.slow
+def test_a_non_finite_evaluation_ends_the_arm_as_diverged(packed_setup, monkeypatch):
+    prepared, settings = packed_setup()
+    pack = Pack(settings, prepared.data, threads=2)
+    for key in ("a", "c"):
+        pack.add(key, ARMS[key])
+    assert pack.train_step(["a", "c"]) == []
+    monkeypatch.setattr(pack, "evaluate", lambda keys: {"a": float("inf"), "c": 3.0})
+    reports = pack.report(["a", "c"])
+    assert reports["a"]["trial_status"] == "diverged" and math.isnan(reports["a"]["eval_loss"])
+    assert reports["a"]["failure"] == "eval loss became inf at step 1 (r=2, seed=0)"
+    assert pack.arms["a"].status == "diverged" and pack.train_step(["a", "c"]) == [] and pack.arms["a"].step == 1
+    assert reports["c"]["trial_status"] == "ok" and pack.arms["c"].step == 2, "its pack-mate trains on"
