@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import header  # noqa: E402
+from bench.packing import planted_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WALL_TARGET = 1.1
@@ -106,17 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         storage = os.path.join(root, "runs")
         if args.planted:
-            import yaml
-
-            from trainables.planted import build_planted_task, planted_config
-
-            os.environ.setdefault("LORA_RANK_SEARCH_CACHE", os.path.join(root, "cache"))
-            task = build_planted_task(os.path.join(root, "task"), rank=4)
-            raw = planted_config(task, [1, 2, 4, 8], storage, name="planted", lora={"alpha": 16},
-                                 train={"max_steps": args.steps, "learning_rate": [3e-3, 1e-2]}, scheduler={"type": "sha"},
-                                 resources={"gpus_per_trial": 0, "cpus_per_trial": 1})
-            config = Path(root) / "planted.yaml"
-            config.write_text(yaml.safe_dump(raw))
+            config = planted_search(root, storage, args.steps)
             compare("planted rank-4 task", config, storage, args.mode, args.arms_per_worker, args.grid)
         if args.quickstart:
             compare("make demo's search", ROOT / "configs" / "quickstart.yaml", storage, args.mode, args.arms_per_worker, args.grid)

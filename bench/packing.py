@@ -93,6 +93,23 @@ def run(config: Path, name: str, arms_per_worker: str, storage: str) -> dict:
             "targets": rec.get("target_choice") or "", "packing": packing}
 
 
+def planted_search(root: str, storage: str, steps: int) -> Path:
+    """A search config file for a planted rank-4 task on the tiny 4-bit Llama (built under root):
+    ranks 1-8 x learning rates 3e-3 and 1e-2, successive halving, `steps` steps."""
+    import yaml
+
+    from trainables.planted import build_planted_task, planted_config
+
+    os.environ.setdefault("LORA_RANK_SEARCH_CACHE", os.path.join(root, "cache"))
+    task = build_planted_task(os.path.join(root, "task"), rank=4)
+    raw = planted_config(task, [1, 2, 4, 8], storage, name="planted", lora={"alpha": 16},
+                         train={"max_steps": steps, "learning_rate": [3e-3, 1e-2]}, scheduler={"type": "sha"},
+                         resources={"gpus_per_trial": 0, "cpus_per_trial": 1})
+    config = Path(root) / "planted.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
 def compare(title: str, config: Path, storage: str, packed: str = "auto") -> None:
     """`packed`: resources.arms_per_worker of the packed run (auto, or a number where auto would not pack)."""
     print(f"\n## {title}: {config.name}")
@@ -125,17 +142,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         storage = os.path.join(root, "runs")
         if args.planted:
-            import yaml
-
-            from trainables.planted import build_planted_task, planted_config
-
-            os.environ.setdefault("LORA_RANK_SEARCH_CACHE", os.path.join(root, "cache"))
-            task = build_planted_task(os.path.join(root, "task"), rank=4)
-            raw = planted_config(task, [1, 2, 4, 8], storage, name="planted", lora={"alpha": 16},
-                                 train={"max_steps": args.steps, "learning_rate": [3e-3, 1e-2]}, scheduler={"type": "sha"},
-                                 resources={"gpus_per_trial": 0, "cpus_per_trial": 1})
-            config = Path(root) / "planted.yaml"
-            config.write_text(yaml.safe_dump(raw))
+            config = planted_search(root, storage, args.steps)
             compare("planted rank-4 task", config, storage)
         if args.quickstart:
             # auto does not pack this model on CPU (measured here: no faster); 16 packs all 15 arms to measure it

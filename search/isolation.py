@@ -63,3 +63,18 @@ def token_auth_enabled() -> bool:
     except ImportError:  # pragma: no cover - Ray before token authentication
         return False
     return bool(is_token_auth_enabled())
+
+
+@contextlib.contextmanager
+def environ(values: dict):
+    """Set environment variables for the duration of the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

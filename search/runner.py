@@ -24,7 +24,7 @@ from search import layout
 from search.address import address_problem
 from search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, missing_config, recovery
 from search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn
-from search.isolation import isolated_ray_start
+from search.isolation import environ, isolated_ray_start
 from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
 from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
 
@@ -564,21 +564,6 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     )
 
 
-@contextlib.contextmanager
-def _environ(values: dict):
-    """Set environment variables for the duration of the block."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class _QuietTuneHints(logging.Filter):
     """Drop Tune's driver notes that the CLI says better: its `Tuner.restore(...)` resume hint
     (users resume with `lora-rank search CONFIG --resume`), and missing metrics of trials that
@@ -635,7 +620,7 @@ def run_search(
         # Workers of a Ray started here inherit its environment: no INFO lines from them ("Restored
         # on ... from checkpoint": the progress lines say so).
         level = {"RAY_LOGGER_LEVEL": os.environ.get("RAY_LOGGER_LEVEL", "warning")} if local_ray else {}
-        with _environ(level), isolated_ray_start(local_ray):
+        with environ(level), isolated_ray_start(local_ray):
             try:
                 ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
             except ConnectionError as exc:  # --address auto with no cluster on this machine, a head that went away

@@ -54,20 +54,11 @@ def mlflow_uri(uri: str) -> str:
     return "file://" + os.path.abspath(os.path.expanduser(uri))
 
 
-@contextlib.contextmanager
 def _quick_mlflow():
     """MLflow's HTTP client without its minutes of retries: a reachability check answers fast."""
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(REACH_TIMEOUT_S))}
-    before = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    from search.isolation import environ
+
+    return environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(REACH_TIMEOUT_S))})
 
 
 def allow_folder(uri: str) -> None:
