@@ -229,3 +229,22 @@ def test_a_non_finite_evaluation_ends_the_arm_as_diverged(packed_setup, monkeypa
     assert reports["a"]["failure"] == "eval loss became inf at step 1 (r=2, seed=0)"
     assert pack.arms["a"].status == "diverged" and pack.train_step(["a", "c"]) == [] and pack.arms["a"].step == 1
     assert reports["c"]["trial_status"] == "ok" and pack.arms["c"].step == 2, "its pack-mate trains on"
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_recomputes_the_same_arms_and_masks(raw_config):
+    results = {}
+    for checkpointing in (False, True):
+        raw = raw_config(lora={"target_modules": ["attention", "mlp"], "dropout": 0.1, "alpha": 16},
+                         train={"max_steps": 4, "eval_every": 2, "batch_size": 8, "learning_rate": [1e-3, 3e-3, 1e-2],
+                                "gradient_checkpointing": checkpointing}, scheduler={"type": "none"})
+        cfg = parse_config(raw)
+        prepared = prepare(cfg, log=lambda _: None)
+        pack = Pack(trial_settings(cfg, prepared.model_path, prepared.choices), prepared.data, threads=2)
+        for key in ("a", "b"):
+            pack.add(key, ARMS[key])
+        results[checkpointing] = _train(pack, ["a", "b"], 4, 2), {k: pack.arms[k].step_losses for k in ("a", "b")}
+    (evals_off, train_off), (evals_on, train_on) = results[False], results[True]
+    for key in ("a", "b"):
+        assert all(_close(x, y) for x, y in zip(train_off[key], train_on[key])), (train_off[key], train_on[key])
+        assert all(_close(x, y) for x, y in zip(evals_off[key], evals_on[key]))

@@ -383,31 +383,34 @@ class Pack:
         batch = {k: v.to(self.device) for k, v in collate(ids, labels, data.pad_id).items()}
         for row, arm in enumerate(group):
             arm.interval_tokens += int(batch["attention_mask"][row * micro:(row + 1) * micro].sum())
-        losses = self._losses(group, batch, micro)
-        total = None
-        accum = self.settings.train.grad_accum
-        for arm, loss in zip(group, losses):
-            loss = loss / accum
-            if arm.fault and arm.fault.step == arm.step + 1:
-                loss = arm.fault.apply(loss)
-            value = float(loss.detach())
-            step_loss[arm.key] += value
-            if math.isfinite(value):  # a diverged arm contributes nothing: its pack-mates' gradients stay clean
-                total = loss if total is None else total + loss
-        if total is not None:
-            total.backward()
+        # The rows' arms stay set through the backward pass: gradient checkpointing recomputes the
+        # forward there, and must apply the same LoRA terms (and the same keyed dropout masks).
+        self.segments = [(arm.name, i * micro, (i + 1) * micro) for i, arm in enumerate(group)]
+        try:
+            losses = self._losses(group, batch, micro)
+            total = None
+            accum = self.settings.train.grad_accum
+            for arm, loss in zip(group, losses):
+                loss = loss / accum
+                if arm.fault and arm.fault.step == arm.step + 1:
+                    loss = arm.fault.apply(loss)
+                value = float(loss.detach())
+                step_loss[arm.key] += value
+                if math.isfinite(value):  # a diverged arm contributes nothing: its pack-mates' gradients stay clean
+                    total = loss if total is None else total + loss
+            if total is not None:
+                total.backward()
+        finally:
+            self.segments = []
         for arm in group:
             arm.clock.micro += 1
 
     def _losses(self, group: list[Arm], batch: dict, rows: int) -> list:
-        """Each arm's mean cross-entropy over its own tokens (nats/token) on its `rows` rows of `batch`."""
+        """Each arm's mean cross-entropy over its own tokens (nats/token) on its `rows` rows of `batch`
+        (`self.segments` names the rows' arms)."""
         import torch.nn.functional as F
 
-        self.segments = [(arm.name, i * rows, (i + 1) * rows) for i, arm in enumerate(group)]
-        try:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        finally:
-            self.segments = []
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # rows: self.segments
         labels = batch["labels"]
         out = []
         for i in range(len(group)):
