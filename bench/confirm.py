@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import header  # noqa: E402
-from bench.packing import planted_search  # noqa: E402
+from bench.packing import outcome, planted_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WALL_TARGET = 1.1
@@ -44,12 +44,7 @@ def run(config: Path, name: str, storage: str, sets: list[str]) -> dict:
     if proc.returncode != 0:
         print(proc.stdout[-4000:])
         raise SystemExit(f"{name}: the search exited {proc.returncode}")
-    experiment = Path(storage) / name
-    rec = json.loads((experiment / "analysis" / "recommendation.json").read_text())
-    steps = 0
-    for result in experiment.glob("*/result.json"):
-        lines = result.read_text().splitlines()
-        steps += json.loads(lines[-1])["step"] if lines else 0
+    rec, steps = outcome(Path(storage) / name)
     extra = sum(c["step"] - c["from_step"] for c in rec.get("confirmations") or [])
     step = rec.get("evidence_step")
     opponents = [u for u in rec.get("units") or []

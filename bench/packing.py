@@ -79,18 +79,23 @@ def run(config: Path, name: str, arms_per_worker: str, storage: str) -> dict:
     if proc.returncode != 0:
         print(out[-4000:])
         raise SystemExit(f"{name}: the search exited {proc.returncode}")
-    experiment = Path(storage) / name
-    rec = json.loads((experiment / "analysis" / "recommendation.json").read_text())
-    steps = 0
-    for result in experiment.glob("*/result.json"):
-        lines = result.read_text().splitlines()
-        steps += json.loads(lines[-1])["step"] if lines else 0
+    rec, steps = outcome(Path(storage) / name)
     peak = max(samples, key=lambda s: s[1]) if samples else (0, 0, 0)
     packing = next((line for line in out.splitlines() if line.startswith("packing:")), "packing: one arm per worker")
     return {"name": name, "wall": wall, "peak_bytes": peak[1], "arms_at_peak": max(1, peak[2]),
             "per_arm": peak[1] / max(1, peak[2]), "max_arms": max((s[2] for s in samples), default=0),
             "steps": steps, "rank": rec.get("rank"), "lr": rec.get("learning_rate"),
             "targets": rec.get("target_choice") or "", "packing": packing}
+
+
+def outcome(experiment: Path) -> tuple[dict, int]:
+    """(recommendation.json, the arm-steps every trial trained) of a finished search."""
+    rec = json.loads((experiment / "analysis" / "recommendation.json").read_text())
+    steps = 0
+    for result in experiment.glob("*/result.json"):
+        lines = result.read_text().splitlines()
+        steps += json.loads(lines[-1])["step"] if lines else 0
+    return rec, steps
 
 
 def planted_search(root: str, storage: str, steps: int) -> Path:

@@ -61,7 +61,7 @@ def path_digest(path: Optional[str], suffixes: tuple = ()) -> Optional[dict]:
 
 def config_digest(plain_config: Mapping) -> str:
     """sha256 of the config's values that define the search (every key but CONFIG_KEYS_IGNORED)."""
-    flat = {k: v for k, v in _flatten(plain_config).items() if not k.startswith(CONFIG_KEYS_IGNORED)}
+    flat = {k: v for k, v in flatten(plain_config).items() if not k.startswith(CONFIG_KEYS_IGNORED)}
     return "sha256:" + hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -133,11 +133,11 @@ def check_fingerprints(cfg, model_path: str) -> None:
         raise ConfigError([f"{line} (experiment {cfg.experiment_path})" for line in changed], "input")
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
+def flatten(tree: Mapping, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -22,7 +22,7 @@ from search import storage
 from search.arms import format_lr
 from search import layout
 from search.address import address_problem
-from search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, missing_config, recovery
+from search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, flatten, missing_config, recovery
 from search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn
 from search.isolation import environ, isolated_ray_start
 from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
@@ -415,23 +415,13 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
         if not isinstance(saved, dict) or not saved:
             raise ConfigError([f"{saved_path}: the experiment's stored config is empty or not a mapping; "
                                + recovery(exp, saved_path)], "input")
-        now, before = _flatten(cfg.to_dict()), _flatten(saved or {})
+        now, before = flatten(cfg.to_dict()), flatten(saved or {})
         changed = [k for k in sorted(set(now) | set(before)) if not k.startswith("resources.") and now.get(k) != before.get(k)]
         if changed:
             raise ConfigError(
                 [f"{k}: {now.get(k)!r} differs from {before.get(k)!r} in the experiment being resumed ({exp})" for k in changed],
                 "input",
             )
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def describe_choices(prepared: Prepared) -> list[str]:
