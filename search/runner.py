@@ -6,7 +6,6 @@ every problem collected into one ConfigError; only then does Ray start and a GPU
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math

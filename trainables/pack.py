@@ -140,20 +140,14 @@ class Pack:
                  threads: Optional[int] = None, rows_per_pass: Optional[int] = None, mode: str = STACKED):
         import torch
 
-        from trainables.trial import keep_4bit_layout_fixed, trial_device
-        from trainables.model import load_base_model
+        from trainables.trial import load_base, trial_device
 
         self.started = time.time()
         self.settings, self.data = settings, data
         self.device = device or trial_device()
         if self.device == "cpu":
             torch.set_num_threads(threads or settings.cpus_per_trial)
-        self.base = load_base_model(settings.model_path, settings.quantization, self.device, settings.model.trust_remote_code)
-        if self.device == "cpu":
-            keep_4bit_layout_fixed(self.base)
-        if settings.train.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.base.enable_input_require_grads()
+        self.base = load_base(settings, self.device)
         self.load_seconds = time.time() - self.started
         self.model = None  # the PeftModel, made with the first arm
         self.arms: dict[str, Arm] = {}

@@ -9,7 +9,6 @@ Ray Tune function trainable that wires it to `tune.report` / `tune.get_checkpoin
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import resource
 import shutil
@@ -50,6 +49,14 @@ def build_model(settings: TrialSettings, r: int, device: str, targets: Optional[
     (default: settings.targets)."""
     from peft import get_peft_model
 
+    lora = settings.lora
+    return get_peft_model(load_base(settings, device),
+                          peft_config(r, lora.alpha, lora.dropout, list(settings.targets if targets is None else targets)))
+
+
+def load_base(settings: TrialSettings, device: str):
+    """The frozen base as a trial trains on it: 4-bit per settings, one 4-bit layout on CPU, and
+    gradient checkpointing when configured."""
     from trainables.model import load_base_model
 
     base = load_base_model(settings.model_path, settings.quantization, device, settings.model.trust_remote_code)
@@ -58,8 +65,7 @@ def build_model(settings: TrialSettings, r: int, device: str, targets: Optional[
     if settings.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    lora = settings.lora
-    return get_peft_model(base, peft_config(r, lora.alpha, lora.dropout, list(settings.targets if targets is None else targets)))
+    return base
 
 
 def keep_4bit_layout_fixed(model) -> None:
