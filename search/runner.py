@@ -436,9 +436,9 @@ def describe_choices(prepared: Prepared) -> list[str]:
     return lines
 
 
-# On CPU, auto packs only a model below this hidden size, one pack per core: measured 0.56x the wall
-# time of one arm per worker on the planted task (hidden 64) but 1.06x on the quickstart (SmolLM2-135M,
-# hidden 576), whose 2-thread pack of 15 arms was memory-bound (bench/packing.py, 2026-12-05).
+# On CPU, a pack stacks its arms in one pass only for a model below this hidden size, whose step is
+# bound by Python and kernel launches (planted task, hidden 64: 0.56x the wall time of one arm per
+# worker); a larger model's arms take turns (bench/packing.py, 2026-12-05).
 SMALL_HIDDEN = 256
 
 
@@ -467,6 +467,7 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
             " one arm per worker")
         return None, resources
     gpu = resources["gpu"] > 0
+    rows_per_pass, how = None, "arms stacked in one pass"
     if gpu:
         pack_gpu = 1.0 if cfg.resources.gpus_per_trial == "auto" else max(float(cfg.resources.gpus_per_trial), resources["gpu"])
         estimate = memory_estimate(cfg, prepared)
@@ -477,17 +478,11 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
     else:
-        small = prepared.dims.get("hidden", 0) < SMALL_HIDDEN
-        if wanted == "auto" and not small:
-            log(f"packing: off on CPU for a model of hidden size {prepared.dims.get('hidden')}: measured no faster than one arm"
-                " per worker on 2 cores (bench/packing.py: 1.06x the wall time on the quickstart); one arm per worker"
-                " (resources.arms_per_worker: N packs anyway)")
-            return None, resources
         nodes = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
         cpus = max(cfg.resources.cpus_per_trial, int(min(nodes)) if nodes else 1)
-        # A small model's ops are too small for several threads to share (its step is bound by Python
-        # and kernel launches): each CPU core then gets a pack of its own (measured: bench/packing.py).
-        per_node = max(1, cpus // cfg.resources.cpus_per_trial) if small else 1
+        # One pack per cpus_per_trial cores: a pack's step is one stream of ops, which several threads
+        # share poorly (measured: one 2-thread pack of 15 arms was 1.06x the wall of one arm per worker).
+        per_node = max(1, cpus // cfg.resources.cpus_per_trial)
         if wanted == "auto":
             arms = min(math.ceil(trials / per_node), MAX_ARMS_PER_PACK)
         else:  # as many arms per pack as asked, in as few packs as that needs
@@ -495,15 +490,23 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
             per_node = max(1, min(per_node, math.ceil(trials / arms)))
         threads = max(1, cpus // per_node)
         note = f", {per_node} packs per node" if per_node > 1 else ""
+        if prepared.dims.get("hidden", 0) >= SMALL_HIDDEN:
+            # A larger model's step is compute-bound on CPU: a stacked pass costs as much per row as the
+            # arms' passes one by one, plus the padding to the longest row of every arm (measured 1.3-2x
+            # per arm-step at 4 arms of SmolLM2-135M). The arms take turns; the pack still saves each
+            # arm's process, imports, 4-bit load and copy of the base.
+            rows_per_pass, how = cfg.train.batch_size, "arms take turns on it, one pass each"
         per_trial = {"cpu": threads / arms, "gpu": 0.0}
     if arms <= 1:
         log("packing: one arm per worker (no room for a second adapter beside the base)")
         return None, resources
     packs = math.ceil(trials / arms)
     where = f"{pack_gpu:g} GPU" if gpu else f"{threads} CPU thread{'s' if threads > 1 else ''}"
-    log(f"packing: {arms} arms per worker on one shared base, {packs} pack(s) of {where}{note}; arms stacked in one pass"
-        + (" (MoE expert weights: arms take turns)" if experts else ""))
-    return PackPlan(arms=arms, threads=threads, experiment=uuid.uuid4().hex[:8], packs_per_node=1 if gpu else per_node), per_trial
+    if experts:
+        how = "arms take turns on it (MoE expert weights are adapted as parameters)"
+    log(f"packing: {arms} arms per worker on one shared base, {packs} pack(s) of {where}{note}; {how}")
+    return PackPlan(arms=arms, threads=threads, experiment=uuid.uuid4().hex[:8], rows_per_pass=rows_per_pass,
+                    packs_per_node=1 if gpu else per_node), per_trial
 
 
 def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None,

@@ -197,7 +197,7 @@ def test_plan_packs_on_cpu(over, expected, raw_config, monkeypatch):
     assert lines and lines[0].startswith(f"packing: {arms} arms per worker")
 
 
-def test_auto_does_not_pack_a_larger_model_on_cpu_and_says_why(raw_config, monkeypatch):
+def test_a_larger_model_on_cpu_packs_with_arms_taking_turns_and_says_so(raw_config, monkeypatch):
     import ray
 
     from search.config import parse_config
@@ -206,14 +206,18 @@ def test_auto_does_not_pack_a_larger_model_on_cpu_and_says_why(raw_config, monke
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, resources={"cpus_per_trial": 1, "arms_per_worker": "auto"}))
     prepared = prepare(cfg, log=lambda _: None)
-    prepared.dims["hidden"] = 576  # SmolLM2-135M's width: measured no faster packed on 2 cores
+    small, _ = plan_packs(cfg, prepared, {"cpu": 1, "gpu": 0.0}, lambda _: None)
+    assert small is not None and small.rows_per_pass is None, "the tiny model's arms are stacked (rows by device)"
+    prepared.dims["hidden"] = 576  # SmolLM2-135M's width: compute-bound on CPU, stacking measured slower
     lines = []
     plan, per_trial = plan_packs(cfg, prepared, {"cpu": 1, "gpu": 0.0}, lines.append)
-    assert plan is None and per_trial == {"cpu": 1, "gpu": 0.0}
-    assert lines and lines[0].startswith("packing: off on CPU") and "bench/packing.py" in lines[0]
+    assert plan is not None and (plan.arms, plan.threads, plan.packs_per_node) == (2, 1, 2)
+    assert plan.rows_per_pass == cfg.train.batch_size, "one arm's micro-batch per pass"
+    assert per_trial == {"cpu": pytest.approx(0.5), "gpu": 0.0}
+    assert lines and "take turns" in lines[0] and "2 packs per node" in lines[0]
     cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, resources={"cpus_per_trial": 1, "arms_per_worker": 4}))
     plan, _ = plan_packs(cfg, prepared, {"cpu": 1, "gpu": 0.0}, lines.append)
-    assert plan is not None and plan.arms == 4 and plan.packs_per_node == 1, "an explicit number still packs"
+    assert plan is not None and plan.arms == 4 and plan.packs_per_node == 1, "an explicit number packs as asked"
 
 
 @pytest.mark.slow
