@@ -3,8 +3,7 @@
     .venv/bin/python bench/packing.py [--quickstart] [--planted] [--steps N]
 
 Each search runs through the CLI (`lora-rank search`) in its own process, with
-`resources.arms_per_worker` auto (packed; 16 on the quickstart, which auto does not pack on CPU)
-and 1 (one arm per worker); nothing else differs. While
+`resources.arms_per_worker` auto (packed) and 1 (one arm per worker); nothing else differs. While
 it runs, the process tree is sampled every 0.5 s: the proportional set size (PSS: shared library
 pages split between the processes that map them) of every Ray worker process (trials, pack
 servers), and how many trial processes (arms) are alive. It prints per mode: the search's wall
@@ -150,8 +149,7 @@ def main() -> None:
             config = planted_search(root, storage, args.steps)
             compare("planted rank-4 task", config, storage)
         if args.quickstart:
-            # auto does not pack this model on CPU (measured here: no faster); 16 packs all 15 arms to measure it
-            compare("make demo's search", ROOT / "configs" / "quickstart.yaml", storage, packed="16")
+            compare("make demo's search", ROOT / "configs" / "quickstart.yaml", storage)
 
 
 if __name__ == "__main__":
