@@ -252,3 +252,21 @@ def test_gradient_checkpointing_recomputes_the_same_arms_and_masks(raw_config):
     for key in ("a", "b"):
         assert all(_close(x, y) for x, y in zip(train_off[key], train_on[key])), (train_off[key], train_on[key])
         assert all(_close(x, y) for x, y in zip(evals_off[key], evals_on[key]))
+
+
+@pytest.mark.parametrize("active, here, expected", [
+    ([3, 0], 0, 1),  # after a rung the arms going on sit in pack 0: one moves to the idle pack 1
+    ([1, 0], 0, 1),  # staying: 2 arms vs 0; moving: 1 vs 1
+    ([1, 1], 0, None),  # staying 2 vs 1, moving 1 vs 2: no better
+    ([2, 1], 0, 1),  # staying 3 vs 1, moving 2 vs 2
+    ([0, 0], 0, None),  # alone: stays
+    ([1, 2], 0, None),
+    ([2, 0, 1], 0, 1),  # the least busy of several
+    ([0, 4], 1, 0),
+    ([5], 0, None),  # one pack per node (a GPU): nowhere to go
+])
+def test_an_arm_moves_to_a_less_busy_pack_only_when_it_balances(active, here, expected):
+    from trainables.pack_server import less_busy
+
+    # `active` counts the arms training in each pack besides the one deciding (it asks for nothing while it decides)
+    assert less_busy(active, here) == expected

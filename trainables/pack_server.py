@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from search.config import TrialSettings
 from trainables.data import TokenizedData
@@ -118,6 +118,12 @@ class PackServer:
         """Arms in the pack or on their way in (a new trial joins the least loaded pack of its node)."""
         with self._cond:
             return len(self._clients) + len(self._adds)
+
+    def active(self) -> int:
+        """Arms training now or on their way in (held and paused arms ask for nothing): what a client
+        compares to move to a less busy pack of its node (`packed_trial`)."""
+        with self._cond:
+            return len(self._wanted) + len(self._adds)
 
     def _call(self, key: str, enqueue) -> Any:
         with self._cond:
@@ -258,11 +264,9 @@ class PackServer:
                     self._cond.notify_all()
 
 
-def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan, key: str = ""):
-    """The pack server of this trial's GPU (on CPU: the least loaded of its node's packs), started
-    if there is none yet."""
-    import zlib
-
+def node_servers(settings: TrialSettings, data: TokenizedData, plan: PackPlan) -> list:
+    """The pack servers of this trial's GPU (one) or, on CPU, of its node (`plan.packs_per_node`),
+    started if there are none yet."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -279,12 +283,49 @@ def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan, key
         )
         return actor.remote(settings, data, plan, gpu)
 
-    servers = [start(slot) for slot in slots]
+    return [start(slot) for slot in slots]
+
+
+def least_loaded(servers: list, key: str = ""):
+    """The server with the fewest arms (attached or on their way in); trials arriving together spread
+    over equal packs by their key."""
+    import zlib
+
+    import ray
+
     if len(servers) == 1:
         return servers[0]
     loads = ray.get([s.load.remote() for s in servers])
     least = [i for i, load in enumerate(loads) if load == min(loads)]
-    return servers[least[zlib.crc32(key.encode()) % len(least)]]  # trials arriving together spread over equal packs
+    return servers[least[zlib.crc32(key.encode()) % len(least)]]
+
+
+def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan, key: str = ""):
+    """The pack server of this trial's GPU (on CPU: the least loaded of its node's packs), started
+    if there is none yet."""
+    return least_loaded(node_servers(settings, data, plan), key)
+
+
+def less_busy(active: Sequence[int], here: int) -> Optional[int]:
+    """The pack (index) an arm about to train should move to, or None to stay: another pack of its
+    node with fewer arms training than its own pack has beside it. After a rung decision the arms
+    that go on can sit in one pack while another idles; moving costs one adapter restore from the
+    checkpoint the arm just reported (exact, as a resume is)."""
+    others = [i for i in range(len(active)) if i != here]
+    if not others:
+        return None
+    best = min(others, key=lambda i: (active[i], i))
+    return best if active[best] < active[here] else None
+
+
+def pack_to_move_to(servers: list, mine) -> Optional[Any]:
+    """`less_busy` over the node's pack servers (their `active` counts): a server handle, or None."""
+    import ray
+
+    if len(servers) < 2 or mine not in servers:
+        return None
+    choice = less_busy(ray.get([s.active.remote() for s in servers]), servers.index(mine))
+    return None if choice is None else servers[choice]
 
 
 def stop_servers(experiment: str) -> int:
@@ -328,13 +369,21 @@ def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: O
         finally:
             shutil.rmtree(local, ignore_errors=True)
     key = tune.get_context().get_trial_id()
-    server = server_for(settings, data, plan, key)
-    attached = ray.get(server.attach.remote(key, config, files, ray.get_runtime_context().get_actor_id() or ""))
+    client = ray.get_runtime_context().get_actor_id() or ""
+    servers = node_servers(settings, data, plan)
+    server = least_loaded(servers, key)
+    attached = ray.get(server.attach.remote(key, config, files, client))
     here = process_metrics(started, attached["load_seconds"])
     here["train_pid"] = attached["pid"]
     step = attached["step"]
     try:
         while step < max_steps:
+            other = pack_to_move_to(servers, server) if files else None
+            if other is not None:  # move with the checkpoint just reported (exact: tests/test_pack_search.py)
+                server.detach.remote(key)
+                server = other
+                moved = ray.get(server.attach.remote(key, config, files, client))
+                here["train_pid"] = moved["pid"]
             status, metrics, files = ray.get(server.advance.remote(key, next_report_step(step, settings)))
             metrics = {**here, **metrics, "elapsed_s": time.time() - started}
             if status != "ok":
