@@ -53,6 +53,7 @@ def apply(rec, trials: pd.DataFrame, history: pd.DataFrame, record: Optional[dic
             "unit": rec.unit_name(choice, r), "target_choice": choice, "r": r, "lr": c.get("lr"), "seed": c.get("seed"),
             "trial_id": c.get("trial_id"), "role": c.get("role", ""), "from_step": int(c.get("from_step") or 0),
             "step": step, "target_step": target, "trained": step > int(c.get("from_step") or 0),
+            "replaced": bool(c.get("replaced")),
         })
     rec.confirm_why_none = "" if rec.confirmations else str(record.get("why_none") or "")
     if rec.rank is None or not any(c["trained"] for c in rec.confirmations):
@@ -88,7 +89,10 @@ def summary(rec) -> str:
         names = " and ".join(f"{c['unit']}{_lr(c)} ({c['role']}, from step {c['from_step']})" for c in _units(there))
         parts.append(f"confirmed against {names} at step {at}")
     for c in _units(short):
-        if c["trained"]:
+        if c.get("replaced"):
+            parts.append(f"{c['unit']}{_lr(c)} ({c['role']}) trained from step {c['from_step']} to {c['step']}, then gave its "
+                         "role to a unit cut at a later rung (nearer the leader's step)")
+        elif c["trained"]:
             parts.append(f"{c['unit']}{_lr(c)} ({c['role']}) trained from step {c['from_step']} to {c['step']} only, short of "
                          f"step {at}: the search's last kept arm ended first")
         else:

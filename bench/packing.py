@@ -81,7 +81,9 @@ def run(config: Path, name: str, arms_per_worker: str, storage: str) -> dict:
     rec, steps = outcome(Path(storage) / name)
     peak = max(samples, key=lambda s: s[1]) if samples else (0, 0, 0)
     packing = next((line for line in out.splitlines() if line.startswith("packing:")), "packing: one arm per worker")
-    return {"name": name, "wall": wall, "peak_bytes": peak[1], "arms_at_peak": max(1, peak[2]),
+    opposed = sorted({(c.get("unit"), c.get("step")) for c in rec.get("confirmations") or []
+                      if rec.get("evidence_step") is not None and c.get("step", 0) >= rec["evidence_step"]})
+    return {"name": name, "wall": wall, "opposed": opposed, "peak_bytes": peak[1], "arms_at_peak": max(1, peak[2]),
             "per_arm": peak[1] / max(1, peak[2]), "max_arms": max((s[2] for s in samples), default=0),
             "steps": steps, "rank": rec.get("rank"), "lr": rec.get("learning_rate"),
             "targets": rec.get("target_choice") or "", "packing": packing}
@@ -124,7 +126,8 @@ def compare(title: str, config: Path, storage: str, packed: str = "auto") -> Non
         print(f"{mode:>19}: wall {res['wall']:7.1f} s, peak worker memory {res['peak_bytes'] / 2**30:5.2f} GiB with "
               f"{res['arms_at_peak']} arm(s) training -> {res['per_arm'] / 2**30:5.2f} GiB per concurrent arm "
               f"(at most {res['max_arms']} at once); {res['steps']} arm-steps, {res['steps'] / res['wall']:.2f} arm-steps/s; "
-              f"verdict r={res['rank']} lr={res['lr']} {res['targets']}")
+              f"verdict r={res['rank']} lr={res['lr']} {res['targets']}; confirmed against "
+              f"{', '.join(f'{u} at step {s}' for u, s in res['opposed']) or 'nothing'}")
         print(f"{'':>19}  {res['packing']}")
     one, packed = results["one arm per worker"], results["packed"]
     same = (one["rank"], one["lr"], one["targets"]) == (packed["rank"], packed["lr"], packed["targets"])

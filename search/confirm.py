@@ -12,7 +12,10 @@ the rung where they were cut, to the leader's judging step (train.max_steps), in
    furthest (deepest rung), best loss there: so that the leader is compared with an opponent at its
    own step.
 
-At most one of each, over the whole search. They only use *free* capacity: a slot no kept arm is
+One of each at a time. A role is given again when a unit qualifies for it at a later rung (cut
+there, nearer the leader's step): the newer challenger can reach the step beside the leader, where
+one resumed from an early rung would still be far behind when the leader ends. The one it replaces
+stops and is judged where it got. They only use *free* capacity: a slot no kept arm is
 waiting for (a kept trial pending, or paused and ready to go on, always comes first) and, on a Ray
 cluster, room for one trial on a node that already runs a trial of this search (`free_slots`):
 a confirmation never asks the autoscaler for a node and never keeps an otherwise idle node busy.
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Collection, Hashable, Mapping, Optional, Sequence
+from typing import Any, Collection, Hashable, Mapping, Optional, Sequence, Union
 
 CONFIRM_MODES = ("off", "tail", "full")
 DEFAULT_CONFIRM = "tail"
@@ -93,7 +96,7 @@ def choose_challengers(
     cost: Optional[Mapping[Hashable, float]] = None,
     base: Optional[float] = None,
     kept_waiting: bool = False,
-    filled: Collection[str] = (),
+    filled: Union[Mapping[str, int], Collection[str]] = (),
 ) -> list[Challenger]:
     """The challengers to start now, in order (at most `free`; none while a kept arm waits).
 
@@ -107,7 +110,8 @@ def choose_challengers(
             smaller rank is cheaper).
         base: the untouched model's eval loss (gain shares); None: a relative gap of the loss.
         kept_waiting: a kept trial is pending or paused ready to go on: nothing is free.
-        filled: roles already given (each role is given once per search).
+        filled: roles already given: role -> the rung index its challenger was cut at (the role is
+            given again to a unit cut at a later rung), or a collection of roles closed for good.
     """
     if free <= 0 or kept_waiting:
         return []
@@ -125,19 +129,24 @@ def choose_challengers(
             return cost[u] < cost[v]
         return u < v
 
+    def open_role(role: str, rung: int) -> bool:
+        if isinstance(filled, Mapping):
+            return role not in filled or rung > filled[role]
+        return role not in filled
+
     cut = cut_units(table, survivors, unit)
     out: list[Challenger] = []
-    if NEAR_MISS not in filled:
-        near = [u for u, (k, loss, _) in cut.items() if cheaper(u, lead_unit) and _near(loss, table.get(k, {}), base)]
-        if near:
-            u = min(near, key=price)
-            k, loss, arm = cut[u]
+    near = [u for u, (k, loss, _) in cut.items() if cheaper(u, lead_unit) and _near(loss, table.get(k, {}), base)]
+    if near:
+        u = min(near, key=price)
+        k, loss, arm = cut[u]
+        if open_role(NEAR_MISS, k):
             out.append(Challenger(arm, u, NEAR_MISS, k, loss))
-    if COSTLIER not in filled:
-        dearer = [u for u in cut if cheaper(lead_unit, u) and all(c.unit != u for c in out)]
-        if dearer:
-            u = min(dearer, key=lambda u: (-cut[u][0], cut[u][1], price(u)))
-            k, loss, arm = cut[u]
+    dearer = [u for u in cut if cheaper(lead_unit, u) and all(c.unit != u for c in out)]
+    if dearer:
+        u = min(dearer, key=lambda u: (-cut[u][0], cut[u][1], price(u)))
+        k, loss, arm = cut[u]
+        if open_role(COSTLIER, k):
             out.append(Challenger(arm, u, COSTLIER, k, loss))
     return out[:free]
 

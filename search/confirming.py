@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 from ray.tune.experiment import Trial
 
 from search.arms import arm_of, unit_of
-from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, finishes_in_tail, free_slots
+from search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots
 
 if TYPE_CHECKING:
     from search.halving import Decision
@@ -61,8 +61,6 @@ class Confirmations:
             return False
         if trial.trial_id in self._challengers:
             return True
-        if {NEAR_MISS, COSTLIER} <= self._filled:
-            return False
         return arm_of(trial.config) in self._candidate_arms
 
     def _confirmations(self, tune_controller, d: Decision, reporting: Optional[Trial] = None) -> None:
@@ -87,7 +85,7 @@ class Confirmations:
                     and last > self._rungs[level]:
                 role = next((c.role for c in every if c.arm == arm_of(trial.config)), COSTLIER)
                 self._challengers[trial.trial_id] = {"role": role, "from_step": self._rungs[level], "step": last}
-                self._filled.add(role)
+                self._filled[role] = max(self._filled.get(role, -1), level)
         if not self._kept_active(tune_controller, d):
             if not self._kept_over:
                 self._kept_over = True
@@ -115,7 +113,12 @@ class Confirmations:
                     and t.status in (Trial.RUNNING, Trial.PAUSED, Trial.PENDING)]
             if not mine:
                 continue
-            self._filled.add(pick.role)
+            self._filled[pick.role] = pick.rung
+            if all(t.trial_id in self._challengers for t in mine):
+                continue  # already confirming (it reported at this rung on its way to max_t)
+            for tid, c in list(self._challengers.items()):
+                if c["role"] == pick.role and not c.get("replaced"):
+                    self._replace(tune_controller, tid, reporting)
             for t in mine:
                 self._challengers[t.trial_id] = {"role": pick.role, "from_step": self._rungs[pick.rung],
                                                  "step": int(t.last_result.get(self._time_attr, 0) or 0)}
@@ -123,6 +126,21 @@ class Confirmations:
                         self._rungs[pick.rung], self._max_t)
         if picks:
             self._write_record()
+
+    def _replace(self, tune_controller, trial_id: str, reporting: Optional[Trial] = None) -> None:
+        """A challenger whose role went to a unit cut at a later rung: it stops, judged where it got."""
+        self._challengers[trial_id]["replaced"] = True
+        trial = next((t for t in self._trials if t.trial_id == trial_id), None)
+        if trial is None or trial.trial_id in self._done or trial.status in (Trial.TERMINATED, Trial.ERROR):
+            return
+        self._ending.add(trial_id)  # on_trial_result stops it at its next report
+        self._held.discard(trial_id)
+        if trial is reporting or trial.is_saving:
+            return
+        tune_controller.stop_trial(trial)
+        controller = _controller(tune_controller)
+        if hasattr(controller, "_mark_trial_to_checkpoint"):
+            controller._mark_trial_to_checkpoint(trial)
 
     def _starting(self) -> bool:
         """A challenger was handed to Tune and has no worker yet (one starts at a time)."""
@@ -189,6 +207,7 @@ class Confirmations:
         for tid, c in sorted(self._challengers.items()):
             t = by_id.get(tid)
             rows.append({"trial_id": tid, "role": c["role"], "from_step": int(c["from_step"]), "step": int(c.get("step", 0)),
+                         "replaced": bool(c.get("replaced")),
                          "unit": list(unit_of(t.config)) if t else None, "lr": t.config.get("lr") if t else None,
                          "seed": t.config.get("seed") if t else None})
         return {"mode": self._confirm, "target_step": self._max_t, "challengers": rows,

@@ -294,7 +294,7 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         self._frozen: dict[int, list] = {}
         self._held: set[str] = set()  # trials holding at a rung in their live worker (nothing waited for the slot)
         self._challengers: dict[str, dict] = {}  # trial -> {role, unit, from_step}: cut, trained on as a confirmation
-        self._filled: set[str] = set()  # challenger roles given (each once per search)
+        self._filled: dict[str, int] = {}  # challenger role -> the rung index its unit was cut at (given again at a later rung)
         self._ending: set[str] = set()  # trials being stopped (stop_trial calls back into on_trial_complete)
         self._why_none = ""  # why nothing was confirmed (the last reason seen)
         self._kept_over = False  # the last kept arm has ended (tail: confirmations end too)

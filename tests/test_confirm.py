@@ -216,3 +216,18 @@ def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and
     assert ctrl.stopped == ["b"], "the last kept arm ended: the paused challenger stops, so Tune's run ends"
     record = sched.confirmation_record()
     assert record["challengers"][0]["role"] == COSTLIER and record["challengers"][0]["step"] == 20
+
+
+def test_a_role_goes_again_to_a_unit_cut_at_a_later_rung():
+    """make demo's case: at step 10 the costlier role went to r=8 (cut there); at step 30 r=16 is cut
+    close behind the leader. r=16 can reach step 60 beside the leader, r=8 (from step 10) cannot: the
+    role goes to r=16, and r=8 stops where it got."""
+    table = {0: {2: 2.0, 8: 2.05, 16: 2.02, 4: 2.5}, 1: {2: 1.8, 16: 1.81}}
+    early = choose_challengers({0: table[0]}, {0: [2, 16]}, UNIT, free=1, base=BASE)
+    assert [(c.unit, c.role, c.rung) for c in early] == [(8, COSTLIER, 0)]
+    later = choose_challengers(table, {0: [2, 16], 1: [2]}, UNIT, free=1, base=BASE, filled={COSTLIER: 0})
+    assert [(c.unit, c.role, c.rung) for c in later] == [(16, COSTLIER, 1)], "cut one rung later: the role goes again"
+    assert choose_challengers(table, {0: [2, 16], 1: [2]}, UNIT, free=1, base=BASE, filled={COSTLIER: 1}) == [], \
+        "given at this rung already"
+    assert choose_challengers(table, {0: [2, 16], 1: [2]}, UNIT, free=1, base=BASE, filled=[COSTLIER]) == [], \
+        "a role closed for good stays closed"
