@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Optional
 
 import pandas as pd
 
-from search.arms import format_lr
+from contract.arms import format_lr
 
 # params.json key -> the report column saying the same thing (result.json), as the trial loop writes them
 _ARM_FIELDS = (("r", "r"), ("lr", "learning_rate"), ("seed", "seed"))

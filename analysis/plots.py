@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.selection import Recommendation, trial_curves
-from search.arms import format_lr
+from contract.arms import format_lr
 
 LOSS_LABEL = "eval loss (nats/token)"
 RANK_LABEL = "LoRA rank r (log2 scale)"

@@ -14,8 +14,8 @@ import pandas as pd
 from analysis.diagnosis import Finding
 from analysis.results import format_table, incomplete_trials
 from analysis.selection import Recommendation
-from search.arms import format_lr
-from search.layout import read_meta
+from contract.arms import format_lr
+from contract.layout import read_meta
 
 RESULTS_CSV, RESULTS_PARQUET = "results.csv", "results.parquet"
 RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md", "report.html"

@@ -14,10 +14,10 @@ import pandas as pd
 import yaml
 
 from analysis.integrity import arm_mismatch, base_loss_outliers, diverged_reason, duplicate_arms, nonfinite_eval
-from search.arms import format_lr
-from search import layout, storage
-from search.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
-from trainables.failures import DIVERGED, OOM
+from contract.arms import format_lr
+from contract import layout, storage
+from contract.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
+from contract.metrics import DIVERGED, OOM
 
 # Trial status as analysis names it (Ray's TERMINATED covers both finished and early-stopped; a
 # trial that diverged or ran out of memory ends itself and says so in its last report).

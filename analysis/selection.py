@@ -1,7 +1,7 @@
 """The verdict as pure functions on the results tables: the smallest adequate rank (with several
 target choices, the cheapest adequate adapter: `analysis.cheapest`).
 
-The rule (`rule_text` is what every report prints). Roles are those of `search.arms`: the rank is
+The rule (`rule_text` is what every report prints). Roles are those of `contract.arms`: the rank is
 the unit compared, the learning rate a nuisance choice (each rank at its best one), the seed a
 replicate (averaged).
 
@@ -50,7 +50,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from search.arms import format_lr
+from contract.arms import format_lr
 
 from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
 

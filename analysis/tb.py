@@ -21,13 +21,13 @@ from typing import Optional
 
 import pandas as pd
 
-from search import storage
-from trainables.metrics import TENSORBOARD_TAGS
+from contract import storage
+from contract.metrics import TENSORBOARD_TAGS
 
 MARKER = ".lora-rank-tensorboard"  # only a folder holding this marker is ever cleared
 DEFAULT_HOST = "127.0.0.1"  # this machine only; view from elsewhere with `ssh -L 6006:127.0.0.1:6006`
 DEFAULT_PORT = 6006
-SCALARS = TENSORBOARD_TAGS  # history column -> tag, as trainables.metrics declares them
+SCALARS = TENSORBOARD_TAGS  # history column -> tag, as contract.metrics declares them
 FINAL_METRICS = {"final/eval_loss": "final_eval_loss", "final/best_eval_loss": "best_eval_loss", "final/steps": "steps"}
 STRING_HPARAMS = ("alpha_rule", "target_choice", "targets", "status")
 NUMBER_HPARAMS = ("r", "lr", "lora_alpha", "seed")

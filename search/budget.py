@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from trainables.probe import Probe  # noqa: F401 - what `estimate` and `fit` take (re-exported)
 from search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, learning_rates, target_choices
 
 # The first rung the planted-task benchmarks validate: on tests/test_planted.py (200 steps, rf 3)
@@ -26,17 +27,6 @@ MIN_FIRST_RUNG = 30
 TRIAL_START_S = 10.0  # a Ray worker's start and imports before a trial loads its model (s; bench: ~44 s for 8 tiny trials on 2 workers)
 FIXED_S = 30.0  # the analysis and report after the search, Ray's shutdown (s)
 SHRINK_TARGET = 0.9  # fit: shrink aims at this share of each limit: the probe's timings drift with the machine's load
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What the probe measured on this machine (seconds)."""
-
-    load_s: float  # loading the 4-bit base and attaching the adapter
-    step_s: float  # one optimizer step (batch_size x grad_accum examples), median of the timed steps
-    eval_s: float  # one evaluation pass over the eval split
-    steps: int = 0  # optimizer steps timed
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,7 @@
-"""The search config: one typed schema, the only place defaults live, strict parsing.
-
-Every problem in a config is collected and raised once as a `ConfigError`, each line naming the
-field path and the bad value (``lora.ranks[2]: rank must be a positive integer, got 0``). Unknown
-keys are errors. The parsed `SearchConfig` is plain data (`to_dict`) so it can travel to Ray
-workers.
+"""Loading a search config: strict YAML, `--set` overrides, parsing against the schema
+(`contract.config`) and the checks, every problem collected and raised once as a `ConfigError`,
+each line naming the field path and the bad value (``lora.ranks[2]: rank must be a positive
+integer, got 0``). Unknown keys are errors. Also the README's generated reference blocks.
 """
 
 from __future__ import annotations
@@ -13,327 +11,17 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
-ALPHA_RULES = ("r", "2r", "rslora")
-TARGET_PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")  # = trainables.lora.PRESETS
-DATA_FORMATS = ("auto", "instruction", "completion", "alpaca", "chat", "sharegpt", "text")  # = trainables.formats.FORMATS + auto
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-SCHEDULER_TYPES = ("sha", "asha", "none")
-from search.confirm import CONFIRM_MODES, DEFAULT_CONFIRM  # noqa: E402 (pure, no imports)
-GRACE_FRACTION = 0.25  # scheduler.grace_period: null = this share of train.max_steps (bench/halving_replay.py)
-
-
-class ConfigError(ValueError):
-    """One or more config problems; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = list(problems)
-        self.source = source
-        n = len(self.problems)
-        head = f"{source}: {n} problem{'s' if n != 1 else ''}"
-        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-
-def _doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"doc": text}, **kw)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The base model every trial loads."""
-
-    name_or_path: str = _doc(
-        "hub id, local folder, or 'builtin:smollm2-135m-instruct' (shipped on PyPI, offline)",
-        default="builtin:smollm2-135m-instruct",
-    )
-    gguf_file: Optional[str] = _doc("GGUF file name inside name_or_path (dequantized on load)", default=None)
-    trust_remote_code: bool = _doc("run the model repo's own Python code (off unless you trust it)", default=False)
-
-
-@dataclass(frozen=True)
-class QuantizationConfig:
-    """How the frozen base is stored: bitsandbytes 4-bit (QLoRA) or plain."""
-
-    load_in_4bit: bool = _doc("NF4/FP4 via bitsandbytes; false = plain weights (for comparison)", default=True)
-    quant_type: str = _doc("nf4 | fp4", default="nf4")
-    double_quant: bool = _doc("also quantize the quantization constants (~0.4 bits/param saved)", default=True)
-    compute_dtype: str = _doc("auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16", default="auto")
-    prequantized_cache: bool = _doc(
-        "quantize once per machine, save the 4-bit checkpoint in the cache, load that in every trial", default=True
-    )
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Training and evaluation data."""
-
-    source: str = _doc(
-        "jsonl/json/csv/parquet/txt file, a dataset folder (datasets' save_to_disk, or a Hugging Face dataset folder), "
-        "hub dataset name, or 'builtin:chatterbot' (shipped on PyPI)",
-        default="builtin:chatterbot",
-    )
-    format: str = _doc(
-        "auto (detected from the columns, and said) | instruction {prompt, response} | completion {prompt, completion} | "
-        "alpaca {instruction, input, output} | chat {messages} | sharegpt {conversations: [{from, value}]} | text {text}",
-        default="auto",
-    )
-    split: str = _doc("dataset folder or hub name: the split trained on", default="train")
-    eval_split: Optional[str] = _doc("dataset folder or hub name: a split held out for eval (instead of the hash split)", default=None)
-    subset: Optional[str] = _doc("dataset folder or hub name: the subset (configuration name)", default=None)
-    prompt_field: str = _doc("instruction format: the prompt column", default="prompt")
-    response_field: str = _doc("instruction format: the response column (the only tokens with loss)", default="response")
-    messages_field: str = _doc("chat format: column of [{role, content}, ...] lists", default="messages")
-    text_field: str = _doc("text format: the text column", default="text")
-    use_chat_template: Union[bool, str] = _doc(
-        "instruction, alpaca, chat, sharegpt: render through the tokenizer's chat template (auto = if it has one)", default="auto"
-    )
-    eval_source: Optional[str] = _doc("separate eval file; otherwise a deterministic hash split", default=None)
-    eval_fraction: float = _doc("share of examples (by hash of the prompt) held out for eval", default=0.1)
-    max_eval_examples: Optional[int] = _doc("cap on eval examples (a fixed subset, the same for every trial)", default=None)
-    max_seq_len: int = _doc("tokens per example; longer examples are truncated", default=256)
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """The adapter: one trial per rank and seed."""
-
-    ranks: tuple = _doc("candidate ranks r (positive integers)", default=(4, 8, 16, 32, 64))
-    alpha: Union[float, str] = _doc(
-        "lora_alpha: a number (fixed: scale alpha/r) | 'r' (scale 1) | '2r' (scale 2) | 'rslora' (alpha 16, scale 16/sqrt(r))",
-        default=16.0,
-    )
-    dropout: float = _doc("LoRA dropout, in [0, 1)", default=0.05)
-    target_modules: Union[str, tuple] = _doc(
-        "attention-qv | attention | mlp | experts (MoE) | all-linear (on MoE: + experts and router) | explicit "
-        "list of names, matched as PEFT does (a name or a dotted suffix such as attn.c_proj) | a list of such "
-        "choices, searched as a dimension ([attention, mlp, all-linear], [[q_proj, v_proj], all-linear]): the "
-        "verdict is then the cheapest adequate (targets, rank) pair", default="attention"
-    )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The per-trial training loop (steps are optimizer steps)."""
-
-    learning_rate: Union[float, tuple] = _doc(
-        "peak learning rate, or a list: each rank is trained at each and judged at its best one", default=(1.0e-4, 3.0e-4, 1.0e-3)
-    )
-    lr_schedule: str = _doc("constant | linear | cosine (decay to 0 at max_steps, after warmup)", default="cosine")
-    warmup_steps: int = _doc("linear warm-up, in steps", default=0)
-    weight_decay: float = _doc("AdamW weight decay on the adapter", default=0.0)
-    max_grad_norm: Optional[float] = _doc("gradient clipping norm; null = off", default=1.0)
-    batch_size: int = _doc("examples per micro-batch", default=8)
-    eval_batch_size: Optional[int] = _doc("examples per eval batch (default: 2 x batch_size)", default=None)
-    grad_accum: int = _doc("micro-batches per optimizer step", default=1)
-    max_steps: int = _doc("optimizer steps per trial (the scheduler's max_t)", default=200)
-    eval_every: int = _doc("steps between evaluations and checkpoints (trials also evaluate at the scheduler's rungs)", default=20)
-    seeds: tuple = _doc("one trial per seed and rank; several seeds give error bars", default=(0,))
-    gradient_checkpointing: bool = _doc("trade compute for activation memory", default=False)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Early stopping of poor ranks."""
-
-    type: str = _doc(
-        "sha (successive halving: all ranks compared at each rung) | asha (asynchronous halving) | none (full grid)",
-        default="sha",
-    )
-    grace_period: Optional[int] = _doc(
-        "steps every rank trains before any can be stopped; null = 25% of max_steps",
-        default=None,
-    )
-    reduction_factor: float = _doc("keep the best 1/reduction_factor of the ranks at each rung (>= 2)", default=3)
-    confirm: str = _doc(
-        "sha only: tail (idle capacity in the search's tail trains the near-miss cheaper unit and the strongest costlier"
-        " unit on to max_steps, stopping when the last kept arm ends) | full (a started confirmation runs to max_steps)"
-        " | off (cut arms stop at once). See docs/confirmations.md",
-        default=DEFAULT_CONFIRM,
-    )
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    """What one trial asks Ray for."""
-
-    gpus_per_trial: Union[float, str] = _doc(
-        "fraction like 0.25, a whole number, 0 for CPU, or auto (fit by a memory estimate; 0 without GPUs)",
-        default="auto",
-    )
-    cpus_per_trial: int = _doc("CPU cores per trial (also torch threads on CPU)", default=1)
-    max_concurrent: Optional[int] = _doc("cap on trials running at once; null = as many as fit", default=None)
-    arms_per_worker: Union[int, str] = _doc(
-        "arms trained together on one shared 4-bit base (a pack per GPU, per node on CPU): auto (sized by the memory"
-        " estimate) or a number; 1 = one arm per worker process, each with its own base",
-        default="auto",
-    )
-    max_failures: int = _doc("retries of a failed trial, each from its last checkpoint", default=1)
-
-
-@dataclass(frozen=True)
-class BudgetConfig:
-    """A cap on the whole search, checked before any training: a short probe times optimizer steps
-    on this machine and the halving arithmetic turns them into the search's cost."""
-
-    gpu_hours: Optional[float] = _doc("GPU-hours the whole search may use (trial time x GPUs per trial); null = no cap", default=None)
-    cpu_hours: Optional[float] = _doc("on CPU: CPU-hours the whole search may use (trial time x CPUs per trial); null = no cap", default=None)
-    wall_minutes: Optional[float] = _doc("minutes of wall clock the whole search may take; null = no cap", default=None)
-    fit: str = _doc(
-        "over the budget: refuse (exit 2 with the estimate, before training) | shrink (lower train.max_steps until it "
-        "fits, never putting the first rung below the validated 30 steps, and say so)", default="refuse"
-    )
-    probe_steps: int = _doc("optimizer steps the probe times (after one untimed warm-up step)", default=3)
-
-
-BUDGET_FITS = ("refuse", "shrink")
-METRIC_MODES = ("max", "min")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """A downstream metric as the verdict's quantity (the eval loss stays beside it)."""
-
-    metric: Optional[str] = _doc(
-        "exact_match | contains (on greedy generations of the eval prompts) | module:function (called with the "
-        "generations and the references, returning a number); null = the verdict uses the eval loss", default=None
-    )
-    metric_mode: str = _doc("max (higher is better) | min", default="max")
-    max_new_tokens: int = _doc("tokens generated per eval prompt for the metric", default=32)
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-@dataclass(frozen=True)
-class MlflowConfig:
-    """MLflow: one run per trial, nested under one run for the search (which gets the verdict)."""
-
-    tracking_uri: Optional[str] = _doc("a local folder, an sqlite:///FILE.db, or an http(s):// server; null = off", default=None)
-    experiment_name: Optional[str] = _doc("the MLflow experiment; null = the search's name", default=None)
-
-
-@dataclass(frozen=True)
-class WandbConfig:
-    """Weights & Biases: one run per trial in a group named for the search, plus a verdict run."""
-
-    project: Optional[str] = _doc("the W&B project; null = off", default=None)
-    entity: Optional[str] = _doc("the W&B entity (user or team); null = your default", default=None)
-    mode: str = _doc("online | offline (files only; `wandb sync` uploads them) | disabled", default="online")
-    dir: Optional[str] = _doc("where W&B writes its run folders; null = the experiment folder", default=None)
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """Experiment trackers, through Ray Tune's logger callbacks (optional: pip install 'lora-rank-search[tracking]')."""
-
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """A whole rank search."""
-
-    name: str = _doc("experiment name: the folder under storage_path", default="rank-search")
-    storage_path: str = _doc("local folder, shared filesystem, or s3:// / gs:// URI", default="./runs")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def to_dict(self) -> dict:
-        """Plain nested dict (lists, not tuples), round-trips through `parse_config`."""
-        return _plain(dataclasses.asdict(self))
-
-    @property
-    def experiment_path(self) -> str:
-        """`storage_path/name`: the experiment directory (a path or a URI)."""
-        return self.storage_path.rstrip("/") + "/" + self.name
-
-
-@dataclass(frozen=True)
-class TrialSettings:
-    """Everything a trial needs besides its arm (r, lr, seed): the typed config sections themselves
-    (frozen dataclasses pickle to Ray workers as they are) plus what the driver worked out.
-
-    Attributes:
-        model_path: where the driver resolved the model (a per-machine cache folder for builtin and
-            GGUF models); a trial on another node resolves `model` again on its own machine.
-        targets: the LoRA target list resolved against the model (PEFT's target names); with
-            several target choices, the first choice's.
-        choices: (label, resolved targets) per target choice when the search has several (a
-            trial's config names its choice: `targets_for`); () with one.
-        rungs: optimizer steps where the scheduler compares arms: trials evaluate there too.
-        storage_marker: {'path', 'token', 'storage_path'} of the marker the driver wrote into the
-            experiment folder; every trial checks its node sees it (None outside a search).
-    """
-
-    model_path: str
-    model: ModelConfig
-    quantization: QuantizationConfig
-    lora: LoraConfig
-    train: TrainConfig
-    targets: tuple
-    cpus_per_trial: int = 1
-    rungs: tuple = ()
-    storage_marker: Optional[dict] = None
-    choices: tuple = ()
-    eval: Optional[EvalConfig] = None  # eval.metric: the downstream metric a trial evaluates (issue 22)
-
-    def targets_for(self, config: Any) -> tuple:
-        """The resolved targets of a trial's target choice (its config's `target_choice`)."""
-        from search.arms import family_of
-
-        label = family_of(config)
-        if not label or not self.choices:
-            return self.targets
-        for name, targets in self.choices:
-            if name == label:
-                return tuple(targets)
-        raise KeyError(f"target choice {label!r} is not one of this search's: {', '.join(n for n, _ in self.choices)}")
-
-
-def target_choices(cfg: SearchConfig) -> list[tuple[str, Union[str, tuple]]]:
-    """lora.target_modules as (label, spec) pairs, in the order given: one pair for a preset or a
-    flat list of module names (one explicit choice); one per element for a list of choices (a list
-    holding a preset name or a nested list). Labels: the preset, or the names joined by '+'."""
-    from search.arms import choice_label
-
-    spec = cfg.lora.target_modules
-    if isinstance(spec, str):
-        return [(spec, spec)]
-    if not _is_choice_list(spec):
-        return [(choice_label(spec), tuple(spec))]
-    return [(choice_label(c), c if isinstance(c, str) else tuple(c)) for c in spec]
-
-
-def _is_choice_list(spec: Any) -> bool:
-    """A list of choices (not one explicit list): it holds a nested list or a preset name."""
-    return isinstance(spec, (list, tuple)) and any(isinstance(c, (list, tuple)) or c in TARGET_PRESETS for c in spec)
-
-
-def learning_rates(cfg: SearchConfig) -> list[float]:
-    """train.learning_rate as a list (one value or several), in the order given."""
-    lr = cfg.train.learning_rate
-    return [float(v) for v in lr] if isinstance(lr, (tuple, list)) else [float(lr)]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+from contract.config import (  # noqa: F401 - the schema, re-exported for the driver's modules
+    ALPHA_RULES, BUDGET_FITS, COMPUTE_DTYPES, CONFIRM_MODES, DATA_FORMATS, DEFAULT_CONFIRM, GRACE_FRACTION, LR_SCHEDULES,
+    METRIC_MODES, SCHEDULER_TYPES, TARGET_PRESETS, WANDB_MODES, BudgetConfig, ConfigError, DataConfig, EvalConfig,
+    LoraConfig, MlflowConfig, ModelConfig, QuantizationConfig, ResourcesConfig, SchedulerConfig, SearchConfig,
+    TrackingConfig, TrainConfig, TrialSettings, WandbConfig, _is_choice_list, _plain, learning_rates, target_choices,
+)
 
 
 # --------------------------------------------------------------------------- parsing (types)
@@ -488,7 +176,7 @@ def _parse_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
 # --------------------------------------------------------------------------- checks (meaning)
 
 
-from search.storage import is_uri as _is_uri  # noqa: E402 - beside its only users
+from contract.storage import is_uri as _is_uri  # noqa: E402 - beside its only users
 
 
 def _check(cfg: SearchConfig) -> list[str]:
@@ -755,7 +443,7 @@ METRICS_MARKERS = ("<!-- metrics-reference:start -->", "<!-- metrics-reference:e
 
 def readme_blocks() -> dict:
     """(start, end) markers -> the generated text between them."""
-    from trainables.metrics import describe_metrics
+    from contract.metrics import describe_metrics
 
     return {README_MARKERS: describe_schema(), METRICS_MARKERS: describe_metrics()}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from search.arms import CHOICE_KEY
+from contract.arms import CHOICE_KEY
 from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, learning_rates, target_choices
 from trainables.lora import alpha_label
 
@@ -21,7 +21,7 @@ def rank_order(ranks: Sequence[int]) -> list[int]:
 
 
 def param_space(cfg: SearchConfig) -> dict[str, Any]:
-    """One trial per ([target choice,] rank, learning rate, seed) (see `search.arms`); the alpha rule
+    """One trial per ([target choice,] rank, learning rate, seed) (see `contract.arms`); the alpha rule
     rides along as a label, and so does the target choice when there is only one."""
     from ray import tune
 

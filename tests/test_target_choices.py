@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from search import layout
-from search.arms import arm_of, unit_of
+from contract import layout
+from contract.arms import arm_of, unit_of
 from search.config import ConfigError, parse_config, target_choices
 from search.runner import describe_choices, prepare
 from search.space import num_trials, param_space, trial_settings

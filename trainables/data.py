@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from search.config import DataConfig
+from contract.config import DataConfig
 from trainables.formats import DataError, describe_shapes, get_format, shape_of
 
 BUILTIN_DATA = ("builtin:chatterbot",)

@@ -26,10 +26,11 @@ import math
 import re
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from contract.config import TARGET_PRESETS as PRESETS  # the preset names, defined once with the schema
+
 RSLORA_ALPHA = 16.0  # lora_alpha used with the 'rslora' rule: scale = 16 / sqrt(r)
 PARAM_PREFIX = "param:"  # a target that is a parameter (LoraConfig.target_parameters), not a module
 FUSED_PARAMS = {"gate_up_proj": 2}  # PEFT's rank (and alpha) multiplier for fused expert weights
-PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")
 
 _OUTPUT_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 _Q = {"q_proj", "query", "q", "wq", "q_lin"}

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from search.config import TrialSettings
-from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS
-from search.layout import TRAINER_STATE_FILE as STATE_FILE
+from contract.config import TrialSettings
+from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS
+from contract.layout import TRAINER_STATE_FILE as STATE_FILE
 from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
 from trainables.failures import DIVERGED, OK, OOM, out_of_memory_detail, planned_fault
 from trainables.lora import alpha_label, lora_alpha, peft_config, split_targets
@@ -459,7 +459,7 @@ class Pack:
         return {key: total / max(count, 1) for key, total in totals.items()}
 
     def report(self, keys: Sequence[str]) -> dict[str, dict]:
-        """Evaluate the arms and return each one's metrics (as `trainables.metrics` declares them)."""
+        """Evaluate the arms and return each one's metrics (as `contract.metrics` declares them)."""
         from trainables.trial import peak_memory_bytes
 
         tick = time.perf_counter()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from search.config import TrialSettings
+from contract.config import TrialSettings
 from trainables.data import TokenizedData
 
 SERVER_PREFIX = "lrs-pack-"

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
-from search.config import TrialSettings
-from search.layout import TRAINER_STATE_FILE as STATE_FILE
+from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
+from contract.config import TrialSettings
+from contract.layout import TRAINER_STATE_FILE as STATE_FILE
 from trainables.data import TokenizedData, eval_batches
 from trainables.failures import OK, OOM, out_of_memory_detail
 from trainables.lora import peft_config
@@ -291,7 +291,7 @@ def on_this_node(settings: TrialSettings) -> TrialSettings:
 
     Raises NodeSetupError, before any weights load, naming the node and what to fix.
     """
-    from search.storage import SHARED_STORAGE_HINT, sees_marker
+    from contract.storage import SHARED_STORAGE_HINT, sees_marker
     from trainables.model import ModelSourceError, resolve_model
 
     node = _node_ip()

@@ -26,8 +26,8 @@ import json
 import re
 from typing import Any, Mapping, Optional
 
-from search import storage
-from search.arms import family_of, format_lr
+from contract import storage
+from contract.arms import family_of, format_lr
 
 CONFIG_FILE = "lora_rank_search.yaml"
 META_FILE = "search_meta.json"

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+OK, DIVERGED, OOM = "ok", "diverged", "oom"  # values of the `trial_status` key (trainables.failures)
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
