@@ -283,6 +283,27 @@ class TrialSettings:
     choices: tuple = ()
     eval: Optional[EvalConfig] = None  # eval.metric: the downstream metric a trial evaluates (issue 22)
 
+    def for_arm(self, config: Any) -> "TrialSettings":
+        """These settings with the arm's nuisance values in their config fields (`contract.arms`:
+        a nuisance searched over a field such as lora.dropout): the arm's value where its config
+        names one, else the field's first value when it holds a list (a bare run without an arm)."""
+        from contract.arms import DIMENSIONS, NUISANCE
+
+        out = self
+        for f in DIMENSIONS:
+            section_name, key = (f.metadata["source"] or ".").split(".")
+            section = getattr(out, section_name, None)
+            if f.metadata["role"] != NUISANCE or not dataclasses.is_dataclass(section):
+                continue
+            value = config.get(f.name) if hasattr(config, "get") else None
+            if value is None:
+                value = getattr(section, key)
+                if not isinstance(value, (list, tuple)):
+                    continue
+                value = value[0]
+            out = dataclasses.replace(out, **{section_name: dataclasses.replace(section, **{key: value})})
+        return out
+
     def targets_for(self, config: Any) -> tuple:
         """The resolved targets of a trial's target choice (its config's `target_choice`)."""
         from contract.arms import family_of
@@ -319,6 +340,22 @@ def learning_rates(cfg: SearchConfig) -> list[float]:
     """train.learning_rate as a list (one value or several), in the order given."""
     lr = cfg.train.learning_rate
     return [float(v) for v in lr] if isinstance(lr, (tuple, list)) else [float(lr)]
+
+
+def arm_values(cfg: SearchConfig) -> dict[str, list]:
+    """Every arm dimension's searched values (`contract.arms`), in the order given: the target
+    choices' labels, the ranks, the learning rates, the seeds, and each further dimension's list."""
+    from contract.arms import CHOICE_KEY, DIMENSIONS
+
+    out = {}
+    for f in DIMENSIONS:
+        if f.name == CHOICE_KEY:
+            out[f.name] = [label for label, _ in target_choices(cfg)]
+            continue
+        section, key = f.metadata["source"].split(".")
+        value = getattr(getattr(cfg, section), key)
+        out[f.name] = list(value) if isinstance(value, (list, tuple)) else [value]
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainables.probe import Probe  # noqa: F401 - what `estimate` and `fit` take (re-exported)
-from search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, learning_rates, target_choices
+from contract.arms import CHOICE_KEY, NUISANCE_KEYS, RANK_KEY
+from search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, arm_values
 
 # The first rung the planted-task benchmarks validate: on tests/test_planted.py (200 steps, rf 3)
 # successive halving found the planted rank with its first rung at 30 steps and missed it at 20
@@ -56,7 +57,9 @@ def stages(cfg: SearchConfig) -> list[tuple[int, int]]:
     from search.halving import halving_rungs
 
     t, s = cfg.train, cfg.scheduler
-    units, per_unit, choices = len(cfg.lora.ranks), len(learning_rates(cfg)), len(target_choices(cfg))
+    values = arm_values(cfg)
+    units, choices = len(values[RANK_KEY]), len(values[CHOICE_KEY])
+    per_unit = math.prod(len(values[k]) for k in NUISANCE_KEYS)
     if s.type == "none":
         return [(choices * units * per_unit, t.max_steps)]
     out, done = [], 0

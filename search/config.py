@@ -20,7 +20,8 @@ from contract.config import (  # noqa: F401 - the schema, re-exported for the dr
     ALPHA_RULES, BUDGET_FITS, COMPUTE_DTYPES, CONFIRM_MODES, DATA_FORMATS, DEFAULT_CONFIRM, GRACE_FRACTION, LR_SCHEDULES,
     METRIC_MODES, SCHEDULER_TYPES, TARGET_PRESETS, WANDB_MODES, BudgetConfig, ConfigError, DataConfig, EvalConfig,
     LoraConfig, MlflowConfig, ModelConfig, QuantizationConfig, ResourcesConfig, SchedulerConfig, SearchConfig,
-    TrackingConfig, TrainConfig, TrialSettings, WandbConfig, _is_choice_list, _plain, learning_rates, target_choices,
+    TrackingConfig, TrainConfig, TrialSettings, WandbConfig, _is_choice_list, _plain, arm_values, learning_rates,
+    target_choices,
 )
 
 

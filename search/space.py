@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from contract.arms import CHOICE_KEY
-from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, learning_rates, target_choices
+from contract.arms import CHOICE_KEY, DIMENSIONS, RANK_KEY
+from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, arm_values
 from trainables.lora import alpha_label
 
 METRIC = "eval_loss"
@@ -21,27 +21,29 @@ def rank_order(ranks: Sequence[int]) -> list[int]:
 
 
 def param_space(cfg: SearchConfig) -> dict[str, Any]:
-    """One trial per ([target choice,] rank, learning rate, seed) (see `contract.arms`); the alpha rule
-    rides along as a label, and so does the target choice when there is only one."""
+    """One trial per arm and seed: every dimension of `contract.arms.Arm` searched over its values
+    (a dimension searched only sometimes, such as the target choice, only when it has several);
+    the alpha rule rides along as a label, and so does the target choice when there is only one."""
     from ray import tune
 
-    space = {
-        "r": tune.grid_search(rank_order(cfg.lora.ranks)),
-        "lr": tune.grid_search(learning_rates(cfg)),
-        "seed": tune.grid_search([int(s) for s in cfg.train.seeds]),
-        "alpha_rule": alpha_label(cfg.lora.alpha),
-    }
-    choices = [label for label, _ in target_choices(cfg)]
-    if len(choices) > 1:
-        space[CHOICE_KEY] = tune.grid_search(choices)
-    else:
+    values = arm_values(cfg)
+    space: dict[str, Any] = {}
+    # dimensions searched only sometimes come last, so a search without them expands as it always did
+    for f in sorted(DIMENSIONS, key=lambda f: f.metadata["optional"]):
+        if f.name == CHOICE_KEY:
+            space["alpha_rule"] = alpha_label(cfg.lora.alpha)
+        grid = values[f.name]
+        if f.metadata["optional"] and len(grid) == 1:
+            continue
+        space[f.name] = tune.grid_search(rank_order(grid) if f.name == RANK_KEY else grid)
+    if len(values[CHOICE_KEY]) == 1:
         spec = cfg.lora.target_modules
         space["target_preset"] = spec if isinstance(spec, str) else ",".join(spec)
     return space
 
 
 def num_trials(cfg: SearchConfig) -> int:
-    return len(target_choices(cfg)) * len(cfg.lora.ranks) * len(learning_rates(cfg)) * len(cfg.train.seeds)
+    return math.prod(len(v) for v in arm_values(cfg).values())
 
 
 def trial_settings(cfg: SearchConfig, model_path: str, targets: Union[Sequence[str], Mapping[str, Sequence[str]]]) -> TrialSettings:

@@ -180,7 +180,7 @@ class Pack:
         targets = tuple(s.targets_for(config))
         self._names += 1
         arm = Arm(key=key, name=f"arm{self._names}", config=dict(config), r=r, lr=lr, seed=seed, targets=targets)
-        lora_cfg = peft_config(r, s.lora.alpha, s.lora.dropout, list(targets))
+        lora_cfg = peft_config(r, s.lora.alpha, s.for_arm(config).lora.dropout, list(targets))
         torch.manual_seed(seed)  # LoRA A's initialisation, the same alone or packed
         if self.model is None:
             from peft import get_peft_model
@@ -246,7 +246,7 @@ class Pack:
         from peft.tuners.lora.layer import LoraLayer
 
         dropout_class = _keyed_dropout_class()
-        p = float(self.settings.lora.dropout)
+        p = float(self.settings.for_arm(arm.config).lora.dropout)
         for module_name, module in self.model.named_modules():
             if not isinstance(module, LoraLayer) or arm.name not in getattr(module, "lora_A", {}):
                 continue

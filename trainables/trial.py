@@ -49,7 +49,7 @@ def build_model(settings: TrialSettings, r: int, device: str, targets: Optional[
     (default: settings.targets)."""
     from peft import get_peft_model
 
-    lora = settings.lora
+    lora = settings.for_arm({"r": r}).lora
     return get_peft_model(load_base(settings, device),
                           peft_config(r, lora.alpha, lora.dropout, list(settings.targets if targets is None else targets)))
 
