@@ -22,12 +22,11 @@ search and the analysis: the analysis reads only what is on disk. Both halves im
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any, Mapping, Optional
 
 from contract import storage
-from contract.arms import Arm
+from contract.arms import DIMENSIONS, Arm
 
 CONFIG_FILE = "lora_rank_search.yaml"
 META_FILE = "search_meta.json"
@@ -67,7 +66,8 @@ def parse_trial_dirname(name: str) -> Optional[dict]:
     if parsed is None:
         return None
     arm, trial_id = parsed
-    return {**dataclasses.asdict(arm), "trial_id": trial_id}
+    present = {f.name: getattr(arm, f.name) for f in DIMENSIONS if getattr(arm, f.name) is not None or not f.metadata["optional"]}
+    return {**present, "trial_id": trial_id}
 
 
 def is_resumable(names) -> bool:
