@@ -13,7 +13,7 @@ HParams all read them from here, so a new dimension is one field. The roles:
   names and folders are as they always were); a unit's `family` is its target choice: ranks are
   compared within it, choices by their best rank;
 - the **nuisance** (`NUISANCE_KEYS`): choices every unit gets to make for itself: the learning
-  rate. A unit is judged at its best arm (the lowest seed-mean loss), so a rank is never blamed for
+  rate, and the LoRA dropout when `lora.dropout` lists several. A unit is judged at its best arm (the lowest seed-mean loss), so a rank is never blamed for
   a learning rate that did not suit it;
 - the **replicate** (`REPLICATE_KEY`): the seed, averaged (mean and standard error).
 
@@ -70,6 +70,9 @@ class Arm:
                         default=0)
     lr: Optional[float] = _dimension(NUISANCE, "lr", r"[^_]+", _number, show=format_lr, source="train.learning_rate",
                                      label="learning rate", default=None)  # None in folders from before lr lists
+    dropout: Optional[float] = _dimension(NUISANCE, "do", r"[^_]+", _number, show=lambda v: f"{float(v):g}",
+                                          source="lora.dropout", optional=True, label="LoRA dropout",
+                                          default=None)  # in names only when lora.dropout lists several
     seed: int = _dimension(REPLICATE, "seed", r"-?\d+", int, source="train.seeds", label="seed", default=0)
 
     @classmethod
@@ -191,5 +194,5 @@ def with_arm(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
 
 def describe_nuisance(values: Mapping[str, Any]) -> str:
     """'lr 3e-4' (and ', dropout 0.1' for each further nuisance searched): an arm's nuisance as reports write it."""
-    return ", ".join(f"{f.metadata['tag']} {show_value(f.name, values[f.name])}" for f in DIMENSIONS
+    return ", ".join(f"{f.name} {show_value(f.name, values[f.name])}" for f in DIMENSIONS
                      if f.metadata["role"] == NUISANCE and values.get(f.name) is not None)

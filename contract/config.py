@@ -101,7 +101,9 @@ class LoraConfig:
         "lora_alpha: a number (fixed: scale alpha/r) | 'r' (scale 1) | '2r' (scale 2) | 'rslora' (alpha 16, scale 16/sqrt(r))",
         default=16.0,
     )
-    dropout: float = _doc("LoRA dropout, in [0, 1)", default=0.05)
+    dropout: Union[float, tuple] = _doc(
+        "LoRA dropout, in [0, 1), or a list: each rank is trained at each (and each learning rate) and judged at its best arm",
+        default=0.05)
     target_modules: Union[str, tuple] = _doc(
         "attention-qv | attention | mlp | experts (MoE) | all-linear (on MoE: + experts and router) | explicit "
         "list of names, matched as PEFT does (a name or a dotted suffix such as attn.c_proj) | a list of such "

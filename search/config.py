@@ -32,6 +32,7 @@ _ELEMENT_TYPES = {  # tuple-typed fields: element type
     ("lora", "target_modules"): str,
     ("train", "seeds"): int,
     ("train", "learning_rate"): float,
+    ("lora", "dropout"): float,
 }
 
 
@@ -229,8 +230,15 @@ def _check(cfg: SearchConfig) -> list[str]:
             p.append(f"lora.alpha: must be a number or one of {' | '.join(ALPHA_RULES)}, got {lo.alpha!r}")
     elif lo.alpha <= 0:
         p.append(f"lora.alpha: must be positive, got {lo.alpha!r}")
-    if not (0.0 <= lo.dropout < 1.0):
-        p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout!r}")
+    dropouts = lo.dropout if isinstance(lo.dropout, tuple) else (lo.dropout,)
+    if not dropouts:
+        p.append("lora.dropout: must list at least one dropout, got []")
+    for i, dropout in enumerate(dropouts):
+        where = f"lora.dropout[{i}]" if isinstance(lo.dropout, tuple) else "lora.dropout"
+        if not (0.0 <= dropout < 1.0):
+            p.append(f"{where}: must be in [0, 1), got {dropout!r}")
+    if len(set(dropouts)) < len(dropouts):
+        p.append(f"lora.dropout: duplicate values in {list(dropouts)}")
     if isinstance(lo.target_modules, str):
         choice("lora.target_modules", lo.target_modules, TARGET_PRESETS)
     elif not lo.target_modules:
