@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 ALPHA_RULES = ("r", "2r", "rslora")
 TARGET_PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")  # resolved by trainables.lora
 DATA_FORMATS = ("auto", "instruction", "completion", "alpaca", "chat", "sharegpt", "text")  # = trainables.formats.FORMATS + auto
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_TYPES = ("nf4", "fp4")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SCHEDULER_TYPES = ("sha", "asha", "none")
 CONFIRM_MODES = ("off", "tail", "full")  # scheduler.confirm (search.confirm)
 DEFAULT_CONFIRM = "tail"
+BUDGET_FITS = ("refuse", "shrink")
+METRIC_MODES = ("max", "min")
+WANDB_MODES = ("online", "offline", "disabled")
 GRACE_FRACTION = 0.25  # scheduler.grace_period: null = this share of train.max_steps (bench/halving_replay.py)
 
 
@@ -33,8 +37,12 @@ class ConfigError(ValueError):
         super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-def _doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"doc": text}, **kw)
+def _doc(text: str, *, limit: Optional[int] = None, path: bool = False, targets: bool = False, **kw: Any) -> Any:
+    """A schema field and its rules: its one-line help (`doc`, the README's reference), the largest
+    value that can be meant (`limit`), whether it is a name or path the filesystem must accept
+    (`path`), whether it holds target choices (`targets`). Its type annotation carries the rest:
+    `Literal[...]` lists the values allowed, `tuple[T, ...]` the type of a list's elements."""
+    return field(metadata={"doc": text, "limit": limit, "path": path, "targets": targets}, **kw)
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,9 @@ class ModelConfig:
 
     name_or_path: str = _doc(
         "hub id, local folder, or 'builtin:smollm2-135m-instruct' (shipped on PyPI, offline)",
-        default="builtin:smollm2-135m-instruct",
+        default="builtin:smollm2-135m-instruct", path=True,
     )
-    gguf_file: Optional[str] = _doc("GGUF file name inside name_or_path (dequantized on load)", default=None)
+    gguf_file: Optional[str] = _doc("GGUF file name inside name_or_path (dequantized on load)", default=None, path=True)
     trust_remote_code: bool = _doc("run the model repo's own Python code (off unless you trust it)", default=False)
 
 
@@ -54,9 +62,9 @@ class QuantizationConfig:
     """How the frozen base is stored: bitsandbytes 4-bit (QLoRA) or plain."""
 
     load_in_4bit: bool = _doc("NF4/FP4 via bitsandbytes; false = plain weights (for comparison)", default=True)
-    quant_type: str = _doc("nf4 | fp4", default="nf4")
+    quant_type: Literal[QUANT_TYPES] = _doc("nf4 | fp4", default="nf4")
     double_quant: bool = _doc("also quantize the quantization constants (~0.4 bits/param saved)", default=True)
-    compute_dtype: str = _doc("auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16", default="auto")
+    compute_dtype: Literal[COMPUTE_DTYPES] = _doc("auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16", default="auto")
     prequantized_cache: bool = _doc(
         "quantize once per machine, save the 4-bit checkpoint in the cache, load that in every trial", default=True
     )
@@ -69,9 +77,9 @@ class DataConfig:
     source: str = _doc(
         "jsonl/json/csv/parquet/txt file, a dataset folder (datasets' save_to_disk, or a Hugging Face dataset folder), "
         "hub dataset name, or 'builtin:chatterbot' (shipped on PyPI)",
-        default="builtin:chatterbot",
+        default="builtin:chatterbot", path=True,
     )
-    format: str = _doc(
+    format: Literal[DATA_FORMATS] = _doc(
         "auto (detected from the columns, and said) | instruction {prompt, response} | completion {prompt, completion} | "
         "alpaca {instruction, input, output} | chat {messages} | sharegpt {conversations: [{from, value}]} | text {text}",
         default="auto",
@@ -86,29 +94,29 @@ class DataConfig:
     use_chat_template: Union[bool, str] = _doc(
         "instruction, alpaca, chat, sharegpt: render through the tokenizer's chat template (auto = if it has one)", default="auto"
     )
-    eval_source: Optional[str] = _doc("separate eval file; otherwise a deterministic hash split", default=None)
+    eval_source: Optional[str] = _doc("separate eval file; otherwise a deterministic hash split", default=None, path=True)
     eval_fraction: float = _doc("share of examples (by hash of the prompt) held out for eval", default=0.1)
     max_eval_examples: Optional[int] = _doc("cap on eval examples (a fixed subset, the same for every trial)", default=None)
-    max_seq_len: int = _doc("tokens per example; longer examples are truncated", default=256)
+    max_seq_len: int = _doc("tokens per example; longer examples are truncated", default=256, limit=1_048_576)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
     """The adapter: one trial per rank and seed."""
 
-    ranks: tuple = _doc("candidate ranks r (positive integers)", default=(4, 8, 16, 32, 64))
+    ranks: tuple[int, ...] = _doc("candidate ranks r (positive integers)", default=(4, 8, 16, 32, 64))
     alpha: Union[float, str] = _doc(
         "lora_alpha: a number (fixed: scale alpha/r) | 'r' (scale 1) | '2r' (scale 2) | 'rslora' (alpha 16, scale 16/sqrt(r))",
         default=16.0,
     )
-    dropout: Union[float, tuple] = _doc(
+    dropout: Union[float, tuple[float, ...]] = _doc(
         "LoRA dropout, in [0, 1), or a list: each rank is trained at each (and each learning rate) and judged at its best arm",
         default=0.05)
     target_modules: Union[str, tuple] = _doc(
         "attention-qv | attention | mlp | experts (MoE) | all-linear (on MoE: + experts and router) | explicit "
         "list of names, matched as PEFT does (a name or a dotted suffix such as attn.c_proj) | a list of such "
         "choices, searched as a dimension ([attention, mlp, all-linear], [[q_proj, v_proj], all-linear]): the "
-        "verdict is then the cheapest adequate (targets, rank) pair", default="attention"
+        "verdict is then the cheapest adequate (targets, rank) pair", default="attention", targets=True
     )
 
 
@@ -116,19 +124,19 @@ class LoraConfig:
 class TrainConfig:
     """The per-trial training loop (steps are optimizer steps)."""
 
-    learning_rate: Union[float, tuple] = _doc(
+    learning_rate: Union[float, tuple[float, ...]] = _doc(
         "peak learning rate, or a list: each rank is trained at each and judged at its best one", default=(1.0e-4, 3.0e-4, 1.0e-3)
     )
-    lr_schedule: str = _doc("constant | linear | cosine (decay to 0 at max_steps, after warmup)", default="cosine")
+    lr_schedule: Literal[LR_SCHEDULES] = _doc("constant | linear | cosine (decay to 0 at max_steps, after warmup)", default="cosine")
     warmup_steps: int = _doc("linear warm-up, in steps", default=0)
     weight_decay: float = _doc("AdamW weight decay on the adapter", default=0.0)
     max_grad_norm: Optional[float] = _doc("gradient clipping norm; null = off", default=1.0)
-    batch_size: int = _doc("examples per micro-batch", default=8)
-    eval_batch_size: Optional[int] = _doc("examples per eval batch (default: 2 x batch_size)", default=None)
-    grad_accum: int = _doc("micro-batches per optimizer step", default=1)
+    batch_size: int = _doc("examples per micro-batch", default=8, limit=65536)
+    eval_batch_size: Optional[int] = _doc("examples per eval batch (default: 2 x batch_size)", default=None, limit=65536)
+    grad_accum: int = _doc("micro-batches per optimizer step", default=1, limit=65536)
     max_steps: int = _doc("optimizer steps per trial (the scheduler's max_t)", default=200)
     eval_every: int = _doc("steps between evaluations and checkpoints (trials also evaluate at the scheduler's rungs)", default=20)
-    seeds: tuple = _doc("one trial per seed and rank; several seeds give error bars", default=(0,))
+    seeds: tuple[int, ...] = _doc("one trial per seed and rank; several seeds give error bars", default=(0,))
     gradient_checkpointing: bool = _doc("trade compute for activation memory", default=False)
 
 
@@ -136,7 +144,7 @@ class TrainConfig:
 class SchedulerConfig:
     """Early stopping of poor ranks."""
 
-    type: str = _doc(
+    type: Literal[SCHEDULER_TYPES] = _doc(
         "sha (successive halving: all ranks compared at each rung) | asha (asynchronous halving) | none (full grid)",
         default="sha",
     )
@@ -145,7 +153,7 @@ class SchedulerConfig:
         default=None,
     )
     reduction_factor: float = _doc("keep the best 1/reduction_factor of the ranks at each rung (>= 2)", default=3)
-    confirm: str = _doc(
+    confirm: Literal[CONFIRM_MODES] = _doc(
         "sha only: tail (idle capacity in the search's tail trains the near-miss cheaper unit and the strongest costlier"
         " unit on to max_steps, stopping when the last kept arm ends) | full (a started confirmation runs to max_steps)"
         " | off (cut arms stop at once). See docs/confirmations.md",
@@ -168,7 +176,7 @@ class ResourcesConfig:
         " estimate) or a number; 1 = one arm per worker process, each with its own base",
         default="auto",
     )
-    max_failures: int = _doc("retries of a failed trial, each from its last checkpoint", default=1)
+    max_failures: int = _doc("retries of a failed trial, each from its last checkpoint", default=1, limit=100)
 
 
 @dataclass(frozen=True)
@@ -179,15 +187,13 @@ class BudgetConfig:
     gpu_hours: Optional[float] = _doc("GPU-hours the whole search may use (trial time x GPUs per trial); null = no cap", default=None)
     cpu_hours: Optional[float] = _doc("on CPU: CPU-hours the whole search may use (trial time x CPUs per trial); null = no cap", default=None)
     wall_minutes: Optional[float] = _doc("minutes of wall clock the whole search may take; null = no cap", default=None)
-    fit: str = _doc(
+    fit: Literal[BUDGET_FITS] = _doc(
         "over the budget: refuse (exit 2 with the estimate, before training) | shrink (lower train.max_steps until it "
         "fits, never putting the first rung below the validated 30 steps, and say so)", default="refuse"
     )
     probe_steps: int = _doc("optimizer steps the probe times (after one untimed warm-up step)", default=3)
 
 
-BUDGET_FITS = ("refuse", "shrink")
-METRIC_MODES = ("max", "min")
 
 
 @dataclass(frozen=True)
@@ -198,9 +204,8 @@ class EvalConfig:
         "exact_match | contains (on greedy generations of the eval prompts) | module:function (called with the "
         "generations and the references, returning a number); null = the verdict uses the eval loss", default=None
     )
-    metric_mode: str = _doc("max (higher is better) | min", default="max")
+    metric_mode: Literal[METRIC_MODES] = _doc("max (higher is better) | min", default="max")
     max_new_tokens: int = _doc("tokens generated per eval prompt for the metric", default=32)
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ class WandbConfig:
 
     project: Optional[str] = _doc("the W&B project; null = off", default=None)
     entity: Optional[str] = _doc("the W&B entity (user or team); null = your default", default=None)
-    mode: str = _doc("online | offline (files only; `wandb sync` uploads them) | disabled", default="online")
+    mode: Literal[WANDB_MODES] = _doc("online | offline (files only; `wandb sync` uploads them) | disabled", default="online")
     dir: Optional[str] = _doc("where W&B writes its run folders; null = the experiment folder", default=None)
 
 
@@ -233,8 +238,8 @@ class TrackingConfig:
 class SearchConfig:
     """A whole rank search."""
 
-    name: str = _doc("experiment name: the folder under storage_path", default="rank-search")
-    storage_path: str = _doc("local folder, shared filesystem, or s3:// / gs:// URI", default="./runs")
+    name: str = _doc("experiment name: the folder under storage_path", default="rank-search", path=True)
+    storage_path: str = _doc("local folder, shared filesystem, or s3:// / gs:// URI", default="./runs", path=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -342,6 +347,20 @@ def learning_rates(cfg: SearchConfig) -> list[float]:
     """train.learning_rate as a list (one value or several), in the order given."""
     lr = cfg.train.learning_rate
     return [float(v) for v in lr] if isinstance(lr, (tuple, list)) else [float(lr)]
+
+
+def schema_fields(cls: type = None, prefix: str = ""):
+    """(dotted key, field, resolved type) of every leaf field of the schema (`SearchConfig` by
+    default): the rules each field carries (`_doc`) are read from here."""
+    import typing
+
+    cls = cls or SearchConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from schema_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name]
 
 
 def arm_values(cfg: SearchConfig) -> dict[str, list]:
