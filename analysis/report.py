@@ -12,6 +12,7 @@ from typing import Optional
 import pandas as pd
 
 from analysis.diagnosis import Finding
+from analysis.plots import PLOTS, plot
 from analysis.results import format_table, incomplete_trials
 from analysis.selection import Recommendation
 from contract.arms import CHOICE_KEY, LR_KEY, RANK_KEY, describe_nuisance, format_lr, with_arm
@@ -232,14 +233,11 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
                                 "the rank's rates reached (@step: where successive halving chose between them). Bold: the rate "
                                 "the rank is judged at. Unstable: ended worse than the untouched base."))
             blocks.append(("table", _lr_rows(rec)))
-    for name, caption in (("cost_by_choice", "Every (target choice, rank) by its cost, with the Pareto frontier"),
-                          ("loss_vs_rank", "Eval loss vs rank, and the quantity the rule compares"),
-                          ("loss_vs_lr", "Eval loss vs learning rate, per rank"),
-                          ("loss_vs_cost", "Eval loss vs parameter cost, with the Pareto frontier"),
-                          ("learning_curves", "Learning curves"),
-                          ("effective_rank", "Effective rank of the trained adapters")):
-        if name in plots:
-            blocks.append(("figure", (caption, plots[name])))
+    for name in plots:
+        plot(name)  # a figure drawn but not registered is an error, not a figure the report leaves out
+    for registered in PLOTS:  # in the registry's order, with its caption
+        if registered.name in plots:
+            blocks.append(("figure", (registered.caption, plots[registered.name])))
     if eff is not None and not eff.empty:
         blocks.append(("h2", "Effective rank of the trained adapters"))
         blocks.append(("p", eff_sentence + " Per trial, its best checkpoint; median (max) over the adapted modules."))

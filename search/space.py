@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from contract.arms import CHOICE_KEY, DIMENSIONS, RANK_KEY
 from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, arm_values
@@ -78,35 +79,50 @@ def grace_steps(cfg: SearchConfig) -> int:
 def rung_steps(cfg: SearchConfig) -> list[int]:
     """The steps at which the scheduler compares ranks (empty for the full grid). Trials evaluate
     at these steps besides every eval_every, so a rung never waits for the next evaluation."""
-    s, t = cfg.scheduler, cfg.train
-    if s.type == "none":
-        return []
-    grace = grace_steps(cfg)
-    if s.type == "sha":
-        from search.halving import halving_rungs
+    return scheduler_for(cfg).rungs(cfg)
 
-        return halving_rungs(grace, t.max_steps, s.reduction_factor)
-    # ASHA's milestones, as Ray's bracket computes them
+
+def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
+    """The configured scheduler on `step` (grace period and max_t in optimizer steps), or None for
+    the full grid. Metric and mode come from TuneConfig."""
+    return scheduler_for(cfg).make(cfg)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """One `scheduler.type`: its Tune scheduler (None: the full grid) and the steps where it compares arms."""
+
+    make: Callable[[SearchConfig], Optional[Any]]
+    rungs: Callable[[SearchConfig], list]
+
+
+def _sha_rungs(cfg: SearchConfig) -> list[int]:
+    from search.halving import halving_rungs
+
+    return halving_rungs(grace_steps(cfg), cfg.train.max_steps, cfg.scheduler.reduction_factor)
+
+
+def _asha_rungs(cfg: SearchConfig) -> list[int]:
+    """ASHA's milestones, as Ray's bracket computes them."""
+    t, s, grace = cfg.train, cfg.scheduler, grace_steps(cfg)
     count = int(math.log(t.max_steps / grace) / math.log(s.reduction_factor) + 1)
     return [int(grace * s.reduction_factor**k) for k in range(count) if grace * s.reduction_factor**k < t.max_steps]
 
 
-def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
-    """Successive halving (default) or ASHA on `step` (grace period and max_t in optimizer
-    steps), or None for the full grid. Metric and mode come from TuneConfig."""
-    if cfg.scheduler.type == "none":
-        return None
-    if cfg.scheduler.type == "sha":
-        from search.halving import SuccessiveHalving
+def _make_sha(cfg: SearchConfig) -> Any:
+    from search.halving import SuccessiveHalving
 
-        return SuccessiveHalving(
-            time_attr=TIME_ATTR,
-            max_t=cfg.train.max_steps,
-            rungs=rung_steps(cfg),
-            reduction_factor=cfg.scheduler.reduction_factor,
-            score_attr="best_eval_loss",  # best so far, as the selection rule compares ranks
-            confirm=cfg.scheduler.confirm,
-        )
+    return SuccessiveHalving(
+        time_attr=TIME_ATTR,
+        max_t=cfg.train.max_steps,
+        rungs=rung_steps(cfg),
+        reduction_factor=cfg.scheduler.reduction_factor,
+        score_attr="best_eval_loss",  # best so far, as the selection rule compares ranks
+        confirm=cfg.scheduler.confirm,
+    )
+
+
+def _make_asha(cfg: SearchConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -116,3 +132,20 @@ def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
         reduction_factor=cfg.scheduler.reduction_factor,
         brackets=1,
     )
+
+
+# scheduler.type -> its scheduler: the config's Literal lists the same names (a test compares them)
+SCHEDULERS = {
+    "sha": Scheduler(make=_make_sha, rungs=_sha_rungs),  # synchronous successive halving (search.halving), the default
+    "asha": Scheduler(make=_make_asha, rungs=_asha_rungs),  # Ray's asynchronous halving
+    "none": Scheduler(make=lambda cfg: None, rungs=lambda cfg: []),  # the full grid
+}
+
+
+def scheduler_for(cfg: SearchConfig) -> Scheduler:
+    """The registered scheduler of `scheduler.type`; an unregistered one is an error, not a fallback."""
+    try:
+        return SCHEDULERS[cfg.scheduler.type]
+    except KeyError:
+        raise ValueError(f"scheduler.type: no scheduler is registered as {cfg.scheduler.type!r} "
+                         f"(registered: {' | '.join(SCHEDULERS)})") from None
