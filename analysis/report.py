@@ -17,6 +17,8 @@ from analysis.results import format_table, incomplete_trials
 from analysis.selection import Recommendation
 from contract.arms import CHOICE_KEY, LR_KEY, RANK_KEY, describe_nuisance, format_lr, with_arm
 from contract.layout import read_meta
+from contract.recommendation import json_safe
+from contract.recommendation import problems as recommendation_problems
 
 RESULTS_CSV, RESULTS_PARQUET = "results.csv", "results.parquet"
 RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md", "report.html"
@@ -365,8 +367,11 @@ def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Reco
     frame.to_parquet(paths["parquet"], index=False)
     payload = {"experiment": experiment, **rec.to_dict(), "lora_dropout": dropout, "rule_name": rec.rule_name,
                "lora_config": snippet, "damaged_trials": incomplete_trials(trials), "diagnosis": [{"kind": f.kind, "text": f.text} for f in findings]}
+    broken = recommendation_problems(json_safe(payload))
+    if broken:  # the file is a contract (contract.recommendation): a field it does not declare is a bug here
+        raise ValueError("recommendation.json would break its contract: " + "; ".join(broken))
     with open(paths["json"], "w") as handle:
-        json.dump(payload, handle, indent=2)
+        json.dump(json_safe(payload), handle, indent=2)
     blocks = build_blocks(experiment, trials, rec, findings, eff_sentence, eff, plots, snippet, config)
     blocks += budget_blocks(read_meta(experiment).get("budget"))
     with open(paths["md"], "w") as handle:

@@ -50,6 +50,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from contract.recommendation import json_safe  # noqa: F401 - also the export's
 from contract.arms import CHOICE_KEY, LR_KEY, NUISANCE_KEYS, RANK_KEY, REPLICATE_KEY, describe_nuisance, format_lr, show_value
 
 from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
@@ -226,29 +227,6 @@ def _plain_field(value):
     if isinstance(value, list):
         return [_plain_field(v) for v in value]
     return value
-
-
-COUNTS = frozenset({"trainable_params", "adapter_bytes", "step", "steps", "best_step", "evidence_step", "tokens_seen", "r",
-                    "from_step", "rank"})  # fields that hold a count: written as integers
-
-
-def json_safe(value):
-    """JSON-safe: NaN -> None, numpy scalars -> Python, a finite count (`COUNTS`) -> int."""
-    if isinstance(value, dict):
-        return {k: _count(json_safe(v)) if k in COUNTS else json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    return value
-
-
-def _count(value):
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def check_rule(rule: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
 from contract.config import TrialSettings
 from contract.layout import TRAINER_STATE_FILE as STATE_FILE
+from contract.metrics import checked_report
 from trainables.data import TokenizedData, eval_batches
 from trainables.failures import OK, OOM, out_of_memory_detail
 from trainables.lora import peft_config
@@ -170,6 +171,7 @@ def run_trial(
 
     # ---- setup
     started = time.time()
+    report = _checked(report)  # every report keeps to contract/metrics.py
     if restore_from and saved_step(restore_from) >= settings.train.max_steps:
         return {}  # it had finished when its driver was killed: nothing to redo, no model to load
     pack = Pack(settings, data, threads=threads)
@@ -203,6 +205,10 @@ def run_trial(
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     return metrics
+
+
+def _checked(report: Report) -> Report:
+    return lambda metrics, folder: report(dict(checked_report(metrics)), folder)
 
 
 def process_metrics(started: float, load_seconds: float) -> dict:
