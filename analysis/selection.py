@@ -5,6 +5,9 @@ The rule (`rule_text` is what every report prints). Roles are those of `contract
 the unit compared, the learning rate a nuisance choice (each rank at its best one), the seed a
 replicate (averaged).
 
+Over 400 lines on purpose: the rule, its tables and its reasons are one argument read top to
+bottom; the cheapest-adapter part for several target choices is already `analysis.cheapest`.
+
 1. **A trial's loss at step s** is the lowest eval loss it reached at or before optimizer step s
    (best so far: the checkpoint Tune keeps by eval_loss). Non-finite evaluations and failed
    trials are left out.

@@ -4,6 +4,8 @@
 (metrics, checkpoint folder) and an optional checkpoint folder to resume from. `lora_trial` is the
 Ray Tune function trainable that wires it to `tune.report` / `tune.get_checkpoint`, and a bare loop
 (bench/overhead.py) can call `run_trial` directly.
+Slightly over 400 lines: the recipe plus the process glue a trial needs (device, checkpoints to
+restore from, the node check, quiet libraries); the training itself is `trainables.pack`.
 """
 
 from __future__ import annotations
