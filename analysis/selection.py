@@ -332,13 +332,13 @@ def _rank_table(arms: dict[tuple, dict]) -> dict[tuple, dict]:
     table: dict[tuple, dict] = {}
     for unit in sorted({key[:2] for key in arms}):
         mine = {values: stats for (c, q, values), stats in arms.items() if (c, q) == unit}
-        stable = {lr: s for lr, s in mine.items() if not s["unstable"]}
+        stable = {values: s for values, s in mine.items() if not s["unstable"]}
         used = stable or mine
         by_step: dict[int, tuple] = {}
-        for lr, stats in used.items():
+        for values, stats in used.items():  # values: the arm's nuisance tuple (ties go to the smaller)
             for step, (mean, se) in stats["by_step"].items():
-                if step not in by_step or (mean, lr) < (by_step[step][0], by_step[step][2]):
-                    by_step[step] = (mean, se, lr)
+                if step not in by_step or (mean, values) < (by_step[step][0], by_step[step][2]):
+                    by_step[step] = (mean, se, values)
         table[unit] = {"by_step": by_step, "evidence_step": max(by_step), "arms": mine, "used": set(used),
                     "unstable": not stable, "max_step": max(s["max_step"] for s in mine.values())}
     return table

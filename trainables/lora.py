@@ -297,10 +297,11 @@ def lora_param_count(shapes: Mapping[str, tuple[int, int]], targets: Sequence[st
     return linear + params
 
 
-def dropout_problems(targets: Sequence[str], dropout: float) -> list[str]:
-    """PEFT cannot put dropout on parameter targets (experts, routers): name the clash, or []."""
+def dropout_problems(targets: Sequence[str], dropout: Union[float, Sequence[float]]) -> list[str]:
+    """PEFT cannot put dropout on parameter targets (experts, routers): name the clash, or []
+    (`lora.dropout` may be a list searched over: every value must then be 0)."""
     _, params = split_targets(targets)
-    if params and dropout:
+    if params and any(dropout if isinstance(dropout, (list, tuple)) else [dropout]):
         return [f"lora.dropout: must be 0 when the targets include MoE expert or router weights "
                 f"({', '.join(params)}): PEFT applies no dropout to target_parameters, got {dropout!r}"]
     return []
