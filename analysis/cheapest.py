@@ -1,6 +1,6 @@
 """The cheapest adequate adapter: what the verdict adds when several target choices are searched.
 
-The unit compared is (target choice, rank) (`search.arms`); `analysis.selection` judges every unit
+The unit compared is (target choice, rank) (`contract.arms`); `analysis.selection` judges every unit
 against the best of any choice at the same step, and this module orders the adequate ones by cost
 (trainable parameters, from the trials' own reports), gives each choice its own verdict (its smallest
 adequate rank), and names cheaper units that fell just short of the rule. Pure functions on the

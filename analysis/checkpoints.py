@@ -16,8 +16,8 @@ from typing import Optional
 
 import pandas as pd
 
-from search import storage
-from search.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
+from contract import storage
+from contract.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
 
 
 @dataclass

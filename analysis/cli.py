@@ -1,13 +1,13 @@
-"""The analysis subcommands of `lora-rank`: analyze, params, tensorboard, export.
+"""The analysis subcommands of `lora-rank`: analyze, tensorboard, export.
 
 Exit codes as for `search`: 0 success, 2 bad input (named, before any work), 1 no answer
-(`analyze` found no finite eval loss; `export` had nothing to export).
+(`analyze` found no finite eval loss; `export` had nothing to export). The `params` calculator
+needs the model code, so `search.cli` registers it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -51,7 +51,7 @@ def _flag_names(exc: Exception) -> str:
 def verdict_lines(result, details: bool = False) -> str:
     """The verdict in three lines (rank, learning rate, targets, gain share; why; the report), plus
     every diagnosis with details."""
-    from search.arms import format_lr
+    from contract.arms import format_lr
 
     rec = result.recommendation
     lines = []
@@ -77,32 +77,6 @@ def verdict_lines(result, details: bool = False) -> str:
     if result.files.get("md"):
         lines.append(f"  report: {result.files['md']}")
     return "\n".join(lines)
-
-
-def _targets(values: list[str]) -> list:
-    """Each --targets value is a preset, or a comma-separated explicit list of layer names."""
-    from trainables.lora import PRESETS
-
-    return [v if "," not in v and v in PRESETS else [s for s in v.split(",") if s] for v in values]
-
-
-def _params(args: argparse.Namespace) -> int:
-    from analysis.params import format_params, parameter_table
-    from trainables.model import ModelSourceError
-
-    try:
-        rows, facts = parameter_table(args.model, args.ranks, _targets(args.targets), args.trust_remote_code)
-    except (ValueError, ModelSourceError) as exc:
-        return _fail(str(exc).replace("model.name_or_path:", "MODEL:", 1))  # here the model is an argument
-    except OSError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return _fail(f"MODEL: cannot read a model config from {args.model!r} (a local folder with config.json, a config.json "
-                     f"file, or a hub id when the hub is reachable): {first}")
-    if args.json:
-        print(json.dumps({"model": facts, "rows": [{**row.__dict__, "percent_of_base": row.percent_of_base} for row in rows]}, indent=2))
-    else:
-        print(format_params(rows, facts))
-    return 0
 
 
 def _tensorboard(args: argparse.Namespace) -> int:
@@ -137,7 +111,7 @@ def _tensorboard(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from analysis.export import ExportError, export_adapter, stop_note
     from analysis.pipeline import ExperimentNotFound, load
-    from search.arms import format_lr
+    from contract.arms import format_lr
 
     try:
         _check_rule_args(args)
@@ -170,7 +144,7 @@ def _rule_args(p) -> None:
 
 
 def add_subcommands(sub) -> None:
-    """Register analyze, params, tensorboard and export on the `lora-rank` parser."""
+    """Register analyze, tensorboard and export on the `lora-rank` parser."""
     from analysis.tb import DEFAULT_HOST, DEFAULT_PORT
 
     p = sub.add_parser("analyze", help="recommend a rank from an experiment folder; write tables, plots and a report")
@@ -179,16 +153,6 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default EXPERIMENT/analysis)")
     _add_allow_incomplete(p)
     p.set_defaults(handler=_analyze)
-
-    p = sub.add_parser("params", help="exact LoRA parameter counts and adapter sizes from a model config (no weights)")
-    p.add_argument("model", help="local model folder, config.json, builtin:..., or hub id (if the hub is reachable)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="ranks r (default 4 8 16 32 64)")
-    p.add_argument("--targets", nargs="+", default=["attention"],
-                   help="presets (attention-qv, attention, mlp, experts, all-linear) and/or comma-separated layer names "
-                        "matched as PEFT does, e.g. q_proj,v_proj or attn.c_proj")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own config code")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(handler=_params)
 
     p = sub.add_parser("tensorboard", help="write a TensorBoard folder (scalars by step + HParams) and serve it on 127.0.0.1")
     p.add_argument("experiment", help="the experiment folder")

@@ -3,7 +3,7 @@ step, and whether the verdict changed because of them.
 
 Successive halving with `scheduler.confirm: tail | full` (`search.confirm`) trains a cut unit on
 from the rung where it was cut to the leader's step, and records it in `confirmations.json`
-(`search.layout.CONFIRMATIONS_FILE`). The selection rule needs nothing special for it: a unit is
+(`contract.layout.CONFIRMATIONS_FILE`). The selection rule needs nothing special for it: a unit is
 judged at the last step it reached against the best unit at that same step, so a confirmed unit is
 judged at its later step like any other. What this module adds is the account: each confirmation
 (its unit, role, from which step to which), the verdict recomputed without the confirmations' extra
@@ -18,7 +18,7 @@ from typing import Optional
 
 import pandas as pd
 
-from search.arms import format_lr
+from contract.arms import format_lr
 
 
 def history_without(history: pd.DataFrame, record: Optional[dict]) -> pd.DataFrame:

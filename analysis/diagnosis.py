@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analysis.selection import Recommendation, trial_curves
-from search.arms import format_lr
+from contract.arms import format_lr
 
 
 OVERFIT_RISE = 0.5  # eval loss above its best by more than this many tolerances (train loss falling): overfitting

@@ -26,7 +26,7 @@ import pandas as pd
 
 from analysis.checkpoints import best_checkpoint, copy_tree
 from analysis.selection import Recommendation, json_safe
-from search.layout import ADAPTER_CONFIG
+from contract.layout import ADAPTER_CONFIG
 
 EXPORT_INFO = "lora_rank_export.json"
 # builtin model -> the hub model its shipped GGUF file was made from (what a PEFT user loads)

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Optional
 
 import pandas as pd
 
-from search.arms import format_lr
+from contract.arms import ARM_KEYS, CHOICE_KEY, LR_KEY, REPLICATE_KEY, format_lr, show_value
 
 # params.json key -> the report column saying the same thing (result.json), as the trial loop writes them
 _ARM_FIELDS = (("r", "r"), ("lr", "learning_rate"), ("seed", "seed"))
@@ -75,7 +75,13 @@ def arm_mismatch(params: Mapping, history: pd.DataFrame, dirname: Optional[Mappi
 
 
 def _show(key: str, value: float) -> str:
-    return format_lr(value) if key == "lr" else f"{value:g}"
+    return format_lr(value) if key == LR_KEY else f"{value:g}"
+
+
+def _arm_value(value) -> Optional[float]:
+    """A numeric coordinate as a key: rounded (a float read back from text), None when absent."""
+    number = _number(value)
+    return None if number is None or math.isnan(number) else round(number, 15)
 
 
 BASE_LOSS_RTOL = 0.01  # relative: trials of one experiment evaluate the same untouched base on the same data
@@ -101,15 +107,17 @@ def duplicate_arms(rows: Iterable[Mapping]) -> dict[str, str]:
     folders are not seed replicates; none of them is believed."""
     by_arm: dict[tuple, list[str]] = {}
     by_id: dict[str, list[str]] = {}
+    keys = (*ARM_KEYS, REPLICATE_KEY)  # contract.arms: the arm's coordinates and its replicate
     for row in rows:
-        lr = _number(row.get("lr"))
-        arm = (str(row.get("target_choice", "")), int(row.get("r", 0)), None if lr is None else round(lr, 15), int(row.get("seed", 0)))
+        arm = tuple(str(row.get(k) or "") if k == CHOICE_KEY else _arm_value(row.get(k)) for k in keys)
         by_arm.setdefault(arm, []).append(str(row["trial_dir"]))
         by_id.setdefault(str(row.get("trial_id", "")), []).append(str(row["trial_dir"]))
     out: dict[str, str] = {}
-    for (choice, r, lr, seed), folders in by_arm.items():
+    for values, folders in by_arm.items():
         if len(folders) > 1:
-            arm = (f"{choice} " if choice else "") + f"r={r}" + (f" lr={format_lr(lr)}" if lr is not None else "") + f" seed={seed}"
+            named = dict(zip(keys, values))
+            arm = " ".join(([named[CHOICE_KEY]] if named[CHOICE_KEY] else [])
+                           + [f"{k}={show_value(k, v)}" for k, v in named.items() if k != CHOICE_KEY and v is not None])
             for folder in folders:
                 others = ", ".join(f for f in folders if f != folder)
                 out[folder] = f"another folder claims the same arm {arm} ({others}): two copies merged? keep one"

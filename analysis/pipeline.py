@@ -12,8 +12,8 @@ from analysis.confirmations import apply as apply_confirmations
 from analysis.diagnosis import Finding, diagnose
 from analysis.results import load_experiment
 from analysis.selection import DEFAULT_RULE, Recommendation, recommend, recommend_by_metric
-from search import layout, storage
-from search.layout import read_config
+from contract import layout, storage
+from contract.layout import read_config
 
 
 @dataclass

@@ -11,19 +11,22 @@
   With several choices the per-rank figures above show the recommended choice's ranks.
 - `learning_curves`: eval and train loss vs optimizer step, one line per trial, coloured by rank.
 - `effective_rank`: energy rank (90%) and stable rank of each trained adapter vs r.
+
+Over 400 lines: one function per figure plus the registry (`PLOTS`); each figure reads alone.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
 
 from analysis.selection import Recommendation, trial_curves
-from search.arms import format_lr
+from contract.arms import CHOICE_KEY, format_lr
 
 LOSS_LABEL = "eval loss (nats/token)"
 RANK_LABEL = "LoRA rank r (log2 scale)"
@@ -357,27 +360,65 @@ def cost_by_choice(rec: Recommendation, out_dir: str) -> Optional[dict]:
     return _save(fig, out_dir, "cost_by_choice")
 
 
+@dataclass(frozen=True)
+class Plot:
+    """One figure: its name (the file stem), the report's caption, and how it is drawn from the
+    inputs (`PlotInputs`); `draw` returns {'png', 'svg'} paths, or None when the figure does not apply."""
+
+    name: str
+    caption: str
+    draw: Callable[["PlotInputs"], Optional[dict]]
+    every_choice: bool = False  # drawn over every target choice (else over the recommended choice's ranks)
+
+
+@dataclass(frozen=True)
+class PlotInputs:
+    trials: pd.DataFrame
+    history: pd.DataFrame
+    rec: Recommendation
+    eff_table: Optional[pd.DataFrame]
+    out_dir: str
+
+
+# Every figure, in the order the report shows them: drawn by `all_plots`, captioned by `analysis.report`.
+PLOTS = (
+    Plot("cost_by_choice", "Every (target choice, rank) by its cost, with the Pareto frontier",
+         lambda d: cost_by_choice(d.rec, d.out_dir) if d.rec.several_choices else None, every_choice=True),
+    Plot("loss_vs_rank", "Eval loss vs rank, and the quantity the rule compares",
+         lambda d: loss_vs_rank(d.trials, d.history, d.rec, d.out_dir)),
+    Plot("loss_vs_lr", "Eval loss vs learning rate, per rank", lambda d: loss_vs_lr(d.rec, d.out_dir)),
+    Plot("loss_vs_cost", "Eval loss vs parameter cost, with the Pareto frontier", lambda d: loss_vs_cost(d.trials, d.rec, d.out_dir)),
+    Plot("learning_curves", "Learning curves", lambda d: learning_curves(d.trials, d.history, d.rec, d.out_dir)),
+    Plot("effective_rank", "Effective rank of the trained adapters", lambda d: effective_rank(d.eff_table, d.rec, d.out_dir)),
+)
+
+
+def plot(name: str) -> Plot:
+    """The registered figure of this name; an unregistered one is an error."""
+    for p in PLOTS:
+        if p.name == name:
+            return p
+    raise KeyError(f"no plot is registered as {name!r} (registered: {', '.join(p.name for p in PLOTS)})")
+
+
 def all_plots(trials, history, rec, eff_table, out_dir: str) -> dict:
-    """Every figure; returns {name: {'png': path, 'svg': path}} for those drawn. With several target
-    choices the per-rank figures show the recommended choice's ranks, and `cost_by_choice` all of them."""
-    extra = {}
+    """Every registered figure that applies; returns {name: {'png': path, 'svg': path}}. With several
+    target choices the per-rank figures show the recommended choice's ranks, and `cost_by_choice` all of them."""
+    every = PlotInputs(trials, history, rec, eff_table, out_dir)
+    mine = every
     if rec.several_choices:
         import dataclasses
 
-        extra["cost_by_choice"] = cost_by_choice(rec, out_dir)
-        mine = trials["target_choice"].astype(str) == rec.target_choice
-        trials, history = trials[mine], history[history["trial_id"].isin(trials.loc[mine, "trial_id"])]
+        chosen = trials[CHOICE_KEY].astype(str) == rec.target_choice
+        trials, history = trials[chosen], history[history["trial_id"].isin(trials.loc[chosen, "trial_id"])]
         if eff_table is not None and not eff_table.empty and "trial_id" in eff_table:
             eff_table = eff_table[eff_table["trial_id"].isin(trials["trial_id"])]
         if rec.curves is not None:
-            rec = dataclasses.replace(rec, curves=rec.curves[rec.curves["target_choice"] == rec.target_choice])
-    out = {
-        "loss_vs_rank": loss_vs_rank(trials, history, rec, out_dir),
-        "loss_vs_cost": loss_vs_cost(trials, rec, out_dir),
-        "learning_curves": learning_curves(trials, history, rec, out_dir),
-    }
-    figures = [("loss_vs_lr", loss_vs_lr(rec, out_dir)), ("effective_rank", effective_rank(eff_table, rec, out_dir)), *extra.items()]
-    for name, figure in figures:
+            rec = dataclasses.replace(rec, curves=rec.curves[rec.curves[CHOICE_KEY] == rec.target_choice])
+        mine = PlotInputs(trials, history, rec, eff_table, out_dir)
+    out = {}
+    for p in PLOTS:
+        figure = p.draw(every if p.every_choice else mine)
         if figure:
-            out[name] = figure
+            out[p.name] = figure
     return out

@@ -12,10 +12,13 @@ from typing import Optional
 import pandas as pd
 
 from analysis.diagnosis import Finding
+from analysis.plots import PLOTS, plot
 from analysis.results import format_table, incomplete_trials
 from analysis.selection import Recommendation
-from search.arms import format_lr
-from search.layout import read_meta
+from contract.arms import CHOICE_KEY, LR_KEY, RANK_KEY, describe_nuisance, format_lr, with_arm
+from contract.layout import read_meta
+from contract.recommendation import json_safe
+from contract.recommendation import problems as recommendation_problems
 
 RESULTS_CSV, RESULTS_PARQUET = "results.csv", "results.parquet"
 RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md", "report.html"
@@ -57,7 +60,7 @@ def results_frame(trials: pd.DataFrame, rec: Recommendation, eff: Optional[pd.Da
     """The per-trial table plus how each rank was judged and its adapter's effective rank."""
     out = trials.copy()
     judged = {(e.target_choice, e.r): e for e in rec.units}
-    units = list(zip(out["target_choice"].fillna("").astype(str) if "target_choice" in out else [""] * len(out), out["r"]))
+    units = list(zip(out[CHOICE_KEY].fillna("").astype(str) if CHOICE_KEY in out else [""] * len(out), out[RANK_KEY]))
     out["judged_at_step"] = [judged[u].evidence_step if u in judged else None for u in units]
     out["rank_gap_to_best"] = [judged[u].gap if u in judged else None for u in units]
     out["rank_gain_share"] = [judged[u].gain_share if u in judged else None for u in units]
@@ -65,7 +68,10 @@ def results_frame(trials: pd.DataFrame, rec: Recommendation, eff: Optional[pd.Da
     out["rank_base_eval_loss"] = rec.base_eval_loss
     out["rank_adequate"] = [bool(judged[u].adequate) if u in judged else False for u in units]
     out["recommended_rank"] = [u == (rec.target_choice, rec.rank) for u in units]
-    out["recommended_arm"] = out["recommended_rank"] & (out["lr"] == rec.learning_rate) if "lr" in out else out["recommended_rank"]
+    out["recommended_arm"] = out["recommended_rank"]
+    for key, value in rec.nuisance.items():  # the recommended unit's best arm: its learning rate (and any further nuisance)
+        if key in out:
+            out["recommended_arm"] &= out[key] == value
     out["exported_trial"] = out["trial_id"].astype(str) == str(rec.trial_id)
     if eff is not None and not eff.empty:
         keep = ["trial_id", "checkpoint", "energy_rank_median", "stable_rank_median", "energy_rank_max"]
@@ -73,9 +79,17 @@ def results_frame(trials: pd.DataFrame, rec: Recommendation, eff: Optional[pd.Da
     return out
 
 
+def _best_arm(rec: Recommendation, nuisance: dict) -> str:
+    """An arm's searched nuisance values: '3e-4' with learning rates alone, else 'lr 3e-4, dropout 0.1'."""
+    if rec.searched == [LR_KEY]:
+        return format_lr(nuisance.get(LR_KEY))
+    return describe_nuisance({k: v for k, v in nuisance.items() if k in rec.searched})
+
+
 def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
-    several = len(rec.learning_rates) > 1
-    headers = ["r", "seeds", "judged at step", "eval loss"] + (["best lr"] if several else []) + [
+    several = bool(rec.searched)
+    best = "best lr" if rec.searched == [LR_KEY] else "best arm"
+    headers = ["r", "seeds", "judged at step", "eval loss"] + ([best] if several else []) + [
         "best rank there", "its loss", "share of its gain" if rec.rule_name == "gain" else "gap", "adequate"]
     rows = []
     for e in rec.ranks:
@@ -86,7 +100,9 @@ def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
         if e.unstable:
             mark += " (unstable)"
         step = f"{e.evidence_step}" + (" (stopped early)" if e.stopped_early else "")
-        lr = [format_lr(e.lr) + "".join(f", {format_lr(a.lr)} unstable" for a in e.arms if a.unstable and a.lr != e.lr)] if several else []
+        lr = [_best_arm(rec, e.nuisance) + "".join(f"; {_best_arm(rec, a.nuisance)} unstable" if rec.searched != [LR_KEY] else
+                                                   f", {_best_arm(rec, a.nuisance)} unstable"
+                                                   for a in e.arms if a.unstable and a.nuisance != e.nuisance)] if several else []
         measure = f"{e.gain_share:.1%}" if rec.rule_name == "gain" else f"{e.gap:+.2%}"
         rows.append([str(e.r), str(len(e.seeds)), step, loss, *lr, rec.unit_name(e.ref_choice, e.ref_rank), f"{e.ref_loss:.4f}",
                      measure, mark])
@@ -117,19 +133,23 @@ def _choice_rows(rec: Recommendation, trials: pd.DataFrame) -> tuple[list[str], 
 
 
 def _lr_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
-    """Loss per rank (rows) and learning rate (columns), at the last step all of the rank's
-    learning rates reached (where they competed)."""
-    headers = ["r"] + [format_lr(lr) for lr in rec.learning_rates]
+    """Loss per rank (rows) and arm (columns: learning rate, and any further nuisance searched), at
+    the last step all of the rank's arms reached (where they competed)."""
+    def key(nuisance: dict) -> tuple:
+        return tuple(nuisance.get(k) for k in rec.searched)
+
+    columns = sorted({key(a.nuisance) for e in rec.ranks for a in e.arms}, key=lambda t: tuple(-1e300 if v is None else v for v in t))
+    headers = ["r"] + [_best_arm(rec, dict(zip(rec.searched, c))) for c in columns]
     rows = []
     for e in rec.ranks:
         cells = []
-        for lr in rec.learning_rates:
-            arm = next((a for a in e.arms if a.lr == lr), None)
+        for column in columns:
+            arm = next((a for a in e.arms if key(a.nuisance) == column), None)
             if arm is None:
                 cells.append("-")
                 continue
             text = f"{arm.compared_loss:.4f} @{arm.compared_step}" + (" unstable" if arm.unstable else "")
-            cells.append(f"**{text}**" if lr == e.lr else text)
+            cells.append(f"**{text}**" if column == key(e.nuisance) else text)
         rows.append([str(e.r), *cells])
     return headers, rows
 
@@ -209,20 +229,17 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
                             "(loss = each trial's best eval loss so far, mean ± standard error over seeds, at the rank's best "
                             "learning rate)."))
         blocks.append(("table", _evidence_rows(rec)))
-        if len(rec.learning_rates) > 1:
-            blocks.append(("h2", "Learning rates"))
+        if rec.searched:
+            blocks.append(("h2", "Learning rates" if rec.searched == [LR_KEY] else "Arms (" + ", ".join(rec.searched) + ")"))
             blocks.append(("p", "Eval loss (best so far, seed mean) of every rank at every learning rate, at the last step all of "
                                 "the rank's rates reached (@step: where successive halving chose between them). Bold: the rate "
                                 "the rank is judged at. Unstable: ended worse than the untouched base."))
             blocks.append(("table", _lr_rows(rec)))
-    for name, caption in (("cost_by_choice", "Every (target choice, rank) by its cost, with the Pareto frontier"),
-                          ("loss_vs_rank", "Eval loss vs rank, and the quantity the rule compares"),
-                          ("loss_vs_lr", "Eval loss vs learning rate, per rank"),
-                          ("loss_vs_cost", "Eval loss vs parameter cost, with the Pareto frontier"),
-                          ("learning_curves", "Learning curves"),
-                          ("effective_rank", "Effective rank of the trained adapters")):
-        if name in plots:
-            blocks.append(("figure", (caption, plots[name])))
+    for name in plots:
+        plot(name)  # a figure drawn but not registered is an error, not a figure the report leaves out
+    for registered in PLOTS:  # in the registry's order, with its caption
+        if registered.name in plots:
+            blocks.append(("figure", (registered.caption, plots[registered.name])))
     if eff is not None and not eff.empty:
         blocks.append(("h2", "Effective rank of the trained adapters"))
         blocks.append(("p", eff_sentence + " Per trial, its best checkpoint; median (max) over the adapted modules."))
@@ -340,7 +357,7 @@ def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Reco
                   eff: Optional[pd.DataFrame], eff_sentence: str, plots: dict, config: dict) -> dict:
     """Write every file; returns {kind: path}."""
     os.makedirs(out_dir, exist_ok=True)
-    dropout = (config.get("lora") or {}).get("dropout")
+    dropout = (with_arm(config, rec.nuisance).get("lora") or {}).get("dropout")  # the recommended arm's
     snippet = lora_config_snippet(rec, dropout)
     frame = results_frame(trials, rec, eff)
     paths = {"csv": os.path.join(out_dir, RESULTS_CSV), "parquet": os.path.join(out_dir, RESULTS_PARQUET),
@@ -350,8 +367,11 @@ def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Reco
     frame.to_parquet(paths["parquet"], index=False)
     payload = {"experiment": experiment, **rec.to_dict(), "lora_dropout": dropout, "rule_name": rec.rule_name,
                "lora_config": snippet, "damaged_trials": incomplete_trials(trials), "diagnosis": [{"kind": f.kind, "text": f.text} for f in findings]}
+    broken = recommendation_problems(json_safe(payload))
+    if broken:  # the file is a contract (contract.recommendation): a field it does not declare is a bug here
+        raise ValueError("recommendation.json would break its contract: " + "; ".join(broken))
     with open(paths["json"], "w") as handle:
-        json.dump(payload, handle, indent=2)
+        json.dump(json_safe(payload), handle, indent=2)
     blocks = build_blocks(experiment, trials, rec, findings, eff_sentence, eff, plots, snippet, config)
     blocks += budget_blocks(read_meta(experiment).get("budget"))
     with open(paths["md"], "w") as handle:

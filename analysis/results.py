@@ -14,10 +14,10 @@ import pandas as pd
 import yaml
 
 from analysis.integrity import arm_mismatch, base_loss_outliers, diverged_reason, duplicate_arms, nonfinite_eval
-from search.arms import format_lr
-from search import layout, storage
-from search.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
-from trainables.failures import DIVERGED, OOM
+from contract.arms import ARM_KEYS, LR_KEY, NUISANCE_KEYS, REPLICATE_KEY, format_lr
+from contract import layout, storage
+from contract.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
+from contract.metrics import DIVERGED, OOM
 
 # Trial status as analysis names it (Ray's TERMINATED covers both finished and early-stopped; a
 # trial that diverged or ran out of memory ends itself and says so in its last report).
@@ -170,7 +170,7 @@ def load_experiment(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
                          + [f"{row['trial_dir']}: {row['failure']}" for row in trials if row["status"] == DAMAGED]}.values())
     trials_df = pd.DataFrame(trials)
     if not trials_df.empty:
-        trials_df = trials_df.sort_values(["target_choice", "r", "lr", "seed"]).reset_index(drop=True)
+        trials_df = trials_df.sort_values([k for k in (*ARM_KEYS, REPLICATE_KEY) if k in trials_df]).reset_index(drop=True)
     history_df = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     trials_df.attrs[INCOMPLETE] = incomplete
     return trials_df, history_df
@@ -298,6 +298,8 @@ def _trial_row(name: str, trial_id: str, params: dict, history: pd.DataFrame, fi
         "targets": str(_last(history, "target_modules", params.get("target_preset", ""))),
         # the target choice's label (a preset, or names joined by '+'); with one choice, its label
         "target_choice": str(params.get("target_choice") or params.get("target_preset") or ""),
+        # a further nuisance searched (contract.arms), as the trial's config names it
+        **{k: float(params[k]) for k in NUISANCE_KEYS if k != LR_KEY and params.get(k) is not None},
         "status": status,
         "failure": _failure(history, status, params),
         "stopped_early": status == STOPPED,

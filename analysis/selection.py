@@ -1,9 +1,12 @@
 """The verdict as pure functions on the results tables: the smallest adequate rank (with several
 target choices, the cheapest adequate adapter: `analysis.cheapest`).
 
-The rule (`rule_text` is what every report prints). Roles are those of `search.arms`: the rank is
+The rule (`rule_text` is what every report prints). Roles are those of `contract.arms`: the rank is
 the unit compared, the learning rate a nuisance choice (each rank at its best one), the seed a
 replicate (averaged).
+
+Over 400 lines on purpose: the rule, its tables and its reasons are one argument read top to
+bottom; the cheapest-adapter part for several target choices is already `analysis.cheapest`.
 
 1. **A trial's loss at step s** is the lowest eval loss it reached at or before optimizer step s
    (best so far: the checkpoint Tune keeps by eval_loss). Non-finite evaluations and failed
@@ -50,7 +53,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from search.arms import format_lr
+from contract.recommendation import json_safe  # noqa: F401 - also the export's
+from contract.arms import CHOICE_KEY, LR_KEY, NUISANCE_KEYS, RANK_KEY, REPLICATE_KEY, describe_nuisance, format_lr, show_value
 
 from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
 
@@ -81,7 +85,8 @@ RULE = rule_text()
 
 @dataclass
 class ArmEvidence:
-    """One learning rate of a rank. Losses in nats/token, steps in optimizer steps."""
+    """One arm of a rank (its learning rate, and any further nuisance searched). Losses in nats/token,
+    steps in optimizer steps."""
 
     lr: float
     seeds: list
@@ -92,6 +97,7 @@ class ArmEvidence:
     used: bool  # part of its rank's evidence (False: unstable while another lr trained normally)
     compared_step: int = 0  # the last step every learning rate of its rank reached (where they compete)
     compared_loss: float = math.nan  # its loss there
+    nuisance: dict = field(default_factory=dict)  # its nuisance values (`contract.arms`: lr, and any further one searched)
 
 
 @dataclass
@@ -121,6 +127,7 @@ class RankEvidence:
     ref_choice: str = ""  # the reference unit's target choice
     trainable_params: float = math.nan  # the adapter's trainable parameters (from its trials)
     adapter_bytes: float = math.nan  # its saved adapter's size (bytes)
+    nuisance: dict = field(default_factory=dict)  # its best arm's nuisance values (lr, and any further one searched)
     # A unit that costs no more was at least as good at this unit's evidence step, trained further
     # and fell short: this unit's adequacy there is not evidence (the cheaper unit's name; '' if not)
     overtaken_by: str = ""
@@ -152,6 +159,8 @@ class Recommendation:
     alpha_rule: str = ""
     targets: list = field(default_factory=list)
     learning_rates: list = field(default_factory=list)  # every learning rate searched
+    nuisance: dict = field(default_factory=dict)  # the recommended arm's nuisance values (lr, and any further one searched)
+    searched: list = field(default_factory=list)  # the nuisance dimensions with several values (each unit is judged at its best arm)
     ranks: list = field(default_factory=list)  # RankEvidence per rank of the recommended target choice, ascending r
     target_choice: str = ""  # the recommended unit's target choice ('' when unknown)
     trainable_params: float = math.nan  # the recommended adapter's trainable parameters
@@ -223,29 +232,6 @@ def _plain_field(value):
     return value
 
 
-COUNTS = frozenset({"trainable_params", "adapter_bytes", "step", "steps", "best_step", "evidence_step", "tokens_seen", "r",
-                    "from_step", "rank"})  # fields that hold a count: written as integers
-
-
-def json_safe(value):
-    """JSON-safe: NaN -> None, numpy scalars -> Python, a finite count (`COUNTS`) -> int."""
-    if isinstance(value, dict):
-        return {k: _count(json_safe(v)) if k in COUNTS else json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    return value
-
-
-def _count(value):
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 def check_rule(rule: str) -> str:
     if rule not in RULES:
         raise ValueError(f"rule: must be one of {' | '.join(RULES)}, got {rule!r}")
@@ -269,27 +255,49 @@ def check_tolerance(tolerance: float, rule: str = DEFAULT_RULE) -> float:
 def trial_curves(trials: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     """Usable evaluations with each trial's best-so-far loss.
 
-    Returns columns trial_id, target_choice, r, lr, seed, step, eval_loss, best_loss (one row per
-    finite evaluation of a trial that did not fail), sorted by target choice, r, lr, seed, step.
+    Returns columns trial_id, the arm's (`contract.arms`: target_choice, r, lr, any further nuisance
+    searched, seed), step, eval_loss, best_loss (one row per finite evaluation of a trial that did
+    not fail), sorted by the arm, then step.
     """
-    columns = ["trial_id", "target_choice", "r", "lr", "seed", "step", "eval_loss", "best_loss"]
+    arm_columns = [CHOICE_KEY, RANK_KEY, *nuisance_columns(trials), REPLICATE_KEY]
+    columns = ["trial_id", *arm_columns, "step", "eval_loss", "best_loss"]
     if trials is None or trials.empty or history is None or history.empty or "eval_loss" not in history:
         return pd.DataFrame(columns=columns)
     ok = trials[~trials["status"].isin(UNUSABLE_STATUSES)] if "status" in trials else trials
-    keep = ok[["trial_id", "r", "seed"]].assign(
-        lr=ok["lr"] if "lr" in ok else math.nan,
-        target_choice=ok["target_choice"].fillna("").astype(str) if "target_choice" in ok else "")
+    keep = ok[["trial_id", RANK_KEY, REPLICATE_KEY]].assign(
+        **{k: ok[k] if k in ok else math.nan for k in nuisance_columns(trials)},
+        **{CHOICE_KEY: ok[CHOICE_KEY].fillna("").astype(str) if CHOICE_KEY in ok else ""})
     hist = history[["trial_id", "step", "eval_loss"]].copy()
     hist["eval_loss"] = pd.to_numeric(hist["eval_loss"], errors="coerce")
     hist = hist[np.isfinite(hist["eval_loss"].to_numpy(dtype=float))]
     merged = hist.merge(keep, on="trial_id", how="inner")
     if merged.empty:
         return pd.DataFrame(columns=columns)
-    merged = merged.sort_values(["target_choice", "r", "lr", "seed", "trial_id", "step"]).reset_index(drop=True)
+    merged = merged.sort_values([*arm_columns, "trial_id", "step"]).reset_index(drop=True)
     merged["best_loss"] = merged.groupby("trial_id")["eval_loss"].cummin()
-    merged["r"] = merged["r"].astype(int)
+    merged[RANK_KEY] = merged[RANK_KEY].astype(int)
     merged["step"] = merged["step"].astype(int)
     return merged[columns]
+
+
+def nuisance_columns(trials: Optional[pd.DataFrame]) -> list[str]:
+    """The nuisance dimensions of these trials: the learning rate always (NaN in experiments from
+    before learning-rate lists), any further one when the trials have it."""
+    return [k for k in NUISANCE_KEYS if k == LR_KEY or (trials is not None and k in trials)]
+
+
+def searched_nuisance(trials: Optional[pd.DataFrame]) -> list[str]:
+    """The nuisance dimensions searched over several values."""
+    return [k for k in nuisance_columns(trials) if trials is not None and k in trials and trials[k].dropna().nunique() > 1]
+
+
+def _nuisance_key(values) -> tuple:
+    """A nuisance tuple as a dict key: NaN (no value) becomes None, so equal arms meet."""
+    return tuple(None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values)
+
+
+def _nuisance_dict(keys: Sequence[str], values: tuple) -> dict:
+    return {k: v for k, v in zip(keys, values) if v is not None}
 
 
 def _mean_se(values: np.ndarray) -> tuple[float, float]:
@@ -299,9 +307,10 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
 
 
 def _arm_table(curves: pd.DataFrame, unstable_ids: set) -> dict[tuple, dict]:
-    """Per (target choice, r, lr): its trials, seeds, {step: (mean, se)} at steps all its seeds reached."""
+    """Per arm (target choice, r, nuisance tuple): its trials, seeds, {step: (mean, se)} at steps all its seeds reached."""
     table: dict[tuple, dict] = {}
-    for (choice, r, lr), group in curves.groupby(["target_choice", "r", "lr"], dropna=False):
+    nuisance = [k for k in NUISANCE_KEYS if k in curves]
+    for (choice, r, *values), group in curves.groupby([CHOICE_KEY, RANK_KEY, *nuisance], dropna=False):
         last = group.groupby("trial_id")["step"].max()
         by_step = {}
         for step, at in group.groupby("step"):
@@ -309,27 +318,27 @@ def _arm_table(curves: pd.DataFrame, unstable_ids: set) -> dict[tuple, dict]:
                 by_step[int(step)] = _mean_se(at["best_loss"].to_numpy(dtype=float))
         if not by_step:
             continue  # its seeds share no evaluated step: nothing to compare
-        seeds = group.drop_duplicates("trial_id").sort_values("seed")
+        seeds = group.drop_duplicates("trial_id").sort_values(REPLICATE_KEY)
         ids = [str(t) for t in seeds["trial_id"]]
-        table[(str(choice), int(r), float(lr))] = {
-            "trial_ids": ids, "seeds": [int(s) for s in seeds["seed"]], "by_step": by_step,
+        table[(str(choice), int(r), _nuisance_key(values))] = {
+            "trial_ids": ids, "seeds": [int(s) for s in seeds[REPLICATE_KEY]], "by_step": by_step, "keys": nuisance,
             "step": max(by_step), "max_step": int(last.max()), "unstable": any(t in unstable_ids for t in ids),
         }
     return table
 
 
 def _rank_table(arms: dict[tuple, dict]) -> dict[tuple, dict]:
-    """Per unit (target choice, r): {step: (mean, se, lr)} from its best usable arm at each step, and its arms."""
+    """Per unit (target choice, r): {step: (mean, se, nuisance)} from its best usable arm at each step, and its arms."""
     table: dict[tuple, dict] = {}
     for unit in sorted({key[:2] for key in arms}):
-        mine = {lr: stats for (c, q, lr), stats in arms.items() if (c, q) == unit}
-        stable = {lr: s for lr, s in mine.items() if not s["unstable"]}
+        mine = {values: stats for (c, q, values), stats in arms.items() if (c, q) == unit}
+        stable = {values: s for values, s in mine.items() if not s["unstable"]}
         used = stable or mine
         by_step: dict[int, tuple] = {}
-        for lr, stats in used.items():
+        for values, stats in used.items():  # values: the arm's nuisance tuple (ties go to the smaller)
             for step, (mean, se) in stats["by_step"].items():
-                if step not in by_step or (mean, lr) < (by_step[step][0], by_step[step][2]):
-                    by_step[step] = (mean, se, lr)
+                if step not in by_step or (mean, values) < (by_step[step][0], by_step[step][2]):
+                    by_step[step] = (mean, se, values)
         table[unit] = {"by_step": by_step, "evidence_step": max(by_step), "arms": mine, "used": set(used),
                     "unstable": not stable, "max_step": max(s["max_step"] for s in mine.values())}
     return table
@@ -431,12 +440,14 @@ def _excluded(trials: pd.DataFrame, curves: pd.DataFrame, table: dict) -> tuple[
     if trials is None or trials.empty:
         return notes, failed_by_rank
     usable = set(curves["trial_id"]) if not curves.empty else set()
+    keys = nuisance_columns(trials)
     for row in trials.itertuples():
-        lr = getattr(row, "lr", math.nan)
-        arm = f"r={row.r}" + (f" lr={format_lr(lr)}" if math.isfinite(lr) else "") + f" seed {row.seed}"
+        values = _nuisance_key(getattr(row, k, math.nan) for k in keys)
+        shown = _nuisance_dict(keys, values)
+        arm = f"r={row.r}" + "".join(f" {k}={show_value(k, v)}" for k, v in shown.items()) + f" seed {row.seed}"
         if str(row.trial_id) in usable:
             stats = table.get((_choice(row), int(row.r)))
-            if stats and not stats["unstable"] and _same_lr(lr, stats["arms"]) not in stats["used"]:
+            if stats and not stats["unstable"] and values not in stats["used"]:
                 notes.append(f"{arm}: ended worse than the untouched base (unstable: learning rate too high for this rank); "
                              f"left out, r={row.r} is judged at its other learning rate(s)")
             continue
@@ -451,13 +462,8 @@ def _excluded(trials: pd.DataFrame, curves: pd.DataFrame, table: dict) -> tuple[
 
 
 def _choice(row) -> str:
-    value = getattr(row, "target_choice", "")
+    value = getattr(row, CHOICE_KEY, "")
     return value if isinstance(value, str) else ""
-
-
-def _same_lr(lr: float, arms: dict) -> float:
-    """The key in `arms` for this learning rate (NaN keys compare by identity in dicts)."""
-    return next((k for k in arms if (k == lr) or (math.isnan(k) and math.isnan(lr))), lr)
 
 
 def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[float] = None,
@@ -479,9 +485,9 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     if rule == "gain" and not math.isfinite(base):
         used_rule, tol = "relative", RULES["relative"] if tolerance is None else tol
     curves = trial_curves(trials, history)
-    lrs = sorted({float(v) for v in trials["lr"].dropna()}) if trials is not None and "lr" in trials else []
+    lrs = sorted({float(v) for v in trials[LR_KEY].dropna()}) if trials is not None and LR_KEY in trials else []
     empty = Recommendation(None, tol, "", rule_name=used_rule, base_eval_loss=base, learning_rates=lrs, rule=rule_text(used_rule),
-                           curves=curves)
+                           curves=curves, searched=searched_nuisance(trials))
     if curves.empty:
         empty.excluded = _excluded(trials, curves, {})[0]
         empty.reason = "no trial produced a finite eval loss, so no rank can be recommended"
@@ -497,7 +503,7 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     rec = Recommendation(
         rank=None, tolerance=tol, reason="", rule_name=used_rule, base_eval_loss=base, best_rank=best_u[1],
         best_choice=best_u[0], best_step=deepest, best_loss=best_loss, units=units, excluded=excluded,
-        learning_rates=lrs, rule=rule_text(used_rule), curves=curves,
+        learning_rates=lrs, rule=rule_text(used_rule), curves=curves, searched=searched_nuisance(trials),
     )
     _set_choice(rec, best_u[0])
     if rule == "gain" and used_rule != "gain":
@@ -517,6 +523,7 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
         rec.choices = choice_verdicts(units)
         rec.close = close_calls(rec, chosen)
     rec.rank, rec.evidence_step, rec.loss, rec.learning_rate = chosen.r, chosen.evidence_step, chosen.loss, chosen.lr
+    rec.nuisance = dict(chosen.nuisance)
     rec.ref_rank, rec.ref_loss, rec.threshold, rec.gap = chosen.ref_rank, chosen.ref_loss, chosen.threshold, chosen.gap
     rec.gain_share = chosen.gain_share
     rec.reason = _reason(rec, chosen)
@@ -557,15 +564,20 @@ def _judge(unit: tuple, stats: dict, table: dict, rule: str, tol: float, base: f
            failed: int, cost: Optional[tuple] = None) -> RankEvidence:
     choice, r = unit
     step = stats["evidence_step"]
-    loss, se, lr = stats["by_step"][step]
+    loss, se, best = stats["by_step"][step]
     ref_u, ref_loss, ref_se = _reference(table, step)
     threshold = ref_loss + max(slack(rule, tol, ref_loss, base), ref_se)
-    best_arm = stats["arms"][lr]
+    best_arm = stats["arms"][best]
+    nuisance = _nuisance_dict(best_arm["keys"], best)
     common = max(set.intersection(*(set(a["by_step"]) for a in stats["arms"].values())) or {0})
-    arms = [ArmEvidence(lr=a_lr, seeds=a["seeds"], trial_ids=a["trial_ids"], step=a["step"], loss=a["by_step"][a["step"]][0],
-                        unstable=a["unstable"], used=a_lr in stats["used"], compared_step=common,
-                        compared_loss=a["by_step"][common][0] if common in a["by_step"] else math.nan)
-            for a_lr, a in sorted(stats["arms"].items())]
+    arms = []
+    for values, a in sorted(stats["arms"].items(), key=lambda item: tuple(-math.inf if v is None else v for v in item[0])):
+        mine = _nuisance_dict(a["keys"], values)
+        arms.append(ArmEvidence(lr=mine.get(LR_KEY, math.nan), seeds=a["seeds"], trial_ids=a["trial_ids"], step=a["step"],
+                                loss=a["by_step"][a["step"]][0], unstable=a["unstable"], used=values in stats["used"],
+                                compared_step=common, nuisance=mine,
+                                compared_loss=a["by_step"][common][0] if common in a["by_step"] else math.nan))
+    lr = nuisance.get(LR_KEY, math.nan)
     gain = base - ref_loss
     return RankEvidence(
         r=r, seeds=best_arm["seeds"], trial_ids=best_arm["trial_ids"], evidence_step=step, loss=loss, se=se,
@@ -574,7 +586,7 @@ def _judge(unit: tuple, stats: dict, table: dict, rule: str, tol: float, base: f
         adequate=bool(loss <= threshold + 1e-12 * max(1.0, abs(threshold))),
         stopped_early=bool(max_steps is not None and step < max_steps), max_step=stats["max_step"],
         failed_seeds=failed, lr=lr, gain_share=(base - loss) / gain if math.isfinite(base) and gain > 0 else math.nan,
-        unstable=stats["unstable"], arms=arms, target_choice=choice, ref_choice=ref_u[0],
+        unstable=stats["unstable"], arms=arms, target_choice=choice, ref_choice=ref_u[0], nuisance=nuisance,
         trainable_params=(cost or (math.nan, math.nan))[0], adapter_bytes=(cost or (math.nan, math.nan))[1],
     )
 
@@ -587,7 +599,8 @@ def _max_steps(trials: pd.DataFrame) -> Optional[int]:
 
 
 def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
-    at = f" (lr {format_lr(chosen.lr)})" if math.isfinite(chosen.lr) and len(rec.learning_rates) > 1 else ""
+    shown = {k: v for k, v in chosen.nuisance.items() if k in rec.searched}
+    at = f" ({describe_nuisance(shown)})" if shown else ""
     if rec.several_choices:
         return reason_cheapest(rec, chosen, at)
     if chosen.r == chosen.ref_rank:
@@ -613,7 +626,7 @@ def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
 def _attach_trial(rec: Recommendation, trials: pd.DataFrame, curves: pd.DataFrame, chosen: RankEvidence) -> None:
     """The recommended arm's best seed (lowest best-so-far at the evidence step) and its labels."""
     at = curves[curves["trial_id"].isin(chosen.trial_ids) & (curves["step"] == chosen.evidence_step)]
-    best = at.sort_values(["best_loss", "seed"]).iloc[0]
+    best = at.sort_values(["best_loss", REPLICATE_KEY]).iloc[0]
     rec.trial_id = str(best["trial_id"])
     row = trials[trials["trial_id"].astype(str) == rec.trial_id].iloc[0]
     if "lora_alpha" in row:

@@ -21,16 +21,18 @@ from typing import Optional
 
 import pandas as pd
 
-from search import storage
-from trainables.metrics import TENSORBOARD_TAGS
+from contract import storage
+from contract.arms import CHOICE_KEY, LR_KEY, NUISANCE_KEYS, RANK_KEY, REPLICATE_KEY
+from contract.metrics import TENSORBOARD_TAGS
 
 MARKER = ".lora-rank-tensorboard"  # only a folder holding this marker is ever cleared
 DEFAULT_HOST = "127.0.0.1"  # this machine only; view from elsewhere with `ssh -L 6006:127.0.0.1:6006`
 DEFAULT_PORT = 6006
-SCALARS = TENSORBOARD_TAGS  # history column -> tag, as trainables.metrics declares them
+SCALARS = TENSORBOARD_TAGS  # history column -> tag, as contract.metrics declares them
 FINAL_METRICS = {"final/eval_loss": "final_eval_loss", "final/best_eval_loss": "best_eval_loss", "final/steps": "steps"}
-STRING_HPARAMS = ("alpha_rule", "target_choice", "targets", "status")
-NUMBER_HPARAMS = ("r", "lr", "lora_alpha", "seed")
+STRING_HPARAMS = ("alpha_rule", CHOICE_KEY, "targets", "status")
+FURTHER_NUISANCE = tuple(k for k in NUISANCE_KEYS if k != LR_KEY)  # an HParam only in searches that have it
+NUMBER_HPARAMS = (RANK_KEY, LR_KEY, "lora_alpha", REPLICATE_KEY, *FURTHER_NUISANCE)  # the arm's coordinates (contract.arms)
 
 
 # trial status (analysis.results) -> HParams session status (tensorboard's api.proto has only
@@ -77,6 +79,8 @@ def _experiment_summary(trials: pd.DataFrame):
 
     infos = []
     for key in NUMBER_HPARAMS:
+        if key in FURTHER_NUISANCE and key not in trials:
+            continue
         infos.append(HParamInfo(name=key, type=DataType.Value("DATA_TYPE_FLOAT64")))
     for key in STRING_HPARAMS:
         info = HParamInfo(name=key, type=DataType.Value("DATA_TYPE_STRING"))

@@ -92,7 +92,7 @@ def run_grid(task, rule, lrs: list[float], steps: int, root: str, workers: int, 
 def verdicts(trials, history, lrs: list[float]) -> dict:
     """{'lr=X': Recommendation for that learning rate alone, ..., 'list': for all of them}."""
     from analysis.selection import recommend
-    from search.arms import format_lr
+    from contract.arms import format_lr
 
     out = {}
     for lr in lrs:
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="arms trained at once (one core each)")
     args = parser.parse_args()
 
-    from search.arms import format_lr
+    from contract.arms import format_lr
     from trainables.planted import build_planted_task
     from trainables.trial import quiet_libraries
 

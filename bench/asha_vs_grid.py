@@ -85,7 +85,7 @@ def main() -> None:
 
     import ray
 
-    from search.arms import format_lr
+    from contract.arms import format_lr
     from trainables.planted import build_planted_task
     from trainables.trial import quiet_libraries
 

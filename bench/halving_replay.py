@@ -150,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from analysis.selection import recommend
-    from search.arms import format_lr
+    from contract.arms import format_lr
     from trainables.trial import quiet_libraries
 
     quiet_libraries()

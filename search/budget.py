@@ -17,7 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, learning_rates, target_choices
+from trainables.probe import Probe  # noqa: F401 - what `estimate` and `fit` take (re-exported)
+from contract.arms import CHOICE_KEY, NUISANCE_KEYS, RANK_KEY
+from search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, arm_values
 
 # The first rung the planted-task benchmarks validate: on tests/test_planted.py (200 steps, rf 3)
 # successive halving found the planted rank with its first rung at 30 steps and missed it at 20
@@ -26,17 +28,6 @@ MIN_FIRST_RUNG = 30
 TRIAL_START_S = 10.0  # a Ray worker's start and imports before a trial loads its model (s; bench: ~44 s for 8 tiny trials on 2 workers)
 FIXED_S = 30.0  # the analysis and report after the search, Ray's shutdown (s)
 SHRINK_TARGET = 0.9  # fit: shrink aims at this share of each limit: the probe's timings drift with the machine's load
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What the probe measured on this machine (seconds)."""
-
-    load_s: float  # loading the 4-bit base and attaching the adapter
-    step_s: float  # one optimizer step (batch_size x grad_accum examples), median of the timed steps
-    eval_s: float  # one evaluation pass over the eval split
-    steps: int = 0  # optimizer steps timed
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -66,7 +57,9 @@ def stages(cfg: SearchConfig) -> list[tuple[int, int]]:
     from search.halving import halving_rungs
 
     t, s = cfg.train, cfg.scheduler
-    units, per_unit, choices = len(cfg.lora.ranks), len(learning_rates(cfg)), len(target_choices(cfg))
+    values = arm_values(cfg)
+    units, choices = len(values[RANK_KEY]), len(values[CHOICE_KEY])
+    per_unit = math.prod(len(values[k]) for k in NUISANCE_KEYS)
     if s.type == "none":
         return [(choices * units * per_unit, t.max_steps)]
     out, done = [], 0

@@ -7,6 +7,7 @@ work), 1 a failure during the search, 130 interrupted (resume with --resume).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from typing import Callable, Optional
@@ -27,7 +28,7 @@ def _search(args: argparse.Namespace) -> int:
         print(_interrupted_message(cfg, args, again), file=sys.stderr)
         return 130
     from analysis.results import DONE, format_failures, format_table, load_experiment
-    from search.layout import read_meta
+    from contract.layout import read_meta
     from search.space import num_trials
 
     trials, _ = load_experiment(experiment)
@@ -72,7 +73,8 @@ def _search(args: argparse.Namespace) -> int:
         return 1 if errored else 0
     print()
     print(verdict_lines(result))
-    from search import layout, tracking
+    from contract import layout
+    from search import tracking
 
     tracking.log_verdict(layout.read_meta(experiment).get("tracking"), result.recommendation)
     if errored:
@@ -98,7 +100,51 @@ def build_parser() -> argparse.ArgumentParser:
     from analysis.cli import add_subcommands
 
     add_subcommands(sub)
+    _add_params(sub)
     return parser
+
+
+def _add_params(sub) -> None:
+    p = sub.add_parser("params", help="exact LoRA parameter counts and adapter sizes from a model config (no weights)")
+    p.add_argument("model", help="local model folder, config.json, builtin:..., or hub id (if the hub is reachable)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="ranks r (default 4 8 16 32 64)")
+    p.add_argument("--targets", nargs="+", default=["attention"],
+                   help="presets (attention-qv, attention, mlp, experts, all-linear) and/or comma-separated layer names "
+                        "matched as PEFT does, e.g. q_proj,v_proj or attn.c_proj")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own config code")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_params)
+
+
+def _params_fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _targets(values: list[str]) -> list:
+    """Each --targets value is a preset, or a comma-separated explicit list of layer names."""
+    from trainables.lora import PRESETS
+
+    return [v if "," not in v and v in PRESETS else [s for s in v.split(",") if s] for v in values]
+
+
+def _params(args: argparse.Namespace) -> int:
+    from trainables.params import format_params, parameter_table
+    from trainables.model import ModelSourceError
+
+    try:
+        rows, facts = parameter_table(args.model, args.ranks, _targets(args.targets), args.trust_remote_code)
+    except (ValueError, ModelSourceError) as exc:
+        return _params_fail(str(exc).replace("model.name_or_path:", "MODEL:", 1))  # here the model is an argument
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return _params_fail(f"MODEL: cannot read a model config from {args.model!r} (a local folder with config.json, a config.json "
+                     f"file, or a hub id when the hub is reachable): {first}")
+    if args.json:
+        print(json.dumps({"model": facts, "rows": [{**row.__dict__, "percent_of_base": row.percent_of_base} for row in rows]}, indent=2))
+    else:
+        print(format_params(rows, facts))
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -133,7 +179,7 @@ def _interrupted_message(cfg, args: argparse.Namespace, again: str) -> str:
 def _trials_in_error(trials) -> bool:
     """True (after saying so on stderr) when a trial ended in error: the search then exits 1."""
     from analysis.results import ERROR
-    from search.arms import format_lr
+    from contract.arms import format_lr
 
     if trials.empty or "status" not in trials:
         return False

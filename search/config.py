@@ -1,9 +1,8 @@
-"""The search config: one typed schema, the only place defaults live, strict parsing.
-
-Every problem in a config is collected and raised once as a `ConfigError`, each line naming the
-field path and the bad value (``lora.ranks[2]: rank must be a positive integer, got 0``). Unknown
-keys are errors. The parsed `SearchConfig` is plain data (`to_dict`) so it can travel to Ray
-workers.
+"""Loading a search config: strict YAML, `--set` overrides, parsing against the schema
+(`contract.config`: types, `Literal[...]` choices and list element types come from each field's
+annotation) and the meaning checks (`search.checks`), every problem collected and raised once as a
+`ConfigError`, each line naming the field path and the bad value (``lora.ranks[2]: rank must be a
+positive integer, got 0``). Unknown keys are errors. Also the README's generated reference blocks.
 """
 
 from __future__ import annotations
@@ -13,338 +12,23 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
-ALPHA_RULES = ("r", "2r", "rslora")
-TARGET_PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")  # = trainables.lora.PRESETS
-DATA_FORMATS = ("auto", "instruction", "completion", "alpaca", "chat", "sharegpt", "text")  # = trainables.formats.FORMATS + auto
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-SCHEDULER_TYPES = ("sha", "asha", "none")
-from search.confirm import CONFIRM_MODES, DEFAULT_CONFIRM  # noqa: E402 (pure, no imports)
-GRACE_FRACTION = 0.25  # scheduler.grace_period: null = this share of train.max_steps (bench/halving_replay.py)
-
-
-class ConfigError(ValueError):
-    """One or more config problems; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = list(problems)
-        self.source = source
-        n = len(self.problems)
-        head = f"{source}: {n} problem{'s' if n != 1 else ''}"
-        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-
-def _doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"doc": text}, **kw)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The base model every trial loads."""
-
-    name_or_path: str = _doc(
-        "hub id, local folder, or 'builtin:smollm2-135m-instruct' (shipped on PyPI, offline)",
-        default="builtin:smollm2-135m-instruct",
-    )
-    gguf_file: Optional[str] = _doc("GGUF file name inside name_or_path (dequantized on load)", default=None)
-    trust_remote_code: bool = _doc("run the model repo's own Python code (off unless you trust it)", default=False)
-
-
-@dataclass(frozen=True)
-class QuantizationConfig:
-    """How the frozen base is stored: bitsandbytes 4-bit (QLoRA) or plain."""
-
-    load_in_4bit: bool = _doc("NF4/FP4 via bitsandbytes; false = plain weights (for comparison)", default=True)
-    quant_type: str = _doc("nf4 | fp4", default="nf4")
-    double_quant: bool = _doc("also quantize the quantization constants (~0.4 bits/param saved)", default=True)
-    compute_dtype: str = _doc("auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16", default="auto")
-    prequantized_cache: bool = _doc(
-        "quantize once per machine, save the 4-bit checkpoint in the cache, load that in every trial", default=True
-    )
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Training and evaluation data."""
-
-    source: str = _doc(
-        "jsonl/json/csv/parquet/txt file, a dataset folder (datasets' save_to_disk, or a Hugging Face dataset folder), "
-        "hub dataset name, or 'builtin:chatterbot' (shipped on PyPI)",
-        default="builtin:chatterbot",
-    )
-    format: str = _doc(
-        "auto (detected from the columns, and said) | instruction {prompt, response} | completion {prompt, completion} | "
-        "alpaca {instruction, input, output} | chat {messages} | sharegpt {conversations: [{from, value}]} | text {text}",
-        default="auto",
-    )
-    split: str = _doc("dataset folder or hub name: the split trained on", default="train")
-    eval_split: Optional[str] = _doc("dataset folder or hub name: a split held out for eval (instead of the hash split)", default=None)
-    subset: Optional[str] = _doc("dataset folder or hub name: the subset (configuration name)", default=None)
-    prompt_field: str = _doc("instruction format: the prompt column", default="prompt")
-    response_field: str = _doc("instruction format: the response column (the only tokens with loss)", default="response")
-    messages_field: str = _doc("chat format: column of [{role, content}, ...] lists", default="messages")
-    text_field: str = _doc("text format: the text column", default="text")
-    use_chat_template: Union[bool, str] = _doc(
-        "instruction, alpaca, chat, sharegpt: render through the tokenizer's chat template (auto = if it has one)", default="auto"
-    )
-    eval_source: Optional[str] = _doc("separate eval file; otherwise a deterministic hash split", default=None)
-    eval_fraction: float = _doc("share of examples (by hash of the prompt) held out for eval", default=0.1)
-    max_eval_examples: Optional[int] = _doc("cap on eval examples (a fixed subset, the same for every trial)", default=None)
-    max_seq_len: int = _doc("tokens per example; longer examples are truncated", default=256)
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """The adapter: one trial per rank and seed."""
-
-    ranks: tuple = _doc("candidate ranks r (positive integers)", default=(4, 8, 16, 32, 64))
-    alpha: Union[float, str] = _doc(
-        "lora_alpha: a number (fixed: scale alpha/r) | 'r' (scale 1) | '2r' (scale 2) | 'rslora' (alpha 16, scale 16/sqrt(r))",
-        default=16.0,
-    )
-    dropout: float = _doc("LoRA dropout, in [0, 1)", default=0.05)
-    target_modules: Union[str, tuple] = _doc(
-        "attention-qv | attention | mlp | experts (MoE) | all-linear (on MoE: + experts and router) | explicit "
-        "list of names, matched as PEFT does (a name or a dotted suffix such as attn.c_proj) | a list of such "
-        "choices, searched as a dimension ([attention, mlp, all-linear], [[q_proj, v_proj], all-linear]): the "
-        "verdict is then the cheapest adequate (targets, rank) pair", default="attention"
-    )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The per-trial training loop (steps are optimizer steps)."""
-
-    learning_rate: Union[float, tuple] = _doc(
-        "peak learning rate, or a list: each rank is trained at each and judged at its best one", default=(1.0e-4, 3.0e-4, 1.0e-3)
-    )
-    lr_schedule: str = _doc("constant | linear | cosine (decay to 0 at max_steps, after warmup)", default="cosine")
-    warmup_steps: int = _doc("linear warm-up, in steps", default=0)
-    weight_decay: float = _doc("AdamW weight decay on the adapter", default=0.0)
-    max_grad_norm: Optional[float] = _doc("gradient clipping norm; null = off", default=1.0)
-    batch_size: int = _doc("examples per micro-batch", default=8)
-    eval_batch_size: Optional[int] = _doc("examples per eval batch (default: 2 x batch_size)", default=None)
-    grad_accum: int = _doc("micro-batches per optimizer step", default=1)
-    max_steps: int = _doc("optimizer steps per trial (the scheduler's max_t)", default=200)
-    eval_every: int = _doc("steps between evaluations and checkpoints (trials also evaluate at the scheduler's rungs)", default=20)
-    seeds: tuple = _doc("one trial per seed and rank; several seeds give error bars", default=(0,))
-    gradient_checkpointing: bool = _doc("trade compute for activation memory", default=False)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Early stopping of poor ranks."""
-
-    type: str = _doc(
-        "sha (successive halving: all ranks compared at each rung) | asha (asynchronous halving) | none (full grid)",
-        default="sha",
-    )
-    grace_period: Optional[int] = _doc(
-        "steps every rank trains before any can be stopped; null = 25% of max_steps",
-        default=None,
-    )
-    reduction_factor: float = _doc("keep the best 1/reduction_factor of the ranks at each rung (>= 2)", default=3)
-    confirm: str = _doc(
-        "sha only: tail (idle capacity in the search's tail trains the near-miss cheaper unit and the strongest costlier"
-        " unit on to max_steps, stopping when the last kept arm ends) | full (a started confirmation runs to max_steps)"
-        " | off (cut arms stop at once). See docs/confirmations.md",
-        default=DEFAULT_CONFIRM,
-    )
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    """What one trial asks Ray for."""
-
-    gpus_per_trial: Union[float, str] = _doc(
-        "fraction like 0.25, a whole number, 0 for CPU, or auto (fit by a memory estimate; 0 without GPUs)",
-        default="auto",
-    )
-    cpus_per_trial: int = _doc("CPU cores per trial (also torch threads on CPU)", default=1)
-    max_concurrent: Optional[int] = _doc("cap on trials running at once; null = as many as fit", default=None)
-    arms_per_worker: Union[int, str] = _doc(
-        "arms trained together on one shared 4-bit base (a pack per GPU, per node on CPU): auto (sized by the memory"
-        " estimate) or a number; 1 = one arm per worker process, each with its own base",
-        default="auto",
-    )
-    max_failures: int = _doc("retries of a failed trial, each from its last checkpoint", default=1)
-
-
-@dataclass(frozen=True)
-class BudgetConfig:
-    """A cap on the whole search, checked before any training: a short probe times optimizer steps
-    on this machine and the halving arithmetic turns them into the search's cost."""
-
-    gpu_hours: Optional[float] = _doc("GPU-hours the whole search may use (trial time x GPUs per trial); null = no cap", default=None)
-    cpu_hours: Optional[float] = _doc("on CPU: CPU-hours the whole search may use (trial time x CPUs per trial); null = no cap", default=None)
-    wall_minutes: Optional[float] = _doc("minutes of wall clock the whole search may take; null = no cap", default=None)
-    fit: str = _doc(
-        "over the budget: refuse (exit 2 with the estimate, before training) | shrink (lower train.max_steps until it "
-        "fits, never putting the first rung below the validated 30 steps, and say so)", default="refuse"
-    )
-    probe_steps: int = _doc("optimizer steps the probe times (after one untimed warm-up step)", default=3)
-
-
-BUDGET_FITS = ("refuse", "shrink")
-METRIC_MODES = ("max", "min")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """A downstream metric as the verdict's quantity (the eval loss stays beside it)."""
-
-    metric: Optional[str] = _doc(
-        "exact_match | contains (on greedy generations of the eval prompts) | module:function (called with the "
-        "generations and the references, returning a number); null = the verdict uses the eval loss", default=None
-    )
-    metric_mode: str = _doc("max (higher is better) | min", default="max")
-    max_new_tokens: int = _doc("tokens generated per eval prompt for the metric", default=32)
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-@dataclass(frozen=True)
-class MlflowConfig:
-    """MLflow: one run per trial, nested under one run for the search (which gets the verdict)."""
-
-    tracking_uri: Optional[str] = _doc("a local folder, an sqlite:///FILE.db, or an http(s):// server; null = off", default=None)
-    experiment_name: Optional[str] = _doc("the MLflow experiment; null = the search's name", default=None)
-
-
-@dataclass(frozen=True)
-class WandbConfig:
-    """Weights & Biases: one run per trial in a group named for the search, plus a verdict run."""
-
-    project: Optional[str] = _doc("the W&B project; null = off", default=None)
-    entity: Optional[str] = _doc("the W&B entity (user or team); null = your default", default=None)
-    mode: str = _doc("online | offline (files only; `wandb sync` uploads them) | disabled", default="online")
-    dir: Optional[str] = _doc("where W&B writes its run folders; null = the experiment folder", default=None)
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """Experiment trackers, through Ray Tune's logger callbacks (optional: pip install 'lora-rank-search[tracking]')."""
-
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """A whole rank search."""
-
-    name: str = _doc("experiment name: the folder under storage_path", default="rank-search")
-    storage_path: str = _doc("local folder, shared filesystem, or s3:// / gs:// URI", default="./runs")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def to_dict(self) -> dict:
-        """Plain nested dict (lists, not tuples), round-trips through `parse_config`."""
-        return _plain(dataclasses.asdict(self))
-
-    @property
-    def experiment_path(self) -> str:
-        """`storage_path/name`: the experiment directory (a path or a URI)."""
-        return self.storage_path.rstrip("/") + "/" + self.name
-
-
-@dataclass(frozen=True)
-class TrialSettings:
-    """Everything a trial needs besides its arm (r, lr, seed): the typed config sections themselves
-    (frozen dataclasses pickle to Ray workers as they are) plus what the driver worked out.
-
-    Attributes:
-        model_path: where the driver resolved the model (a per-machine cache folder for builtin and
-            GGUF models); a trial on another node resolves `model` again on its own machine.
-        targets: the LoRA target list resolved against the model (PEFT's target names); with
-            several target choices, the first choice's.
-        choices: (label, resolved targets) per target choice when the search has several (a
-            trial's config names its choice: `targets_for`); () with one.
-        rungs: optimizer steps where the scheduler compares arms: trials evaluate there too.
-        storage_marker: {'path', 'token', 'storage_path'} of the marker the driver wrote into the
-            experiment folder; every trial checks its node sees it (None outside a search).
-    """
-
-    model_path: str
-    model: ModelConfig
-    quantization: QuantizationConfig
-    lora: LoraConfig
-    train: TrainConfig
-    targets: tuple
-    cpus_per_trial: int = 1
-    rungs: tuple = ()
-    storage_marker: Optional[dict] = None
-    choices: tuple = ()
-    eval: Optional[EvalConfig] = None  # eval.metric: the downstream metric a trial evaluates (issue 22)
-
-    def targets_for(self, config: Any) -> tuple:
-        """The resolved targets of a trial's target choice (its config's `target_choice`)."""
-        from search.arms import family_of
-
-        label = family_of(config)
-        if not label or not self.choices:
-            return self.targets
-        for name, targets in self.choices:
-            if name == label:
-                return tuple(targets)
-        raise KeyError(f"target choice {label!r} is not one of this search's: {', '.join(n for n, _ in self.choices)}")
-
-
-def target_choices(cfg: SearchConfig) -> list[tuple[str, Union[str, tuple]]]:
-    """lora.target_modules as (label, spec) pairs, in the order given: one pair for a preset or a
-    flat list of module names (one explicit choice); one per element for a list of choices (a list
-    holding a preset name or a nested list). Labels: the preset, or the names joined by '+'."""
-    from search.arms import choice_label
-
-    spec = cfg.lora.target_modules
-    if isinstance(spec, str):
-        return [(spec, spec)]
-    if not _is_choice_list(spec):
-        return [(choice_label(spec), tuple(spec))]
-    return [(choice_label(c), c if isinstance(c, str) else tuple(c)) for c in spec]
-
-
-def _is_choice_list(spec: Any) -> bool:
-    """A list of choices (not one explicit list): it holds a nested list or a preset name."""
-    return isinstance(spec, (list, tuple)) and any(isinstance(c, (list, tuple)) or c in TARGET_PRESETS for c in spec)
-
-
-def learning_rates(cfg: SearchConfig) -> list[float]:
-    """train.learning_rate as a list (one value or several), in the order given."""
-    lr = cfg.train.learning_rate
-    return [float(v) for v in lr] if isinstance(lr, (tuple, list)) else [float(lr)]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+from contract.config import (  # noqa: F401 - the schema, re-exported for the driver's modules
+    ALPHA_RULES, BUDGET_FITS, COMPUTE_DTYPES, CONFIRM_MODES, DATA_FORMATS, DEFAULT_CONFIRM, GRACE_FRACTION, LR_SCHEDULES,
+    METRIC_MODES, SCHEDULER_TYPES, TARGET_PRESETS, WANDB_MODES, BudgetConfig, ConfigError, DataConfig, EvalConfig,
+    LoraConfig, MlflowConfig, ModelConfig, QuantizationConfig, ResourcesConfig, SchedulerConfig, SearchConfig,
+    TrackingConfig, TrainConfig, TrialSettings, WandbConfig, _is_choice_list, _plain, arm_values, learning_rates,
+    target_choices,
+)
+from contract.storage import is_uri as _is_uri
+from search.checks import check, check_limits, config_warnings  # noqa: F401 - config_warnings: re-exported
 
 
 # --------------------------------------------------------------------------- parsing (types)
-
-_ELEMENT_TYPES = {  # tuple-typed fields: element type
-    ("lora", "ranks"): int,
-    ("lora", "target_modules"): str,
-    ("train", "seeds"): int,
-    ("train", "learning_rate"): float,
-}
-
 
 def _is_number_string(value: Any) -> bool:
     if not isinstance(value, str):
@@ -407,7 +91,9 @@ def _union_args(tp: Any) -> tuple:
     return (tp,)
 
 
-def _coerce(value: Any, tp: Any, key: tuple, path: str, errors: list[str]) -> Any:
+def _coerce(value: Any, tp: Any, f: dataclasses.Field, path: str, errors: list[str]) -> Any:
+    """The value converted to the field's type (`tuple[T, ...]`: a list of T; `Literal[...]`: one
+    of those strings), or _BAD after recording the problem."""
     options = _union_args(tp)
     if value is None:
         if type(None) in options:
@@ -415,13 +101,21 @@ def _coerce(value: Any, tp: Any, key: tuple, path: str, errors: list[str]) -> An
         errors.append(f"{path}: a value is required, got null")
         return _BAD
     options = tuple(o for o in options if o is not type(None))
-    if key == ("lora", "target_modules") and isinstance(value, (list, tuple)):
+    if f.metadata.get("targets") and isinstance(value, (list, tuple)):
         return _coerce_targets(value, path, errors)
-    if tuple in options and isinstance(value, (list, tuple)):
-        element = _ELEMENT_TYPES[key]
+    lists = [o for o in options if o is tuple or typing.get_origin(o) is tuple]
+    if lists and isinstance(value, (list, tuple)):
+        element = (typing.get_args(lists[0]) or (str,))[0]
         items = [_coerce_scalar(v, element, f"{path}[{i}]", errors) for i, v in enumerate(value)]
         return _BAD if any(i is _BAD for i in items) else tuple(items)
-    scalars = [o for o in options if o is not tuple]
+    literal = next((o for o in options if typing.get_origin(o) is typing.Literal), None)
+    if literal is not None:
+        allowed = typing.get_args(literal)
+        if not isinstance(value, str) or value not in allowed:
+            errors.append(f"{path}: must be one of {' | '.join(allowed)}, got {value!r}")
+            return _BAD
+        return value
+    scalars = [o for o in options if o not in lists]
     if not scalars:
         errors.append(f"{path}: expected a list, got {value!r}")
         return _BAD
@@ -478,175 +172,10 @@ def _parse_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
         if dataclasses.is_dataclass(tp):
             values[name] = _parse_section(tp, raw[name], where, errors)
             continue
-        section = path.split(".")[-1] if path else ""
-        value = _coerce(raw[name], tp, (section, name), where, errors)
+        value = _coerce(raw[name], tp, f, where, errors)
         if value is not _BAD:
             values[name] = value
     return cls(**values)
-
-
-# --------------------------------------------------------------------------- checks (meaning)
-
-
-from search.storage import is_uri as _is_uri  # noqa: E402 - beside its only users
-
-
-def _check(cfg: SearchConfig) -> list[str]:
-    """Problems that need more than one field's type: ranges, choices, cross-field rules."""
-    p: list[str] = []
-
-    def choice(path: str, value: Any, options: tuple) -> None:
-        if value not in options:
-            p.append(f"{path}: must be one of {' | '.join(options)}, got {value!r}")
-
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        p.append(f"name: must be a non-empty folder name without '/', got {cfg.name!r}")
-    if not cfg.storage_path:
-        p.append(f"storage_path: must not be empty, got {cfg.storage_path!r}")
-
-    m = cfg.model
-    if not m.name_or_path:
-        p.append(f"model.name_or_path: must not be empty, got {m.name_or_path!r}")
-
-    q = cfg.quantization
-    choice("quantization.quant_type", q.quant_type, ("nf4", "fp4"))
-    choice("quantization.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
-
-    d = cfg.data
-    choice("data.format", d.format, DATA_FORMATS)
-    if isinstance(d.use_chat_template, str) and d.use_chat_template != "auto":
-        p.append(f"data.use_chat_template: must be true, false or auto, got {d.use_chat_template!r}")
-    if d.eval_source is not None and d.eval_split is not None:
-        p.append(f"data.eval_split: give data.eval_source or data.eval_split, not both, got {d.eval_split!r}")
-    if d.eval_source is None and d.eval_split is None and not (0.0 < d.eval_fraction < 1.0):
-        p.append(f"data.eval_fraction: must be in (0, 1) when no eval_source is given, got {d.eval_fraction!r}")
-    if d.max_seq_len <= 0:
-        p.append(f"data.max_seq_len: must be a positive integer, got {d.max_seq_len!r}")
-    if d.max_eval_examples is not None and d.max_eval_examples <= 0:
-        p.append(f"data.max_eval_examples: must be positive or null, got {d.max_eval_examples!r}")
-
-    lo = cfg.lora
-    if not lo.ranks:
-        p.append("lora.ranks: must list at least one rank, got []")
-    seen: set[int] = set()
-    for i, r in enumerate(lo.ranks):
-        if r <= 0:
-            p.append(f"lora.ranks[{i}]: rank must be a positive integer, got {r}")
-        elif r in seen:
-            p.append(f"lora.ranks[{i}]: duplicate rank {r}")
-        seen.add(r)
-    if isinstance(lo.alpha, str):
-        if lo.alpha not in ALPHA_RULES:
-            p.append(f"lora.alpha: must be a number or one of {' | '.join(ALPHA_RULES)}, got {lo.alpha!r}")
-    elif lo.alpha <= 0:
-        p.append(f"lora.alpha: must be positive, got {lo.alpha!r}")
-    if not (0.0 <= lo.dropout < 1.0):
-        p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout!r}")
-    if isinstance(lo.target_modules, str):
-        choice("lora.target_modules", lo.target_modules, TARGET_PRESETS)
-    elif not lo.target_modules:
-        p.append("lora.target_modules: an explicit list must name at least one module, got []")
-    elif _is_choice_list(lo.target_modules):
-        labels: set = set()
-        for i, c in enumerate(lo.target_modules):
-            where = f"lora.target_modules[{i}]"
-            if isinstance(c, str) and c not in TARGET_PRESETS:
-                p.append(f"{where}: in a list of target choices each is a preset ({' | '.join(TARGET_PRESETS)}) or a "
-                         f"list of module names (write [{c}] for one module), got {c!r}")
-            elif not isinstance(c, str) and not c:
-                p.append(f"{where}: an explicit list must name at least one module, got []")
-            else:
-                label = c if isinstance(c, str) else "+".join(c)
-                if label in labels:
-                    p.append(f"{where}: duplicate target choice {label!r}")
-                labels.add(label)
-
-    t = cfg.train
-    rates = learning_rates(cfg)
-    if not rates:
-        p.append("train.learning_rate: must list at least one learning rate, got []")
-    for i, lr in enumerate(rates):
-        where = f"train.learning_rate[{i}]" if isinstance(t.learning_rate, tuple) else "train.learning_rate"
-        if lr <= 0:
-            p.append(f"{where}: must be positive, got {lr!r}")
-    if len(set(rates)) != len(rates):
-        p.append(f"train.learning_rate: duplicate learning rates in {list(rates)}")
-    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_every"):
-        value = getattr(t, name)
-        if value <= 0:
-            p.append(f"train.{name}: must be a positive integer, got {value!r}")
-    if t.eval_batch_size is not None and t.eval_batch_size <= 0:
-        p.append(f"train.eval_batch_size: must be a positive integer or null, got {t.eval_batch_size!r}")
-    if t.warmup_steps < 0:
-        p.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps!r}")
-    elif t.max_steps > 0 and t.warmup_steps >= t.max_steps:
-        p.append(f"train.warmup_steps: must be below train.max_steps ({t.max_steps}), got {t.warmup_steps!r}")
-    if t.weight_decay < 0:
-        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay!r}")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        p.append(f"train.max_grad_norm: must be positive or null, got {t.max_grad_norm!r}")
-    if t.eval_every > 0 and t.max_steps > 0 and t.eval_every > t.max_steps:
-        p.append(f"train.eval_every: must be <= train.max_steps ({t.max_steps}), got {t.eval_every!r}")
-    if not t.seeds:
-        p.append("train.seeds: must list at least one seed, got []")
-    if len(set(t.seeds)) != len(t.seeds):
-        p.append(f"train.seeds: duplicate seeds in {list(t.seeds)}")
-
-    s = cfg.scheduler
-    choice("scheduler.type", s.type, SCHEDULER_TYPES)
-    choice("scheduler.confirm", s.confirm, CONFIRM_MODES)
-    if s.type in ("asha", "sha") and s.grace_period is not None:
-        if s.grace_period <= 0:
-            p.append(f"scheduler.grace_period: must be a positive number of steps, got {s.grace_period!r}")
-        elif t.max_steps > 0 and s.grace_period > t.max_steps:
-            p.append(f"scheduler.grace_period: must be <= train.max_steps ({t.max_steps}), got {s.grace_period!r}")
-    if s.type in ("asha", "sha"):
-        if s.reduction_factor < 2:
-            p.append(f"scheduler.reduction_factor: must be >= 2, got {s.reduction_factor!r}")
-
-    b = cfg.budget
-    for name in ("gpu_hours", "cpu_hours", "wall_minutes"):
-        value = getattr(b, name)
-        if value is not None and value <= 0:
-            p.append(f"budget.{name}: must be a positive number or null, got {value!r}")
-    choice("budget.fit", b.fit, BUDGET_FITS)
-    if b.probe_steps <= 0:
-        p.append(f"budget.probe_steps: must be a positive integer, got {b.probe_steps!r}")
-
-    ev = cfg.eval
-    choice("eval.metric_mode", ev.metric_mode, METRIC_MODES)
-    if ev.max_new_tokens <= 0:
-        p.append(f"eval.max_new_tokens: must be a positive integer, got {ev.max_new_tokens!r}")
-    if ev.metric is not None and ev.metric not in ("exact_match", "contains") and ":" not in ev.metric:
-        p.append(f"eval.metric: must be exact_match | contains | module:function, got {ev.metric!r}")
-
-    tr = cfg.tracking
-    choice("tracking.wandb.mode", tr.wandb.mode, WANDB_MODES)
-    if tr.mlflow.tracking_uri is not None and not tr.mlflow.tracking_uri.strip():
-        p.append(f"tracking.mlflow.tracking_uri: must not be empty (null = off), got {tr.mlflow.tracking_uri!r}")
-    if tr.wandb.project is not None and not tr.wandb.project.strip():
-        p.append(f"tracking.wandb.project: must not be empty (null = off), got {tr.wandb.project!r}")
-
-    r = cfg.resources
-    g = r.gpus_per_trial
-    if isinstance(g, str):
-        if g != "auto":
-            p.append(f"resources.gpus_per_trial: must be a number or auto, got {g!r}")
-    elif g < 0:
-        p.append(f"resources.gpus_per_trial: must be >= 0, got {g!r}")
-    elif g > 1 and g != int(g):
-        p.append(f"resources.gpus_per_trial: above 1 it must be a whole number of GPUs, got {g!r}")
-    if r.cpus_per_trial <= 0:
-        p.append(f"resources.cpus_per_trial: must be a positive integer, got {r.cpus_per_trial!r}")
-    if r.max_concurrent is not None and r.max_concurrent <= 0:
-        p.append(f"resources.max_concurrent: must be a positive integer or null, got {r.max_concurrent!r}")
-    if r.max_failures < 0:
-        p.append(f"resources.max_failures: must be >= 0, got {r.max_failures!r}")
-    a = r.arms_per_worker
-    if isinstance(a, str) and a != "auto" or not isinstance(a, str) and a < 1:
-        p.append(f"resources.arms_per_worker: must be a positive whole number or auto, got {a!r}")
-    return p
 
 
 # --------------------------------------------------------------------------- entry points
@@ -704,7 +233,7 @@ def parse_config(raw: Any, source: str = "config", base_dir: Optional[Path] = No
     cfg = _parse_section(SearchConfig, raw, "", errors)
     # Fields with a type error keep their default; skip meaning checks that involve them.
     bad = {e.split(":", 1)[0].split("[", 1)[0] for e in errors}
-    errors.extend(p for p in _check(cfg) + _check_limits(cfg) if not any(b in p for b in bad))
+    errors.extend(p for p in check(cfg) + check_limits(cfg) if not any(b in p for b in bad))
     if errors:
         raise ConfigError(errors, source)
     return _absolutize(cfg, base_dir or Path.cwd())
@@ -755,7 +284,7 @@ METRICS_MARKERS = ("<!-- metrics-reference:start -->", "<!-- metrics-reference:e
 
 def readme_blocks() -> dict:
     """(start, end) markers -> the generated text between them."""
-    from trainables.metrics import describe_metrics
+    from contract.metrics import describe_metrics
 
     return {README_MARKERS: describe_schema(), METRICS_MARKERS: describe_metrics()}
 
@@ -773,23 +302,7 @@ def update_readme(path: str | os.PathLike = "README.md") -> bool:
     return text != original
 
 
-# --------------------------------------------------------------------------- reading the file, limits, warnings
-
-NAME_MAX_BYTES = 255  # one folder name (Linux, macOS)
-PATH_MAX_BYTES = 3800  # a whole path, leaving room for the trial folders and files below it (PATH_MAX 4096)
-MAX_STEPS_LIMIT = 10_000_000  # optimizer steps per trial beyond which no budget can be meant
-MAX_SEED = 2**32 - 1  # numpy's and torch's seed range
-LR_REFUSED = (1e-10, 1.0)  # a learning rate outside [low, high) cannot be meant for AdamW on an adapter
-LR_USUAL = (1e-6, 0.1)  # outside this range: warned about
-SIZE_LIMITS = {  # (section, key): the largest value that can be meant
-    ("train", "batch_size"): 65536,
-    ("train", "eval_batch_size"): 65536,
-    ("train", "grad_accum"): 65536,
-    ("data", "max_seq_len"): 1_048_576,
-    ("resources", "max_failures"): 100,
-}
-MIN_GPU_FRACTION = 0.01
-PATH_FIELDS = ("name", "storage_path", "model.name_or_path", "model.gguf_file", "data.source", "data.eval_source")
+# --------------------------------------------------------------------------- reading the file
 
 
 def warn(line: str) -> None:
@@ -861,89 +374,3 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}"], source)
     return raw
-
-
-def _shown(value: str, limit: int = 60) -> str:
-    """repr of a string, shortened when long (the length is said)."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value)} characters)"
-
-
-def _path_problem(where: str, value: str) -> Optional[str]:
-    """Why the filesystem would refuse this name or path, or None."""
-    if "\x00" in value:
-        return f"{where}: must not contain a NUL byte, got {_shown(value)}"
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        return f"{where}: must not contain control characters (newline, tab, ...), got {_shown(value)}"
-    try:
-        encoded = os.fsencode(value)
-    except UnicodeError:
-        return f"{where}: cannot be written as a file name on this system, got {_shown(value)}"
-    if _is_uri(value):
-        return None
-    if where == "name":
-        if len(encoded) > NAME_MAX_BYTES:
-            return f"name: must be at most {NAME_MAX_BYTES} bytes (a folder name), got {_shown(value)}"
-        return None
-    if len(encoded) > PATH_MAX_BYTES:
-        return f"{where}: path too long ({len(encoded)} bytes; at most {PATH_MAX_BYTES}), got {_shown(value)}"
-    for part in encoded.split(b"/"):
-        if len(part) > NAME_MAX_BYTES:
-            return f"{where}: a folder or file name in it is longer than {NAME_MAX_BYTES} bytes, got {_shown(value)}"
-    return None
-
-
-def _check_limits(cfg: SearchConfig) -> list[str]:
-    """Values no user can mean: names and paths the filesystem refuses, absurd sizes and rates."""
-    p: list[str] = []
-    plain = cfg.to_dict()
-    for dotted in PATH_FIELDS:
-        value: Any = plain
-        for part in dotted.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, str) and value:
-            problem = _path_problem(dotted, value)
-            if problem:
-                p.append(problem)
-    experiment = cfg.experiment_path
-    if not _is_uri(experiment) and not p and len(os.fsencode(os.path.abspath(os.path.expanduser(experiment)))) > PATH_MAX_BYTES:
-        p.append(f"name: storage_path/name is too long a path (more than {PATH_MAX_BYTES} bytes), got {_shown(cfg.name)}")
-
-    t = cfg.train
-    if t.max_steps > MAX_STEPS_LIMIT:
-        p.append(f"train.max_steps: at most {MAX_STEPS_LIMIT:,} steps per trial can be meant, got {t.max_steps!r}")
-    low, high = LR_REFUSED
-    for i, lr in enumerate(learning_rates(cfg)):
-        where = "train.learning_rate" + (f"[{i}]" if isinstance(t.learning_rate, (list, tuple)) else "")
-        if isinstance(lr, (int, float)) and lr > 0 and not (low <= lr < high):
-            p.append(f"{where}: a learning rate must be in [{low:g}, {high:g}) to be meant for AdamW on an adapter, got {lr!r}")
-    for i, seed in enumerate(t.seeds):
-        if not (0 <= seed <= MAX_SEED):
-            p.append(f"train.seeds[{i}]: a seed must be in [0, {MAX_SEED}], got {seed!r}")
-    for (section, key), limit in SIZE_LIMITS.items():
-        value = getattr(getattr(cfg, section), key)
-        if isinstance(value, int) and value > limit:
-            p.append(f"{section}.{key}: at most {limit:,} can be meant, got {value!r}")
-    g = cfg.resources.gpus_per_trial
-    if not isinstance(g, str) and 0 < g < MIN_GPU_FRACTION:
-        p.append(f"resources.gpus_per_trial: a fraction below {MIN_GPU_FRACTION:g} GPU per trial cannot be meant, got {g!r}")
-    return p
-
-
-def config_warnings(cfg: SearchConfig) -> list[str]:
-    """Accepted but unusual values: one line each, `<field>: ...` (printed as warnings)."""
-    out: list[str] = []
-    t = cfg.train
-    low, high = LR_USUAL
-    for i, lr in enumerate(learning_rates(cfg)):
-        where = "train.learning_rate" + (f"[{i}]" if isinstance(t.learning_rate, (list, tuple)) else "")
-        if isinstance(lr, (int, float)) and lr > 0 and not (low <= lr <= high):
-            side = "high" if lr > high else "low"
-            out.append(f"{where}: {lr:g} is unusually {side} for LoRA with AdamW (usual: {low:g} to {high:g})")
-    if t.eval_every > 0 and t.max_steps // t.eval_every > 1000:
-        out.append(
-            f"train.eval_every: {t.max_steps // t.eval_every:,} evaluations and checkpoints per trial "
-            f"(max_steps {t.max_steps} / eval_every {t.eval_every}); each one costs an eval pass and a checkpoint write"
-        )
-    return out

@@ -30,8 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Collection, Hashable, Mapping, Optional, Sequence, Union
 
-CONFIRM_MODES = ("off", "tail", "full")
-DEFAULT_CONFIRM = "tail"
 # A cheaper unit cut at a rung with at least this share of the best unit's gain over the base there is
 # a near miss. Halving already keeps a cheaper unit at KEEP_SHARE (80%) of the best gain unless a kept
 # unit that costs no more is as good, so the cheaper units it cuts sit below 80% or were cut for that

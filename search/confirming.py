@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ray.tune.experiment import Trial
 
-from search.arms import arm_of, unit_of
+from contract.arms import arm_of, unit_of
 from search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ class Confirmations:
         self._write_record()
 
     def confirmation_record(self) -> dict:
-        """What `confirmations.json` holds (`search.layout.CONFIRMATIONS_FILE`)."""
+        """What `confirmations.json` holds (`contract.layout.CONFIRMATIONS_FILE`)."""
         by_id = {t.trial_id: t for t in self._trials}
         rows = []
         for tid, c in sorted(self._challengers.items()):
@@ -218,7 +218,7 @@ class Confirmations:
         if self._confirm == "off" or not self._trials:
             return
         try:
-            from search.layout import CONFIRMATIONS_FILE
+            from contract.layout import CONFIRMATIONS_FILE
 
             storage = self._trials[0].storage
             path = f"{storage.experiment_fs_path}/{CONFIRMATIONS_FILE}"

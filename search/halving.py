@@ -7,7 +7,7 @@ they are, and the early arrivals always train to the end. Successive halving wai
 rank has reached the rung, keeps the best ceil(n / reduction_factor) ranks and stops the rest, so
 each decision compares all ranks at the same step. A rank searched at several learning rates is
 scored by its best one, and within a kept rank only the best ceil(m / reduction_factor) of its m
-learning rates go on (`search.arms` names the roles; all seeds of an arm go on or stop together).
+learning rates go on (`contract.arms` names the roles; all seeds of an arm go on or stop together).
 With several target choices (`lora.target_modules` as a list), ranks are compared within a choice
 and the choices by their best rank: the best ceil(c / reduction_factor) choices go on, and within
 each the best ceil(n / reduction_factor) of its ranks. Besides those, a rank whose best arm already
@@ -30,6 +30,9 @@ The decisions are a pure function of the losses reported at the rungs (`decide`)
 every event; a rung's survivors are frozen once decided, so a late report cannot undo a stop.
 After `--resume` the scheduler reads the rung losses back from each trial's result.json, so the
 decisions come out as they would have without the interruption.
+
+Over 400 lines on purpose: the pure decision (`decide`, tested as a state machine) sits beside the
+Tune scheduler that feeds it, so the two cannot drift; confirmations are `search.confirming`.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from typing import Any, Hashable, Iterable, Mapping, Optional, Sequence
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from search.arms import arm_of, family_of, unit_of
-from search.layout import RESULT_FILE
+from contract.arms import arm_of, family_of, unit_of
+from contract.layout import RESULT_FILE
 from search.confirming import Confirmations, _controller
 
 logger = logging.getLogger(__name__)
@@ -133,7 +136,7 @@ def decide(
     """Successive halving as a pure function of what was reported.
 
     Args:
-        groups: trial -> its unit (the rank: what is kept or cut as a whole; see `search.arms`).
+        groups: trial -> its unit (the rank: what is kept or cut as a whole; see `contract.arms`).
         scores: trial -> {rung step: eval loss reported there} (NaN/inf for a failed evaluation).
         ended: trials that ended on their own (finished, failed for good): not waited for.
         rungs: the rung steps, ascending.

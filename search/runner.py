@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from search import storage
-from search.arms import format_lr
-from search import layout
+from contract.arms import format_lr
+from contract import layout
 from search.address import address_problem
 from search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, flatten, missing_config, recovery
 from search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from search.arms import CHOICE_KEY
-from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, learning_rates, target_choices
+from contract.arms import CHOICE_KEY, DIMENSIONS, RANK_KEY
+from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, arm_values
 from trainables.lora import alpha_label
 
 METRIC = "eval_loss"
@@ -21,27 +22,29 @@ def rank_order(ranks: Sequence[int]) -> list[int]:
 
 
 def param_space(cfg: SearchConfig) -> dict[str, Any]:
-    """One trial per ([target choice,] rank, learning rate, seed) (see `search.arms`); the alpha rule
-    rides along as a label, and so does the target choice when there is only one."""
+    """One trial per arm and seed: every dimension of `contract.arms.Arm` searched over its values
+    (a dimension searched only sometimes, such as the target choice, only when it has several);
+    the alpha rule rides along as a label, and so does the target choice when there is only one."""
     from ray import tune
 
-    space = {
-        "r": tune.grid_search(rank_order(cfg.lora.ranks)),
-        "lr": tune.grid_search(learning_rates(cfg)),
-        "seed": tune.grid_search([int(s) for s in cfg.train.seeds]),
-        "alpha_rule": alpha_label(cfg.lora.alpha),
-    }
-    choices = [label for label, _ in target_choices(cfg)]
-    if len(choices) > 1:
-        space[CHOICE_KEY] = tune.grid_search(choices)
-    else:
+    values = arm_values(cfg)
+    space: dict[str, Any] = {}
+    # dimensions searched only sometimes come last, so a search without them expands as it always did
+    for f in sorted(DIMENSIONS, key=lambda f: f.metadata["optional"]):
+        if f.name == CHOICE_KEY:
+            space["alpha_rule"] = alpha_label(cfg.lora.alpha)
+        grid = values[f.name]
+        if f.metadata["optional"] and len(grid) == 1:
+            continue
+        space[f.name] = tune.grid_search(rank_order(grid) if f.name == RANK_KEY else grid)
+    if len(values[CHOICE_KEY]) == 1:
         spec = cfg.lora.target_modules
         space["target_preset"] = spec if isinstance(spec, str) else ",".join(spec)
     return space
 
 
 def num_trials(cfg: SearchConfig) -> int:
-    return len(target_choices(cfg)) * len(cfg.lora.ranks) * len(learning_rates(cfg)) * len(cfg.train.seeds)
+    return math.prod(len(v) for v in arm_values(cfg).values())
 
 
 def trial_settings(cfg: SearchConfig, model_path: str, targets: Union[Sequence[str], Mapping[str, Sequence[str]]]) -> TrialSettings:
@@ -76,35 +79,50 @@ def grace_steps(cfg: SearchConfig) -> int:
 def rung_steps(cfg: SearchConfig) -> list[int]:
     """The steps at which the scheduler compares ranks (empty for the full grid). Trials evaluate
     at these steps besides every eval_every, so a rung never waits for the next evaluation."""
-    s, t = cfg.scheduler, cfg.train
-    if s.type == "none":
-        return []
-    grace = grace_steps(cfg)
-    if s.type == "sha":
-        from search.halving import halving_rungs
+    return scheduler_for(cfg).rungs(cfg)
 
-        return halving_rungs(grace, t.max_steps, s.reduction_factor)
-    # ASHA's milestones, as Ray's bracket computes them
+
+def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
+    """The configured scheduler on `step` (grace period and max_t in optimizer steps), or None for
+    the full grid. Metric and mode come from TuneConfig."""
+    return scheduler_for(cfg).make(cfg)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """One `scheduler.type`: its Tune scheduler (None: the full grid) and the steps where it compares arms."""
+
+    make: Callable[[SearchConfig], Optional[Any]]
+    rungs: Callable[[SearchConfig], list]
+
+
+def _sha_rungs(cfg: SearchConfig) -> list[int]:
+    from search.halving import halving_rungs
+
+    return halving_rungs(grace_steps(cfg), cfg.train.max_steps, cfg.scheduler.reduction_factor)
+
+
+def _asha_rungs(cfg: SearchConfig) -> list[int]:
+    """ASHA's milestones, as Ray's bracket computes them."""
+    t, s, grace = cfg.train, cfg.scheduler, grace_steps(cfg)
     count = int(math.log(t.max_steps / grace) / math.log(s.reduction_factor) + 1)
     return [int(grace * s.reduction_factor**k) for k in range(count) if grace * s.reduction_factor**k < t.max_steps]
 
 
-def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
-    """Successive halving (default) or ASHA on `step` (grace period and max_t in optimizer
-    steps), or None for the full grid. Metric and mode come from TuneConfig."""
-    if cfg.scheduler.type == "none":
-        return None
-    if cfg.scheduler.type == "sha":
-        from search.halving import SuccessiveHalving
+def _make_sha(cfg: SearchConfig) -> Any:
+    from search.halving import SuccessiveHalving
 
-        return SuccessiveHalving(
-            time_attr=TIME_ATTR,
-            max_t=cfg.train.max_steps,
-            rungs=rung_steps(cfg),
-            reduction_factor=cfg.scheduler.reduction_factor,
-            score_attr="best_eval_loss",  # best so far, as the selection rule compares ranks
-            confirm=cfg.scheduler.confirm,
-        )
+    return SuccessiveHalving(
+        time_attr=TIME_ATTR,
+        max_t=cfg.train.max_steps,
+        rungs=rung_steps(cfg),
+        reduction_factor=cfg.scheduler.reduction_factor,
+        score_attr="best_eval_loss",  # best so far, as the selection rule compares ranks
+        confirm=cfg.scheduler.confirm,
+    )
+
+
+def _make_asha(cfg: SearchConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -114,3 +132,20 @@ def make_scheduler(cfg: SearchConfig) -> Optional[Any]:
         reduction_factor=cfg.scheduler.reduction_factor,
         brackets=1,
     )
+
+
+# scheduler.type -> its scheduler: the config's Literal lists the same names (a test compares them)
+SCHEDULERS = {
+    "sha": Scheduler(make=_make_sha, rungs=_sha_rungs),  # synchronous successive halving (search.halving), the default
+    "asha": Scheduler(make=_make_asha, rungs=_asha_rungs),  # Ray's asynchronous halving
+    "none": Scheduler(make=lambda cfg: None, rungs=lambda cfg: []),  # the full grid
+}
+
+
+def scheduler_for(cfg: SearchConfig) -> Scheduler:
+    """The registered scheduler of `scheduler.type`; an unregistered one is an error, not a fallback."""
+    try:
+        return SCHEDULERS[cfg.scheduler.type]
+    except KeyError:
+        raise ValueError(f"scheduler.type: no scheduler is registered as {cfg.scheduler.type!r} "
+                         f"(registered: {' | '.join(SCHEDULERS)})") from None

@@ -125,14 +125,14 @@ FAKE_TRIALS = {
 
 
 def write_fake_experiment(root) -> str:
-    """Write an experiment folder in the layout a real search leaves (search.layout), by hand: no
+    """Write an experiment folder in the layout a real search leaves (contract.layout), by hand: no
     Ray, no model. Returns its path."""
     import json
     from pathlib import Path
 
     import yaml
 
-    from search import layout
+    from contract import layout
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def write_fake_choice_experiment(root) -> str:
     import json
     from pathlib import Path
 
-    from search import layout
+    from contract import layout
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

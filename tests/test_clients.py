@@ -245,7 +245,7 @@ def test_4bit_moe_trial_trains_what_the_calculator_counts(tmp_path, monkeypatch)
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from analysis.params import parameter_table
+    from trainables.params import parameter_table
     from trainables.tiny import build_tokenizer, word_list
     from trainables.trial import build_model
 

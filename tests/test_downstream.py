@@ -94,11 +94,11 @@ def test_a_trial_reports_the_metric_and_the_base_value_and_survives_a_raising_fu
 
 
 def _experiment(root, curves: dict, metric: dict) -> str:
-    """A hand-made experiment folder (search.layout): r -> {step: eval loss} and {step: metric}."""
+    """A hand-made experiment folder (contract.layout): r -> {step: eval loss} and {step: metric}."""
     import json
     from pathlib import Path
 
-    from search import layout
+    from contract import layout
 
     root = Path(root)
     root.mkdir(parents=True)

@@ -69,6 +69,7 @@ def test_expert_weights_go_to_target_parameters_without_dropout():
         "lora.dropout: must be 0 when the targets include MoE expert or router weights (experts.down_proj, "
         "experts.gate_up_proj): PEFT applies no dropout to target_parameters, got 0.05"]
     assert dropout_problems(["q_proj"], 0.05) == []
+    assert dropout_problems(targets, (0.0,)) == [] and len(dropout_problems(targets, (0.0, 0.1))) == 1, "a list: each value"
     with pytest.raises(ValueError, match="lora.dropout: must be 0"):
         peft_config(4, "2r", 0.05, targets)
 

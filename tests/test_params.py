@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from analysis.params import adapter_file_bytes, format_params, parameter_table
+from trainables.params import adapter_file_bytes, format_params, parameter_table
 from search.cli import main
 
 TINY = dict(vocab_size=96, max_position_embeddings=64)

@@ -11,7 +11,7 @@ import os
 from analysis.results import load_experiment
 from search.config import parse_config
 from search.runner import run_search
-from trainables.metrics import REPORTED
+from contract.metrics import REPORTED
 import pytest
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains

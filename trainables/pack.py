@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from search.config import TrialSettings
-from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS
-from search.layout import TRAINER_STATE_FILE as STATE_FILE
+from contract.config import TrialSettings
+from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS
+from contract.layout import TRAINER_STATE_FILE as STATE_FILE
 from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
 from trainables.failures import DIVERGED, OK, OOM, out_of_memory_detail, planned_fault
 from trainables.lora import alpha_label, lora_alpha, peft_config, split_targets
@@ -180,7 +180,7 @@ class Pack:
         targets = tuple(s.targets_for(config))
         self._names += 1
         arm = Arm(key=key, name=f"arm{self._names}", config=dict(config), r=r, lr=lr, seed=seed, targets=targets)
-        lora_cfg = peft_config(r, s.lora.alpha, s.lora.dropout, list(targets))
+        lora_cfg = peft_config(r, s.lora.alpha, s.for_arm(config).lora.dropout, list(targets))
         torch.manual_seed(seed)  # LoRA A's initialisation, the same alone or packed
         if self.model is None:
             from peft import get_peft_model
@@ -246,7 +246,7 @@ class Pack:
         from peft.tuners.lora.layer import LoraLayer
 
         dropout_class = _keyed_dropout_class()
-        p = float(self.settings.lora.dropout)
+        p = float(self.settings.for_arm(arm.config).lora.dropout)
         for module_name, module in self.model.named_modules():
             if not isinstance(module, LoraLayer) or arm.name not in getattr(module, "lora_A", {}):
                 continue
@@ -459,7 +459,7 @@ class Pack:
         return {key: total / max(count, 1) for key, total in totals.items()}
 
     def report(self, keys: Sequence[str]) -> dict[str, dict]:
-        """Evaluate the arms and return each one's metrics (as `trainables.metrics` declares them)."""
+        """Evaluate the arms and return each one's metrics (as `contract.metrics` declares them)."""
         from trainables.trial import peak_memory_bytes
 
         tick = time.perf_counter()

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from search.config import TrialSettings
+from contract.config import TrialSettings
+from contract.metrics import checked_report
 from trainables.data import TokenizedData
 
 SERVER_PREFIX = "lrs-pack-"
@@ -387,11 +388,11 @@ def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: O
             status, metrics, files = ray.get(server.advance.remote(key, next_report_step(step, settings)))
             metrics = {**here, **metrics, "elapsed_s": time.time() - started}
             if status != "ok":
-                tune.report(metrics)
+                tune.report(checked_report(metrics))
                 return
             folder = write_folder(files, Path(tempfile.mkdtemp(prefix="lrs-ckpt-")))
             try:
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+                tune.report(checked_report(metrics), checkpoint=tune.Checkpoint.from_directory(str(folder)))
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             step = int(metrics["step"])

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from search.config import QuantizationConfig
+from contract.config import QuantizationConfig
 
 QUANT_4BIT = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="float32")
 DEFAULT_TARGETS = ("o_proj", "down_proj")  # layers that write into the residual stream: a strong effect per rank

@@ -10,12 +10,23 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
-from search.budget import Probe
-from search.config import TrialSettings
+from contract.config import TrialSettings
 from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
 
 EVAL_BATCHES_TIMED = 4
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the probe measured on this machine (seconds)."""
+
+    load_s: float  # loading the 4-bit base and attaching the adapter
+    step_s: float  # one optimizer step (batch_size x grad_accum examples), median of the timed steps
+    eval_s: float  # one evaluation pass over the eval split
+    steps: int = 0  # optimizer steps timed
+    device: str = "cpu"
 
 
 def probe(settings: TrialSettings, data: TokenizedData, r: int, steps: int = 3) -> Probe:

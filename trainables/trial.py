@@ -4,6 +4,8 @@
 (metrics, checkpoint folder) and an optional checkpoint folder to resume from. `lora_trial` is the
 Ray Tune function trainable that wires it to `tune.report` / `tune.get_checkpoint`, and a bare loop
 (bench/overhead.py) can call `run_trial` directly.
+Slightly over 400 lines: the recipe plus the process glue a trial needs (device, checkpoints to
+restore from, the node check, quiet libraries); the training itself is `trainables.pack`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from search.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
-from search.config import TrialSettings
-from search.layout import TRAINER_STATE_FILE as STATE_FILE
+from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
+from contract.config import TrialSettings
+from contract.layout import TRAINER_STATE_FILE as STATE_FILE
+from contract.metrics import checked_report
 from trainables.data import TokenizedData, eval_batches
 from trainables.failures import OK, OOM, out_of_memory_detail
 from trainables.lora import peft_config
@@ -49,7 +52,7 @@ def build_model(settings: TrialSettings, r: int, device: str, targets: Optional[
     (default: settings.targets)."""
     from peft import get_peft_model
 
-    lora = settings.lora
+    lora = settings.for_arm({"r": r}).lora
     return get_peft_model(load_base(settings, device),
                           peft_config(r, lora.alpha, lora.dropout, list(settings.targets if targets is None else targets)))
 
@@ -170,6 +173,7 @@ def run_trial(
 
     # ---- setup
     started = time.time()
+    report = _checked(report)  # every report keeps to contract/metrics.py
     if restore_from and saved_step(restore_from) >= settings.train.max_steps:
         return {}  # it had finished when its driver was killed: nothing to redo, no model to load
     pack = Pack(settings, data, threads=threads)
@@ -203,6 +207,10 @@ def run_trial(
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     return metrics
+
+
+def _checked(report: Report) -> Report:
+    return lambda metrics, folder: report(dict(checked_report(metrics)), folder)
 
 
 def process_metrics(started: float, load_seconds: float) -> dict:
@@ -291,7 +299,7 @@ def on_this_node(settings: TrialSettings) -> TrialSettings:
 
     Raises NodeSetupError, before any weights load, naming the node and what to fix.
     """
-    from search.storage import SHARED_STORAGE_HINT, sees_marker
+    from contract.storage import SHARED_STORAGE_HINT, sees_marker
     from trainables.model import ModelSourceError, resolve_model
 
     node = _node_ip()

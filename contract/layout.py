@@ -23,11 +23,10 @@ search and the analysis: the analysis reads only what is on disk. Both halves im
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Mapping, Optional
 
-from search import storage
-from search.arms import family_of, format_lr
+from contract import storage
+from contract.arms import DIMENSIONS, Arm
 
 CONFIG_FILE = "lora_rank_search.yaml"
 META_FILE = "search_meta.json"
@@ -47,37 +46,28 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 ANALYSIS_DIR = "analysis"
 TRIAL_OUTPUTS = (RESULT_FILE, PROGRESS_FILE, *ERROR_FILES)  # a trial folder holding any of these has run
 
-_DIRNAME = re.compile(
-    r"^(?:(?P<choice>[^/]+?)_)?r(?P<r>\d+)(?:_lr(?P<lr>[^_]+))?_seed(?P<seed>-?\d+)_(?P<trial_id>.+)$")
-
-
-def _choice_prefix(config: Mapping[str, Any], sep: str) -> str:
-    choice = family_of(config)
-    return f"{choice}{sep}" if choice else ""
-
-
 def trial_name(config: Mapping[str, Any]) -> str:
     """'r8-lr3e-4-seed0' ('mlp-r8-lr3e-4-seed0' with several target choices): how progress lines
-    and Tune name a trial."""
-    return f"{_choice_prefix(config, '-')}r{config['r']}-lr{format_lr(config['lr'])}-seed{config['seed']}"
+    and Tune name a trial (`Arm.name`)."""
+    return Arm.of(config).name()
 
 
 def trial_dirname(config: Mapping[str, Any], trial_id: str) -> str:
     """'r0008_lr3e-4_seed0_<trial id>' ('mlp_r0008_...' with several target choices): trial folders
-    sort by target choice, rank, then learning rate."""
-    return f"{_choice_prefix(config, '_')}r{int(config['r']):04d}_lr{format_lr(config['lr'])}_seed{config['seed']}_{trial_id}"
+    sort by target choice, rank, then the nuisance (`Arm.dirname`)."""
+    return Arm.of(config).dirname(trial_id)
 
 
 def parse_trial_dirname(name: str) -> Optional[dict]:
-    """{'r', 'lr' (None in folders from before learning-rate lists), 'seed', 'trial_id',
-    'target_choice' ('' with one target choice)} of a trial folder name, or None when the name is
-    not one of ours."""
-    match = _DIRNAME.match(name)
-    if not match:
+    """The arm's coordinates of a trial folder name (`Arm` fields: 'r', 'lr' (None in folders from
+    before learning-rate lists), 'seed', 'target_choice' ('' with one target choice), ...) and its
+    'trial_id', or None when the name is not one of ours."""
+    parsed = Arm.parse_dirname(name)
+    if parsed is None:
         return None
-    lr = match["lr"]
-    return {"r": int(match["r"]), "lr": float(lr) if lr else None, "seed": int(match["seed"]), "trial_id": match["trial_id"],
-            "target_choice": match["choice"] or ""}
+    arm, trial_id = parsed
+    present = {f.name: getattr(arm, f.name) for f in DIMENSIONS if getattr(arm, f.name) is not None or not f.metadata["optional"]}
+    return {**present, "trial_id": trial_id}
 
 
 def is_resumable(names) -> bool:
