@@ -16,7 +16,8 @@ import json
 import os
 from typing import Mapping, Optional
 
-from search import layout, storage
+from contract import layout
+from search import storage
 from search.config import ConfigError, warn
 
 FINGERPRINTS = "fingerprints"  # the search_meta.json key

@@ -91,7 +91,8 @@ def test_auto_sizes_the_fraction_from_the_device_memory_and_ray_packs_trials_by_
     import ray
 
     from analysis.results import load_experiment
-    from search import layout, runner
+    from contract import layout
+    from search import runner
     from search.config import parse_config
 
     ray_session(num_cpus=4, num_gpus=2)  # Ray schedules these GPUs; torch never sees CUDA
