@@ -102,7 +102,7 @@ print("kept running", flush=True)
 @pytest.mark.parametrize("installed", [False, True])
 def test_a_sigterm_exit_inside_a_callback_exits_without_a_traceback(installed):
     install = "from trainables.trial import exit_quietly_on_sigterm; exit_quietly_on_sigterm()" if installed else ""
-    done = subprocess.run([sys.executable, "-c", _EXIT_IN_CALLBACK.format(install=install)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", _EXIT_IN_CALLBACK.format(install=install)], capture_output=True, text=True, timeout=600)
     if installed:
         assert (done.returncode, done.stdout, done.stderr) == (1, "", "")
     else:  # plain Python: the exit is ignored, with a traceback, and the process goes on
