@@ -59,8 +59,9 @@ def test_every_report_has_every_metric_and_sane_values(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path):
-    cfg, prepared, settings = setup(train={"max_steps": 30, "eval_every": 10})
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # with dropout, the masks after the resume must be the same ones too
+def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path, dropout):
+    cfg, prepared, settings = setup(train={"max_steps": 30, "eval_every": 10}, lora={"dropout": dropout})
     full, partial = [], []
     saved = tmp_path / "ckpt10"
 
