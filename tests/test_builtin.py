@@ -10,6 +10,8 @@ import pytest
 from search.config import load_config
 from search.runner import prepare
 
+pytestmark = pytest.mark.slow  # every test here loads the real model (its conversion from GGUF: ~20-50 s)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,7 +42,6 @@ def test_quickstart_data_is_split_by_question(quickstart):
     assert prepared.data_stats["train_examples"] > 1500
 
 
-@pytest.mark.slow
 def test_quickstart_model_loads_in_4bit(quickstart):
     import bitsandbytes as bnb
     import torch

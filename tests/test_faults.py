@@ -129,38 +129,34 @@ def test_a_trial_restored_from_its_final_checkpoint_ends_without_loading_the_mod
     assert reports == [] and len(weight_loads) == loads
 
 
-def _search_with_a_corrupted_checkpoint(raw_config, tmp_path, monkeypatch, capsys, name: str, fault: str, max_steps: int):
-    """One r=2 trial (retried once) whose checkpoint the fault hook truncates; (exit code, stderr, trials, history)."""
-    monkeypatch.setenv(FAULT_ENV, fault)
-    raw = raw_config(name=name, lora={"ranks": [2]}, train={"max_steps": max_steps, "eval_every": 10},
+CORRUPT = ";".join([
+    "r=2:step=25:kind=corrupt:once",  # the newest checkpoint (step 20) truncated: the retry falls back to step 10
+    "r=4:step=15:kind=corrupt:once",  # the only checkpoint (step 10) truncated: the retry finds none that loads
+])
+
+
+@pytest.mark.slow
+def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one_and_with_none_left_the_trial_fails_naming_it(
+        raw_config, tmp_path, monkeypatch, capsys):
+    """One search for both cases (each trial retried once): r=2 crashes at step 25 after its newest
+    checkpoint was truncated, and its retry resumes from step 10; r=4's only checkpoint is
+    truncated, so its retry fails naming the file, and the search exits 1 for it alone."""
+    monkeypatch.setenv(FAULT_ENV, CORRUPT)
+    raw = raw_config(name="corrupt", lora={"ranks": [2, 4]}, train={"max_steps": 30, "eval_every": 10},
                      scheduler={"type": "none"}, resources={"max_failures": 1})
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     code = main(["search", str(config)])
     _, err = capsys.readouterr()
-    trials, history = load_experiment(str(tmp_path / "runs" / name))
-    return code, err, trials, history
+    trials, history = load_experiment(str(tmp_path / "runs" / "corrupt"))
+    by_r = {int(t.r): t for t in trials.itertuples()}
 
+    assert (by_r[2].status, by_r[2].steps, by_r[2].retries) == ("completed", 30, 1), err[-3000:]
+    rows = history[history["trial_id"] == by_r[2].trial_id]
+    assert rows.set_index("step")["resumed_from_step"].to_dict() == {10: 0, 20: 10, 30: 10}, "resumed from step 10, not 20"
 
-@pytest.mark.slow
-def test_a_corrupted_newest_checkpoint_is_skipped_and_the_trial_resumes_from_the_previous_one(raw_config, tmp_path, monkeypatch, capsys):
-    # At step 25 the newest checkpoint (step 20) is truncated and the trial crashes; its retry finds
-    # that checkpoint unloadable, falls back to the step-10 one and finishes.
-    code, err, trials, history = _search_with_a_corrupted_checkpoint(
-        raw_config, tmp_path, monkeypatch, capsys, "corrupt", "r=2:step=25:kind=corrupt:once", 30)
-    assert code == 0, err[-3000:]
-    row = trials.iloc[0]
-    assert (row.status, row.steps, row.retries) == ("completed", 30, 1)
-    assert history.set_index("step")["resumed_from_step"].to_dict() == {10: 0, 20: 10, 30: 10}, "resumed from step 10, not 20"
-
-
-@pytest.mark.slow
-def test_a_trial_whose_every_checkpoint_is_unusable_fails_naming_the_file_and_the_search_exits_1(raw_config, tmp_path, monkeypatch, capsys):
-    # The only checkpoint (step 10) is truncated.
-    code, err, trials, _ = _search_with_a_corrupted_checkpoint(
-        raw_config, tmp_path, monkeypatch, capsys, "corrupt-all", "r=2:step=15:kind=corrupt:once", 20)
+    assert by_r[4].status == "error"
+    assert "no kept checkpoint of this trial loads:" in by_r[4].failure
+    assert "checkpoint_000000/adapter/adapter_model.safetensors (" in by_r[4].failure
     assert code == 1, err[-3000:]
-    assert trials.iloc[0].status == "error"
-    assert "no kept checkpoint of this trial loads:" in trials.iloc[0].failure
-    assert "checkpoint_000000/adapter/adapter_model.safetensors (" in trials.iloc[0].failure
-    assert "error: 1 trial(s) ended in error (r=2 lr=3e-3 seed=0)" in err
+    assert "error: 1 trial(s) ended in error (r=4 lr=3e-3 seed=0)" in err, "the recovered r=2 is no error"

@@ -54,7 +54,7 @@ def local_search(tmp_path_factory, tiny_model, chain_data):
         seen.update(listeners=listeners, token=token_auth_enabled(), gcs=ray.get_runtime_context().gcs_address)
         seen["anonymous"] = subprocess.run(
             [sys.executable, "-c", "import sys; from ray._raylet import GcsClient; GcsClient(address=sys.argv[1]); print('connected')", seen["gcs"]],
-            env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True, timeout=600,
         )
         return original(*args, **kwargs)
 

@@ -220,7 +220,7 @@ def test_tensorboard_serves_on_localhost_only(asha, tmp_path):
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         listening = []
-        deadline = time.time() + 60
+        deadline = time.time() + 600  # a hang guard: the loop ends when it listens or the process exits
         while time.time() < deadline and not listening:
             assert proc.poll() is None, proc.stdout.read()
             listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet")

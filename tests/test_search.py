@@ -17,6 +17,16 @@ import pytest
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains
 
 
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    """One local Ray with two CPUs for both searches here (a start costs 5-15 s on this machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
 def _event_scalars(trial_dir: str, tag: str) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,8 +37,7 @@ def _event_scalars(trial_dir: str, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def test_asha_stops_poor_ranks_and_every_trial_leaves_readable_results(raw_config, ray_session):
-    ray_session(num_cpus=2)
+def test_asha_stops_poor_ranks_and_every_trial_leaves_readable_results(raw_config, ray_two_cpus):
     cfg = parse_config(raw_config())
     experiment = run_search(cfg, log=lambda _: None)
     trials, history = load_experiment(experiment)
@@ -61,8 +70,7 @@ def test_asha_stops_poor_ranks_and_every_trial_leaves_readable_results(raw_confi
 # `gpus_per_trial: auto` in test_resources.py, by the shares Ray holds at once rather than by clocks.
 
 
-def test_successive_halving_compares_all_ranks_at_each_rung_and_resumes_survivors(raw_config, ray_session):
-    ray_session(num_cpus=2)
+def test_successive_halving_compares_all_ranks_at_each_rung_and_resumes_survivors(raw_config, ray_two_cpus):
     cfg = parse_config(raw_config(scheduler={"type": "sha", "grace_period": 10, "reduction_factor": 2}))
     experiment = run_search(cfg, log=lambda _: None)
     trials, history = load_experiment(experiment)

@@ -59,8 +59,9 @@ def test_every_report_has_every_metric_and_sane_values(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path):
-    cfg, prepared, settings = setup(train={"max_steps": 30, "eval_every": 10})
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # with dropout, the masks after the resume must be the same ones too
+def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path, dropout):
+    cfg, prepared, settings = setup(train={"max_steps": 30, "eval_every": 10}, lora={"dropout": dropout})
     full, partial = [], []
     saved = tmp_path / "ckpt10"
 
@@ -102,7 +103,7 @@ print("kept running", flush=True)
 @pytest.mark.parametrize("installed", [False, True])
 def test_a_sigterm_exit_inside_a_callback_exits_without_a_traceback(installed):
     install = "from trainables.trial import exit_quietly_on_sigterm; exit_quietly_on_sigterm()" if installed else ""
-    done = subprocess.run([sys.executable, "-c", _EXIT_IN_CALLBACK.format(install=install)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", _EXIT_IN_CALLBACK.format(install=install)], capture_output=True, text=True, timeout=600)
     if installed:
         assert (done.returncode, done.stdout, done.stderr) == (1, "", "")
     else:  # plain Python: the exit is ignored, with a traceback, and the process goes on
