@@ -421,9 +421,14 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         # Restored by --resume: read back its rung losses. One that had reported at a rung comes
         # back paused (Tune re-queues it as pending, and a pending trial would train past the
         # rung before the decision); the decision restarts or stops it.
-        for report in _reports(trial):
-            if self._time_attr in report:
-                self._record(trial, int(report[self._time_attr]), self._loss(report), report)
+        reports = [r for r in _reports(trial) if self._time_attr in r]
+        if int(last) not in {int(r[self._time_attr]) for r in reports}:
+            # The driver died after Tune saved the trial's last result in its experiment state but
+            # before the line reached result.json: without it the rung would never be decided
+            # (the search would wait for this trial's loss forever).
+            reports.append(dict(trial.last_result))
+        for report in reports:
+            self._record(trial, int(report[self._time_attr]), self._loss(report), report)
         if trial.status == Trial.PENDING and int(last) in self._rungs:
             trial.set_status(Trial.PAUSED)
 

@@ -231,3 +231,16 @@ def test_a_role_goes_again_to_a_unit_cut_at_a_later_rung():
         "given at this rung already"
     assert choose_challengers(table, {0: [2, 16], 1: [2]}, UNIT, free=1, base=BASE, filled=[COSTLIER]) == [], \
         "a role closed for good stays closed"
+
+
+def test_after_resume_a_rung_report_missing_from_result_json_is_read_from_tunes_saved_state():
+    """The driver died after Tune saved a trial's step-10 result but before the line reached
+    result.json: the rung must still get the trial's loss, or the search waits for it forever."""
+    from search.halving import SuccessiveHalving
+
+    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="off")
+    trial = _Trial("a", 2, "PENDING", 10)  # no storage: its result.json reads as empty
+    trial.last_result.update(best_eval_loss=2.5, eval_loss=2.5, base_eval_loss=BASE, trainable_params=100)
+    sched.on_trial_add(_Controller(), trial)
+    assert sched._scores["a"] == {10: 2.5}
+    assert trial.status == "PAUSED", "back at its rung: it waits for the decision"
