@@ -32,7 +32,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 docs: install
-	$(PY) -c 'from search.config import update_readme; update_readme("README.md")'
+	$(PY) -c 'from lora_rank_search.search.config import update_readme; update_readme("README.md")'
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

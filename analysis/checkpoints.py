@@ -16,8 +16,8 @@ from typing import Optional
 
 import pandas as pd
 
-from contract import storage
-from contract.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
+from lora_rank_search.contract import storage
+from lora_rank_search.contract.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
 
 
 @dataclass

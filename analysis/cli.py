@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from analysis.selection import DEFAULT_RULE, RULES, check_rule, check_tolerance
+from lora_rank_search.analysis.selection import DEFAULT_RULE, RULES, check_rule, check_tolerance
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -20,8 +20,8 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from analysis.pipeline import ExperimentNotFound, run_analysis
-    from analysis.results import format_table
+    from lora_rank_search.analysis.pipeline import ExperimentNotFound, run_analysis
+    from lora_rank_search.analysis.results import format_table
 
     try:
         _check_rule_args(args)
@@ -51,7 +51,7 @@ def _flag_names(exc: Exception) -> str:
 def verdict_lines(result, details: bool = False) -> str:
     """The verdict in three lines (rank, learning rate, targets, gain share; why; the report), plus
     every diagnosis with details."""
-    from contract.arms import format_lr
+    from lora_rank_search.contract.arms import format_lr
 
     rec = result.recommendation
     lines = []
@@ -67,7 +67,7 @@ def verdict_lines(result, details: bool = False) -> str:
     else:
         lines.append("no recommendation")
     lines.append(f"  {rec.reason}")
-    from analysis.confirmations import summary
+    from lora_rank_search.analysis.confirmations import summary
 
     confirmed = summary(rec)
     if confirmed:
@@ -80,9 +80,9 @@ def verdict_lines(result, details: bool = False) -> str:
 
 
 def _tensorboard(args: argparse.Namespace) -> int:
-    from analysis.pipeline import experiment_path
-    from analysis.results import load_experiment
-    from analysis.tb import default_logdir, serve, write_logdir
+    from lora_rank_search.analysis.pipeline import experiment_path
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.analysis.tb import default_logdir, serve, write_logdir
 
     experiment = experiment_path(args.experiment)
     try:
@@ -109,9 +109,9 @@ def _tensorboard(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from analysis.export import ExportError, export_adapter, stop_note
-    from analysis.pipeline import ExperimentNotFound, load
-    from contract.arms import format_lr
+    from lora_rank_search.analysis.export import ExportError, export_adapter, stop_note
+    from lora_rank_search.analysis.pipeline import ExperimentNotFound, load
+    from lora_rank_search.contract.arms import format_lr
 
     try:
         _check_rule_args(args)
@@ -145,7 +145,7 @@ def _rule_args(p) -> None:
 
 def add_subcommands(sub) -> None:
     """Register analyze, tensorboard and export on the `lora-rank` parser."""
-    from analysis.tb import DEFAULT_HOST, DEFAULT_PORT
+    from lora_rank_search.analysis.tb import DEFAULT_HOST, DEFAULT_PORT
 
     p = sub.add_parser("analyze", help="recommend a rank from an experiment folder; write tables, plots and a report")
     p.add_argument("experiment", help="the experiment folder (storage_path/name), local or s3://, gs://")
@@ -179,15 +179,15 @@ def _add_allow_incomplete(p) -> None:
 def _check_complete(args: argparse.Namespace) -> None:
     """Refuse (IncompleteExperiment, a ValueError) an experiment with incomplete trial folders,
     unless --allow-incomplete; then name them as warnings."""
-    from analysis.pipeline import experiment_path
-    from analysis.results import check_complete
+    from lora_rank_search.analysis.pipeline import experiment_path
+    from lora_rank_search.analysis.results import check_complete
 
     for line in check_complete(experiment_path(args.experiment), args.allow_incomplete):
         print(f"warning: EXPERIMENT_DIR: incomplete trial folder {line}", file=sys.stderr)
 
 
 def _warn_incomplete(trials) -> None:
-    from analysis.results import incomplete_trials
+    from lora_rank_search.analysis.results import incomplete_trials
 
     for line in incomplete_trials(trials):
         print(f"warning: EXPERIMENT_DIR: incomplete trial folder {line}", file=sys.stderr)

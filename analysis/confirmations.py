@@ -18,7 +18,7 @@ from typing import Optional
 
 import pandas as pd
 
-from contract.arms import format_lr
+from lora_rank_search.contract.arms import format_lr
 
 
 def history_without(history: pd.DataFrame, record: Optional[dict]) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def history_without(history: pd.DataFrame, record: Optional[dict]) -> pd.DataFra
 def apply(rec, trials: pd.DataFrame, history: pd.DataFrame, record: Optional[dict], tolerance=None, rule: str = "gain") -> None:
     """Fill rec's confirmation fields from the record (None: confirmations were off or the search is
     not successive halving: the fields stay empty)."""
-    from analysis.selection import recommend
+    from lora_rank_search.analysis.selection import recommend
 
     if not record:
         return

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis.selection import Recommendation, trial_curves
-from contract.arms import format_lr
+from lora_rank_search.analysis.selection import Recommendation, trial_curves
+from lora_rank_search.contract.arms import format_lr
 
 
 OVERFIT_RISE = 0.5  # eval loss above its best by more than this many tolerances (train loss falling): overfitting
@@ -178,7 +178,7 @@ def _unopposed(rec: Recommendation) -> list[Finding]:
 
 def _confirmed(rec: Recommendation) -> list[Finding]:
     """What the confirmations (units trained on in the search's idle capacity) showed, or why none ran."""
-    from analysis.confirmations import summary
+    from lora_rank_search.analysis.confirmations import summary
 
     text = summary(rec)
     if not text:

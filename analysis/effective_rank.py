@@ -94,7 +94,7 @@ def effective_rank_table(experiment: str, trials: pd.DataFrame, history: pd.Data
     Columns: trial_id, r, seed, checkpoint, step, eval_loss, modules, energy_rank_{median,mean,max},
     stable_rank_{median,mean,max}.
     """
-    from analysis.checkpoints import best_checkpoint, read_adapter
+    from lora_rank_search.analysis.checkpoints import best_checkpoint, read_adapter
 
     rows = []
     for t in trials.itertuples():

@@ -24,9 +24,9 @@ from typing import Optional
 
 import pandas as pd
 
-from analysis.checkpoints import best_checkpoint, copy_tree
-from analysis.selection import Recommendation, json_safe
-from contract.layout import ADAPTER_CONFIG
+from lora_rank_search.analysis.checkpoints import best_checkpoint, copy_tree
+from lora_rank_search.analysis.selection import Recommendation, json_safe
+from lora_rank_search.contract.layout import ADAPTER_CONFIG
 
 EXPORT_INFO = "lora_rank_export.json"
 # builtin model -> the hub model its shipped GGUF file was made from (what a PEFT user loads)
@@ -141,7 +141,7 @@ def adapter_problem(adapter_dir: str) -> str:
     NaN/inf; '' when it is sound."""
     import numpy as np
 
-    from analysis.checkpoints import read_adapter
+    from lora_rank_search.analysis.checkpoints import read_adapter
 
     try:
         config, tensors = read_adapter(adapter_dir)
@@ -158,7 +158,7 @@ def adapter_problem(adapter_dir: str) -> str:
 def unshippable(trials: pd.DataFrame, trial_id: str) -> str:
     """Why the trial's adapter must not be shipped (damaged files, or a failed or non-finite trial:
     diverged, oom, error); '' when it may be."""
-    from analysis.results import DAMAGED, FAILED
+    from lora_rank_search.analysis.results import DAMAGED, FAILED
 
     rows = trials[trials["trial_id"].astype(str) == str(trial_id)] if "trial_id" in trials else trials.iloc[0:0]
     if rows.empty:

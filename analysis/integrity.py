@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Optional
 
 import pandas as pd
 
-from contract.arms import ARM_KEYS, CHOICE_KEY, LR_KEY, REPLICATE_KEY, format_lr, show_value
+from lora_rank_search.contract.arms import ARM_KEYS, CHOICE_KEY, LR_KEY, REPLICATE_KEY, format_lr, show_value
 
 # params.json key -> the report column saying the same thing (result.json), as the trial loop writes them
 _ARM_FIELDS = (("r", "r"), ("lr", "learning_rate"), ("seed", "seed"))

@@ -8,12 +8,12 @@ from typing import Optional
 
 import pandas as pd
 
-from analysis.confirmations import apply as apply_confirmations
-from analysis.diagnosis import Finding, diagnose
-from analysis.results import load_experiment
-from analysis.selection import DEFAULT_RULE, Recommendation, recommend, recommend_by_metric
-from contract import layout, storage
-from contract.layout import read_config
+from lora_rank_search.analysis.confirmations import apply as apply_confirmations
+from lora_rank_search.analysis.diagnosis import Finding, diagnose
+from lora_rank_search.analysis.results import load_experiment
+from lora_rank_search.analysis.selection import DEFAULT_RULE, Recommendation, recommend, recommend_by_metric
+from lora_rank_search.contract import layout, storage
+from lora_rank_search.contract.layout import read_config
 
 
 @dataclass
@@ -82,9 +82,9 @@ def run_analysis(experiment: str, tolerance: Optional[float] = None, out: Option
                  rule: str = DEFAULT_RULE) -> Analysis:
     """Everything `lora-rank analyze` writes: results.csv/.parquet, recommendation.json, plots,
     REPORT.md, report.html (into `out`, default `<experiment>/analysis`)."""
-    from analysis.effective_rank import effective_rank_table, evidence_sentence
-    from analysis.plots import all_plots
-    from analysis.report import PLOTS_DIR, write_outputs
+    from lora_rank_search.analysis.effective_rank import effective_rank_table, evidence_sentence
+    from lora_rank_search.analysis.plots import all_plots
+    from lora_rank_search.analysis.report import PLOTS_DIR, write_outputs
 
     given = out
     out = out or default_out(experiment_path(experiment))

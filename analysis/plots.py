@@ -25,8 +25,8 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from analysis.selection import Recommendation, trial_curves
-from contract.arms import CHOICE_KEY, format_lr
+from lora_rank_search.analysis.selection import Recommendation, trial_curves
+from lora_rank_search.contract.arms import CHOICE_KEY, format_lr
 
 LOSS_LABEL = "eval loss (nats/token)"
 RANK_LABEL = "LoRA rank r (log2 scale)"

@@ -11,14 +11,14 @@ from typing import Optional
 
 import pandas as pd
 
-from analysis.diagnosis import Finding
-from analysis.plots import PLOTS, plot
-from analysis.results import format_table, incomplete_trials
-from analysis.selection import Recommendation
-from contract.arms import CHOICE_KEY, LR_KEY, RANK_KEY, describe_nuisance, format_lr, with_arm
-from contract.layout import read_meta
-from contract.recommendation import json_safe
-from contract.recommendation import problems as recommendation_problems
+from lora_rank_search.analysis.diagnosis import Finding
+from lora_rank_search.analysis.plots import PLOTS, plot
+from lora_rank_search.analysis.results import format_table, incomplete_trials
+from lora_rank_search.analysis.selection import Recommendation
+from lora_rank_search.contract.arms import CHOICE_KEY, LR_KEY, RANK_KEY, describe_nuisance, format_lr, with_arm
+from lora_rank_search.contract.layout import read_meta
+from lora_rank_search.contract.recommendation import json_safe
+from lora_rank_search.contract.recommendation import problems as recommendation_problems
 
 RESULTS_CSV, RESULTS_PARQUET = "results.csv", "results.parquet"
 RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md", "report.html"

@@ -13,11 +13,11 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from analysis.integrity import arm_mismatch, base_loss_outliers, diverged_reason, duplicate_arms, nonfinite_eval
-from contract.arms import ARM_KEYS, LR_KEY, NUISANCE_KEYS, REPLICATE_KEY, format_lr
-from contract import layout, storage
-from contract.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
-from contract.metrics import DIVERGED, OOM
+from lora_rank_search.analysis.integrity import arm_mismatch, base_loss_outliers, diverged_reason, duplicate_arms, nonfinite_eval
+from lora_rank_search.contract.arms import ARM_KEYS, LR_KEY, NUISANCE_KEYS, REPLICATE_KEY, format_lr
+from lora_rank_search.contract import layout, storage
+from lora_rank_search.contract.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
+from lora_rank_search.contract.metrics import DIVERGED, OOM
 
 # Trial status as analysis names it (Ray's TERMINATED covers both finished and early-stopped; a
 # trial that diverged or ran out of memory ends itself and says so in its last report).

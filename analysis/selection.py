@@ -53,10 +53,10 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from contract.recommendation import json_safe  # noqa: F401 - also the export's
-from contract.arms import CHOICE_KEY, LR_KEY, NUISANCE_KEYS, RANK_KEY, REPLICATE_KEY, describe_nuisance, format_lr, show_value
+from lora_rank_search.contract.recommendation import json_safe  # noqa: F401 - also the export's
+from lora_rank_search.contract.arms import CHOICE_KEY, LR_KEY, NUISANCE_KEYS, RANK_KEY, REPLICATE_KEY, describe_nuisance, format_lr, show_value
 
-from analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
+from lora_rank_search.analysis.cheapest import ChoiceVerdict, choice_verdicts, close_calls, cost_key, reason_cheapest, unit_costs  # noqa: F401 (ChoiceVerdict: re-exported)
 
 RULES = {"gain": 0.05, "relative": 0.01, "absolute": 0.01}  # rule -> default tolerance
 DEFAULT_RULE = "gain"

@@ -21,9 +21,9 @@ from typing import Optional
 
 import pandas as pd
 
-from contract import storage
-from contract.arms import CHOICE_KEY, LR_KEY, NUISANCE_KEYS, RANK_KEY, REPLICATE_KEY
-from contract.metrics import TENSORBOARD_TAGS
+from lora_rank_search.contract import storage
+from lora_rank_search.contract.arms import CHOICE_KEY, LR_KEY, NUISANCE_KEYS, RANK_KEY, REPLICATE_KEY
+from lora_rank_search.contract.metrics import TENSORBOARD_TAGS
 
 MARKER = ".lora-rank-tensorboard"  # only a folder holding this marker is ever cleared
 DEFAULT_HOST = "127.0.0.1"  # this machine only; view from elsewhere with `ssh -L 6006:127.0.0.1:6006`

@@ -40,7 +40,7 @@ def build_random_llama(shape: str, folder: Path, device: str) -> tuple[str, list
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trainables.tiny import SPECIAL, build_tokenizer, word_list
+    from lora_rank_search.trainables.tiny import SPECIAL, build_tokenizer, word_list
 
     s = SHAPES[shape]
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,14 +65,14 @@ def build_random_llama(shape: str, folder: Path, device: str) -> tuple[str, list
 
 def chain_data(words: list[str], path: Path) -> str:
     """The permutation-chain task of the tests (instruction format): a LoRA learns it in steps."""
-    from trainables.tiny import chain_records, write_jsonl
+    from lora_rank_search.trainables.tiny import chain_records, write_jsonl
 
     return str(write_jsonl(chain_records(words, 400), path))
 
 
 def random_text(words: list[str], seq: int, path: Path, n: int = 80) -> str:
     """Text records longer than `seq` tokens (truncated to exactly seq: every batch is full)."""
-    from trainables.tiny import write_jsonl
+    from lora_rank_search.trainables.tiny import write_jsonl
 
     rng = random.Random(0)
     return str(write_jsonl([{"text": " ".join(rng.choice(words) for _ in range(seq + 8))} for _ in range(n)], path))
@@ -160,10 +160,10 @@ def trial_child(spec: dict) -> dict:
     """Runs in a fresh process: one trial, its memory estimate, its CUDA context (bytes)."""
     import torch
 
-    from search.config import parse_config
-    from search.runner import memory_estimate, prepare
-    from search.space import trial_settings
-    from trainables.trial import quiet_libraries, run_trial, trial_device
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import memory_estimate, prepare
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.trial import quiet_libraries, run_trial, trial_device
 
     quiet_libraries()
     device = trial_device()
@@ -205,11 +205,11 @@ def pack_child(spec: dict) -> dict:
     (trainables.pack) on one base, trained together; tokens/s after a warm-up step, peak memory."""
     import torch
 
-    from search.config import parse_config
-    from search.runner import prepare
-    from search.space import trial_settings
-    from trainables.pack import Pack
-    from trainables.trial import peak_memory_bytes, quiet_libraries, trial_device
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.pack import Pack
+    from lora_rank_search.trainables.trial import peak_memory_bytes, quiet_libraries, trial_device
 
     quiet_libraries()
     device = trial_device()

@@ -42,10 +42,10 @@ def _arm(job: tuple) -> list[dict]:
     raw, r, lr = job
     import torch
 
-    from search.config import parse_config
-    from search.runner import prepare
-    from search.space import trial_settings
-    from trainables.trial import quiet_libraries, run_trial
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.trial import quiet_libraries, run_trial
 
     quiet_libraries()
     torch.set_num_threads(1)
@@ -67,7 +67,7 @@ def run_grid(task, rule, lrs: list[float], steps: int, root: str, workers: int, 
 
     import pandas as pd
 
-    from trainables.planted import planted_config
+    from lora_rank_search.trainables.planted import planted_config
 
     raw = planted_config(task, RANKS, os.path.join(root, "runs"), name=f"k{task.rank}-alpha{rule}",
                          lora={"alpha": rule}, train={"max_steps": steps, "eval_every": eval_every or max(10, steps // 10), "learning_rate": lrs},
@@ -91,8 +91,8 @@ def run_grid(task, rule, lrs: list[float], steps: int, root: str, workers: int, 
 
 def verdicts(trials, history, lrs: list[float]) -> dict:
     """{'lr=X': Recommendation for that learning rate alone, ..., 'list': for all of them}."""
-    from analysis.selection import recommend
-    from contract.arms import format_lr
+    from lora_rank_search.analysis.selection import recommend
+    from lora_rank_search.contract.arms import format_lr
 
     out = {}
     for lr in lrs:
@@ -112,9 +112,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="arms trained at once (one core each)")
     args = parser.parse_args()
 
-    from contract.arms import format_lr
-    from trainables.planted import build_planted_task
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.contract.arms import format_lr
+    from lora_rank_search.trainables.planted import build_planted_task
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     header("alpha rule x learning rate on planted-rank tasks (full grids, gain-share verdict)")

@@ -37,12 +37,12 @@ SWEEP = [
 
 def run(task, ranks: list[int], lrs: list[float], alpha, steps: int, root: str, scheduler: str, grace: Optional[int],
         rf: Optional[float]) -> dict:
-    from analysis.results import load_experiment
-    from analysis.selection import recommend
-    from search.config import parse_config
-    from search.runner import run_search
-    from search.space import grace_steps, rung_steps
-    from trainables.planted import planted_config
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.analysis.selection import recommend
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import run_search
+    from lora_rank_search.search.space import grace_steps, rung_steps
+    from lora_rank_search.trainables.planted import planted_config
 
     sched: dict = {"type": scheduler}
     if grace is not None:
@@ -85,9 +85,9 @@ def main() -> None:
 
     import ray
 
-    from contract.arms import format_lr
-    from trainables.planted import build_planted_task
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.contract.arms import format_lr
+    from lora_rank_search.trainables.planted import build_planted_task
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     header("early stopping vs the full grid on a planted-rank task")

@@ -36,7 +36,7 @@ WALL_TARGET = 1.1
 
 def run(config: Path, name: str, storage: str, sets: list[str]) -> dict:
     """One search through the CLI: wall time, steps, verdict, the confirmation line."""
-    cmd = [sys.executable, "-m", "search.cli", "search", str(config), "--set", f"name={name}",
+    cmd = [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config), "--set", f"name={name}",
            "--set", f"storage_path={storage}", *[a for s in sets for a in ("--set", s)]]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -56,7 +56,7 @@ def run(config: Path, name: str, storage: str, sets: list[str]) -> dict:
 
 
 def grid_steps(config: Path) -> int:
-    from search.config import load_config, learning_rates, target_choices
+    from lora_rank_search.search.config import load_config, learning_rates, target_choices
 
     cfg = load_config(str(config), [])
     return len(cfg.lora.ranks) * len(learning_rates(cfg)) * len(target_choices(cfg)) * len(cfg.train.seeds) * cfg.train.max_steps

@@ -25,8 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from search.confirm import finishes_in_tail  # noqa: E402
-from search.halving import halving_rungs  # noqa: E402
+from lora_rank_search.search.confirm import finishes_in_tail  # noqa: E402
+from lora_rank_search.search.halving import halving_rungs  # noqa: E402
 
 
 def simulate(arms: int, slots: int, steps: int, confirm: bool, seed: int, jitter: float = 0.2, rf: float = 3) -> dict:

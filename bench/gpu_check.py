@@ -152,10 +152,10 @@ def check_correctness(plan: Plan, work: Path) -> dict:
     """One trial in this process; then the adapter it saved, reloaded by PEFT on a fresh base."""
     import bitsandbytes as bnb
 
-    from search.config import parse_config
-    from search.runner import prepare
-    from search.space import trial_settings
-    from trainables.trial import ADAPTER_DIR, build_model, evaluate, run_trial, trial_device
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.trial import ADAPTER_DIR, build_model, evaluate, run_trial, trial_device
 
     model_path, words = build_random_llama(plan.correctness_shape, work / "correctness-model", plan.device)
     raw = raw_config("gpu-check-correctness", model_path, chain_data(words, work / "chain.jsonl"), work, fmt="instruction",
@@ -377,7 +377,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     plan = SMOKE if args.smoke else GPU

@@ -42,7 +42,7 @@ def build_model(name: str, root: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainables.tiny import build_tiny_llama, build_tokenizer, word_list
+    from lora_rank_search.trainables.tiny import build_tiny_llama, build_tokenizer, word_list
 
     folder = os.path.join(root, name)
     if name == "tiny":
@@ -94,9 +94,9 @@ def matmul_tflops() -> float:
 def run_packing(model: str, data: str, k: int, args, root: str, gpu: bool) -> dict:
     import ray
 
-    from analysis.results import load_experiment
-    from search.config import parse_config
-    from search.runner import run_search
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import run_search
 
     cfg = parse_config({
         "name": f"pack-{os.path.basename(model)}-{k}", "storage_path": os.path.join(root, "runs"),
@@ -138,7 +138,7 @@ def main() -> None:
 
     import torch
 
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     gpu = torch.cuda.is_available()

@@ -46,7 +46,7 @@ def grid(k: int, lrs: list[float], steps: int, root: str, folder: str | None, wo
     """The full grid's (trials, history), trained or read back from folder."""
     import pandas as pd
 
-    from trainables.planted import build_planted_task
+    from lora_rank_search.trainables.planted import build_planted_task
 
     name = f"k{k}-lr{'-'.join(f'{v:g}' for v in lrs)}-{steps}"
     if folder and os.path.exists(os.path.join(folder, f"{name}.trials.csv")):
@@ -66,8 +66,8 @@ def replay(trials, history, steps: int, grace_period: int | None = None, reducti
     """(the trials as halving leaves them, their history, the survivors of each rung, the rungs).
     With a target_choice column, units are (choice, rank), compared as the search does (families,
     and each unit's trainable_params as its cost)."""
-    from search.config import GRACE_FRACTION
-    from search.halving import KEEP_SHARE, decide, halving_rungs
+    from lora_rank_search.search.config import GRACE_FRACTION
+    from lora_rank_search.search.halving import KEEP_SHARE, decide, halving_rungs
 
     grace = grace_period or max(1, math.ceil((GRACE_FRACTION if grace_fraction is None else grace_fraction) * steps))
     rungs = halving_rungs(grace, steps, reduction_factor)
@@ -98,7 +98,7 @@ def confirm_replay(trials, history, steps: int, cut, kept, survivors: dict, rung
     the challengers, the extra training steps)."""
     import pandas as pd
 
-    from search.confirm import choose_challengers
+    from lora_rank_search.search.confirm import choose_challengers
 
     ids = list(trials["trial_id"])
     choices = "target_choice" in trials
@@ -149,15 +149,15 @@ def main() -> None:
                         help="also replay confirmations (search.confirm): the chosen challengers trained on to the end")
     args = parser.parse_args()
 
-    from analysis.selection import recommend
-    from contract.arms import format_lr
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.analysis.selection import recommend
+    from lora_rank_search.contract.arms import format_lr
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     header("successive halving replayed on full grids of planted tasks (gain-share verdict)")
     lrs = sorted(args.lrs)
-    from search.config import GRACE_FRACTION
-    from search.halving import KEEP_SHARE
+    from lora_rank_search.search.config import GRACE_FRACTION
+    from lora_rank_search.search.halving import KEEP_SHARE
 
     ranks = sorted(args.ranks or RANKS)
     unknown = sorted(set(ranks) - set(RANKS))
@@ -193,7 +193,7 @@ def main() -> None:
                       f"rungs {rungs}: " + "; ".join(f"{rungs[i]}: {len(v)} arms" for i, v in sorted(survivors.items())))
                 print(f"        halving gain shares: {shares}")
                 if args.confirm:
-                    from analysis.diagnosis import diagnose
+                    from lora_rank_search.analysis.diagnosis import diagnose
 
                     c_trials, c_hist, picks, extra = confirm_replay(mine, hist, args.steps, cut, kept, survivors, rungs)
                     conf = recommend(c_trials, c_hist)

@@ -61,15 +61,15 @@ def child(kind: str, model: str, dtype: str, rank: int, steps: int) -> dict:
     """Runs in a fresh process: load (and for kind=trial, train a few steps), report bytes."""
     import torch
 
-    from trainables.model import load_base_model, resolve_model
-    from trainables.trial import quiet_libraries, trial_device
+    from lora_rank_search.trainables.model import load_base_model, resolve_model
+    from lora_rank_search.trainables.trial import quiet_libraries, trial_device
 
     quiet_libraries()
     torch.set_num_threads(1)
     device = trial_device()
     path = resolve_model(model)
     baseline = _peak(device)
-    from search.config import QuantizationConfig
+    from lora_rank_search.search.config import QuantizationConfig
 
     quant = QuantizationConfig(**QUANT, load_in_4bit=dtype == "nf4", compute_dtype="auto" if dtype == "nf4" else dtype)
     base = load_base_model(path, quant, device)
@@ -81,7 +81,7 @@ def child(kind: str, model: str, dtype: str, rank: int, steps: int) -> dict:
     if kind == "trial":
         from peft import get_peft_model
 
-        from trainables.lora import linear_layers, peft_config, resolve_targets
+        from lora_rank_search.trainables.lora import linear_layers, peft_config, resolve_targets
 
         model_ = get_peft_model(base, peft_config(rank, "2r", 0.0, resolve_targets("attention", linear_layers(base))))
         params = [p for p in model_.parameters() if p.requires_grad]

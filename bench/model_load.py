@@ -29,9 +29,9 @@ def main() -> None:
 
     import torch
 
-    from search.config import QuantizationConfig
-    from trainables.model import load_base_model, prequantized_dir, resolve_model
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.search.config import QuantizationConfig
+    from lora_rank_search.trainables.model import load_base_model, prequantized_dir, resolve_model
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(1)  # one trial = one CPU by default

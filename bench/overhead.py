@@ -45,8 +45,8 @@ def _per_step(reports: list[dict]) -> float:
 
 
 def bare(cfg, prepared) -> dict[int, dict]:
-    from search.space import trial_settings
-    from trainables.trial import run_trial
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.trial import run_trial
 
     settings = trial_settings(cfg, prepared.model_path, prepared.targets)
     # Warm-up (not measured): fills the pre-quantized cache, as a first trial on a machine would,
@@ -66,8 +66,8 @@ def tune(cfg) -> dict[int, dict]:
     import ray
     from ray.tune import Callback
 
-    from analysis.results import load_experiment
-    from search import runner
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.search import runner
 
     starts: dict[int, float] = {}
 
@@ -105,10 +105,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     args = parser.parse_args()
 
-    from search.config import parse_config
-    from search.runner import prepare
-    from trainables.tiny import build_tiny_llama, chain_records, word_list, write_jsonl
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.trainables.tiny import build_tiny_llama, chain_records, word_list, write_jsonl
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     header("overhead: Ray Tune harness vs a bare loop")

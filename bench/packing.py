@@ -63,7 +63,7 @@ def _sample(pid: int, stop: threading.Event, samples: list) -> None:
 
 def run(config: Path, name: str, arms_per_worker: str, storage: str) -> dict:
     """One search through the CLI; its wall time, memory samples, steps and verdict."""
-    cmd = [sys.executable, "-m", "search.cli", "search", str(config), "--set", f"name={name}",
+    cmd = [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config), "--set", f"name={name}",
            "--set", f"storage_path={storage}", "--set", f"resources.arms_per_worker={arms_per_worker}"]
     samples: list = []
     stop = threading.Event()
@@ -104,7 +104,7 @@ def planted_search(root: str, storage: str, steps: int) -> Path:
     ranks 1-8 x learning rates 3e-3 and 1e-2, successive halving, `steps` steps."""
     import yaml
 
-    from trainables.planted import build_planted_task, planted_config
+    from lora_rank_search.trainables.planted import build_planted_task, planted_config
 
     os.environ.setdefault("LORA_RANK_SEARCH_CACHE", os.path.join(root, "cache"))
     task = build_planted_task(os.path.join(root, "task"), rank=4)

@@ -39,13 +39,13 @@ def main() -> None:
     args = parser.parse_args()
     import pandas as pd
 
-    from analysis.selection import recommend
-    from search.config import parse_config
+    from lora_rank_search.analysis.selection import recommend
+    from lora_rank_search.search.config import parse_config
     from bench.halving_replay import replay
-    from search.runner import prepare
-    from search.space import trial_settings
-    from trainables.planted import MLP_TARGETS, build_planted_task, planted_config
-    from trainables.trial import quiet_libraries, run_trial
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.planted import MLP_TARGETS, build_planted_task, planted_config
+    from lora_rank_search.trainables.trial import quiet_libraries, run_trial
 
     quiet_libraries()
     header("target_choices: successive halving vs the full grid over target choices x ranks (MLP-planted task)")

@@ -294,7 +294,7 @@ class TrialSettings:
         """These settings with the arm's nuisance values in their config fields (`contract.arms`:
         a nuisance searched over a field such as lora.dropout): the arm's value where its config
         names one, else the field's first value when it holds a list (a bare run without an arm)."""
-        from contract.arms import DIMENSIONS, NUISANCE
+        from lora_rank_search.contract.arms import DIMENSIONS, NUISANCE
 
         out = self
         for f in DIMENSIONS:
@@ -313,7 +313,7 @@ class TrialSettings:
 
     def targets_for(self, config: Any) -> tuple:
         """The resolved targets of a trial's target choice (its config's `target_choice`)."""
-        from contract.arms import family_of
+        from lora_rank_search.contract.arms import family_of
 
         label = family_of(config)
         if not label or not self.choices:
@@ -328,7 +328,7 @@ def target_choices(cfg: SearchConfig) -> list[tuple[str, Union[str, tuple]]]:
     """lora.target_modules as (label, spec) pairs, in the order given: one pair for a preset or a
     flat list of module names (one explicit choice); one per element for a list of choices (a list
     holding a preset name or a nested list). Labels: the preset, or the names joined by '+'."""
-    from contract.arms import choice_label
+    from lora_rank_search.contract.arms import choice_label
 
     spec = cfg.lora.target_modules
     if isinstance(spec, str):
@@ -366,7 +366,7 @@ def schema_fields(cls: type = None, prefix: str = ""):
 def arm_values(cfg: SearchConfig) -> dict[str, list]:
     """Every arm dimension's searched values (`contract.arms`), in the order given: the target
     choices' labels, the ranks, the learning rates, the seeds, and each further dimension's list."""
-    from contract.arms import CHOICE_KEY, DIMENSIONS
+    from lora_rank_search.contract.arms import CHOICE_KEY, DIMENSIONS
 
     out = {}
     for f in DIMENSIONS:

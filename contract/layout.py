@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Optional
 
-from contract import storage
-from contract.arms import DIMENSIONS, Arm
+from lora_rank_search.contract import storage
+from lora_rank_search.contract.arms import DIMENSIONS, Arm
 
 CONFIG_FILE = "lora_rank_search.yaml"
 META_FILE = "search_meta.json"

@@ -17,9 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from trainables.probe import Probe  # noqa: F401 - what `estimate` and `fit` take (re-exported)
-from contract.arms import CHOICE_KEY, NUISANCE_KEYS, RANK_KEY
-from search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, arm_values
+from lora_rank_search.trainables.probe import Probe  # noqa: F401 - what `estimate` and `fit` take (re-exported)
+from lora_rank_search.contract.arms import CHOICE_KEY, NUISANCE_KEYS, RANK_KEY
+from lora_rank_search.search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, arm_values
 
 # The first rung the planted-task benchmarks validate: on tests/test_planted.py (200 steps, rf 3)
 # successive halving found the planted rank with its first rung at 30 steps and missed it at 20
@@ -53,8 +53,8 @@ def stages(cfg: SearchConfig) -> list[tuple[int, int]]:
     """(arms training, steps) between consecutive rungs, per seed: the halving arithmetic of
     `search.halving.halving_steps` (whose total is the sum of arms x steps), kept per stage so the
     wall time can count how many arms run at once. The full grid is one stage."""
-    from search.space import grace_steps
-    from search.halving import halving_rungs
+    from lora_rank_search.search.space import grace_steps
+    from lora_rank_search.search.halving import halving_rungs
 
     t, s = cfg.train, cfg.scheduler
     values = arm_values(cfg)
@@ -83,7 +83,7 @@ def estimate(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elaps
     Every trial loads its model once (+ TRIAL_START_S), evaluates at step 0, at every rung and every
     eval_every steps; a stage of `a` arms runs ceil(a / slots) waves. elapsed_s (the driver's time
     so far, the probe included) and FIXED_S are added to the wall time."""
-    from search.space import num_trials, rung_steps
+    from lora_rank_search.search.space import num_trials, rung_steps
 
     seeds = len(cfg.train.seeds)
     trials = num_trials(cfg)
@@ -130,7 +130,7 @@ def with_max_steps(cfg: SearchConfig, max_steps: int) -> SearchConfig:
 def min_max_steps(cfg: SearchConfig) -> int:
     """The fewest max_steps shrinking may set: the first rung stays at MIN_FIRST_RUNG steps (or
     the configured first rung, when smaller); a configured grace_period stays as it is."""
-    from search.space import grace_steps
+    from lora_rank_search.search.space import grace_steps
 
     t, s = cfg.train, cfg.scheduler
     if s.type == "none":

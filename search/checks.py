@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Optional
 
-from contract.config import (ALPHA_RULES, TARGET_PRESETS, SearchConfig, _is_choice_list, learning_rates,
+from lora_rank_search.contract.config import (ALPHA_RULES, TARGET_PRESETS, SearchConfig, _is_choice_list, learning_rates,
                              schema_fields)
-from contract.storage import is_uri as _is_uri
+from lora_rank_search.contract.storage import is_uri as _is_uri
 
 NAME_MAX_BYTES = 255  # one folder name (Linux, macOS)
 PATH_MAX_BYTES = 3800  # a whole path, leaving room for the trial folders and files below it (PATH_MAX 4096)

@@ -12,14 +12,14 @@ import shlex
 import sys
 from typing import Callable, Optional
 
-from search.config import ConfigError, load_config
+from lora_rank_search.search.config import ConfigError, load_config
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    from search.runner import run_search
+    from lora_rank_search.search.runner import run_search
 
     again = " ".join(["lora-rank search", shlex.quote(args.config), *(f"--set {shlex.quote(s)}" for s in args.set), "--resume"])
     try:
@@ -27,9 +27,9 @@ def _search(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(_interrupted_message(cfg, args, again), file=sys.stderr)
         return 130
-    from analysis.results import DONE, format_failures, format_table, load_experiment
-    from contract.layout import read_meta
-    from search.space import num_trials
+    from lora_rank_search.analysis.results import DONE, format_failures, format_table, load_experiment
+    from lora_rank_search.contract.layout import read_meta
+    from lora_rank_search.search.space import num_trials
 
     trials, _ = load_experiment(experiment)
     planned = int(read_meta(experiment).get("num_trials") or num_trials(cfg))  # duplicate target choices merged
@@ -50,7 +50,7 @@ def _search(args: argparse.Namespace) -> int:
         print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
     errored = _trials_in_error(trials)
-    from analysis.results import incomplete_trials
+    from lora_rank_search.analysis.results import incomplete_trials
 
     damaged = incomplete_trials(trials)
     if damaged:
@@ -62,8 +62,8 @@ def _search(args: argparse.Namespace) -> int:
     if args.no_analyze:
         print(f"next: lora-rank analyze {shlex.quote(experiment)}")
         return 1 if errored else 0
-    from analysis.cli import verdict_lines
-    from analysis.pipeline import run_analysis
+    from lora_rank_search.analysis.cli import verdict_lines
+    from lora_rank_search.analysis.pipeline import run_analysis
 
     try:
         result = run_analysis(experiment)  # into EXPERIMENT/analysis (a remote experiment: ./analysis-NAME)
@@ -73,8 +73,8 @@ def _search(args: argparse.Namespace) -> int:
         return 1 if errored else 0
     print()
     print(verdict_lines(result))
-    from contract import layout
-    from search import tracking
+    from lora_rank_search.contract import layout
+    from lora_rank_search.search import tracking
 
     tracking.log_verdict(layout.read_meta(experiment).get("tracking"), result.recommendation)
     if errored:
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-rank", description="Measure which LoRA rank to use.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_search(sub)
-    from analysis.cli import add_subcommands
+    from lora_rank_search.analysis.cli import add_subcommands
 
     add_subcommands(sub)
     _add_params(sub)
@@ -123,14 +123,14 @@ def _params_fail(message: str) -> int:
 
 def _targets(values: list[str]) -> list:
     """Each --targets value is a preset, or a comma-separated explicit list of layer names."""
-    from trainables.lora import PRESETS
+    from lora_rank_search.trainables.lora import PRESETS
 
     return [v if "," not in v and v in PRESETS else [s for s in v.split(",") if s] for v in values]
 
 
 def _params(args: argparse.Namespace) -> int:
-    from trainables.params import format_params, parameter_table
-    from trainables.model import ModelSourceError
+    from lora_rank_search.trainables.params import format_params, parameter_table
+    from lora_rank_search.trainables.model import ModelSourceError
 
     try:
         rows, facts = parameter_table(args.model, args.ranks, _targets(args.targets), args.trust_remote_code)
@@ -163,12 +163,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _interrupted_message(cfg, args: argparse.Namespace, again: str) -> str:
     """What is true after a Ctrl-C: resumable only once Tune saved the experiment's first snapshot."""
-    from search.runner import is_resumable
+    from lora_rank_search.search.runner import is_resumable
 
     if is_resumable(cfg.experiment_path):
         return f"\ninterrupted; nothing finished is lost. Continue with:\n  {again}"
     fresh = again.removesuffix(" --resume")
-    from search import storage
+    from lora_rank_search.search import storage
 
     if storage.listdir(cfg.experiment_path):
         return (f"\ninterrupted before the search saved its first snapshot: there is nothing to resume. Delete "
@@ -178,8 +178,8 @@ def _interrupted_message(cfg, args: argparse.Namespace, again: str) -> str:
 
 def _trials_in_error(trials) -> bool:
     """True (after saying so on stderr) when a trial ended in error: the search then exits 1."""
-    from analysis.results import ERROR
-    from contract.arms import format_lr
+    from lora_rank_search.analysis.results import ERROR
+    from lora_rank_search.contract.arms import format_lr
 
     if trials.empty or "status" not in trials:
         return False

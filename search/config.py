@@ -17,15 +17,15 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from contract.config import (  # noqa: F401 - the schema, re-exported for the driver's modules
+from lora_rank_search.contract.config import (  # noqa: F401 - the schema, re-exported for the driver's modules
     ALPHA_RULES, BUDGET_FITS, COMPUTE_DTYPES, CONFIRM_MODES, DATA_FORMATS, DEFAULT_CONFIRM, GRACE_FRACTION, LR_SCHEDULES,
     METRIC_MODES, SCHEDULER_TYPES, TARGET_PRESETS, WANDB_MODES, BudgetConfig, ConfigError, DataConfig, EvalConfig,
     LoraConfig, MlflowConfig, ModelConfig, QuantizationConfig, ResourcesConfig, SchedulerConfig, SearchConfig,
     TrackingConfig, TrainConfig, TrialSettings, WandbConfig, _is_choice_list, _plain, arm_values, learning_rates,
     target_choices,
 )
-from contract.storage import is_uri as _is_uri
-from search.checks import check, check_limits, config_warnings  # noqa: F401 - config_warnings: re-exported
+from lora_rank_search.contract.storage import is_uri as _is_uri
+from lora_rank_search.search.checks import check, check_limits, config_warnings  # noqa: F401 - config_warnings: re-exported
 
 
 # --------------------------------------------------------------------------- parsing (types)
@@ -284,7 +284,7 @@ METRICS_MARKERS = ("<!-- metrics-reference:start -->", "<!-- metrics-reference:e
 
 def readme_blocks() -> dict:
     """(start, end) markers -> the generated text between them."""
-    from contract.metrics import describe_metrics
+    from lora_rank_search.contract.metrics import describe_metrics
 
     return {README_MARKERS: describe_schema(), METRICS_MARKERS: describe_metrics()}
 

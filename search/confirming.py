@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Optional
 
 from ray.tune.experiment import Trial
 
-from contract.arms import arm_of, unit_of
-from search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots
+from lora_rank_search.contract.arms import arm_of, unit_of
+from lora_rank_search.search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots
 
 if TYPE_CHECKING:
-    from search.halving import Decision
+    from lora_rank_search.search.halving import Decision
 
-logger = logging.getLogger("search.halving")
+logger = logging.getLogger("lora_rank_search.search.halving")
 
 
 class Confirmations:
@@ -218,7 +218,7 @@ class Confirmations:
         if self._confirm == "off" or not self._trials:
             return
         try:
-            from contract.layout import CONFIRMATIONS_FILE
+            from lora_rank_search.contract.layout import CONFIRMATIONS_FILE
 
             storage = self._trials[0].storage
             path = f"{storage.experiment_fs_path}/{CONFIRMATIONS_FILE}"

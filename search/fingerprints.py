@@ -16,9 +16,9 @@ import json
 import os
 from typing import Mapping, Optional
 
-from contract import layout
-from search import storage
-from search.config import ConfigError, warn
+from lora_rank_search.contract import layout
+from lora_rank_search.search import storage
+from lora_rank_search.search.config import ConfigError, warn
 
 FINGERPRINTS = "fingerprints"  # the search_meta.json key
 CONFIG_KEYS_IGNORED = ("resources.",)  # what may change between a run and its resume (as check_experiment_dir allows)

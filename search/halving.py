@@ -46,9 +46,9 @@ from typing import Any, Hashable, Iterable, Mapping, Optional, Sequence
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from contract.arms import arm_of, family_of, unit_of
-from contract.layout import RESULT_FILE
-from search.confirming import Confirmations, _controller
+from lora_rank_search.contract.arms import arm_of, family_of, unit_of
+from lora_rank_search.contract.layout import RESULT_FILE
+from lora_rank_search.search.confirming import Confirmations, _controller
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         # back paused (Tune re-queues it as pending, and a pending trial would train past the
         # rung before the decision); the decision restarts or stops it.
         reports = [r for r in _reports(trial) if self._time_attr in r]
-        if int(last) not in {int(r[self._time_attr]) for r in reports}:
+        if int(last) not in {int(r[self._time_attr]) for r in reports} and math.isfinite(self._loss(trial.last_result)):
             # The driver died after Tune saved the trial's last result in its experiment state but
             # before the line reached result.json: without it the rung would never be decided
             # (the search would wait for this trial's loss forever).

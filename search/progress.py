@@ -8,7 +8,7 @@ from typing import Optional, TextIO
 
 from ray.tune import Callback
 
-from contract.layout import ERROR_FILE
+from lora_rank_search.contract.layout import ERROR_FILE
 
 
 WIDTH = 22  # trial names: r16-lr3e-4-seed0

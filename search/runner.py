@@ -17,15 +17,15 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from search import storage
-from contract.arms import format_lr
-from contract import layout
-from search.address import address_problem
-from search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, flatten, missing_config, recovery
-from search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn
-from search.isolation import environ, isolated_ray_start
-from search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
-from search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
+from lora_rank_search.search import storage
+from lora_rank_search.contract.arms import format_lr
+from lora_rank_search.contract import layout
+from lora_rank_search.search.address import address_problem
+from lora_rank_search.search.fingerprints import FINGERPRINTS, check_fingerprints, fingerprints, flatten, missing_config, recovery
+from lora_rank_search.search.config import ConfigError, SearchConfig, learning_rates, target_choices, warn
+from lora_rank_search.search.isolation import environ, isolated_ray_start
+from lora_rank_search.search.resources import MemoryEstimate, cluster_gpu_memory, estimate_trial_memory, gpu_fraction_for, local_gpu_memory
+from lora_rank_search.search.space import METRIC, MODE, make_scheduler, num_trials, param_space, rung_steps, trial_settings
 
 @dataclass
 class Prepared:
@@ -102,10 +102,10 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     With local_ray (the search will start its own Ray on this machine) the resources per trial are
     checked against this machine too.
     """
-    from trainables.data import DataError, load_data, tokenize_splits
-    from trainables.data import overlap_warning
-    from trainables.lora import TargetError, dropout_problems, linear_layers, rank_problems, resolve_targets
-    from trainables.model import ModelSourceError, check_weights, load_tokenizer, meta_model, resolve_model
+    from lora_rank_search.trainables.data import DataError, load_data, tokenize_splits
+    from lora_rank_search.trainables.data import overlap_warning
+    from lora_rank_search.trainables.lora import TargetError, dropout_problems, linear_layers, rank_problems, resolve_targets
+    from lora_rank_search.trainables.model import ModelSourceError, check_weights, load_tokenizer, meta_model, resolve_model
 
     problems: list[str] = local_resource_problems(cfg) if local_ray else []
     warnings: list[str] = []
@@ -152,11 +152,11 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
     except DataError as exc:
         problems.append(str(exc))
-    from search import tracking
+    from lora_rank_search.search import tracking
 
     problems.extend(tracking.problems(cfg))
     if cfg.eval.metric:
-        from trainables.downstream import metric_problem
+        from lora_rank_search.trainables.downstream import metric_problem
 
         problem = metric_problem(cfg.eval.metric)
         if problem:
@@ -168,7 +168,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         raise ConfigError(problems, "input")
     for line in warnings:
         warn(line)
-    from trainables.data import describe
+    from lora_rank_search.trainables.data import describe
 
     out.data_stats = {"format": d.format, **describe(out.data)}
     return out
@@ -200,7 +200,7 @@ def _keep_choices(cfg: SearchConfig, choices: list, kept: dict) -> SearchConfig:
 
 def memory_estimate(cfg: SearchConfig, prepared: Prepared) -> MemoryEstimate:
     """One trial's GPU memory as `gpus_per_trial: auto` plans it, at the largest rank (bytes, by part)."""
-    from trainables.lora import lora_param_count
+    from lora_rank_search.trainables.lora import lora_param_count
 
     dims = prepared.dims
     return estimate_trial_memory(
@@ -271,11 +271,11 @@ def _fit_budget(cfg: SearchConfig, prepared: Prepared, resources: dict, started_
     (the config to run, the budget record for search_meta.json)."""
     import ray
 
-    from search import budget
-    from trainables.probe import probe
+    from lora_rank_search.search import budget
+    from lora_rank_search.trainables.probe import probe
 
     choices = prepared.choices or {"": prepared.targets}
-    from trainables.lora import lora_param_count
+    from lora_rank_search.trainables.lora import lora_param_count
 
     r = max(cfg.lora.ranks)
     targets = max(choices.values(), key=lambda t: lora_param_count(prepared.linear_shapes, t, r))
@@ -296,7 +296,7 @@ def _fit_budget(cfg: SearchConfig, prepared: Prepared, resources: dict, started_
 
 def _shrunk_as_saved(cfg: SearchConfig) -> SearchConfig:
     """On --resume with budget.fit: shrink, the max_steps the search was shrunk to (its saved config)."""
-    from search.budget import with_max_steps
+    from lora_rank_search.search.budget import with_max_steps
 
     saved_path = storage.join(cfg.experiment_path, layout.CONFIG_FILE)
     if not storage.exists(saved_path):
@@ -426,7 +426,7 @@ def check_experiment_dir(cfg: SearchConfig, resume: bool) -> None:
 def describe_choices(prepared: Prepared) -> list[str]:
     """One line per target choice: its label, resolved targets and trainable parameters at each rank
     (the costs the verdict compares: `lora_param_count`, as `lora-rank params` prints them)."""
-    from trainables.lora import lora_param_count
+    from lora_rank_search.trainables.lora import lora_param_count
 
     ranks = sorted(prepared.cfg.lora.ranks)
     lines = []
@@ -453,9 +453,9 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
 
     import ray
 
-    from search.resources import MAX_ARMS_PER_PACK, arms_that_fit, local_gpu_memory, cluster_gpu_memory, pack_memory
-    from trainables.lora import split_targets
-    from trainables.pack_server import PackPlan
+    from lora_rank_search.search.resources import MAX_ARMS_PER_PACK, arms_that_fit, local_gpu_memory, cluster_gpu_memory, pack_memory
+    from lora_rank_search.trainables.lora import split_targets
+    from lora_rank_search.trainables.pack_server import PackPlan
 
     wanted = cfg.resources.arms_per_worker
     trials = num_trials(cfg)
@@ -519,9 +519,9 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     """
     from ray import tune
 
-    from search.progress import ProgressPrinter
-    from trainables.pack_server import packed_trial
-    from trainables.trial import lora_trial
+    from lora_rank_search.search.progress import ProgressPrinter
+    from lora_rank_search.trainables.pack_server import packed_trial
+    from lora_rank_search.trainables.trial import lora_trial
 
     settings = dataclasses.replace(trial_settings(cfg, prepared.model_path, prepared.choices or prepared.targets), storage_marker=storage_marker)
     if plan is None:
@@ -573,7 +573,7 @@ def run_search(
     """Run (or resume) the search; returns the experiment path. Raises ConfigError before Ray starts."""
     import ray
 
-    from trainables.trial import quiet_libraries
+    from lora_rank_search.trainables.trial import quiet_libraries
 
     quiet_libraries()
     for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
@@ -631,7 +631,7 @@ def run_search(
             prepared.cfg = dataclasses.replace(prepared.cfg, train=cfg.train)  # the shrunk budget, the merged target choices
         elif has_budget(cfg):
             log("budget: resumed: the estimate and any shrinking were done when the search started")
-        from search import tracking
+        from lora_rank_search.search import tracking
 
         trackers, tracked = tracking.callbacks(cfg, log) if not resume else _resumed_trackers(cfg, log)
         if not resume:
@@ -650,7 +650,7 @@ def run_search(
                 grid = tuner.fit()
         finally:
             if plan is not None:
-                from trainables.pack_server import stop_servers
+                from lora_rank_search.trainables.pack_server import stop_servers
 
                 stop_servers(plan.experiment)
         tracking.end_parent(tracked)

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from contract.arms import CHOICE_KEY, DIMENSIONS, RANK_KEY
-from search.config import GRACE_FRACTION, SearchConfig, TrialSettings, arm_values
-from trainables.lora import alpha_label
+from lora_rank_search.contract.arms import CHOICE_KEY, DIMENSIONS, RANK_KEY
+from lora_rank_search.search.config import GRACE_FRACTION, SearchConfig, TrialSettings, arm_values
+from lora_rank_search.trainables.lora import alpha_label
 
 METRIC = "eval_loss"
 MODE = "min"
@@ -97,7 +97,7 @@ class Scheduler:
 
 
 def _sha_rungs(cfg: SearchConfig) -> list[int]:
-    from search.halving import halving_rungs
+    from lora_rank_search.search.halving import halving_rungs
 
     return halving_rungs(grace_steps(cfg), cfg.train.max_steps, cfg.scheduler.reduction_factor)
 
@@ -110,7 +110,7 @@ def _asha_rungs(cfg: SearchConfig) -> list[int]:
 
 
 def _make_sha(cfg: SearchConfig) -> Any:
-    from search.halving import SuccessiveHalving
+    from lora_rank_search.search.halving import SuccessiveHalving
 
     return SuccessiveHalving(
         time_attr=TIME_ATTR,

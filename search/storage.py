@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from contract.storage import (  # noqa: F401 - re-exported: the driver's modules read `storage.X`
+from lora_rank_search.contract.storage import (  # noqa: F401 - re-exported: the driver's modules read `storage.X`
     CHECKPOINTS_KEPT, MARKER, SHARED_STORAGE_HINT, exists, filesystem, is_uri, join, listdir, local_path, not_shared_problem,
     read_text, sees_marker, writable_problem, write_marker, write_text,
 )

@@ -19,7 +19,7 @@ import socket
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
-from search.config import SearchConfig, warn
+from lora_rank_search.search.config import SearchConfig, warn
 
 INSTALL = "pip install 'lora-rank-search[tracking]'"
 REACH_TIMEOUT_S = 5.0
@@ -56,7 +56,7 @@ def mlflow_uri(uri: str) -> str:
 
 def _quick_mlflow():
     """MLflow's HTTP client without its minutes of retries: a reachability check answers fast."""
-    from search.isolation import environ
+    from lora_rank_search.search.isolation import environ
 
     return environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(REACH_TIMEOUT_S))})
 
@@ -142,7 +142,7 @@ def _wandb_callback_class():
 def wandb_dir(cfg: SearchConfig) -> str:
     """Where W&B writes its run folders: tracking.wandb.dir, else the experiment folder (local
     storage), else ./wandb-NAME."""
-    from search import storage
+    from lora_rank_search.search import storage
 
     if cfg.tracking.wandb.dir:
         return os.path.abspath(os.path.expanduser(cfg.tracking.wandb.dir))

@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from trainables.tiny import build_tiny_llama, chain_records, word_list, write_jsonl
+from lora_rank_search.trainables.tiny import build_tiny_llama, chain_records, word_list, write_jsonl
 
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -132,7 +132,7 @@ def write_fake_experiment(root) -> str:
 
     import yaml
 
-    from contract import layout
+    from lora_rank_search.contract import layout
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def write_fake_choice_experiment(root) -> str:
     import json
     from pathlib import Path
 
-    from contract import layout
+    from lora_rank_search.contract import layout
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ import os
 import pandas as pd
 import pytest
 
-from analysis.results import load_experiment
+from lora_rank_search.analysis.results import load_experiment
 from conftest import FAKE_BASE_LOSS
-from search.cli import main
+from lora_rank_search.search.cli import main
 
 
 def test_every_status_is_read_from_the_folder(fake_experiment):
@@ -65,7 +65,7 @@ def test_other_rules_and_bad_flags(fake_experiment, capsys):
 
 
 def test_tensorboard_folder_for_every_status(fake_experiment, tmp_path):
-    from analysis.tb import read_back
+    from lora_rank_search.analysis.tb import read_back
 
     trials, _ = load_experiment(fake_experiment)
     logdir = tmp_path / "tb"
@@ -106,7 +106,7 @@ def test_analyze_a_search_over_target_choices_names_the_cheapest_adequate_adapte
     assert os.path.getsize(os.path.join(out, "plots", "cost_by_choice.png")) > 5000
     trials, _ = load_experiment(experiment)
     assert sorted(trials["trial_dir"].str.split("_r0").str[0].unique()) == ["all-linear", "attention", "mlp"]
-    from analysis.tb import read_back
+    from lora_rank_search.analysis.tb import read_back
 
     assert main(["tensorboard", experiment, "--logdir", str(tmp_path / "tb"), "--no-serve"]) == 0
     for t in trials.itertuples():

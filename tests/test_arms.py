@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from contract.arms import (ARM_KEYS, CHOICE_KEY, DIMENSIONS, NUISANCE, NUISANCE_KEYS, REPLICATE_KEY, UNIT_KEYS, Arm, arm_of,
+from lora_rank_search.contract.arms import (ARM_KEYS, CHOICE_KEY, DIMENSIONS, NUISANCE, NUISANCE_KEYS, REPLICATE_KEY, UNIT_KEYS, Arm, arm_of,
                            describe_nuisance, unit_of, with_arm)
-from contract.layout import parse_trial_dirname, trial_dirname, trial_name
+from lora_rank_search.contract.layout import parse_trial_dirname, trial_dirname, trial_name
 
 
 def test_roles_are_read_from_the_fields():
@@ -57,7 +57,7 @@ def test_an_arms_nuisance_goes_into_the_config_it_was_trained_with():
 
 
 def test_trial_settings_take_the_arms_nuisance():
-    from contract.config import LoraConfig, ModelConfig, QuantizationConfig, TrainConfig, TrialSettings
+    from lora_rank_search.contract.config import LoraConfig, ModelConfig, QuantizationConfig, TrainConfig, TrialSettings
 
     settings = TrialSettings(model_path="m", model=ModelConfig(), quantization=QuantizationConfig(), lora=LoraConfig(),
                              train=TrainConfig(learning_rate=(1e-4, 3e-4)), targets=("q_proj",))
@@ -70,8 +70,8 @@ def test_trial_settings_take_the_arms_nuisance():
 
 
 def test_the_param_space_has_one_grid_per_dimension(raw_config):
-    from search.config import parse_config
-    from search.space import num_trials, param_space
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.space import num_trials, param_space
 
     cfg = parse_config(raw_config(train={"learning_rate": [1e-3, 3e-3], "seeds": [0, 1]}))
     space = param_space(cfg)

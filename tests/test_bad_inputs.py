@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from search.cli import main
-from trainables.tiny import chain_records, write_jsonl
+from lora_rank_search.search.cli import main
+from lora_rank_search.trainables.tiny import chain_records, write_jsonl
 
 from conftest import WORDS
 
@@ -250,7 +250,7 @@ def _expand(value, names: dict):
 
 def _done_experiment(bad: str, raw: dict) -> None:
     """A resumable-looking experiment `done` whose saved config is this one with ranks [1, 2, 16, 32]."""
-    from search.config import parse_config
+    from lora_rank_search.search.config import parse_config
 
     folder = os.path.join(bad, "runs", "done")
     os.makedirs(folder, exist_ok=True)

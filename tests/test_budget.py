@@ -11,10 +11,10 @@ import time
 import pytest
 import yaml
 
-from search import budget
-from search.config import ConfigError, parse_config
-from search.halving import halving_steps
-from search.space import grace_steps
+from lora_rank_search.search import budget
+from lora_rank_search.search.config import ConfigError, parse_config
+from lora_rank_search.search.halving import halving_steps
+from lora_rank_search.search.space import grace_steps
 
 PROBE = budget.Probe(load_s=2.0, step_s=0.5, eval_s=1.0, steps=3)
 RES = {"cpu": 1, "gpu": 0.0}
@@ -84,7 +84,7 @@ def _write(tmp_path, raw) -> str:
 
 @pytest.mark.slow
 def test_a_budget_that_cannot_fit_is_refused_before_training(raw_config, tmp_path, capsys):
-    from search.cli import main
+    from lora_rank_search.search.cli import main
 
     raw = raw_config(name="refused", lora={"ranks": [1, 2]}, train={"max_steps": 400, "eval_every": 100},
                      scheduler={"type": "sha", "grace_period": None}, budget={"wall_minutes": 0.2})
@@ -98,7 +98,7 @@ def test_a_budget_that_cannot_fit_is_refused_before_training(raw_config, tmp_pat
 def _step_seconds(experiment) -> float:
     """Seconds per optimizer step the search's trials really took: the trial that trained longest,
     between its last two reports (past the rung, so no wait for the rung's decision is counted)."""
-    from analysis.results import load_experiment
+    from lora_rank_search.analysis.results import load_experiment
 
     _, history = load_experiment(str(experiment))
     longest = max((rows.sort_values("step") for _, rows in history.groupby("trial_id")), key=len)
@@ -109,7 +109,7 @@ def _step_seconds(experiment) -> float:
 
 @pytest.mark.slow
 def test_shrink_finishes_within_its_wall_budget(raw_config, tmp_path, capsys):
-    from search.cli import main
+    from lora_rank_search.search.cli import main
 
     minutes = 2.0
     raw = raw_config(name="shrunk", lora={"ranks": [1, 2]}, train={"max_steps": 20000, "eval_every": 2000},
@@ -136,7 +136,7 @@ def test_shrink_finishes_within_its_wall_budget(raw_config, tmp_path, capsys):
 
 
 def test_the_report_ends_with_the_budget_against_what_was_spent():
-    from analysis.report import budget_blocks
+    from lora_rank_search.analysis.report import budget_blocks
 
     record = {"limits": {"gpu_hours": None, "cpu_hours": 0.5, "wall_minutes": 10.0, "fit": "shrink"},
               "probe": {"step_s": 0.5, "eval_s": 1.0, "load_s": 2.0, "device": "cpu"},

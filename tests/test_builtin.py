@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from search.config import load_config
-from search.runner import prepare
+from lora_rank_search.search.config import load_config
+from lora_rank_search.search.runner import prepare
 
 pytestmark = pytest.mark.slow  # every test here loads the real model (its conversion from GGUF: ~20-50 s)
 
@@ -32,7 +32,7 @@ def test_quickstart_model_is_a_real_llama_with_all_projections(quickstart):
 
 
 def test_quickstart_data_is_split_by_question(quickstart):
-    from trainables.data import load_splits
+    from lora_rank_search.trainables.data import load_splits
 
     cfg, prepared = quickstart
     train, held = load_splits(cfg.data)
@@ -46,7 +46,7 @@ def test_quickstart_model_loads_in_4bit(quickstart):
     import bitsandbytes as bnb
     import torch
 
-    from trainables.model import load_base_model
+    from lora_rank_search.trainables.model import load_base_model
 
     cfg, prepared = quickstart
     model = load_base_model(prepared.model_path, cfg.quantization, "cpu")

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from analysis.selection import recommend
+from lora_rank_search.analysis.selection import recommend
 
 BASE = 3.0
 COST = {"attention": 100, "mlp": 300, "all-linear": 500}  # trainable params per unit of rank

@@ -11,7 +11,7 @@ import sys
 
 import yaml
 
-from search.cli import main
+from lora_rank_search.search.cli import main
 
 
 def _write(tmp_path, raw: dict) -> str:
@@ -52,7 +52,7 @@ def test_cli_search_end_to_end_prints_the_table_and_writes_the_experiment(raw_co
     raw = raw_config(name="cli", lora={"ranks": [2, 16]}, train={"max_steps": 20, "eval_every": 10})
     config = _write(tmp_path, raw)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cli = [sys.executable, "-m", "search.cli", "search", config]
+    cli = [sys.executable, "-m", "lora_rank_search.search.cli", "search", config]
     done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout

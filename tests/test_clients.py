@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.cli import main
+from lora_rank_search.search.cli import main
 
 STATUSES = {  # trial status -> (Ray status in experiment_state, last reported step, trial_status, error.txt)
     "completed": ("TERMINATED", 20, "", False),
@@ -69,8 +69,8 @@ def test_tensorboard_writes_every_trial_status_and_tensorboard_reads_it_back(tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    from analysis.results import load_experiment
-    from analysis.tb import SESSION_STATUS
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.analysis.tb import SESSION_STATUS
 
     experiment = _experiment(tmp_path / "exp", "/nowhere/base", STATUSES)
     trials, _ = load_experiment(experiment)
@@ -99,8 +99,8 @@ def test_tensorboard_writes_every_trial_status_and_tensorboard_reads_it_back(tmp
 
 def _settings(model_path: str, targets) -> "TrialSettings":
     """A trial's settings for a 4-bit (float32 compute) model with these resolved targets."""
-    from search.config import parse_config
-    from search.space import trial_settings
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.space import trial_settings
 
     cfg = parse_config({"model": {"name_or_path": model_path}, "quantization": {"compute_dtype": "float32"},
                         "lora": {"alpha": "2r", "dropout": 0.0}})
@@ -112,9 +112,9 @@ def exported_adapter(tiny_model, tmp_path_factory):
     the trial saves it: its adapter_config.json names the per-machine prequantized cache."""
     import torch
 
-    from trainables.lora import linear_layers, resolve_targets
-    from trainables.model import meta_model
-    from trainables.trial import build_model
+    from lora_rank_search.trainables.lora import linear_layers, resolve_targets
+    from lora_rank_search.trainables.model import meta_model
+    from lora_rank_search.trainables.trial import build_model
 
     root = tmp_path_factory.mktemp("adapter")
     old = os.environ.get("LORA_RANK_SEARCH_CACHE")
@@ -227,7 +227,7 @@ def test_export_refuses_to_replace_an_earlier_export_without_force(tiny_model, e
 
 
 def test_builtin_and_gguf_bases_name_what_a_peft_user_loads():
-    from analysis.export import base_for_peft
+    from lora_rank_search.analysis.export import base_for_peft
 
     base, note = base_for_peft({"name_or_path": "builtin:smollm2-135m-instruct"})
     assert base == "HuggingFaceTB/SmolLM2-135M-Instruct" and "Q4_1" in note
@@ -245,9 +245,9 @@ def test_4bit_moe_trial_trains_what_the_calculator_counts(tmp_path, monkeypatch)
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from trainables.params import parameter_table
-    from trainables.tiny import build_tokenizer, word_list
-    from trainables.trial import build_model
+    from lora_rank_search.trainables.params import parameter_table
+    from lora_rank_search.trainables.tiny import build_tokenizer, word_list
+    from lora_rank_search.trainables.trial import build_model
 
     monkeypatch.setenv("LORA_RANK_SEARCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "moe"

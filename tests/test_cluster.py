@@ -18,14 +18,14 @@ import uuid
 
 import pytest
 
-from analysis.results import load_experiment
+from lora_rank_search.analysis.results import load_experiment
 from processes import kill_marked
-from search import storage
-from search.config import parse_config
-from search.space import trial_settings
-from search.runner import run_search
-from trainables.failures import FAULT_ENV
-from trainables.trial import NodeSetupError, on_this_node
+from lora_rank_search.search import storage
+from lora_rank_search.search.config import parse_config
+from lora_rank_search.search.space import trial_settings
+from lora_rank_search.search.runner import run_search
+from lora_rank_search.trainables.failures import FAULT_ENV
+from lora_rank_search.trainables.trial import NodeSetupError, on_this_node
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from analysis.results import load_experiment
+from lora_rank_search.analysis.results import load_experiment
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cluster"))
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from search.config import (
+from lora_rank_search.search.config import (
     README_MARKERS,
     ConfigError,
     SearchConfig,
@@ -171,7 +171,7 @@ def test_every_shipped_search_config_parses(path):
 
 
 def test_readme_config_and_metrics_references_match_the_code():
-    from search.config import readme_blocks
+    from lora_rank_search.search.config import readme_blocks
 
     text = open(os.path.join(ROOT, "README.md")).read()
     blocks = readme_blocks()

@@ -8,8 +8,8 @@ import typing
 
 import pytest
 
-from contract.config import schema_fields
-from search.config import ConfigError, parse_config
+from lora_rank_search.contract.config import schema_fields
+from lora_rank_search.search.config import ConfigError, parse_config
 
 FIELDS = list(schema_fields())
 

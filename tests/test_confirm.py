@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from search.confirm import COSTLIER, NEAR_MISS, choose_challengers, cut_units, finishes_in_tail, free_slots, leader_of
+from lora_rank_search.search.confirm import COSTLIER, NEAR_MISS, choose_challengers, cut_units, finishes_in_tail, free_slots, leader_of
 
 BASE = 3.0
 UNIT = {r: r for r in (1, 2, 4, 8, 16)}  # one arm per unit: the arm is the rank
@@ -122,9 +122,9 @@ def _record(trial="t8", from_step=30, step=60):
 
 
 def _analysed(curves, record):
-    from analysis.confirmations import apply, summary
-    from analysis.diagnosis import diagnose
-    from analysis.selection import recommend
+    from lora_rank_search.analysis.confirmations import apply, summary
+    from lora_rank_search.analysis.diagnosis import diagnose
+    from lora_rank_search.analysis.selection import recommend
 
     trials, history = _tables(curves)
     rec = recommend(trials, history)
@@ -198,7 +198,7 @@ class _Controller:
 
 
 def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and_the_tail_ends_the_run():
-    from search.halving import SuccessiveHalving
+    from lora_rank_search.search.halving import SuccessiveHalving
 
     sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="tail")
     # back from --resume: r=2 (kept at step 10) was at step 30, r=16 (cut at 10) had been confirming up to step 20
@@ -236,7 +236,7 @@ def test_a_role_goes_again_to_a_unit_cut_at_a_later_rung():
 def test_after_resume_a_rung_report_missing_from_result_json_is_read_from_tunes_saved_state():
     """The driver died after Tune saved a trial's step-10 result but before the line reached
     result.json: the rung must still get the trial's loss, or the search waits for it forever."""
-    from search.halving import SuccessiveHalving
+    from lora_rank_search.search.halving import SuccessiveHalving
 
     sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="off")
     trial = _Trial("a", 2, "PENDING", 10)  # no storage: its result.json reads as empty

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.results import COMPLETED, load_experiment
-from search.cli import main
-from trainables.planted import build_planted_task, planted_config
+from lora_rank_search.analysis.results import COMPLETED, load_experiment
+from lora_rank_search.search.cli import main
+from lora_rank_search.trainables.planted import build_planted_task, planted_config
 
 pytestmark = pytest.mark.slow
 

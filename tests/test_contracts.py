@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from contract.metrics import DECLARED, REPORTED, checked_report, report_problems
-from contract.recommendation import FIELDS, problems
+from lora_rank_search.contract.metrics import DECLARED, REPORTED, checked_report, report_problems
+from lora_rank_search.contract.recommendation import FIELDS, problems
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,14 +58,14 @@ def test_the_trial_reports_only_declared_keys():
 
 
 def _document(fake_experiment, tmp_path) -> dict:
-    from analysis.pipeline import run_analysis
+    from lora_rank_search.analysis.pipeline import run_analysis
 
     run_analysis(fake_experiment, out=str(tmp_path / "out"))
     return json.loads((tmp_path / "out" / "recommendation.json").read_text())
 
 
 def test_recommendation_json_keeps_its_contract(fake_experiment, tmp_path):
-    from analysis.selection import Recommendation
+    from lora_rank_search.analysis.selection import Recommendation
     import dataclasses
 
     document = _document(fake_experiment, tmp_path)
@@ -85,8 +85,8 @@ def test_an_undeclared_field_or_a_non_integer_count_breaks_recommendation_json(f
 
 
 def test_the_analysis_refuses_to_write_a_broken_recommendation(fake_experiment, tmp_path, monkeypatch):
-    from analysis import selection
-    from analysis.pipeline import run_analysis
+    from lora_rank_search.analysis import selection
+    from lora_rank_search.analysis.pipeline import run_analysis
 
     original = selection.Recommendation.to_dict
     monkeypatch.setattr(selection.Recommendation, "to_dict", lambda self: {**original(self), "rank_guess": 8})

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis.integrity import arm_mismatch, base_loss_outliers, duplicate_arms, nonfinite_eval
-from search.cli import main
-from search.fingerprints import changes, fingerprints
+from lora_rank_search.analysis.integrity import arm_mismatch, base_loss_outliers, duplicate_arms, nonfinite_eval
+from lora_rank_search.search.cli import main
+from lora_rank_search.search.fingerprints import changes, fingerprints
 
 from conftest import BASE, merge
 
@@ -80,7 +80,7 @@ def test_fingerprint_changes_name_the_field_and_the_file(tmp_path):
 
 
 def test_an_address_that_does_not_answer_fails_fast_naming_what_was_tried(monkeypatch):
-    from search.address import address_problem
+    from lora_rank_search.search.address import address_problem
 
     def silent(*args, timeout=None, **kwargs):
         raise socket.timeout("timed out")
@@ -92,9 +92,9 @@ def test_an_address_that_does_not_answer_fails_fast_naming_what_was_tried(monkey
 
 
 def test_target_choices_that_resolve_to_the_same_layers_are_merged_with_a_warning(raw_config, capsys):
-    from search.config import parse_config
-    from search.runner import prepare
-    from search.space import num_trials
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.search.space import num_trials
 
     cfg = parse_config(raw_config(lora={"ranks": [1, 2], "target_modules": ["attention", ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp"]}))
     prepared = prepare(cfg, log=lambda _: None)
@@ -119,7 +119,7 @@ def _line(step: int, restart: int = 0) -> str:
 
 
 def test_a_line_cut_by_a_killed_run_and_re_reported_after_the_resume_is_not_damage(tmp_path):
-    from analysis.results import load_experiment
+    from lora_rank_search.analysis.results import load_experiment
 
     cut = _line(20)[:25]
     resumed = _hand_made(tmp_path / "a", [_line(10), cut, _line(20, restart=1)])
@@ -209,7 +209,7 @@ def test_an_emptied_result_json_refuses_the_verdict_and_never_ships_the_loser_si
 @pytest.mark.slow
 @pytest.mark.parametrize("value", [math.inf, math.nan])
 def test_a_non_finite_eval_loss_is_divergence_and_its_adapter_is_never_shipped(value, experiment, tmp_path, capsys):
-    from analysis.results import load_experiment
+    from lora_rank_search.analysis.results import load_experiment
 
     winner = _folder(experiment, WINNER)
     _rewrite_reports(winner, lambda i, row, n: {**row, "eval_loss": value} if i == n - 1 else row)
@@ -336,7 +336,8 @@ def test_an_adapter_whose_weights_are_damaged_is_never_exported(damage, experime
 
 
 def test_a_resume_that_cannot_finish_the_experiment_exits_2_instead_of_asking_to_resume_again(raw_config, tmp_path, monkeypatch, capsys):
-    import search.runner
+    import lora_rank_search.search.runner
+    from lora_rank_search import search
     from conftest import FAKE_TRIALS, write_fake_experiment
 
     experiment = write_fake_experiment(tmp_path / "exp")  # 14 trials, two unfinished; no search_meta.json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainables.data import (
+from lora_rank_search.trainables.data import (
     IGNORE,
     BatchOrder,
     DataError,
@@ -16,8 +16,8 @@ from trainables.data import (
     read_records,
     split_records,
 )
-from trainables.model import load_tokenizer
-from trainables.tiny import write_jsonl
+from lora_rank_search.trainables.model import load_tokenizer
+from lora_rank_search.trainables.tiny import write_jsonl
 
 _DATA = {
     "format": "instruction", "prompt_field": "prompt", "response_field": "response", "messages_field": "messages",
@@ -28,7 +28,7 @@ _DATA = {
 
 def data_config(**over):
     """The typed data section (as a trial gets it) from _DATA and overrides."""
-    from search.config import DataConfig
+    from lora_rank_search.search.config import DataConfig
 
     return DataConfig(**{**_DATA, **over})
 TEMPLATE = (

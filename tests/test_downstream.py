@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from trainables.downstream import (
+from lora_rank_search.trainables.downstream import (
     BASE_METRIC_KEY, METRIC_ERROR_KEY, METRIC_KEY, MetricError, eval_pairs, metric_problem, score,
 )
 
@@ -66,10 +66,10 @@ def _mapping_task(path, n: int = 240, seed: int = 0) -> str:
 
 @pytest.mark.slow
 def test_a_trial_reports_the_metric_and_the_base_value_and_survives_a_raising_function(raw_config, tmp_path, monkeypatch):
-    from search.config import parse_config
-    from search.runner import prepare
-    from search.space import trial_settings
-    from trainables.trial import run_trial
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.trial import run_trial
 
     source = _mapping_task(tmp_path / "map.jsonl")
     mod = _module(tmp_path, monkeypatch, "def broken(gens, refs):\n    raise ZeroDivisionError('oops')\n", "raising_metric")
@@ -98,7 +98,7 @@ def _experiment(root, curves: dict, metric: dict) -> str:
     import json
     from pathlib import Path
 
-    from contract import layout
+    from lora_rank_search.contract import layout
 
     root = Path(root)
     root.mkdir(parents=True)
@@ -134,8 +134,8 @@ def test_the_verdict_follows_the_metric_where_loss_and_metric_disagree(tmp_path)
     by exact_match r=2 recovers 98% of r=8's gain: the loss says r=8, the metric r=2."""
     import json
 
-    from analysis.pipeline import run_analysis
-    from analysis.selection import recommend
+    from lora_rank_search.analysis.pipeline import run_analysis
+    from lora_rank_search.analysis.selection import recommend
 
     curves = {1: {50: 3.2, 100: 3.0}, 2: {50: 3.1, 100: 2.95}, 8: {50: 2.5, 100: 2.0}}
     metric = {1: {50: 0.05, 100: 0.10}, 2: {50: 0.50, 100: 0.60}, 8: {50: 0.55, 100: 0.61}}
@@ -153,7 +153,7 @@ def test_the_verdict_follows_the_metric_where_loss_and_metric_disagree(tmp_path)
 
 
 def test_evaluations_whose_metric_failed_are_named_in_the_diagnosis(tmp_path):
-    from analysis.pipeline import run_analysis
+    from lora_rank_search.analysis.pipeline import run_analysis
 
     curves = {1: {50: 3.2, 100: 3.0}, 2: {50: 3.1, 100: 2.95}}
     metric = {1: {50: 0.1, 100: float("nan")}, 2: {50: 0.5, 100: 0.6}}
@@ -179,7 +179,7 @@ def test_a_real_search_is_judged_by_the_metric_and_one_whose_function_raises_fin
 
     import yaml
 
-    from search.cli import main
+    from lora_rank_search.search.cli import main
 
     source = _mapping_task(tmp_path / "map.jsonl")
     mod = _module(tmp_path, monkeypatch, "def broken(gens, refs):\n    raise KeyError('answer')\n", "search_metric")

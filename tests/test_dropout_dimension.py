@@ -27,7 +27,7 @@ def test_dropout_list_is_searched_and_each_rank_judged_at_its_best_arm(raw_confi
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "search.cli", "search", str(config)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config)], capture_output=True, text=True,
                           env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     experiment = tmp_path / "runs" / "dropout"
@@ -45,8 +45,8 @@ def test_dropout_list_is_searched_and_each_rank_judged_at_its_best_arm(raw_confi
     assert trained == set(DROPOUTS)
 
     # the verdict: every rank at the arm (lr, dropout) with its lowest loss at its evidence step
-    from analysis.results import load_experiment
-    from analysis.selection import recommend
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.analysis.selection import recommend
 
     trials, history = load_experiment(str(experiment))
     assert sorted(set(trials["dropout"])) == DROPOUTS
@@ -67,8 +67,8 @@ def test_dropout_list_is_searched_and_each_rank_judged_at_its_best_arm(raw_confi
     assert f"lora_dropout={rec.nuisance['dropout']:g}," in report
 
     # TensorBoard: each run's HParams carry its dropout
-    from analysis.tb import read_back
-    from search.cli import main
+    from lora_rank_search.analysis.tb import read_back
+    from lora_rank_search.search.cli import main
 
     logdir = tmp_path / "tb"
     assert main(["tensorboard", str(experiment), "--logdir", str(logdir), "--no-serve"]) == 0

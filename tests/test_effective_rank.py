@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.effective_rank import adapter_scale, delta_singular_values, energy_rank, module_spectra, stable_rank
+from lora_rank_search.analysis.effective_rank import adapter_scale, delta_singular_values, energy_rank, module_spectra, stable_rank
 
 
 def test_singular_values_from_the_factors_equal_the_dense_svd():

@@ -11,13 +11,13 @@ import shutil
 import pytest
 import yaml
 
-from analysis.results import format_failures, load_experiment
-from search.cli import main
-from search.config import parse_config
-from search.runner import prepare
-from search.space import trial_settings
-from trainables.failures import FAULT_ENV, planned_fault
-from trainables.trial import run_trial
+from lora_rank_search.analysis.results import format_failures, load_experiment
+from lora_rank_search.search.cli import main
+from lora_rank_search.search.config import parse_config
+from lora_rank_search.search.runner import prepare
+from lora_rank_search.search.space import trial_settings
+from lora_rank_search.trainables.failures import FAULT_ENV, planned_fault
+from lora_rank_search.trainables.trial import run_trial
 
 
 def test_the_fault_hook_is_off_unless_set_and_once_skips_a_resumed_run():

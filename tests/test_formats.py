@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from search.config import DATA_FORMATS, DataConfig
-from trainables.data import IGNORE, encode_record, load_data, tokenize_splits
-from trainables.formats import FORMATS, DataError, get_format
-from trainables.model import load_tokenizer
+from lora_rank_search.search.config import DATA_FORMATS, DataConfig
+from lora_rank_search.trainables.data import IGNORE, encode_record, load_data, tokenize_splits
+from lora_rank_search.trainables.formats import FORMATS, DataError, get_format
+from lora_rank_search.trainables.model import load_tokenizer
 
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"

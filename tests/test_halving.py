@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from search.config import parse_config
-from search.halving import decide, halving_rungs, halving_steps, halving_survivors
-from search.space import grace_steps, rung_steps
+from lora_rank_search.search.config import parse_config
+from lora_rank_search.search.halving import decide, halving_rungs, halving_steps, halving_survivors
+from lora_rank_search.search.space import grace_steps, rung_steps
 
 NAN = math.nan
 RANKS = {"t1": 1, "t2": 2, "t4": 4, "t8": 8, "t16": 16}
@@ -36,7 +36,7 @@ def test_survivors_and_the_steps_a_search_spends():
 
 
 def test_default_grace_period_is_25_percent_of_max_steps_and_rungs_are_evaluated():
-    from search.space import trial_settings
+    from lora_rank_search.search.space import trial_settings
 
     def cfg(**train):
         return parse_config({"train": train, "scheduler": {"type": "sha"}})

@@ -18,7 +18,7 @@ import uuid
 import pytest
 import yaml
 
-from analysis.results import load_experiment
+from lora_rank_search.analysis.results import load_experiment
 from processes import kill_marked
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains
@@ -105,7 +105,7 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     experiment = str(tmp_path / "runs" / "interrupted")
-    cli = [sys.executable, "-m", "search.cli", "search", str(config)]
+    cli = [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config)]
 
     def start(*extra: str) -> subprocess.Popen:  # output to files: a full pipe would stall the driver
         n = len(list(tmp_path.glob("out-*")))
@@ -167,14 +167,14 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
 def test_a_killed_halving_search_resumes_with_the_same_decisions(raw_config, tmp_path, driver_env):
     """SIGKILL while ranks wait at a successive-halving rung; --resume reads the rung losses back
     and finishes: the ranks that go on are the best at each rung, and stopped ranks stay stopped."""
-    from search.halving import decide
+    from lora_rank_search.search.halving import decide
 
     raw = raw_config(name="halving", lora={"ranks": [1, 2, 16, 32]}, train={"max_steps": 40, "eval_every": 10},
                      scheduler={"type": "sha", "grace_period": 10, "reduction_factor": 2})
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     experiment = str(tmp_path / "runs" / "halving")
-    cli = [sys.executable, "-m", "search.cli", "search", str(config)]
+    cli = [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config)]
     logs = [open(tmp_path / name, "w+") for name in ("out-0.txt", "err-0.txt", "out-1.txt", "err-1.txt")]
 
     first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env=driver_env)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from search.cli import main
+from lora_rank_search.search.cli import main
 
 STRAYS = ("search", "trainables", "analysis", "data", "h2", "peft")  # named like ours or like what trials import
 
@@ -22,7 +22,8 @@ def local_search(tmp_path_factory, tiny_model, chain_data):
     started, every listening socket of this process tree and whether token authentication is on."""
     import psutil
 
-    import search.runner
+    import lora_rank_search.search.runner
+    from lora_rank_search import search
     from conftest import BASE, merge
 
     launch = tmp_path_factory.mktemp("launch")
@@ -40,7 +41,7 @@ def local_search(tmp_path_factory, tiny_model, chain_data):
     def recording(*args, **kwargs):
         import ray
 
-        from search.isolation import token_auth_enabled
+        from lora_rank_search.search.isolation import token_auth_enabled
 
         me = psutil.Process()
         listeners = []

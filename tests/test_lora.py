@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainables.lora import (
+from lora_rank_search.trainables.lora import (
     TargetError,
     linear_layers,
     lora_alpha,
@@ -46,8 +46,8 @@ def test_presets_resolve_against_gpt2_names():
 
 
 def test_presets_are_the_config_schema_presets_and_mlp_is_the_mlp():
-    from search.config import TARGET_PRESETS
-    from trainables.lora import PRESETS
+    from lora_rank_search.search.config import TARGET_PRESETS
+    from lora_rank_search.trainables.lora import PRESETS
 
     assert TARGET_PRESETS == PRESETS
     assert resolve_targets("mlp", LLAMA) == ["down_proj", "gate_proj", "up_proj"]
@@ -58,7 +58,7 @@ def test_presets_are_the_config_schema_presets_and_mlp_is_the_mlp():
 
 
 def test_expert_weights_go_to_target_parameters_without_dropout():
-    from trainables.lora import dropout_problems, peft_config
+    from lora_rank_search.trainables.lora import dropout_problems, peft_config
 
     targets = ["q_proj", "param:experts.down_proj", "param:experts.gate_up_proj"]
     config = peft_config(4, "2r", 0.0, targets)
@@ -91,9 +91,9 @@ def test_param_count_is_sum_of_r_times_in_plus_out_and_linear_in_r():
 
 @pytest.fixture(scope="module")
 def quantized(tiny_model):
-    from trainables.model import load_base_model
+    from lora_rank_search.trainables.model import load_base_model
 
-    from search.config import QuantizationConfig
+    from lora_rank_search.search.config import QuantizationConfig
 
     quant = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="auto")
     return lambda: load_base_model(tiny_model, quant, "cpu")
@@ -105,7 +105,7 @@ def test_real_4bit_model_with_peft_matches_the_count_and_targets(quantized, pres
     import torch
     from peft import get_peft_model
 
-    from trainables.lora import peft_config
+    from lora_rank_search.trainables.lora import peft_config
 
     base = quantized()
     shapes = linear_layers(base)

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from search.config import QuantizationConfig
-from trainables.model import load_base_model, prequantized_dir
+from lora_rank_search.search.config import QuantizationConfig
+from lora_rank_search.trainables.model import load_base_model, prequantized_dir
 
 QUANT = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="auto", prequantized_cache=True)
 

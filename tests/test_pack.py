@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from search.config import parse_config
-from search.runner import prepare
-from search.space import trial_settings
-from trainables.failures import FAULT_ENV
-from trainables.pack import TURNS, Pack, mask_key, next_report_step
+from lora_rank_search.search.config import parse_config
+from lora_rank_search.search.runner import prepare
+from lora_rank_search.search.space import trial_settings
+from lora_rank_search.trainables.failures import FAULT_ENV
+from lora_rank_search.trainables.pack import TURNS, Pack, mask_key, next_report_step
 
 ARMS = {  # different ranks, learning rates and target choices
     "a": {"r": 2, "lr": 3e-3, "seed": 0, "target_choice": "attention"},
@@ -56,7 +56,7 @@ def test_three_different_arms_train_packed_exactly_as_alone(packed_setup, tmp_pa
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from trainables.model import load_base_model
+    from lora_rank_search.trainables.model import load_base_model
 
     prepared, settings = packed_setup()
     pack = Pack(settings, prepared.data, threads=2)
@@ -159,7 +159,7 @@ def test_arms_report_at_every_eval_rung_and_the_end():
 
 
 def test_arms_that_fit_a_gpu_hold_the_base_once_and_each_arm_beside_it():
-    from search.resources import GIB, MemoryEstimate, arms_that_fit, pack_memory
+    from lora_rank_search.search.resources import GIB, MemoryEstimate, arms_that_fit, pack_memory
 
     estimate = MemoryEstimate(base_weights=4 * GIB, adapter_and_optimizer=GIB // 2, activations=GIB // 2, context=GIB // 2)
     # 0.9 * 80 GiB - 4 - 0.5 = 67.5 GiB of room, 1 GiB per arm -> 67, capped at 16
@@ -179,8 +179,8 @@ def test_arms_that_fit_a_gpu_hold_the_base_once_and_each_arm_beside_it():
 def test_plan_packs_on_cpu(over, expected, raw_config, monkeypatch):
     import ray
 
-    from search.config import parse_config
-    from search.runner import plan_packs
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import plan_packs
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, train={"learning_rate": [1e-3, 3e-3]},
@@ -200,8 +200,8 @@ def test_plan_packs_on_cpu(over, expected, raw_config, monkeypatch):
 def test_a_larger_model_on_cpu_packs_with_arms_taking_turns_and_says_so(raw_config, monkeypatch):
     import ray
 
-    from search.config import parse_config
-    from search.runner import plan_packs
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import plan_packs
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, resources={"cpus_per_trial": 1, "arms_per_worker": "auto"}))
@@ -266,7 +266,7 @@ def test_gradient_checkpointing_recomputes_the_same_arms_and_masks(raw_config):
     ([5], 0, None),  # one pack per node (a GPU): nowhere to go
 ])
 def test_an_arm_moves_to_a_less_busy_pack_only_when_it_balances(active, here, expected):
-    from trainables.pack_server import less_busy
+    from lora_rank_search.trainables.pack_server import less_busy
 
     # `active` counts the arms training in each pack besides the one deciding (it asks for nothing while it decides)
     assert less_busy(active, here) == expected

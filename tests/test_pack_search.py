@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.results import load_experiment
+from lora_rank_search.analysis.results import load_experiment
 from processes import kill_marked
-from search.cli import main
+from lora_rank_search.search.cli import main
 from test_interrupt import _wait_for, driver_env  # noqa: F401 - driver_env is a fixture used below
-from trainables.failures import FAULT_ENV
+from lora_rank_search.trainables.failures import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_a_killed_packed_search_resumes_its_arms_from_their_checkpoints(raw_conf
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     experiment = str(tmp_path / "runs" / "packed-kill")
-    cli = [sys.executable, "-m", "search.cli", "search", str(config)]
+    cli = [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config)]
     logs = [open(tmp_path / name, "w+") for name in ("out-0.txt", "err-0.txt", "out-1.txt", "err-1.txt")]
     first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env=driver_env)
     _wait_for(experiment, first, lambda snap: any(step >= 10 for _, step in snap.values()))

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from trainables.params import adapter_file_bytes, format_params, parameter_table
-from search.cli import main
+from lora_rank_search.trainables.params import adapter_file_bytes, format_params, parameter_table
+from lora_rank_search.search.cli import main
 
 TINY = dict(vocab_size=96, max_position_embeddings=64)
 
@@ -79,7 +79,7 @@ def test_counts_and_sizes_equal_peft_on_real_tiny_models(arch, tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainables.lora import peft_config
+    from lora_rank_search.trainables.lora import peft_config
 
     config = _configs()[arch]
     folder = tmp_path / arch
@@ -109,7 +109,7 @@ def test_all_linear_adapts_what_peft_all_linear_adapts(arch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainables.lora import linear_layers, lora_param_count, peft_config, resolve_targets
+    from lora_rank_search.trainables.lora import linear_layers, lora_param_count, peft_config, resolve_targets
 
     config = _configs()[arch]
     with init_empty_weights():
@@ -136,7 +136,7 @@ def test_presets_select_by_place_on_gpt2_and_moe():
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from trainables.lora import linear_layers, peft_config, resolve_targets
+    from lora_rank_search.trainables.lora import linear_layers, peft_config, resolve_targets
 
     def adapted(config, spec):
         with init_empty_weights():
@@ -176,7 +176,8 @@ def test_moe_table_names_what_it_does_and_what_peft_cannot_reach(tmp_path):
 def meta_models(monkeypatch) -> list:
     """Every model the parameter calculator builds (instead of a wall-clock bound: a model with no
     weight in memory is what makes an 8B or 70B count take seconds on a laptop)."""
-    import trainables.model
+    import lora_rank_search.trainables.model
+    from lora_rank_search import trainables
 
     built: list = []
     original = trainables.model.meta_model

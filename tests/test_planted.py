@@ -14,12 +14,12 @@ import time
 import pandas as pd
 import pytest
 
-from analysis.results import load_experiment
-from analysis.selection import recommend
-from search.cli import main
-from search.config import LoraConfig, parse_config
-from search.runner import run_search
-from trainables.planted import build_planted_task, planted_config
+from lora_rank_search.analysis.results import load_experiment
+from lora_rank_search.analysis.selection import recommend
+from lora_rank_search.search.cli import main
+from lora_rank_search.search.config import LoraConfig, parse_config
+from lora_rank_search.search.runner import run_search
+from lora_rank_search.trainables.planted import build_planted_task, planted_config
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains
 
@@ -150,10 +150,10 @@ def test_analyze_writes_every_output_and_the_large_adapters_use_about_k_directio
 def test_export_loads_with_peft_and_reproduces_the_reported_eval_loss(grid, tmp_path, capsys):
     from peft import PeftModel
 
-    from analysis.results import read_config
-    from search.runner import prepare
-    from trainables.model import load_base_model
-    from trainables.trial import keep_4bit_layout_fixed, evaluate
+    from lora_rank_search.analysis.results import read_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.trainables.model import load_base_model
+    from lora_rank_search.trainables.trial import keep_4bit_layout_fixed, evaluate
 
     out = tmp_path / "adapter"
     assert main(["export", grid, "--out", str(out)]) == 0
@@ -183,7 +183,7 @@ def test_asha_run_analysis_marks_stopped_trials(asha, tmp_path):
 
 
 def test_tensorboard_has_scalars_by_step_and_hparams_for_every_trial(asha, tmp_path):
-    from analysis.tb import read_back
+    from lora_rank_search.analysis.tb import read_back
 
     trials, history = load_experiment(asha)
     logdir = tmp_path / "tb"
@@ -216,7 +216,7 @@ def test_tensorboard_serves_on_localhost_only(asha, tmp_path):
     import psutil
 
     port = _free_port()
-    cli = [sys.executable, "-m", "search.cli", "tensorboard", asha, "--logdir", str(tmp_path / "tb"), "--port", str(port)]
+    cli = [sys.executable, "-m", "lora_rank_search.search.cli", "tensorboard", asha, "--logdir", str(tmp_path / "tb"), "--port", str(port)]
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         listening = []

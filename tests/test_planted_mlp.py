@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis.results import load_experiment
-from analysis.selection import recommend
-from search.cli import main
-from search.config import GRACE_FRACTION
-from search.halving import decide, halving_rungs
-from trainables.planted import MLP_TARGETS, build_planted_task, planted_config
+from lora_rank_search.analysis.results import load_experiment
+from lora_rank_search.analysis.selection import recommend
+from lora_rank_search.search.cli import main
+from lora_rank_search.search.config import GRACE_FRACTION
+from lora_rank_search.search.halving import decide, halving_rungs
+from lora_rank_search.trainables.planted import MLP_TARGETS, build_planted_task, planted_config
 
 pytestmark = pytest.mark.slow  # starts Ray and trains
 

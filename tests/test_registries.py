@@ -7,18 +7,18 @@ import dataclasses
 
 import pytest
 
-from contract.config import SCHEDULER_TYPES
+from lora_rank_search.contract.config import SCHEDULER_TYPES
 
 
 def test_every_scheduler_the_config_allows_is_registered_and_nothing_else():
-    from search.space import SCHEDULERS
+    from lora_rank_search.search.space import SCHEDULERS
 
     assert set(SCHEDULERS) == set(SCHEDULER_TYPES)
 
 
 def test_an_unregistered_scheduler_is_an_error(raw_config):
-    from search.config import parse_config
-    from search.space import make_scheduler, rung_steps
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.space import make_scheduler, rung_steps
 
     cfg = parse_config(raw_config())
     bogus = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, type="hyperband"))
@@ -28,8 +28,8 @@ def test_an_unregistered_scheduler_is_an_error(raw_config):
 
 
 def test_every_figure_drawn_is_registered_and_shown_with_its_caption(fake_experiment, tmp_path):
-    from analysis.pipeline import run_analysis
-    from analysis.plots import PLOTS
+    from lora_rank_search.analysis.pipeline import run_analysis
+    from lora_rank_search.analysis.plots import PLOTS
 
     result = run_analysis(fake_experiment, out=str(tmp_path / "out"))
     report = (tmp_path / "out" / "REPORT.md").read_text()
@@ -41,12 +41,12 @@ def test_every_figure_drawn_is_registered_and_shown_with_its_caption(fake_experi
 
 
 def test_a_figure_that_is_not_registered_is_an_error():
-    from analysis.plots import plot
-    from analysis.report import build_blocks
+    from lora_rank_search.analysis.plots import plot
+    from lora_rank_search.analysis.report import build_blocks
 
     with pytest.raises(KeyError, match="no plot is registered as 'loss_vs_moon'"):
         plot("loss_vs_moon")
-    from analysis.selection import Recommendation
+    from lora_rank_search.analysis.selection import Recommendation
 
     rec = Recommendation(rank=None, tolerance=0.05, reason="")
     import pandas as pd

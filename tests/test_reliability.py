@@ -11,11 +11,11 @@ import shutil
 import pytest
 import yaml
 
-from analysis.export import stop_note
-from analysis.results import check_complete, load_experiment
-from search.cli import main
-from search.config import config_warnings, parse_config
-from search.runner import prepare
+from lora_rank_search.analysis.export import stop_note
+from lora_rank_search.analysis.results import check_complete, load_experiment
+from lora_rank_search.search.cli import main
+from lora_rank_search.search.config import config_warnings, parse_config
+from lora_rank_search.search.runner import prepare
 
 
 def test_unusual_but_possible_inputs_are_warned_about_on_stderr(raw_config, chain_data, capsys):
@@ -49,7 +49,8 @@ def test_the_cli_prints_config_warnings_and_goes_on(raw_config, tmp_path, capsys
 
 
 def test_ctrl_c_while_preparing_says_nothing_was_written_and_not_to_resume(raw_config, tmp_path, capsys, monkeypatch):
-    import search.runner
+    import lora_rank_search.search.runner
+    from lora_rank_search import search
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -147,8 +148,8 @@ def test_export_names_the_real_reason_a_trial_ended_early(status, reason):
 def test_a_checkpoint_that_does_not_load_falls_back_to_the_previous_one(raw_config, tmp_path, capsys):
     from ray import tune
 
-    from search.space import trial_settings
-    from trainables.trial import CheckpointUnusable, restorable_checkpoint, run_trial, saved_step
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.trial import CheckpointUnusable, restorable_checkpoint, run_trial, saved_step
 
     cfg = parse_config(raw_config(train={"max_steps": 4, "eval_every": 2}, scheduler={"type": "none"}))
     prepared = prepare(cfg, log=lambda _: None)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from search.resources import CUDA_CONTEXT_BYTES, GIB, estimate_trial_memory, gpu_fraction_for
+from lora_rank_search.search.resources import CUDA_CONTEXT_BYTES, GIB, estimate_trial_memory, gpu_fraction_for
 
 MIB = 2**20
 # Two linear layers with 2**20 weights in all (512*1024 + 1024*512), as a 4-bit model holds them.
@@ -68,8 +68,8 @@ def test_gpu_fraction_for_a_table_of_gpu_sizes(estimate_gib, gpu_gib, cpus, expe
 
 
 def test_memory_estimate_of_a_config_uses_its_largest_rank_and_every_targeted_layer(raw_config):
-    from search.config import parse_config
-    from search.runner import memory_estimate, prepare
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import memory_estimate, prepare
 
     cfg = parse_config(raw_config(lora={"ranks": [2, 8], "target_modules": "all-linear"},
                                   train={"batch_size": 4}, data={"max_seq_len": 32}))
@@ -90,10 +90,10 @@ def test_auto_sizes_the_fraction_from_the_device_memory_and_ray_packs_trials_by_
     that holds two trials it asks 0.5 GPU per trial, and Ray holds four such shares at once."""
     import ray
 
-    from analysis.results import load_experiment
-    from contract import layout
-    from search import runner
-    from search.config import parse_config
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.contract import layout
+    from lora_rank_search.search import runner
+    from lora_rank_search.search.config import parse_config
 
     ray_session(num_cpus=4, num_gpus=2)  # Ray schedules these GPUs; torch never sees CUDA
     cfg = parse_config(raw_config(
@@ -148,8 +148,8 @@ def test_gpus_on_a_cluster_without_gpu_nodes_need_an_autoscaler(raw_config, monk
     GPU nodes: joined with --address, under `ray job submit` (RAY_ADDRESS), or LORA_RANK_SEARCH_AUTOSCALING=1."""
     import ray
 
-    from search import runner
-    from search.config import ConfigError, parse_config
+    from lora_rank_search.search import runner
+    from lora_rank_search.search.config import ConfigError, parse_config
 
     for key in ("LORA_RANK_SEARCH_AUTOSCALING", "RAY_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
@@ -175,9 +175,9 @@ def test_the_cluster_8b_configs_published_memory_estimate_is_what_the_code_compu
     import yaml
     from transformers import Qwen3Config
 
-    from search.runner import _model_dims
-    from trainables.lora import linear_layers, lora_param_count, resolve_targets
-    from trainables.model import meta_model
+    from lora_rank_search.search.runner import _model_dims
+    from lora_rank_search.trainables.lora import linear_layers, lora_param_count, resolve_targets
+    from lora_rank_search.trainables.model import meta_model
 
     path = "configs/cluster-8b.yaml"
     text = open(path).read()

@@ -8,10 +8,10 @@ import json
 import math
 import os
 
-from analysis.results import load_experiment
-from search.config import parse_config
-from search.runner import run_search
-from contract.metrics import REPORTED
+from lora_rank_search.analysis.results import load_experiment
+from lora_rank_search.search.config import parse_config
+from lora_rank_search.search.runner import run_search
+from lora_rank_search.contract.metrics import REPORTED
 import pytest
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains

@@ -14,11 +14,11 @@ import tempfile
 import pytest
 import yaml
 
-from search.cli import main
-from search.config import parse_config
-from search.runner import prepare
-from search.space import trial_settings
-from trainables.trial import build_model
+from lora_rank_search.search.cli import main
+from lora_rank_search.search.config import parse_config
+from lora_rank_search.search.runner import prepare
+from lora_rank_search.search.space import trial_settings
+from lora_rank_search.trainables.trial import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = [os.path.join(ROOT, p) for p in ("search", "trainables", "analysis")]

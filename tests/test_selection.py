@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.diagnosis import diagnose
-from analysis.selection import check_tolerance, knee_rank, recommend
+from lora_rank_search.analysis.diagnosis import diagnose
+from lora_rank_search.analysis.selection import check_tolerance, knee_rank, recommend
 
 
 def relative(trials, history, tolerance=None):
@@ -447,7 +447,7 @@ def test_a_rate_that_led_at_the_first_rung_and_then_overfit_is_named_and_not_pus
 
 
 def test_counts_are_written_as_integers():
-    from analysis.selection import json_safe
+    from lora_rank_search.analysis.selection import json_safe
 
     out = json_safe({"trainable_params": 8704.0, "rank": 4.0, "gain_share": 0.5, "nested": [{"step": np.float64(60.0)}],
                      "adapter_bytes": float("nan")})

@@ -22,15 +22,28 @@ FORBIDDEN = {
 }
 
 
+NAMESPACE = "lora_rank_search"  # the one installed name: lora_rank_search.search is the package search
+
+
+def _package(dotted: str) -> str:
+    parts = dotted.split(".")
+    return parts[1] if parts[0] == NAMESPACE and len(parts) > 1 else parts[0]
+
+
 def imported_packages(source: str, package: str) -> list[tuple[int, str]]:
-    """(line, top-level package) of every import in the source; relative imports count as the
-    module's own package."""
+    """(line, package) of every import in the source (lora_rank_search.X counts as X); relative
+    imports count as the module's own package."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, _package(alias.name)) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            found.append((node.lineno, package if node.level else (node.module or "").split(".")[0]))
+            if node.level:
+                found.append((node.lineno, package))
+            elif node.module == NAMESPACE:  # from lora_rank_search import search
+                found += [(node.lineno, alias.name) for alias in node.names]
+            else:
+                found.append((node.lineno, _package(node.module or "")))
     return found
 
 
@@ -42,6 +55,8 @@ def violations(package: str, path: Path) -> list[str]:
 def test_the_checker_sees_lazy_and_relative_imports():
     source = "import os\nfrom . import layout\ndef f():\n    from search.runner import run\n    import ray.tune\n"
     assert imported_packages(source, "analysis") == [(1, "os"), (2, "analysis"), (4, "search"), (5, "ray")]
+    source = "from lora_rank_search.search.runner import run\nfrom lora_rank_search import trainables\nimport lora_rank_search.analysis.tb\n"
+    assert imported_packages(source, "contract") == [(1, "search"), (2, "trainables"), (3, "analysis")]
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -56,4 +71,4 @@ def test_every_package_is_installed():
     import tomllib
 
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert set(PACKAGES) <= set(packages)
+    assert {f"{NAMESPACE}.{p}" for p in PACKAGES} | {NAMESPACE} <= set(packages)

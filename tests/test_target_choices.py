@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-from contract import layout
-from contract.arms import arm_of, unit_of
-from search.config import ConfigError, parse_config, target_choices
-from search.runner import describe_choices, prepare
-from search.space import num_trials, param_space, trial_settings
+from lora_rank_search.contract import layout
+from lora_rank_search.contract.arms import arm_of, unit_of
+from lora_rank_search.search.config import ConfigError, parse_config, target_choices
+from lora_rank_search.search.runner import describe_choices, prepare
+from lora_rank_search.search.space import num_trials, param_space, trial_settings
 
 CHOICES = ["attention", "mlp", "all-linear"]
 
@@ -91,8 +91,8 @@ def test_a_choice_the_model_lacks_is_named_by_its_index(raw_config):
 def test_one_cost_everywhere_start_up_the_trial_and_the_calculator(raw_config, tiny_model, capsys):
     """The verdict compares trials' trainable_params: the count of the model a trial builds. It must
     equal the start-up lines and `lora-rank params` for the same presets and ranks."""
-    from search.cli import main
-    from trainables.trial import build_model
+    from lora_rank_search.search.cli import main
+    from lora_rank_search.trainables.trial import build_model
 
     cfg = parse_config(raw_config(lora={"target_modules": CHOICES, "ranks": [2, 4]}))
     prepared = prepare(cfg, log=lambda _: None)

@@ -10,8 +10,8 @@ import os
 import pytest
 import yaml
 
-from search import tracking
-from search.config import parse_config
+from lora_rank_search.search import tracking
+from lora_rank_search.search.config import parse_config
 
 # mlflow and wandb come with the tracking extra, which `make test` installs (pip install -e '.[dev,tracking]').
 
@@ -60,7 +60,7 @@ def _key(item) -> str:
 def test_a_missing_tracker_package_is_refused_before_ray_saying_what_to_install(raw_config, tmp_path, capsys, monkeypatch):
     import ray
 
-    from search.cli import main
+    from lora_rank_search.search.cli import main
 
     monkeypatch.setattr(tracking, "_has", lambda module: False)
     raw = raw_config(tracking={"mlflow": {"tracking_uri": str(tmp_path / "mlruns")}, "wandb": {"project": "p", "mode": "offline"}})
@@ -94,7 +94,7 @@ def test_a_local_folder_becomes_a_file_uri_and_uris_stay():
 def test_a_real_search_logs_every_trial_and_the_verdict_to_mlflow_and_offline_wandb(raw_config, tmp_path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    from search.cli import main
+    from lora_rank_search.search.cli import main
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

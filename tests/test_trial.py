@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from search.config import parse_config
-from search.runner import prepare
-from search.space import trial_settings
-from trainables.lora import lora_param_count
-from trainables.trial import ADAPTER_DIR, STATE_FILE, lr_factor, run_trial
+from lora_rank_search.search.config import parse_config
+from lora_rank_search.search.runner import prepare
+from lora_rank_search.search.space import trial_settings
+from lora_rank_search.trainables.lora import lora_param_count
+from lora_rank_search.trainables.trial import ADAPTER_DIR, STATE_FILE, lr_factor, run_trial
 
 # Every report carries every declared metric (trainables/metrics.py).
-from contract.metrics import REPORTED
+from lora_rank_search.contract.metrics import REPORTED
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from contract.config import DataConfig
-from trainables.formats import IGNORE, DataError, get_format  # noqa: F401 - IGNORE: one definition, re-exported
-from trainables.records import (  # noqa: F401 - reading and checking records: re-exported where callers look for them
+from lora_rank_search.contract.config import DataConfig
+from lora_rank_search.trainables.formats import IGNORE, DataError, get_format  # noqa: F401 - IGNORE: one definition, re-exported
+from lora_rank_search.trainables.records import (  # noqa: F401 - reading and checking records: re-exported where callers look for them
     BUILTIN_DATA, FILE_SUFFIXES, MIN_TRAIN_EXAMPLES, Records, _count, check_columns, check_values, detect_format,
     is_dataset_source, overlap_warning, read_records, required_fields,
 )

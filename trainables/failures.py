@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from contract.metrics import DIVERGED, OK, OOM  # noqa: F401 - the `trial_status` values, re-exported for the trainables
+from lora_rank_search.contract.metrics import DIVERGED, OK, OOM  # noqa: F401 - the `trial_status` values, re-exported for the trainables
 
 FAULT_ENV = "LORA_RANK_SEARCH_FAULT"
 FAULT_KINDS = ("raise", "nan", "oom", "hang", "corrupt", "exit")
@@ -66,7 +66,7 @@ def _truncate_newest_checkpoint() -> None:
     """Cut the newest persisted checkpoint's adapter_model.safetensors of this Tune trial in half."""
     from ray.train._internal.session import get_session  # test hook only: a private API is fine here
 
-    from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
+    from lora_rank_search.contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX
 
     storage = get_session().storage
     fs, trial = storage.storage_filesystem, storage.trial_fs_path

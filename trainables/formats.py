@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from contract.config import DATA_FORMATS, DataConfig
+from lora_rank_search.contract.config import DATA_FORMATS, DataConfig
 
 IGNORE = -100
 
@@ -249,5 +249,5 @@ def describe_shapes(cfg: DataConfig) -> str:
 
 missing = set(DATA_FORMATS) - {"auto"} - set(FORMATS)
 if missing:  # pragma: no cover - a schema name without a table entry must fail at import, not fall back
-    raise ImportError(f"trainables.formats: no entry for data format(s) {sorted(missing)}")
+    raise ImportError(f"lora_rank_search.trainables.formats: no entry for data format(s) {sorted(missing)}")
 del missing

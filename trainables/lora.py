@@ -26,7 +26,7 @@ import math
 import re
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from contract.config import TARGET_PRESETS as PRESETS  # the preset names, defined once with the schema
+from lora_rank_search.contract.config import TARGET_PRESETS as PRESETS  # the preset names, defined once with the schema
 
 RSLORA_ALPHA = 16.0  # lora_alpha used with the 'rslora' rule: scale = 16 / sqrt(r)
 PARAM_PREFIX = "param:"  # a target that is a parameter (LoraConfig.target_parameters), not a module

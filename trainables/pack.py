@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from contract.config import TrialSettings
-from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS
-from contract.layout import TRAINER_STATE_FILE as STATE_FILE
-from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
-from trainables.failures import DIVERGED, OK, OOM, out_of_memory_detail, planned_fault
-from trainables.lora import alpha_label, lora_alpha, peft_config, split_targets
+from lora_rank_search.contract.config import TrialSettings
+from lora_rank_search.contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS
+from lora_rank_search.contract.layout import TRAINER_STATE_FILE as STATE_FILE
+from lora_rank_search.trainables.data import BatchOrder, TokenizedData, collate, eval_batches
+from lora_rank_search.trainables.failures import DIVERGED, OK, OOM, out_of_memory_detail, planned_fault
+from lora_rank_search.trainables.lora import alpha_label, lora_alpha, peft_config, split_targets
 
 STACKED, TURNS = "stacked", "turns"
 CPU_ROWS_PER_PASS = 64  # rows per stacked pass on CPU: past ~5 arms of 8 rows the gain flattens (measured)
@@ -140,7 +140,7 @@ class Pack:
                  threads: Optional[int] = None, rows_per_pass: Optional[int] = None, mode: str = STACKED):
         import torch
 
-        from trainables.trial import load_base, trial_device
+        from lora_rank_search.trainables.trial import load_base, trial_device
 
         self.started = time.time()
         self.settings, self.data = settings, data
@@ -170,7 +170,7 @@ class Pack:
         restored from a checkpoint folder written by `save`. Returns the arm."""
         import torch
 
-        from trainables.trial import _single_lr
+        from lora_rank_search.trainables.trial import _single_lr
 
         if key in self.arms:
             self.remove(key)
@@ -264,7 +264,7 @@ class Pack:
     def base_eval_loss(self) -> float:
         """The untouched base's eval loss (nats/token), evaluated once per pack (and cached per machine)."""
         if self._base_loss is None:
-            from trainables.trial import base_loss_once
+            from lora_rank_search.trainables.trial import base_loss_once
 
             saved, self.segments = self.segments, []
             try:
@@ -460,7 +460,7 @@ class Pack:
 
     def report(self, keys: Sequence[str]) -> dict[str, dict]:
         """Evaluate the arms and return each one's metrics (as `contract.metrics` declares them)."""
-        from trainables.trial import peak_memory_bytes
+        from lora_rank_search.trainables.trial import peak_memory_bytes
 
         tick = time.perf_counter()
         losses = self.evaluate(keys)
@@ -490,7 +490,7 @@ class Pack:
 
     def failure_report(self, key: str) -> dict:
         """The last metrics of an arm that failed in training (status and `failure` set)."""
-        from trainables.trial import peak_memory_bytes
+        from lora_rank_search.trainables.trial import peak_memory_bytes
 
         arm = self.arms[key]
         return {**arm.fixed, "step": arm.step + 1, "eval_loss": math.nan, "eval_perplexity": math.nan,
@@ -545,8 +545,8 @@ def _downstream(settings: TrialSettings, data: TokenizedData, device: str):
     ev = getattr(settings, "eval", None)
     if ev is None or not ev.metric:
         return None
-    from trainables.downstream import evaluate_metric
-    from trainables.model import load_tokenizer
+    from lora_rank_search.trainables.downstream import evaluate_metric
+    from lora_rank_search.trainables.model import load_tokenizer
 
     tokenizer = load_tokenizer(settings.model_path, settings.model.trust_remote_code)
     return lambda model: evaluate_metric(model, tokenizer, data, ev.metric, ev.max_new_tokens, device)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from contract.config import TrialSettings
-from contract.metrics import checked_report
-from trainables.data import TokenizedData
+from lora_rank_search.contract.config import TrialSettings
+from lora_rank_search.contract.metrics import checked_report
+from lora_rank_search.trainables.data import TokenizedData
 
 SERVER_PREFIX = "lrs-pack-"
 NAMESPACE = "lora-rank-search"  # the servers' Ray namespace (named, detached actors need one)
@@ -78,7 +78,7 @@ class PackServer:
 
     def __init__(self, settings: TrialSettings, data: TokenizedData, plan: PackPlan, gpu: str = ""):
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch starts CUDA: the clients' GPU, or none
-        from trainables.trial import quiet_libraries
+        from lora_rank_search.trainables.trial import quiet_libraries
 
         quiet_libraries()
         self.settings, self.data, self.plan = settings, data, plan
@@ -166,7 +166,7 @@ class PackServer:
     def _work(self, adds: dict, removes: set, wanted: dict) -> None:
         import torch
 
-        from trainables.pack import Pack
+        from lora_rank_search.trainables.pack import Pack
 
         for key in removes:
             if self.pack is not None:
@@ -221,7 +221,7 @@ class PackServer:
             self._deliver(key, ("ok", metrics, files))
 
     def _oom_in_eval(self, key: str) -> None:
-        from trainables.failures import OOM, out_of_memory_detail
+        from lora_rank_search.trainables.failures import OOM, out_of_memory_detail
 
         arm = self.pack.arms[key]
         detail = out_of_memory_detail(self.pack.device, arm.step, True, arm.r, self.settings.train.batch_size, max(self.pack.lengths))
@@ -351,9 +351,9 @@ def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: O
     import ray
     from ray import tune
 
-    from trainables.pack import next_report_step
-    from trainables.trial import exit_quietly_on_sigterm, on_this_node, process_metrics, quiet_libraries
-    from trainables.trial import restorable_checkpoint, saved_step
+    from lora_rank_search.trainables.pack import next_report_step
+    from lora_rank_search.trainables.trial import exit_quietly_on_sigterm, on_this_node, process_metrics, quiet_libraries
+    from lora_rank_search.trainables.trial import restorable_checkpoint, saved_step
 
     quiet_libraries()
     exit_quietly_on_sigterm()

@@ -49,7 +49,7 @@ def adapter_file_bytes(shapes: Mapping[str, tuple[int, int]], r: int, dtype_byte
                        params: Optional[Mapping[str, tuple]] = None) -> int:
     """Exact size of PEFT's adapter_model.safetensors for rank r on these layers (name -> (in, out))
     and parameter targets (name -> (in, out, experts, index among the module's parameters))."""
-    from trainables.lora import param_rank
+    from lora_rank_search.trainables.lora import param_rank
 
     entries = []
     for name, (fan_in, fan_out) in shapes.items():
@@ -85,7 +85,7 @@ def parameter_table(
 
     Raises ValueError naming the bad rank or target (with the model's linear layers listed).
     """
-    from trainables.lora import (
+    from lora_rank_search.trainables.lora import (
         TargetError,
         linear_layers,
         lora_param_count,
@@ -93,7 +93,7 @@ def parameter_table(
         targeted_layers,
         targeted_params,
     )
-    from trainables.model import meta_model, resolve_model
+    from lora_rank_search.trainables.model import meta_model, resolve_model
 
     bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
     if bad or not ranks:

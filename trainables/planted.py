@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from contract.config import QuantizationConfig
+from lora_rank_search.contract.config import QuantizationConfig
 
 QUANT_4BIT = QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="float32")
 DEFAULT_TARGETS = ("o_proj", "down_proj")  # layers that write into the residual stream: a strong effect per rank
@@ -167,9 +167,9 @@ def build_planted_task(
     """
     import torch
 
-    from trainables.model import load_base_model, load_tokenizer
-    from trainables.tiny import build_tiny_llama, word_list
-    from trainables.trial import keep_4bit_layout_fixed
+    from lora_rank_search.trainables.model import load_base_model, load_tokenizer
+    from lora_rank_search.trainables.tiny import build_tiny_llama, word_list
+    from lora_rank_search.trainables.trial import keep_4bit_layout_fixed
 
     folder = Path(folder)
     settings = dict(rank=rank, targets=list(targets), strength=strength, n_train=n_train, n_eval=n_eval,

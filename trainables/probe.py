@@ -12,8 +12,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from contract.config import TrialSettings
-from trainables.data import BatchOrder, TokenizedData, collate, eval_batches
+from lora_rank_search.contract.config import TrialSettings
+from lora_rank_search.trainables.data import BatchOrder, TokenizedData, collate, eval_batches
 
 EVAL_BATCHES_TIMED = 4
 
@@ -33,7 +33,7 @@ def probe(settings: TrialSettings, data: TokenizedData, r: int, steps: int = 3) 
     """Seconds to load, per optimizer step (median of `steps`), and per full evaluation pass."""
     import torch
 
-    from trainables.trial import build_model, trial_device
+    from lora_rank_search.trainables.trial import build_model, trial_device
 
     device = trial_device()
     threads = torch.get_num_threads()

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from contract.config import DataConfig
-from trainables.formats import DataError, describe_shapes, get_format, shape_of
+from lora_rank_search.contract.config import DataConfig
+from lora_rank_search.trainables.formats import DataError, describe_shapes, get_format, shape_of
 
 BUILTIN_DATA = ("builtin:chatterbot",)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")

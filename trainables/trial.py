@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
-from contract.config import TrialSettings
-from contract.layout import TRAINER_STATE_FILE as STATE_FILE
-from contract.metrics import checked_report
-from trainables.data import TokenizedData, eval_batches
-from trainables.failures import OK, OOM, out_of_memory_detail
-from trainables.lora import peft_config
-from trainables.pack import lr_factor  # noqa: F401 - the schedule, where tests and benches look for it
+from lora_rank_search.contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX  # the experiment folder's names
+from lora_rank_search.contract.config import TrialSettings
+from lora_rank_search.contract.layout import TRAINER_STATE_FILE as STATE_FILE
+from lora_rank_search.contract.metrics import checked_report
+from lora_rank_search.trainables.data import TokenizedData, eval_batches
+from lora_rank_search.trainables.failures import OK, OOM, out_of_memory_detail
+from lora_rank_search.trainables.lora import peft_config
+from lora_rank_search.trainables.pack import lr_factor  # noqa: F401 - the schedule, where tests and benches look for it
 Report = Callable[[dict, Optional[str]], None]  # (metrics, checkpoint folder or None) -> None
 
 
@@ -60,7 +60,7 @@ def build_model(settings: TrialSettings, r: int, device: str, targets: Optional[
 def load_base(settings: TrialSettings, device: str):
     """The frozen base as a trial trains on it: 4-bit per settings, one 4-bit layout on CPU, and
     gradient checkpointing when configured."""
-    from trainables.model import load_base_model
+    from lora_rank_search.trainables.model import load_base_model
 
     base = load_base_model(settings.model_path, settings.quantization, device, settings.model.trust_remote_code)
     if device == "cpu":
@@ -109,7 +109,7 @@ def base_loss_once(model, data: TokenizedData, batch_size: int, device: str, set
     import hashlib
     import json
 
-    from trainables.model import cache_root, source_fingerprint
+    from lora_rank_search.trainables.model import cache_root, source_fingerprint
 
     try:
         weights = source_fingerprint(settings.model_path)  # the weights' files, sizes and times: a retrained model is new
@@ -169,7 +169,7 @@ def run_trial(
     """
     import torch
 
-    from trainables.pack import Pack, next_report_step
+    from lora_rank_search.trainables.pack import Pack, next_report_step
 
     # ---- setup
     started = time.time()
@@ -299,8 +299,8 @@ def on_this_node(settings: TrialSettings) -> TrialSettings:
 
     Raises NodeSetupError, before any weights load, naming the node and what to fix.
     """
-    from contract.storage import SHARED_STORAGE_HINT, sees_marker
-    from trainables.model import ModelSourceError, resolve_model
+    from lora_rank_search.contract.storage import SHARED_STORAGE_HINT, sees_marker
+    from lora_rank_search.trainables.model import ModelSourceError, resolve_model
 
     node = _node_ip()
     marker = settings.storage_marker

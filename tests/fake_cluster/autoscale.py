@@ -40,7 +40,7 @@ def _free_port() -> int:
 def _search_config(work: Path) -> Path:
     """A small grid on the tiny test model: two ranks, one GPU each (logical)."""
     sys.path.insert(0, str(ROOT))
-    from trainables.tiny import build_tiny_llama, chain_records, word_list, write_jsonl
+    from lora_rank_search.trainables.tiny import build_tiny_llama, chain_records, word_list, write_jsonl
 
     words = word_list(60)
     model = build_tiny_llama(work / "tiny-llama", words + ["user", "assistant", "system"])
@@ -139,7 +139,7 @@ def run(work: Path, log=print, settle_s: float = 60.0) -> dict:
         sample("before")
         out, err = open(work / "search.out", "w+"), open(work / "search.err", "w+")
         search = subprocess.Popen(
-            [sys.executable, "-m", "search.cli", "search", str(search_config), "--address", address],
+            [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(search_config), "--address", address],
             cwd=ROOT, env=env, stdout=out, stderr=err, text=True,
         )
         started = time.time()
