@@ -82,7 +82,8 @@ def run(config: Path, name: str, arms_per_worker: str, storage: str) -> dict:
     peak = max(samples, key=lambda s: s[1]) if samples else (0, 0, 0)
     packing = next((line for line in out.splitlines() if line.startswith("packing:")), "packing: one arm per worker")
     opposed = sorted({(c.get("unit"), c.get("step")) for c in rec.get("confirmations") or []
-                      if rec.get("evidence_step") is not None and c.get("step", 0) >= rec["evidence_step"]})
+                      if rec.get("evidence_step") is not None and c.get("step", 0) >= rec["evidence_step"]
+                      and (c.get("r"), c.get("target_choice")) != (rec.get("rank"), rec.get("target_choice"))})
     return {"name": name, "wall": wall, "opposed": opposed, "peak_bytes": peak[1], "arms_at_peak": max(1, peak[2]),
             "per_arm": peak[1] / max(1, peak[2]), "max_arms": max((s[2] for s in samples), default=0),
             "steps": steps, "rank": rec.get("rank"), "lr": rec.get("learning_rate"),

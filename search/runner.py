@@ -436,9 +436,10 @@ def describe_choices(prepared: Prepared) -> list[str]:
     return lines
 
 
-# On CPU, a pack stacks its arms in one pass only for a model below this hidden size, whose step is
-# bound by Python and kernel launches (planted task, hidden 64: 0.56x the wall time of one arm per
-# worker); a larger model's arms take turns (bench/packing.py, 2026-12-05).
+# On CPU, auto packs only a model below this hidden size, whose step is bound by Python and kernel
+# launches (planted task, hidden 64: 0.56x the wall time of one arm per worker). A larger model's
+# step is compute-bound: packed (arms taking turns, a pack per core) the quickstart took 1.14x the
+# wall time at 0.24x the memory per arm (bench/packing.py, 2026-12-06), so auto does not pack it.
 SMALL_HIDDEN = 256
 
 
@@ -478,6 +479,12 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
     else:
+        if wanted == "auto" and prepared.dims.get("hidden", 0) >= SMALL_HIDDEN:
+            log(f"packing: off on CPU for a model of hidden size {prepared.dims.get('hidden')}: its step is compute-bound,"
+                " and packed it measured no faster than one arm per worker on 2 cores (bench/packing.py: 1.14x the wall"
+                " time on the quickstart, 0.24x the memory per arm); one arm per worker"
+                " (resources.arms_per_worker: N packs anyway, the arms taking turns)")
+            return None, resources
         nodes = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
         cpus = max(cfg.resources.cpus_per_trial, int(min(nodes)) if nodes else 1)
         # One pack per cpus_per_trial cores: a pack's step is one stream of ops, which several threads
