@@ -175,7 +175,9 @@ def test_export_loads_with_peft_and_reproduces_the_reported_eval_loss(grid, tmp_
 def test_asha_run_analysis_marks_stopped_trials(asha, tmp_path):
     trials, history = load_experiment(asha)
     stopped = trials[trials["stopped_early"]]
-    assert set(stopped["r"]) >= {1}, "ASHA stopped the small ranks"
+    # ASHA is asynchronous: which small rank it stops depends on the order trials reach a rung (r=1
+    # can pass its first rung behind a weak r=2 and go on); one of them is always stopped.
+    assert set(stopped["r"]) & {1, 2}, "ASHA stopped a small rank"
     assert main(["analyze", asha, "--out", str(tmp_path / "a")]) == 0
     frame = pd.read_csv(tmp_path / "a" / "results.csv")
     for row in frame[frame["stopped_early"]].itertuples():
