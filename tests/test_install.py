@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -23,8 +24,14 @@ GENERIC = {"search", "analysis", "trainables", "contract", "bench", "tests"}
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "--disable-pip-version-check", "-w", str(out)], check=True)
+    build = ROOT / "build"  # setuptools builds there, in the source tree
+    existed = build.exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                        "--disable-pip-version-check", "-w", str(out)], check=True)
+    finally:
+        if not existed:
+            shutil.rmtree(build, ignore_errors=True)  # other tests list the repository's files
     return next(out.glob("lora_rank_search-*.whl"))
 
 
