@@ -479,7 +479,8 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
     else:
-        if wanted == "auto" and prepared.dims.get("hidden", 0) >= SMALL_HIDDEN:
+        large = prepared.dims.get("hidden", 0) >= SMALL_HIDDEN
+        if wanted == "auto" and large:
             log(f"packing: off on CPU for a model of hidden size {prepared.dims.get('hidden')}: its step is compute-bound,"
                 " and packed it measured no faster than one arm per worker on 2 cores (bench/packing.py: 1.14x the wall"
                 " time on the quickstart, 0.24x the memory per arm); one arm per worker"
@@ -497,7 +498,7 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
             per_node = max(1, min(per_node, math.ceil(trials / arms)))
         threads = max(1, cpus // per_node)
         note = f", {per_node} packs per node" if per_node > 1 else ""
-        if prepared.dims.get("hidden", 0) >= SMALL_HIDDEN:
+        if large:
             # A larger model's step is compute-bound on CPU: a stacked pass costs as much per row as the
             # arms' passes one by one, plus the padding to the longest row of every arm (measured 1.3-2x
             # per arm-step at 4 arms of SmolLM2-135M). The arms take turns; the pack still saves each

@@ -281,15 +281,15 @@ def eval_batches(data: TokenizedData, batch_size: int):
     (the quickstart's eval: 1,984 padded tokens in batches of 16, 1,488 so; time on CPU and memory
     on a GPU grow with the padded tokens)."""
     order = sorted(range(len(data.eval_ids)), key=lambda i: -len(data.eval_ids[i]))
-    batch: list[int] = []
+    batches: list[list[int]] = []
     real = 0
     for i in order:
         n = len(data.eval_ids[i])
-        if batch and (len(batch) >= batch_size
-                      or len(data.eval_ids[batch[0]]) * (len(batch) + 1) * (1 - PAD_SHARE) > real + n):
-            yield collate([data.eval_ids[j] for j in batch], [data.eval_labels[j] for j in batch], data.pad_id)
-            batch, real = [], 0
-        batch.append(i)
+        batch = batches[-1] if batches else []
+        if not batch or len(batch) >= batch_size or len(data.eval_ids[batch[0]]) * (len(batch) + 1) * (1 - PAD_SHARE) > real + n:
+            batches.append([])
+            real = 0
+        batches[-1].append(i)
         real += n
-    if batch:
-        yield collate([data.eval_ids[j] for j in batch], [data.eval_labels[j] for j in batch], data.pad_id)
+    for idx in batches:
+        yield collate([data.eval_ids[j] for j in idx], [data.eval_labels[j] for j in idx], data.pad_id)

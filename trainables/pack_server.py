@@ -301,12 +301,6 @@ def least_loaded(servers: list, key: str = ""):
     return servers[least[zlib.crc32(key.encode()) % len(least)]]
 
 
-def server_for(settings: TrialSettings, data: TokenizedData, plan: PackPlan, key: str = ""):
-    """The pack server of this trial's GPU (on CPU: the least loaded of its node's packs), started
-    if there is none yet."""
-    return least_loaded(node_servers(settings, data, plan), key)
-
-
 def less_busy(active: Sequence[int], here: int) -> Optional[int]:
     """The pack (index) an arm about to train should move to, or None to stay: another pack of its
     node with fewer arms training than its own pack has beside it. After a rung decision the arms
