@@ -527,6 +527,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     """
     from ray import tune
 
+    from lora_rank_search.search.logs import trial_logs
     from lora_rank_search.search.progress import ProgressPrinter
     from lora_rank_search.trainables.pack_server import packed_trial
     from lora_rank_search.trainables.trial import lora_trial
@@ -558,7 +559,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
                 num_to_keep=storage.CHECKPOINTS_KEPT, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-            callbacks=[ProgressPrinter(cfg.train.max_steps), *(callbacks or [])],
+            callbacks=[ProgressPrinter(cfg.train.max_steps), *trial_logs(), *(callbacks or [])],
             verbose=0,
         ),
     )

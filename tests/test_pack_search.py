@@ -64,6 +64,9 @@ def test_a_crashed_pack_resumes_its_arms_from_their_checkpoints_with_the_verdict
     resumed = [json.loads(line) for f in crashed.glob("r*/result.json") for line in f.read_text().splitlines()]
     assert any(r["resumed_from_step"] == 10 for r in resumed), "arms resumed from their step-10 checkpoints"
     assert len({r["train_pid"] for r in resumed}) == 2, "a new pack took over"
+    for log in crashed.glob("r*/result.json"):  # the retry keeps the reports before the crash (search/logs.py)
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+        assert steps[0] == 10 and set(steps) == {10, 20, 30}, f"{log.parent.name}: reports at steps {steps}"
     assert _verdict(crashed)["rank"] == _verdict(plain)["rank"]
     assert _verdict(crashed)["learning_rate"] == _verdict(plain)["learning_rate"]
     before, after = _final_losses(plain), _final_losses(crashed)
