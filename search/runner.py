@@ -548,7 +548,7 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
             mode=MODE,
             scheduler=make_scheduler(cfg),
             max_concurrent_trials=cfg.resources.max_concurrent,
-            reuse_actors=False,
+            reuse_actors=True,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
         ),

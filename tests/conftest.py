@@ -21,6 +21,16 @@ TEST_CACHE = tempfile.mkdtemp(prefix="lrs-test-cache-")
 os.environ["LORA_RANK_SEARCH_CACHE"] = TEST_CACHE
 
 
+def pytest_collection_modifyitems(config, items):
+    """The files with the most slow tests first, each file's tests together and in their order:
+    under `make test` (`-n 2 --dist loadfile`) the long files start at once and the quick ones fill
+    the workers' ends."""
+    from collections import Counter
+
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache():
     yield TEST_CACHE

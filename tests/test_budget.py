@@ -111,7 +111,7 @@ def _step_seconds(experiment) -> float:
 def test_shrink_finishes_within_its_wall_budget(raw_config, tmp_path, capsys):
     from lora_rank_search.search.cli import main
 
-    minutes = 2.0
+    minutes = 1.0
     raw = raw_config(name="shrunk", lora={"ranks": [1, 2]}, train={"max_steps": 20000, "eval_every": 2000},
                      scheduler={"type": "sha", "grace_period": None}, budget={"wall_minutes": minutes, "fit": "shrink"})
     started = time.time()

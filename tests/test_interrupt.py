@@ -156,6 +156,8 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
             rows = history[history["trial_dir"] == folder]
             if status == "TERMINATED":
                 assert final[folder] == before[folder], f"{folder} finished before the interruption and was re-run"
+            elif step == MAX_STEPS:  # its last checkpoint saved, not yet marked done: nothing left to train
+                assert rows["step"].is_unique and rows["step"].max() == MAX_STEPS, f"{folder} trained again after its last step"
             elif step:
                 continued = rows[rows["resumed_from_step"] == step]
                 assert len(continued) and continued["step"].min() == step + EVAL_EVERY, (
