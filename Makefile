@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/lora-rank search configs/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest workers, a test file each at a time (pytest-xdist): most slow tests wait on Ray's
+# processes starting, which the other worker's test fills. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest --durations=20
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # The inner loop: every test that starts no Ray and trains no model (pure logic, the analysis side
 # on a fake experiment folder, config and bad-input checks).
