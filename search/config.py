@@ -91,6 +91,9 @@ def _union_args(tp: Any) -> tuple:
     return (tp,)
 
 
+_YAML_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
 def _coerce(value: Any, tp: Any, f: dataclasses.Field, path: str, errors: list[str]) -> Any:
     """The value converted to the field's type (`tuple[T, ...]`: a list of T; `Literal[...]`: one
     of those strings), or _BAD after recording the problem."""
@@ -111,6 +114,8 @@ def _coerce(value: Any, tp: Any, f: dataclasses.Field, path: str, errors: list[s
     literal = next((o for o in options if typing.get_origin(o) is typing.Literal), None)
     if literal is not None:
         allowed = typing.get_args(literal)
+        if isinstance(value, bool):  # YAML 1.1 reads `off`, `no`, `on`, `yes` as booleans: the word was meant
+            value = next((word for word in _YAML_BOOL_WORDS[value] if word in allowed), value)
         if not isinstance(value, str) or value not in allowed:
             errors.append(f"{path}: must be one of {' | '.join(allowed)}, got {value!r}")
             return _BAD

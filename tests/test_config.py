@@ -102,6 +102,18 @@ def test_numbers_written_as_strings_and_bare_exponents_parse():
     assert parse_config({"resources": {"gpus_per_trial": "0.25"}}).resources.gpus_per_trial == 0.25
 
 
+def test_yaml_words_read_as_booleans_mean_the_choice_they_spell(tmp_path):
+    """YAML 1.1 reads `off`/`on`/`no`/`yes` as booleans: a choice field spelled that way takes the
+    word, in the file and in --set; a boolean where no such word is a choice is still refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler: {confirm: off}\n")
+    assert load_config(str(path), []).scheduler.confirm == "off"
+    assert load_config(str(path), ["scheduler.confirm=tail"]).scheduler.confirm == "tail"
+    assert load_config(str(path), ["scheduler.confirm=OFF"]).scheduler.confirm == "off"
+    assert problems({"scheduler": {"confirm": True}}) == ["scheduler.confirm: must be one of off | tail | full, got True"]
+    assert problems({"scheduler": {"type": False}})[0].startswith("scheduler.type: must be one of")
+
+
 def test_overrides_apply_nested_values_parsed_as_yaml():
     errors: list[str] = []
     raw = apply_overrides({"lora": {"dropout": 0.1}}, ["lora.ranks=[4, 8]", "train.max_steps=50", "name=x", "bad"], errors)
