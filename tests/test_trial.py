@@ -109,3 +109,19 @@ def test_a_sigterm_exit_inside_a_callback_exits_without_a_traceback(installed):
     else:  # plain Python: the exit is ignored, with a traceback, and the process goes on
         assert done.returncode == 0 and "kept running" in done.stdout
         assert "Traceback" in done.stderr and "SystemExit" in done.stderr
+
+
+def test_a_reused_worker_reports_each_trials_own_peak_memory():
+    """Workers run trial after trial (reuse_actors): the peak a trial reports starts at its start,
+    not at the largest trial that ran before it in the same process."""
+    import torch  # noqa: F401 - loaded before the count, as in a worker
+
+    from lora_rank_search.trainables.trial import peak_memory_bytes, reset_peak_memory
+
+    reset_peak_memory()
+    earlier_trial = bytearray(b"\x01") * (400 * 2**20)  # 400 MiB resident
+    del earlier_trial
+    before = peak_memory_bytes("cpu")
+    reset_peak_memory()
+    after = peak_memory_bytes("cpu")
+    assert before - after > 300 * 2**20, (before, after)

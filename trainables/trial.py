@@ -38,6 +38,31 @@ def trial_device() -> str:
     return "cuda:0" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
 
 
+def reset_peak_memory() -> None:
+    """Start the peak-memory count afresh: a reused Ray worker (reuse_actors) runs trial after trial,
+    and each reports its own peak, not the largest of the trials before it in that process. On GPU
+    torch's peak counters; on CPU the freed heap goes back to the system, then Linux's peak resident
+    set (`/proc/self/clear_refs`) restarts from what is resident now."""
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then spans the process's trials
+        pass
+
+
 def peak_memory_bytes(device: str) -> int:
     """CUDA max allocated on GPU; the process's peak resident set size on CPU (bytes)."""
     import torch
@@ -336,6 +361,7 @@ def lora_trial(config: dict, settings: Optional[TrialSettings] = None, data: Opt
 
     quiet_libraries()
     exit_quietly_on_sigterm()
+    reset_peak_memory()
     settings = on_this_node(settings)
 
     def report(metrics: dict, folder: Optional[str]) -> None:
