@@ -25,7 +25,8 @@ from lora_rank_search.search.config import GRACE_FRACTION, BudgetConfig, ConfigE
 # successive halving found the planted rank with its first rung at 30 steps and missed it at 20
 # (bench/RESULTS.md, the planted-rank table). Shrinking never puts the first rung below it.
 MIN_FIRST_RUNG = 30
-TRIAL_START_S = 10.0  # a Ray worker's start and imports before a trial loads its model (s; bench: ~44 s for 8 tiny trials on 2 workers)
+TRIAL_START_S = 10.0  # a new Ray worker's start and imports before its first trial loads the model (s; bench: ~44 s for 8 tiny trials on 2 workers)
+REUSED_START_S = 2.0  # a later trial in the same worker (reuse_actors): Tune's reset, the trial's set-up (s; measured 0.5-0.8 s between trials in one worker at load 3.5, tests/test_search.py)
 FIXED_S = 30.0  # the analysis and report after the search, Ray's shutdown (s)
 SHRINK_TARGET = 0.9  # fit: shrink aims at this share of each limit: the probe's timings drift with the machine's load
 
@@ -80,9 +81,10 @@ def stages(cfg: SearchConfig) -> list[tuple[int, int]]:
 def estimate(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elapsed_s: float = 0.0) -> Estimate:
     """What the configured search costs with the probe's timings.
 
-    Every trial loads its model once (+ TRIAL_START_S), evaluates at step 0, at every rung and every
-    eval_every steps; a stage of `a` arms runs ceil(a / slots) waves. elapsed_s (the driver's time
-    so far, the probe included) and FIXED_S are added to the wall time."""
+    Every trial loads its model once, evaluates at step 0, at every rung and every eval_every
+    steps; a stage of `a` arms runs ceil(a / slots) waves. Each slot's worker starts once
+    (TRIAL_START_S) and runs its later trials (REUSED_START_S each). elapsed_s (the driver's time so
+    far, the probe included) and FIXED_S are added to the wall time."""
     from lora_rank_search.search.space import num_trials, rung_steps
 
     seeds = len(cfg.train.seeds)
@@ -90,10 +92,11 @@ def estimate(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elaps
     per_seed = stages(cfg)
     steps = seeds * sum(a * n for a, n in per_seed)
     evals = math.ceil(steps / cfg.train.eval_every) + trials * (1 + len(rung_steps(cfg)))
-    start = probe.load_s + TRIAL_START_S
-    trial_seconds = steps * probe.step_s + evals * probe.eval_s + trials * start
     slots = max(1, int(slots))
-    wall = elapsed_s + FIXED_S + math.ceil(trials / slots) * (start + probe.eval_s)
+    start = probe.load_s + REUSED_START_S
+    first_starts = min(trials, slots) * (TRIAL_START_S - REUSED_START_S)
+    trial_seconds = steps * probe.step_s + evals * probe.eval_s + trials * start + first_starts
+    wall = elapsed_s + FIXED_S + (TRIAL_START_S - REUSED_START_S) + math.ceil(trials / slots) * (start + probe.eval_s)
     for arms, n in per_seed:
         waves = math.ceil(arms * seeds / slots)
         wall += waves * (n * probe.step_s + math.ceil(n / cfg.train.eval_every) * probe.eval_s)

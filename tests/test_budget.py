@@ -46,6 +46,18 @@ def test_estimate_grows_with_max_steps_and_counts_hours_on_the_right_resource():
     assert on_gpu.cpu_hours == 0 and on_gpu.gpu_hours == pytest.approx(on_gpu.trial_seconds * 0.5 / 3600)
 
 
+def test_each_slot_starts_its_worker_once_and_later_trials_reuse_it():
+    """A grid of 4 arms x 10 steps on 2 slots, against hand arithmetic: two worker starts, four
+    model loads, every trial's reused-start cost, its steps and evaluations (step 0 + every 5)."""
+    cfg = _cfg(lora={"ranks": [1, 2]}, train={"max_steps": 10, "eval_every": 5, "learning_rate": [1e-3, 3e-3]},
+               scheduler={"type": "none"})
+    est = budget.estimate(cfg, PROBE, RES, slots=2)
+    per_trial = 10 * PROBE.step_s + 3 * PROBE.eval_s + PROBE.load_s + budget.REUSED_START_S
+    assert est.trial_seconds == pytest.approx(4 * per_trial + 2 * (budget.TRIAL_START_S - budget.REUSED_START_S))
+    wave = PROBE.load_s + budget.REUSED_START_S + PROBE.eval_s + 10 * PROBE.step_s + 2 * PROBE.eval_s
+    assert est.wall_seconds == pytest.approx(budget.FIXED_S + budget.TRIAL_START_S - budget.REUSED_START_S + 2 * wave)
+
+
 def test_over_budget_is_refused_with_the_numbers_by_default():
     cfg = _cfg(budget={"wall_minutes": 1.0})
     with pytest.raises(ConfigError) as info:
