@@ -111,6 +111,18 @@ TABLES.append(Table("packing", ["bench/packing.py"], ("## packing:", "## gpu_pac
     Check("quickstart: verdict", r"RATIO packed / one arm per worker \(make demo's search\):.*verdict (the same|DIFFERENT)",
           published=r"`make demo`'s search [^\n]*\| (the same) \("),
 ]))
+TABLES.append(Table("confirm_sim", ["bench/confirm_sim.py"], ("## confirm_sim:", "## confirm:"), "~2 s", [
+    Check("idle share off -> tail, makespan, confirmation steps",
+          r"(\d+) slots: idle share of held slot-time off ([\d.]+)% -> tail ([\d.]+)%; makespan tail/off ([\d.]+); "
+          r"confirmation steps ([\d.]+)%", abs_tol=0.05, noise="a simulation: deterministic given its seeds"),
+]))
+TABLES.append(Table("confirm", ["bench/confirm.py", "--quickstart", "--grid"], ("## confirm:", "<!-- end of confirm -->"), "~45 min", [
+    Check("quickstart: wall tail / off", r"RATIO confirm tail / off \(make demo's search\): wall ([\d.]+)", abs_tol=0.1,
+          noise="two ~390 s searches one after the other: the machine's load between them"),
+    Check("quickstart: verdicts and opposition",
+          r"RATIO confirm tail / off \(make demo's search\):.*verdict (the same|DIFFERENT); opposed: off (\w+), tail (\w+)"),
+    Check("quickstart: equals the full grid's verdict", r"equals the full grid's: (\w+)"),
+]))
 BY_NAME = {t.name: t for t in TABLES}
 # Published numbers with no command that still produces them: listed so that nobody looks for one.
 HISTORY = [

@@ -82,9 +82,10 @@ def estimate(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elaps
     """What the configured search costs with the probe's timings.
 
     Every trial loads its model once, evaluates at step 0, at every rung and every eval_every
-    steps; a stage of `a` arms runs ceil(a / slots) waves. Each slot's worker starts once
-    (TRIAL_START_S) and runs its later trials (REUSED_START_S each). elapsed_s (the driver's time so
-    far, the probe included) and FIXED_S are added to the wall time."""
+    steps; a stage of `a` arms runs ceil(a / slots) waves, and an arm that goes on past a rung
+    starts again (paused there while the rung waits: a worker's start and a model load more). Each
+    slot's worker starts once (TRIAL_START_S) and runs its later trials (REUSED_START_S each).
+    elapsed_s (the driver's time so far, the probe included) and FIXED_S are added to the wall time."""
     from lora_rank_search.search.space import num_trials, rung_steps
 
     seeds = len(cfg.train.seeds)
@@ -95,11 +96,12 @@ def estimate(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elaps
     slots = max(1, int(slots))
     start = probe.load_s + REUSED_START_S
     first_starts = min(trials, slots) * (TRIAL_START_S - REUSED_START_S)
-    trial_seconds = steps * probe.step_s + evals * probe.eval_s + trials * start + first_starts
+    restarts = seeds * sum(arms for arms, _ in per_seed[1:])
+    trial_seconds = steps * probe.step_s + evals * probe.eval_s + (trials + restarts) * start + first_starts
     wall = elapsed_s + FIXED_S + (TRIAL_START_S - REUSED_START_S) + math.ceil(trials / slots) * (start + probe.eval_s)
-    for arms, n in per_seed:
+    for stage, (arms, n) in enumerate(per_seed):
         waves = math.ceil(arms * seeds / slots)
-        wall += waves * (n * probe.step_s + math.ceil(n / cfg.train.eval_every) * probe.eval_s)
+        wall += waves * (n * probe.step_s + math.ceil(n / cfg.train.eval_every) * probe.eval_s + (start if stage else 0.0))
     gpu = float(resources.get("gpu", 0) or 0)
     cpus = float(resources.get("cpu", 1) or 1)
     return Estimate(

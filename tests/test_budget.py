@@ -58,6 +58,20 @@ def test_each_slot_starts_its_worker_once_and_later_trials_reuse_it():
     assert est.wall_seconds == pytest.approx(budget.FIXED_S + budget.TRIAL_START_S - budget.REUSED_START_S + 2 * wave)
 
 
+def test_an_arm_going_on_past_a_rung_pays_another_start_and_model_load():
+    """Successive halving pauses arms at a rung; each that goes on starts again: one model load per
+    arm and stage (a second more per load adds that many seconds), the grid's one per arm."""
+    halving = _cfg(train={"max_steps": 200}, scheduler={"type": "sha"})
+    stages = budget.stages(halving)
+    assert len(stages) > 1
+    slower = budget.Probe(load_s=PROBE.load_s + 1.0, step_s=PROBE.step_s, eval_s=PROBE.eval_s, steps=3)
+    loads = budget.estimate(halving, slower, RES, 2).trial_seconds - budget.estimate(halving, PROBE, RES, 2).trial_seconds
+    assert loads == pytest.approx(sum(arms for arms, _ in stages))  # 10 arms, then those that went on
+    grid = _cfg(train={"max_steps": 200}, scheduler={"type": "none"})
+    loads = budget.estimate(grid, slower, RES, 2).trial_seconds - budget.estimate(grid, PROBE, RES, 2).trial_seconds
+    assert loads == pytest.approx(10)
+
+
 def test_over_budget_is_refused_with_the_numbers_by_default():
     cfg = _cfg(budget={"wall_minutes": 1.0})
     with pytest.raises(ConfigError) as info:
@@ -123,7 +137,7 @@ def _step_seconds(experiment) -> float:
 def test_shrink_finishes_within_its_wall_budget(raw_config, tmp_path, capsys):
     from lora_rank_search.search.cli import main
 
-    minutes = 1.0
+    minutes = 1.5
     raw = raw_config(name="shrunk", lora={"ranks": [1, 2]}, train={"max_steps": 20000, "eval_every": 2000},
                      scheduler={"type": "sha", "grace_period": None}, budget={"wall_minutes": minutes, "fit": "shrink"})
     started = time.time()
