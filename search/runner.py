@@ -653,6 +653,9 @@ def run_search(
             f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
         plan, resources = plan_packs(prepared.cfg, prepared, resources, log)
+        if resume:
+            for line in storage.repair_stale_checkpoints(cfg.experiment_path):
+                log(line)
         tuner = build_tuner(prepared.cfg, prepared, resources, resume, storage_marker=marker, plan=plan, callbacks=trackers)
         try:
             with tracking.environment(tracked):

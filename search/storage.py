@@ -47,3 +47,55 @@ def check_shared_with_nodes(storage_path: str, timeout_s: float = 60.0) -> str |
         return not_shared_problem(storage_path, answers)
     finally:
         os.remove(marker)
+
+
+def repair_stale_checkpoints(experiment: str) -> list[str]:
+    """Before `--resume`: point each trial at a checkpoint that still exists.
+
+    Tune saves the experiment state (each trial's latest checkpoint) every >= 10 s, and deletes a
+    trial's checkpoints as newer ones arrive (the best CHECKPOINTS_KEPT by eval loss, plus the
+    latest). After a killed driver the saved state can name a latest checkpoint deleted since (a
+    newer one arrived while the loss went up), and Tune's restore then fails that trial. Such a
+    trial resumes from the newest checkpoint of its saved state that still exists (the fallback a
+    corrupted checkpoint already takes: exact, a few evaluations earlier), or from scratch.
+    Returns one line per trial repaired; a state in an unexpected shape is left as it is.
+    """
+    import glob
+    import json
+
+    import pyarrow.fs
+    from ray import cloudpickle
+
+    def gone(result) -> bool:
+        return result.checkpoint.filesystem.get_file_info(result.checkpoint.path).type == pyarrow.fs.FileType.NotFound
+
+    states = sorted(glob.glob(os.path.join(local_path(experiment), "experiment_state-*.json"))) if not is_uri(experiment) else []
+    if not states:
+        return []
+    try:
+        with open(states[-1]) as handle:
+            data = json.load(handle)
+        rows, said = [], []
+        for state_json, runtime_json in data["trial_data"]:
+            runtime = json.loads(runtime_json)
+            manager = cloudpickle.loads(bytes.fromhex(runtime["checkpoint_manager"]["value"]))
+            latest = manager._latest_checkpoint_result
+            if latest is None or not gone(latest):
+                rows.append((state_json, runtime_json))
+                continue
+            kept = [r for r in manager._checkpoint_results if not gone(r)]
+            manager._checkpoint_results = kept
+            manager._latest_checkpoint_result = max(kept, key=lambda r: r.metrics.get("step", 0)) if kept else None
+            runtime["checkpoint_manager"]["value"] = cloudpickle.dumps(manager).hex()
+            rows.append((state_json, json.dumps(runtime)))
+            instead = f"its step-{manager._latest_checkpoint_result.metrics.get('step')} checkpoint" if kept else "the start"
+            name = json.loads(state_json).get("relative_logdir", "a trial")
+            said.append(f"resume: {name}: its saved latest checkpoint ({os.path.basename(latest.checkpoint.path)}) was deleted"
+                        f" after the state was saved; it resumes from {instead}")
+        if said:
+            data["trial_data"] = rows
+            with open(states[-1], "w") as handle:
+                json.dump(data, handle)
+        return said
+    except (KeyError, TypeError, ValueError, AttributeError, OSError):  # a Tune version with another layout
+        return []
