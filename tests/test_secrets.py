@@ -100,12 +100,15 @@ def test_hf_token_appears_in_no_file_log_or_output_of_a_real_search(raw_config, 
 
 def test_configs_and_checkpoints_are_read_with_safe_loaders():
     unsafe = re.compile(r"yaml\.(load|unsafe_load|full_load)\(|Loader\s*=|weights_only\s*=\s*False|pickle\.loads?\(")
+    # The one exception: --resume's repair of Tune's experiment state (search/storage.py) reads the
+    # file Tune's own Tuner.restore unpickles right after it; it trusts nothing Tune does not.
+    allowed = re.compile(r"search/storage\.py:\d+: manager = cloudpickle\.loads\(")
     found = []
     for package in PACKAGES:
         for path in glob.glob(os.path.join(package, "**", "*.py"), recursive=True):
             with open(path) as handle:
                 found += [f"{path}:{n}: {line.strip()}" for n, line in enumerate(handle, 1) if unsafe.search(line)]
-    assert found == []
+    assert [f for f in found if not allowed.search(f)] == []
 
 
 def test_a_yaml_object_tag_is_refused_and_never_executed(tmp_path, capsys):
