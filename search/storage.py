@@ -69,7 +69,9 @@ def repair_stale_checkpoints(experiment: str) -> list[str]:
     def gone(result) -> bool:
         return result.checkpoint.filesystem.get_file_info(result.checkpoint.path).type == pyarrow.fs.FileType.NotFound
 
-    states = sorted(glob.glob(os.path.join(local_path(experiment), "experiment_state-*.json"))) if not is_uri(experiment) else []
+    from lora_rank_search.contract.layout import STATE_PREFIX
+
+    states = sorted(glob.glob(os.path.join(local_path(experiment), f"{STATE_PREFIX}*.json"))) if not is_uri(experiment) else []
     if not states:
         return []
     try:
