@@ -66,10 +66,10 @@ def repair_stale_checkpoints(experiment: str) -> list[str]:
     import pyarrow.fs
     from ray import cloudpickle
 
+    from lora_rank_search.contract.layout import STATE_PREFIX
+
     def gone(result) -> bool:
         return result.checkpoint.filesystem.get_file_info(result.checkpoint.path).type == pyarrow.fs.FileType.NotFound
-
-    from lora_rank_search.contract.layout import STATE_PREFIX
 
     states = sorted(glob.glob(os.path.join(local_path(experiment), f"{STATE_PREFIX}*.json"))) if not is_uri(experiment) else []
     if not states:
