@@ -101,13 +101,17 @@ def test_a_killed_packed_search_resumes_its_arms_from_their_checkpoints(raw_conf
     experiment = str(tmp_path / "runs" / "packed-kill")
     cli = [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config)]
     logs = [open(tmp_path / name, "w+") for name in ("out-0.txt", "err-0.txt", "out-1.txt", "err-1.txt")]
-    first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env=driver_env)
-    _wait_for(experiment, first, lambda snap: any(step >= 10 for _, step in snap.values()))
+    # The arm that goes on past rung 10 hangs at step 15 in the first driver only (`:once`): the kill
+    # comes once the saved state records its step-10 checkpoint. A trial's report reaches the state
+    # before its checkpoint does, so "some trial reported step 10" is not that moment.
+    hang = ";".join(f"r={r}:step=15:kind=hang:once" for r in (1, 4))
+    first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env={**driver_env, FAULT_ENV: hang})
+    _wait_for(experiment, first, lambda snap: any(status == "RUNNING" and step >= 10 for status, step in snap.values()))
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())  # the pack server and the trials with it
 
-    second = subprocess.Popen([*cli, "--resume"], stdout=logs[2], stderr=logs[3], env=driver_env)
+    second = subprocess.Popen([*cli, "--resume"], stdout=logs[2], stderr=logs[3], env={**driver_env, FAULT_ENV: hang})
     second.wait(timeout=600)
     assert second.returncode == 0, (logs[3].seek(0) or logs[3].read())[-3000:]
     logs[2].seek(0)
@@ -116,4 +120,7 @@ def test_a_killed_packed_search_resumes_its_arms_from_their_checkpoints(raw_conf
     assert len(trials) == 4 and set(trials["status"]) <= {"completed", "stopped"}
     assert (trials["status"] == "completed").sum() == 1
     assert (history["resumed_from_step"] >= 10).any(), "arms continued from their checkpoints"
+    survivor = trials.loc[trials["status"] == "completed"].iloc[0]
+    steps = history.loc[history["trial_id"] == survivor["trial_id"], "step"].tolist()
+    assert steps == [10, 20, 30, 40], f"the first driver's step-10 report is kept, then the resumed steps: {steps}"
     assert _verdict(Path(experiment))["rank"] in (1, 4)
