@@ -191,7 +191,7 @@ class Confirmations:
             if c and trial.status == Trial.RUNNING and (
                     self._confirm == "full" or finishes_in_tail(int(c.get("step", 0)), int(c["from_step"]), self._max_t)):
                 continue  # runs on to max_t
-            if trial.status == Trial.RUNNING or (trial.status in (Trial.PAUSED, Trial.PENDING) and not trial.is_saving):
+            if trial.status in (Trial.RUNNING, Trial.PAUSED, Trial.PENDING) and not trial.is_saving:  # saving: next call
                 self._ending.add(trial.trial_id)
                 self._held.discard(trial.trial_id)
                 tune_controller.stop_trial(trial)

@@ -385,6 +385,11 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         for trial in [t for t in self._trials if t.trial_id in self._held]:
             if trial.status != Trial.RUNNING:
                 self._held.discard(trial.trial_id)
+            elif trial.is_saving:
+                # Its rung checkpoint is still on its way to Tune's state: a stop now would drop it
+                # (the trial would end, or come back from --resume, without it). The next call acts:
+                # Tune asks `choose_trial_to_run` at every step of its loop.
+                continue
             elif trial.trial_id in self._challengers:
                 self._held.discard(trial.trial_id)
                 controller._schedule_trial_train(trial)  # confirmed in place, in its live worker

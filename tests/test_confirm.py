@@ -244,3 +244,31 @@ def test_after_resume_a_rung_report_missing_from_result_json_is_read_from_tunes_
     sched.on_trial_add(_Controller(), trial)
     assert sched._scores["a"] == {10: 2.5}
     assert trial.status == "PAUSED", "back at its rung: it waits for the decision"
+
+
+def test_a_trial_held_at_a_rung_is_acted_on_only_once_its_rung_checkpoint_is_saved():
+    """Tune registers a report's checkpoint in a save that follows the report. Stopping a held trial
+    while that save is in flight drops the checkpoint from Tune's state: the cut arm ended without
+    it, and after --resume an arm came back without its rung checkpoint (a killed packed search)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from lora_rank_search.search.halving import SuccessiveHalving
+
+    sched = SuccessiveHalving("step", 40, [10], 2, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="off")
+    ctrl = _Controller()
+    cut, kept = _Trial("a", 1, "RUNNING", 0), _Trial("b", 16, "RUNNING", 0)
+    for trial in (cut, kept):
+        sched.on_trial_add(ctrl, trial)
+
+    def report(trial, loss, cost):
+        trial.last_result = {"step": 10, "eval_loss": loss, "best_eval_loss": loss, "base_eval_loss": BASE, "trainable_params": cost}
+        return sched.on_trial_result(ctrl, trial, trial.last_result)
+
+    assert report(cut, 2.9, 100) == TrialScheduler.NOOP, "first at the rung, nothing waits for its slot: held"
+    cut.is_saving = True  # its step-10 checkpoint is being registered
+    assert report(kept, 2.0, 800) == TrialScheduler.CONTINUE, "the rung is decided: r=16 goes on"
+    sched.choose_trial_to_run(ctrl)
+    assert ctrl.stopped == [] and cut.status == "RUNNING", "not stopped while its checkpoint is saving"
+    cut.is_saving = False
+    sched.choose_trial_to_run(ctrl)  # Tune's next loop step
+    assert ctrl.stopped == ["a"], "stopped once the checkpoint is registered"
