@@ -22,13 +22,21 @@ os.environ["LORA_RANK_SEARCH_CACHE"] = TEST_CACHE
 
 
 def pytest_collection_modifyitems(config, items):
-    """The files with the most slow tests first, each file's tests together and in their order:
-    under `make test` (`-n 2 --dist loadfile`) the long files start at once and the quick ones fill
-    the workers' ends."""
+    """The longest files first, each file's tests together and in their order: under `make test`
+    (`-n 2 --dist loadfile`) each worker takes the next file as it finishes one, so longest-first
+    ends both workers close together (the quick files fill their ends). Seconds per file come
+    from `durations.json` (a measured run); a file missing there counts 30 s per slow test."""
+    import json
     from collections import Counter
+    from pathlib import Path
 
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])  # stable: a file's tests keep their order
+    measured = json.loads((Path(__file__).parent / "durations.json").read_text())
+
+    def seconds(item) -> float:
+        return measured.get(item.path.name, 30.0 * slow[item.path])
+
+    items.sort(key=lambda item: -seconds(item))  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
