@@ -32,9 +32,11 @@ pytestmark = pytest.mark.slow  # every test here starts Ray or trains
 MAX_STEPS, EVAL_EVERY = 80, 10
 RANKS = [2, 4, 8, 16]
 # The tiny model trains 80 steps in about a second, faster than a node can be removed: without this
-# the trial picked could reach its last step first. r=8 (started second, after r=16) hangs once
-# before step 50, with its step-40 checkpoint recorded, and its node is removed while it hangs.
-HANG = "r=8:step=50:kind=hang:once"
+# the trial picked could reach its last step first. r=8 hangs once before step 50, with its step-40
+# checkpoint recorded, and its node is removed while it hangs (removing another trial's node left
+# the hang to run out: 60 s more, in about one run of three).
+HANG_RANK = 8
+HANG = f"r={HANG_RANK}:step=50:kind=hang:once"
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -128,7 +130,7 @@ def test_trials_spread_over_nodes_and_a_lost_node_resumes_from_checkpoints(raw_c
     seen: dict = {}
 
     def remove_a_busy_worker() -> None:
-        """Once a trial has finished, remove the worker node of a running trial that has a
+        """Once a trial has finished, remove the worker node of the hanging trial once it has a
         recorded checkpoint (step > 0): a node lost mid-search. Watches until that moment or the
         search's end (an event, not a deadline: a loaded machine only makes the search slower)."""
         while not search_ended.is_set() and not seen:
@@ -136,7 +138,7 @@ def test_trials_spread_over_nodes_and_a_lost_node_resumes_from_checkpoints(raw_c
             done = {f for f, rows in reports.items() if rows and rows[-1]["step"] >= MAX_STEPS}
             for folder, rows in reports.items():
                 step = recorded.get(folder, 0)
-                if done and folder not in done and rows and 0 < step <= MAX_STEPS - 2 * EVAL_EVERY:
+                if done and folder not in done and rows and rows[-1]["r"] == HANG_RANK and 0 < step <= MAX_STEPS - 2 * EVAL_EVERY:
                     node = next((w for w in workers if w.node_id == rows[-1]["node_id"]), None)
                     if node is None:
                         continue
