@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# --no-compile, then one byte-compile of the environment on every core (`compile`): pip compiles
-# each package's files on one core as it installs them, a third of the install's time here.
+# --no-compile, then one byte-compile of the environment on every core (COMPILE): pip compiles
+# each package's files on one core as it installs them, about half of the install's time here
+# (a fresh venv: 85 s with pip's compile, 44 s without it plus 26 s for COMPILE).
 PIP    := $(PY) -m pip install --disable-pip-version-check -q --no-compile
 STAMP  := $(VENV)/.installed
 
