@@ -2,6 +2,11 @@
 
 Order matters: config → model (architecture only) → targets → data → storage are checked first,
 every problem collected into one ConfigError; only then does Ray start and a GPU get touched.
+
+Over 400 lines on purpose: every stage of a run (checks, resources, budget, packing plan, the
+experiment folder, the Tuner) is here in the order `run_search` calls them, so the one rule above
+(nothing expensive before every check) can be read off one file. A stage with more to it than
+wiring lives in its own module (`budget`, `resources`, `fingerprints`, `storage`, `space`).
 """
 
 from __future__ import annotations

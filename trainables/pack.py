@@ -20,6 +20,10 @@ of memory is retried with fewer arms; an arm that fails alone (out of memory, a 
 leaves the pack and its pack-mates go on.
 
 Pure PyTorch/PEFT: no Ray here (`trainables.pack_server` serves packs to Tune trials).
+
+Over 400 lines on purpose: the step, the segment forward and the keyed dropout agree on which rows
+belong to which arm, and an arm's exactness against training alone (`tests/test_pack.py`) depends
+on all three together; split, each would need the others' row bookkeeping.
 """
 
 from __future__ import annotations
