@@ -43,12 +43,12 @@ def _listing(fs, root: str) -> dict[str, object]:
 
 def _ray_statuses(fs, root: str, listing: dict) -> dict[str, tuple[str, int]]:
     """trial_id -> (Ray status, number of failures Tune retried) from the newest experiment_state snapshot."""
-    states = sorted(name for name in listing if name.startswith(layout.STATE_PREFIX) and name.endswith(".json"))
-    if not states:
+    newest = layout.newest_state(listing)
+    if newest is None:
         return {}
     out = {}
     try:
-        data = json.loads(_read(fs, f"{root}/{states[-1]}"))
+        data = json.loads(_read(fs, f"{root}/{newest}"))
         for entry in data.get("trial_data", []):
             state = json.loads(entry[0])
             runtime = json.loads(entry[1]) if len(entry) > 1 and isinstance(entry[1], str) else {}

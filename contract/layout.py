@@ -75,6 +75,13 @@ def is_resumable(names) -> bool:
     return TUNER_FILE in names and any(n.startswith(STATE_PREFIX) for n in names)
 
 
+def newest_state(names) -> Optional[str]:
+    """The newest of Tune's experiment-state snapshots in a folder listing (their names sort by
+    time), or None: what --resume restores, and what the analysis reads statuses from."""
+    states = sorted(n for n in names if n.startswith(STATE_PREFIX) and n.endswith(".json"))
+    return states[-1] if states else None
+
+
 def write_config(experiment: str, plain_config: dict) -> None:
     import yaml
 

@@ -60,22 +60,23 @@ def repair_stale_checkpoints(experiment: str) -> list[str]:
     corrupted checkpoint already takes: exact, a few evaluations earlier), or from scratch.
     Returns one line per trial repaired; a state in an unexpected shape is left as it is.
     """
-    import glob
     import json
 
     import pyarrow.fs
     from ray import cloudpickle
 
-    from lora_rank_search.contract.layout import STATE_PREFIX
+    from lora_rank_search.contract.layout import newest_state
 
     def gone(result) -> bool:
         return result.checkpoint.filesystem.get_file_info(result.checkpoint.path).type == pyarrow.fs.FileType.NotFound
 
-    states = sorted(glob.glob(os.path.join(local_path(experiment), f"{STATE_PREFIX}*.json"))) if not is_uri(experiment) else []
-    if not states:
+    folder = None if is_uri(experiment) else local_path(experiment)
+    newest = newest_state(os.listdir(folder)) if folder and os.path.isdir(folder) else None
+    if newest is None:
         return []
+    state_file = os.path.join(folder, newest)
     try:
-        with open(states[-1]) as handle:
+        with open(state_file) as handle:
             data = json.load(handle)
         rows, said = [], []
         for state_json, runtime_json in data["trial_data"]:
@@ -96,7 +97,7 @@ def repair_stale_checkpoints(experiment: str) -> list[str]:
                         f" after the state was saved; it resumes from {instead}")
         if said:
             data["trial_data"] = rows
-            with open(states[-1], "w") as handle:
+            with open(state_file, "w") as handle:
                 json.dump(data, handle)
         return said
     except (KeyError, TypeError, ValueError, AttributeError, OSError):  # a Tune version with another layout

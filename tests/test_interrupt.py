@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from lora_rank_search.analysis.results import load_experiment
+from lora_rank_search.contract.layout import newest_state
 from processes import kill_marked
 
 pytestmark = pytest.mark.slow  # every test here starts Ray or trains
@@ -38,11 +39,11 @@ def _snapshot(experiment: str) -> dict[str, tuple[str, int]]:
     """
     from ray import cloudpickle
 
-    states = sorted(glob.glob(os.path.join(experiment, "experiment_state-*.json")))
-    if not states:
+    newest = newest_state(os.listdir(experiment)) if os.path.isdir(experiment) else None
+    if newest is None:
         return {}
     try:
-        with open(states[-1]) as handle:
+        with open(os.path.join(experiment, newest)) as handle:
             data = json.load(handle)
     except (OSError, ValueError):  # being rewritten right now
         return {}
