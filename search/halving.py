@@ -296,6 +296,7 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         self._cost: dict[str, float] = {}  # trial -> its adapter's trainable parameters
         self._frozen: dict[int, list] = {}
         self._held: set[str] = set()  # trials holding at a rung in their live worker (nothing waited for the slot)
+        self._settling, self._unsettled = False, False  # _settle: in progress; a trial ended inside it
         self._challengers: dict[str, dict] = {}  # trial -> {role, unit, from_step}: cut, trained on as a confirmation
         self._filled: dict[str, int] = {}  # challenger role -> the rung index its unit was cut at (given again at a later rung)
         self._ending: set[str] = set()  # trials being stopped (stop_trial calls back into on_trial_complete)
@@ -408,13 +409,30 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
 
     def _settle(self, tune_controller, reporting: Optional[Trial] = None) -> Decision:
         """Decide, then act on it. `reporting`: the trial whose result is being handled (it holds
-        its worker: if it was just cut and is chosen to be confirmed, it goes on in place)."""
-        d = self._decision()
-        if self._confirm != "off":
-            self._confirmations(tune_controller, d, reporting)
-        self._stop_cut_trials(tune_controller, d)
-        self._release_held(tune_controller, d)
-        return d
+        its worker: if it was just cut and is chosen to be confirmed, it goes on in place).
+
+        Not re-entered: Tune's `stop_trial` calls `on_trial_complete`, which would decide and act
+        again inside this pass, and this pass would then act a second time on what the inner one
+        did (a held survivor got two train calls: reports ran ahead of their checkpoints' saves,
+        and Tune registered the newest checkpoint once per queued save). An ending inside the pass
+        makes it go round once more instead."""
+        if self._settling:
+            self._unsettled = True
+            return self._decision()
+        self._settling = True
+        try:
+            for _ in range(len(self._trials) + 2):  # each further round follows a trial that ended
+                self._unsettled = False
+                d = self._decision()
+                if self._confirm != "off":
+                    self._confirmations(tune_controller, d, reporting)
+                self._stop_cut_trials(tune_controller, d)
+                self._release_held(tune_controller, d)
+                if not self._unsettled:
+                    break
+            return d
+        finally:
+            self._settling = False
 
     # ---- TrialScheduler interface
 

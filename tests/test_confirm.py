@@ -272,3 +272,40 @@ def test_a_trial_held_at_a_rung_is_acted_on_only_once_its_rung_checkpoint_is_sav
     cut.is_saving = False
     sched.choose_trial_to_run(ctrl)  # Tune's next loop step
     assert ctrl.stopped == ["a"], "stopped once the checkpoint is registered"
+
+
+def test_a_stop_that_completes_a_trial_inside_a_decision_does_not_start_a_held_trial_twice():
+    """Tune's `stop_trial` calls `on_trial_complete`, which decides again inside the decision being
+    acted on. The inner pass let a held survivor train on, then the outer pass did too: two train
+    calls queued in its worker, so its next reports arrived while their checkpoints' saves were
+    still queued. Tune then registered the newest checkpoint once per queued save, never the ones
+    between (left on disk), and printed "Error handling checkpoint" for each double delete."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from lora_rank_search.search.halving import SuccessiveHalving
+
+    sched = SuccessiveHalving("step", 40, [10], 3, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="off")
+
+    class Tune(_Controller):  # stop_trial ends the trial the way Tune does: on_trial_complete is called
+        trained: list = []
+
+        def stop_trial(self, trial):
+            super().stop_trial(trial)
+            sched.on_trial_complete(self, trial, trial.last_result)
+
+        def _schedule_trial_train(self, trial):
+            self.trained.append(trial.trial_id)
+
+    ctrl = Tune()
+    cut, kept, last = _Trial("a", 1, "RUNNING", 0), _Trial("b", 16, "RUNNING", 0), _Trial("c", 2, "RUNNING", 0)
+    for trial in (cut, kept, last):
+        sched.on_trial_add(ctrl, trial)
+
+    def report(trial, loss, cost):
+        trial.last_result = {"step": 10, "eval_loss": loss, "best_eval_loss": loss, "base_eval_loss": BASE, "trainable_params": cost}
+        return sched.on_trial_result(ctrl, trial, trial.last_result)
+
+    assert report(cut, 2.9, 100) == TrialScheduler.NOOP and report(kept, 2.0, 800) == TrialScheduler.NOOP, "both held"
+    assert report(last, 2.8, 200) == TrialScheduler.STOP, "the rung is decided: only r=16 goes on"
+    assert ctrl.stopped == ["a"] and kept.status == "RUNNING"
+    assert ctrl.trained == ["b"], "the survivor is started once"

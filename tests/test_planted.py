@@ -3,6 +3,7 @@ searches, then `lora-rank analyze / export / tensorboard` on what they left on d
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pytest
 
 from lora_rank_search.analysis.results import load_experiment
 from lora_rank_search.analysis.selection import recommend
+from lora_rank_search.contract.storage import CHECKPOINTS_KEPT
 from lora_rank_search.search.cli import main
 from lora_rank_search.search.config import LoraConfig, parse_config
 from lora_rank_search.search.runner import run_search
@@ -97,6 +99,11 @@ def test_the_default_search_over_a_learning_rate_list_recommends_the_planted_ran
     rates = went_on.groupby("r")["lr"].nunique()
     assert (rates > 1).sum() <= 1, "one learning rate per surviving rank, but the leader's close ones at the first rung"
     assert trials["steps"].sum() <= 0.4 * 15 * BUDGET["max_steps"], "at most 40% of the full (rank x lr) grid's steps"
+    # Tune registered every report's checkpoint and deleted the ones it does not keep: none is left
+    # behind (a survivor started twice at a rung left four, search/halving.py::_settle)
+    for folder in glob.glob(os.path.join(default_search, "*", "")):
+        kept = glob.glob(os.path.join(folder, "checkpoint_*"))
+        assert len(kept) <= CHECKPOINTS_KEPT + 1, (folder, sorted(map(os.path.basename, kept)))
 
 
 def test_the_teacher_differs_measurably_from_the_base(planted):
