@@ -34,8 +34,11 @@ class ProgressPrinter(Callback):
         self.__dict__.update(state, t0=time.time())  # a resumed search counts from its own start
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        step = (trial.last_result or {}).get("step")
-        # A trial that starts again after a report: its rank passed a halving rung, or --resume.
+        # A trial that starts again from a checkpoint: its rank passed a halving rung, a retry, or
+        # --resume. The step is its checkpoint's, which after a repaired --resume or a retry can
+        # be earlier than its last report (search/storage.py::repair_stale_checkpoints).
+        latest = getattr(trial, "latest_checkpoint_result", None)
+        step = (latest.metrics or {}).get("step") if latest is not None else None
         self._say(f"{str(trial):<{WIDTH}} {'resumed from step ' + str(step) if step else 'started'}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

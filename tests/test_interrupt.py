@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,13 @@ def _wait_for(experiment: str, driver: subprocess.Popen, ready) -> dict:
 def _mid_run(snap: dict) -> bool:
     """Some trial has a recorded checkpoint and is still running."""
     return any(status == "RUNNING" and 0 < step < MAX_STEPS for status, step in snap.values())
+
+
+def _repaired(output: str) -> dict[str, int]:
+    """trial folder -> the step it resumes from where `--resume` found its saved latest checkpoint
+    deleted since (a newer, worse one arrived before the kill; search/storage.py): the previous kept one."""
+    said = re.finditer(r"resume: (\S+): its saved latest checkpoint .*; it resumes from (?:its step-(\d+) checkpoint|the start)", output)
+    return {m.group(1): int(m.group(2) or 0) for m in said}
 
 
 def _results(experiment: str) -> dict[str, bytes]:
@@ -141,7 +149,7 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
         experiment, second, lambda s: _mid_run(s) and any(st == "TERMINATED" for st, _ in s.values()) and len(s) == len(RANKS)
     )
     second.send_signal(signal.SIGKILL)
-    finish(second)
+    resumed_first, _ = finish(second)
     kill_marked(f"LRS_TEST_RUN={driver_env['LRS_TEST_RUN']}".encode())  # the Ray processes it leaves
     after_sigkill, results_at_sigkill = _snapshot(experiment), _results(experiment)
 
@@ -155,8 +163,9 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
     assert sorted(zip(trials["r"], trials["seed"])) == [(r, 0) for r in RANKS], "the same trials as an uninterrupted run"
     assert trials["status"].eq("completed").all() and trials["steps"].eq(MAX_STEPS).all()
     final = _results(experiment)
-    for snap, before in ((after_sigint, results_at_sigint), (after_sigkill, results_at_sigkill)):
+    for snap, before, resumed in ((after_sigint, results_at_sigint, resumed_first), (after_sigkill, results_at_sigkill, out)):
         for folder, (status, step) in snap.items():
+            step = _repaired(resumed).get(folder, step)
             rows = history[history["trial_dir"] == folder]
             if status == "TERMINATED":
                 assert final[folder] == before[folder], f"{folder} finished before the interruption and was re-run"

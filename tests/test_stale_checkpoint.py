@@ -54,3 +54,28 @@ def test_a_state_whose_checkpoints_exist_is_left_as_it_is(tmp_path):
     assert repair_stale_checkpoints(str(experiment)) == []
     assert (experiment / "experiment_state-2026-12-06_03-58-00.json").read_text() == before
     assert repair_stale_checkpoints(str(tmp_path / "nothing-here")) == []
+
+
+def test_the_progress_line_names_the_step_of_the_checkpoint_a_trial_resumes_from(tmp_path):
+    """After a repaired --resume the trial's last report (step 150) is later than the checkpoint it
+    resumes from (step 90): the line said "resumed from step 150"."""
+    import io
+
+    from lora_rank_search.search.progress import ProgressPrinter
+
+    class Trial:
+        def __init__(self, name, last_step, checkpoint_step):
+            self.name, self.last_result = name, {"step": last_step} if last_step else {}
+            self.latest_checkpoint_result = None if checkpoint_step is None else _TrainingResult(
+                checkpoint=Checkpoint(str(tmp_path)), metrics={"step": checkpoint_step})
+
+        def __str__(self):
+            return self.name
+
+    out = io.StringIO()
+    printer = ProgressPrinter(240, stream=out)
+    for trial in (Trial("repaired", 150, 90), Trial("retried-without-one", 30, None), Trial("new", 0, None)):
+        printer.on_trial_start(0, [], trial)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("repaired               resumed from step 90"), lines[0]
+    assert lines[1].endswith("started") and lines[2].endswith("started"), lines
