@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from lora_rank_search.search import storage
+from lora_rank_search.search import ray_usage, storage
 from lora_rank_search.contract.arms import format_lr
 from lora_rank_search.contract import layout
 from lora_rank_search.search.address import address_problem
@@ -343,10 +343,10 @@ def _resumed_trackers(cfg: SearchConfig, log) -> tuple[list, dict]:
 
 def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: Optional[dict] = None,
                 tracked: Optional[dict] = None) -> None:
-    import peft
+    from importlib.metadata import version
+
     import ray
     import torch
-    import transformers
 
     exp = cfg.experiment_path
     layout.write_config(exp, cfg.to_dict())
@@ -367,8 +367,8 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: 
             "python": platform.python_version(),
             "torch": torch.__version__,
             "ray": ray.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
+            "transformers": version("transformers"),  # importing peft here cost 2 s of every search's start
+            "peft": version("peft"),
         },
     }
     layout.write_meta(exp, meta)
@@ -598,6 +598,7 @@ def run_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our ProgressPrinter replaces Tune's tables
     # A snapshot per checkpoint is what keeps every kept checkpoint resumable; don't warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray_usage.install()  # Tune's callback usage tag without importing wandb (seconds per search)
     started_at = time.time()
     if resume and cfg.budget.fit == "shrink":
         cfg = _shrunk_as_saved(cfg)

@@ -74,7 +74,8 @@ def default_search(planted, ray_local, tmp_path_factory) -> str:
 @pytest.mark.parametrize("lr", [SPAN[0], SPAN[-1]])
 def test_the_default_search_at_either_end_of_the_span_recommends_the_planted_rank(
         planted, ray_local, tmp_path_factory, lr):
-    raw = planted_config(planted, [1, 2, 4, 8, 16], str(tmp_path_factory.mktemp("runs")), name=f"lr{lr:g}", lora={"alpha": DEFAULT_ALPHA},
+    # the planted rank and one rank either side (the learning-rate list search below spans 1-16)
+    raw = planted_config(planted, [K // 2, K, 2 * K], str(tmp_path_factory.mktemp("runs")), name=f"lr{lr:g}", lora={"alpha": DEFAULT_ALPHA},
                          train={**BUDGET, "learning_rate": lr}, scheduler={"type": "sha", "confirm": "off"})
     trials, history = load_experiment(run_search(parse_config(raw), log=lambda _: None))
     assert not trials["unstable"].any(), "no rank turned unstable"
@@ -82,7 +83,7 @@ def test_the_default_search_at_either_end_of_the_span_recommends_the_planted_ran
     assert rec.rank == K, rec.reason
     # K learns more slowly than the larger ranks: halving kept it for its gain share, not its place
     assert rec.evidence(K).evidence_step == BUDGET["max_steps"], "K trained to the end and was judged there"
-    assert trials["steps"].sum() < 0.75 * 5 * BUDGET["max_steps"], "halving still stopped some ranks early"
+    assert trials["steps"].sum() < 0.75 * 3 * BUDGET["max_steps"], "halving still stopped some ranks early"
 
 
 def test_the_default_search_over_a_learning_rate_list_recommends_the_planted_rank(default_search, planted):
