@@ -43,7 +43,7 @@ def _final_losses(experiment: Path) -> dict:
     return {(row.r, row.lr): row.best_eval_loss for row in trials.itertuples()}
 
 
-def test_a_crashed_pack_resumes_its_arms_from_their_checkpoints_with_the_verdict_unchanged(raw_config, tmp_path, monkeypatch, capsys):
+def test_a_crashed_pack_resumes_its_arms_and_a_diverging_arm_leaves_its_pack_mates_finishing(raw_config, tmp_path, monkeypatch, capsys):
     code, plain = _search(raw_config, tmp_path, "plain", arms_per_worker=4)
     out = capsys.readouterr().out
     assert code == 0 and "packing: 4 arms per worker" in out
@@ -56,36 +56,30 @@ def test_a_crashed_pack_resumes_its_arms_from_their_checkpoints_with_the_verdict
     pids = {json.loads(line)["train_pid"] for f in folders for line in (plain / f / "result.json").read_text().splitlines()}
     assert len(pids) == 1, "every arm trained in the one pack process"
 
-    monkeypatch.setenv(FAULT_ENV, "r=4:step=15:kind=exit:once")  # the whole pack process dies at step 15
+    # Both faults in one search: the r=1 arms diverge at step 12 and leave the pack; then the whole
+    # pack process dies at step 15 (an r=4 arm's fault) and its r=4 arms resume in a new one.
+    monkeypatch.setenv(FAULT_ENV, "r=1:step=12:kind=nan;r=4:step=15:kind=exit:once")
     code, crashed = _search(raw_config, tmp_path, "crashed", arms_per_worker=4)
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
-    assert "retrying from its last checkpoint" in captured.out + captured.err
-    resumed = [json.loads(line) for f in crashed.glob("r*/result.json") for line in f.read_text().splitlines()]
-    assert any(r["resumed_from_step"] == 10 for r in resumed), "arms resumed from their step-10 checkpoints"
-    assert len({r["train_pid"] for r in resumed}) == 2, "a new pack took over"
-    for log in crashed.glob("r*/result.json"):  # the retry keeps the reports before the crash (search/logs.py)
-        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-        assert steps[0] == 10 and set(steps) == {10, 20, 30}, f"{log.parent.name}: reports at steps {steps}"
-    assert _verdict(crashed)["rank"] == _verdict(plain)["rank"]
-    assert _verdict(crashed)["learning_rate"] == _verdict(plain)["learning_rate"]
-    before, after = _final_losses(plain), _final_losses(crashed)
-    assert before.keys() == after.keys()
-    for arm in before:
-        assert after[arm] == pytest.approx(before[arm], rel=1e-4), f"arm {arm} continued exactly from its checkpoint"
-
-
-def test_a_diverging_arm_leaves_its_pack_mates_finishing(raw_config, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(FAULT_ENV, "r=1:step=12:kind=nan")
-    code, experiment = _search(raw_config, tmp_path, "diverge", arms_per_worker=4)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
-    trials, _ = load_experiment(str(experiment))
+    trials, _ = load_experiment(str(crashed))
     by_arm = {(row.r, row.lr): row for row in trials.itertuples()}
     for lr in (3e-3, 1e-2):
         assert by_arm[(1, lr)].status == "diverged" and by_arm[(1, lr)].steps == 12
         assert by_arm[(1, lr)].failure == "training loss became nan at step 12 (r=1, seed=0)"
         assert by_arm[(4, lr)].status == "completed" and by_arm[(4, lr)].steps == 30
+    assert "retrying from its last checkpoint" in captured.out + captured.err
+    resumed = [json.loads(line) for f in crashed.glob("r0004*/result.json") for line in f.read_text().splitlines()]
+    assert any(r["resumed_from_step"] == 10 for r in resumed), "arms resumed from their step-10 checkpoints"
+    assert len({r["train_pid"] for r in resumed}) == 2, "a new pack took over"
+    for log in crashed.glob("r0004*/result.json"):  # the retry keeps the reports before the crash (search/logs.py)
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+        assert steps[0] == 10 and set(steps) == {10, 20, 30}, f"{log.parent.name}: reports at steps {steps}"
+    assert _verdict(crashed)["rank"] == _verdict(plain)["rank"] == 4
+    assert _verdict(crashed)["learning_rate"] == _verdict(plain)["learning_rate"]
+    before, after = _final_losses(plain), _final_losses(crashed)
+    for arm in [(4, 3e-3), (4, 1e-2)]:
+        assert after[arm] == pytest.approx(before[arm], rel=1e-4), f"arm {arm} continued exactly from its checkpoint"
 
 
 def test_a_killed_packed_search_resumes_its_arms_from_their_checkpoints(raw_config, tmp_path, driver_env):
