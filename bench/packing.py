@@ -3,7 +3,8 @@
     .venv/bin/python bench/packing.py [--quickstart] [--planted] [--steps N]
 
 Each search runs through the CLI (`lora-rank search`) in its own process, with
-`resources.arms_per_worker` auto (packed) and 1 (one arm per worker); nothing else differs. While
+`resources.arms_per_worker` N (packed: a pack per core, the arms split between them) and 1 (one arm
+per worker); nothing else differs. (`auto` does not pack on CPU: these runs are why.) While
 it runs, the process tree is sampled every 0.5 s: the proportional set size (PSS: shared library
 pages split between the processes that map them) of every Ray worker process (trials, pack
 servers), and how many trial processes (arms) are alive. It prints per mode: the search's wall
@@ -120,8 +121,8 @@ def planted_search(root: str, storage: str, steps: int) -> Path:
     return config
 
 
-def compare(title: str, config: Path, storage: str, packed: str = "auto") -> None:
-    """`packed`: resources.arms_per_worker of the packed run (auto, or a number where auto would not pack)."""
+def compare(title: str, config: Path, storage: str, packed: str) -> None:
+    """`packed`: resources.arms_per_worker of the packed run."""
     print(f"\n## {title}: {config.name}")
     results = {}
     for mode, arms in (("one arm per worker", "1"), ("packed", packed)):
@@ -154,9 +155,9 @@ def main() -> None:
         storage = os.path.join(root, "runs")
         if args.planted:
             config = planted_search(root, storage, args.steps)
-            compare("planted rank-4 task", config, storage)
+            compare("planted rank-4 task", config, storage, packed="4")  # 8 arms: a pack of 4 per core
         if args.quickstart:
-            compare("make demo's search", ROOT / "configs" / "quickstart.yaml", storage)
+            compare("make demo's search", ROOT / "configs" / "quickstart.yaml", storage, packed="8")  # 15 arms: 2 packs
 
 
 if __name__ == "__main__":

@@ -441,10 +441,11 @@ def describe_choices(prepared: Prepared) -> list[str]:
     return lines
 
 
-# On CPU, auto packs only a model below this hidden size, whose step is bound by Python and kernel
-# launches (planted task, hidden 64: 0.56x the wall time of one arm per worker). A larger model's
-# step is compute-bound: packed (arms taking turns, a pack per core) the quickstart took 1.14x the
-# wall time at 0.24x the memory per arm (bench/packing.py, 2026-12-06), so auto does not pack it.
+# On CPU, `auto` does not pack: on the 2-core machine packed searches measured slower than one arm
+# per worker (bench/packing.py, 2026-12-06: 1.09-1.34x the wall time on a planted task with the tiny
+# Llama, 1.14x on the quickstart), though they held 0.53x and
+# 0.24x the memory per concurrent arm. A number in arms_per_worker packs; a model from this hidden
+# size up is compute-bound on CPU and its arms take turns on the base instead of stacking.
 SMALL_HIDDEN = 256
 
 
@@ -484,23 +485,21 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
     else:
-        large = prepared.dims.get("hidden", 0) >= SMALL_HIDDEN
-        if wanted == "auto" and large:
-            log(f"packing: off on CPU for a model of hidden size {prepared.dims.get('hidden')}: its step is compute-bound,"
-                " and packed it measured no faster than one arm per worker on 2 cores (bench/packing.py: 1.14x the wall"
-                " time on the quickstart, 0.24x the memory per arm); one arm per worker"
-                " (resources.arms_per_worker: N packs anyway, the arms taking turns)")
+        if wanted == "auto":
+            log("packing: off on CPU: packed searches measured slower than one arm per worker on 2 cores"
+                " (bench/packing.py: 1.09-1.34x the wall time on a planted tiny-model task, 1.14x on the quickstart),"
+                " though they held 0.53x and 0.24x the memory per arm; one arm per worker"
+                " (resources.arms_per_worker: N packs anyway)")
             return None, resources
+        large = prepared.dims.get("hidden", 0) >= SMALL_HIDDEN
         nodes = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
         cpus = max(cfg.resources.cpus_per_trial, int(min(nodes)) if nodes else 1)
         # One pack per cpus_per_trial cores: a pack's step is one stream of ops, which several threads
         # share poorly (measured: one 2-thread pack of 15 arms was 1.06x the wall of one arm per worker).
+        # As many arms per pack as asked, in as few packs as that needs.
         per_node = max(1, cpus // cfg.resources.cpus_per_trial)
-        if wanted == "auto":
-            arms = min(math.ceil(trials / per_node), MAX_ARMS_PER_PACK)
-        else:  # as many arms per pack as asked, in as few packs as that needs
-            arms = min(trials, int(wanted))
-            per_node = max(1, min(per_node, math.ceil(trials / arms)))
+        arms = min(trials, int(wanted))
+        per_node = max(1, min(per_node, math.ceil(trials / arms)))
         threads = max(1, cpus // per_node)
         note = f", {per_node} packs per node" if per_node > 1 else ""
         if large:
