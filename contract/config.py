@@ -172,8 +172,9 @@ class ResourcesConfig:
     cpus_per_trial: int = _doc("CPU cores per trial (also torch threads on CPU)", default=1)
     max_concurrent: Optional[int] = _doc("cap on trials running at once; null = as many as fit", default=None)
     arms_per_worker: Union[int, str] = _doc(
-        "arms trained together on one shared 4-bit base (a pack per GPU, per node on CPU): auto (sized by the memory"
-        " estimate) or a number; 1 = one arm per worker process, each with its own base",
+        "arms trained together on one shared 4-bit base (a pack per GPU, per core on CPU): auto (on a GPU sized by the"
+        " memory estimate; on CPU one arm per worker, measured faster there) or a number; 1 = one arm per worker"
+        " process, each with its own base",
         default="auto",
     )
     max_failures: int = _doc("retries of a failed trial, each from its last checkpoint", default=1, limit=100)
