@@ -443,9 +443,9 @@ def describe_choices(prepared: Prepared) -> list[str]:
 
 # On CPU, `auto` does not pack: on the 2-core machine packed searches measured slower than one arm
 # per worker (bench/packing.py, 2026-12-06: 1.09-1.34x the wall time on a planted task with the tiny
-# Llama, 1.14x on the quickstart), though they held 0.53x and
-# 0.24x the memory per concurrent arm. A number in arms_per_worker packs; a model from this hidden
-# size up is compute-bound on CPU and its arms take turns on the base instead of stacking.
+# Llama, 1.14x on the quickstart), though they held 0.53x and 0.24x the memory per concurrent arm.
+# A number in arms_per_worker packs; a model from this hidden size up is compute-bound on CPU and
+# its arms take turns on the base instead of stacking.
 SMALL_HIDDEN = 256
 
 
