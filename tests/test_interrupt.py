@@ -164,8 +164,9 @@ def test_sigint_and_sigkill_lose_nothing_and_resume_completes_the_grid(raw_confi
     assert trials["status"].eq("completed").all() and trials["steps"].eq(MAX_STEPS).all()
     final = _results(experiment)
     for snap, before, resumed in ((after_sigint, results_at_sigint, resumed_first), (after_sigkill, results_at_sigkill, out)):
+        repaired = _repaired(resumed)
         for folder, (status, step) in snap.items():
-            step = _repaired(resumed).get(folder, step)
+            step = repaired.get(folder, step)
             rows = history[history["trial_dir"] == folder]
             if status == "TERMINATED":
                 assert final[folder] == before[folder], f"{folder} finished before the interruption and was re-run"
