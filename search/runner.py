@@ -342,7 +342,8 @@ def _resumed_trackers(cfg: SearchConfig, log) -> tuple[list, dict]:
 
 
 def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: Optional[dict] = None,
-                tracked: Optional[dict] = None) -> None:
+                tracked: Optional[dict] = None, plan=None) -> None:
+    """search_meta.json. resources: what each trial asks Ray for (with a `PackPlan`, its share of its pack)."""
     from importlib.metadata import version
 
     import ray
@@ -358,6 +359,8 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: 
         "model": prepared.dims,
         "data": prepared.data_stats,
         "resources_per_trial": resources,
+        "packing": {"arms_per_worker": plan.arms, "threads": plan.threads, "packs_per_node": plan.packs_per_node}
+        if plan else {"arms_per_worker": 1},
         "num_trials": num_trials(prepared.cfg),
         "config": cfg.to_dict(),  # what lora_rank_search.yaml holds: rebuilds it if it goes missing
         FINGERPRINTS: fingerprints(cfg.to_dict(), prepared.model_path),
@@ -648,16 +651,18 @@ def run_search(
         from lora_rank_search.search import tracking
 
         trackers, tracked = tracking.callbacks(cfg, log) if not resume else _resumed_trackers(cfg, log)
+        # The budget above was fitted to one arm per worker at these resources: a pack of N arms
+        # advances each arm no faster than N arms taking turns, so that estimate bounds a packed search too.
+        plan, resources = plan_packs(prepared.cfg, prepared, resources, log)
         if not resume:
-            _write_meta(cfg, prepared, resources, budget, tracked)
+            _write_meta(cfg, prepared, resources, budget, tracked, plan)
         marker = storage.write_marker(cfg.experiment_path)
         rungs = rung_steps(cfg)
         rates = ", ".join(format_lr(lr) for lr in learning_rates(cfg))
         choices = f"{len(prepared.choices)} target choices x " if len(prepared.choices) > 1 else ""
         log(f"search: {num_trials(prepared.cfg)} trials ({choices}ranks {list(cfg.lora.ranks)} x learning rates [{rates}] x seeds {list(cfg.train.seeds)}), "
-            f"{resources['cpu']} CPU + {resources['gpu']:g} GPU each, scheduler {cfg.scheduler.type}"
+            f"{resources['cpu']:g} CPU + {resources['gpu']:g} GPU each{' (a share of its pack)' if plan else ''}, scheduler {cfg.scheduler.type}"
             + (f" (ranks compared at steps {', '.join(map(str, rungs))} of {cfg.train.max_steps})" if rungs else ""))
-        plan, resources = plan_packs(prepared.cfg, prepared, resources, log)
         if resume:
             for line in storage.repair_stale_checkpoints(cfg.experiment_path):
                 log(line)

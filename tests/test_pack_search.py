@@ -120,3 +120,39 @@ def test_a_killed_packed_search_resumes_its_arms_from_their_checkpoints(raw_conf
     steps = history.loc[history["trial_id"] == survivor["trial_id"], "step"].tolist()
     assert steps == [10, 20, 30, 40], f"the first driver's step-10 report is kept, then the resumed steps: {steps}"
     assert _verdict(Path(experiment))["rank"] in (1, 4)
+
+
+def test_on_gpus_auto_packs_the_arms_of_each_gpu_in_one_process(raw_config, ray_session, monkeypatch, capsys):
+    """The default a GPU user gets (`gpus_per_trial: auto`, `arms_per_worker: auto`), on two logical
+    GPUs whose (injected) memory holds the base once and two adapters beside it: two packs, one per
+    GPU, each training its GPU's two arms in one process; Ray holds 0.5 GPU per arm; the meta says so."""
+    import math
+
+    from lora_rank_search.contract import layout
+    from lora_rank_search.search import resources, runner
+    from lora_rank_search.search.config import parse_config
+
+    ray_session(num_cpus=4, num_gpus=2)  # Ray schedules these GPUs; torch never sees CUDA
+    cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, train={"max_steps": 20, "eval_every": 10},
+                                  scheduler={"type": "none"}, resources={"gpus_per_trial": "auto", "arms_per_worker": "auto"}))
+    prepared = runner.prepare(cfg, log=lambda _: None)
+    est = runner.memory_estimate(cfg, prepared)
+    device = math.ceil((est.base_weights + est.context + 2.5 * (est.adapter_and_optimizer + est.activations)) / resources.USABLE_FRACTION)
+    for module in (runner, resources):  # the fraction's and the pack's sizing
+        monkeypatch.setattr(module, "local_gpu_memory", lambda: device)
+    lines: list[str] = []
+    experiment = runner.run_search(cfg, log=lines.append)
+    assert any(line.startswith("packing: 2 arms per worker on one shared base, 2 pack(s) of 1 GPU") for line in lines), lines
+    assert any(line.startswith("search: 4 trials") and "0.5 CPU + 0.5 GPU each (a share of its pack)" in line for line in lines), lines
+    meta = layout.read_meta(experiment)
+    assert meta["resources_per_trial"] == {"cpu": 0.5, "gpu": 0.5}
+    assert meta["packing"] == {"arms_per_worker": 2, "threads": 1, "packs_per_node": 1}
+    trials, _ = load_experiment(experiment)
+    assert len(trials) == 4 and trials["status"].eq("completed").all()
+    pids = {}
+    for row in trials.itertuples():
+        reports = [json.loads(line) for line in (Path(experiment) / row.trial_dir / "result.json").read_text().splitlines()]
+        assert [r["step"] for r in reports] == [10, 20]
+        pids.setdefault(row.gpu_ids, set()).update(r["train_pid"] for r in reports)
+    assert sorted(pids) == ["0", "1"] and sorted(trials["gpu_ids"]) == ["0", "0", "1", "1"], "two arms per GPU"
+    assert all(len(p) == 1 for p in pids.values()) and len(set.union(*pids.values())) == 2, f"one pack process per GPU: {pids}"
