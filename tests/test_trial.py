@@ -125,3 +125,27 @@ def test_a_reused_worker_reports_each_trials_own_peak_memory():
     reset_peak_memory()
     after = peak_memory_bytes("cpu")
     assert before - after > 300 * 2**20, (before, after)
+
+
+@pytest.mark.slow
+def test_a_trial_actor_has_the_quiet_exit_from_its_creation_before_any_trial_runs(ray_session, tmp_path):
+    """Tune may create a trial's actor and drop it before its first step; the raylet then SIGTERMs
+    it (a raylet log showed 13 ms between the two). The quiet exit must already be in place then,
+    and the driver's own process must not get it."""
+    import ray
+    from ray import tune
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from lora_rank_search.trainables.trial import lora_trial
+
+    ray_session(num_cpus=1)
+    trainable = wrap_function(tune.with_parameters(lora_trial, settings=None, data=None))  # the class Tune makes of it
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="search", trial_dir_name="trial")
+    actor = ray.remote(trainable).remote(config={}, storage=storage)
+    installed = ray.get(actor.__ray_call__.remote(lambda _: getattr(sys.unraisablehook, "lrs_exit_on_sigterm", False)))
+    assert installed is True, "a trial actor that has not run its trial has no quiet exit on SIGTERM"
+    driver = subprocess.run([sys.executable, "-c", "import sys, ray, lora_rank_search.trainables.trial; "
+                             "print(getattr(sys.unraisablehook, 'lrs_exit_on_sigterm', False))"],
+                            capture_output=True, text=True, timeout=600)
+    assert driver.stdout.strip() == "False", driver.stderr[-2000:]
