@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -44,11 +45,17 @@ def isolated_ray_start(local: bool):
         print(f"warning: {AUTH_ENV}: {before_auth!r} ignored: a local search's Ray services listen on every interface,"
               " so its token authentication stays on", file=sys.stderr)
         del os.environ[AUTH_ENV]
+    # Turning it on, Ray logs "Set RAY_AUTH_MODE=disabled to opt out": not so for a local search.
+    hint = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = hint.level
+    if local:
+        hint.setLevel(logging.ERROR)
     os.chdir(neutral_dir())
     try:
         yield
     finally:
         os.chdir(before_cwd)
+        hint.setLevel(level)
     if local and not token_auth_enabled():
         import ray
 

@@ -18,8 +18,13 @@ STRAYS = ("search", "trainables", "analysis", "data", "h2", "peft")  # named lik
 
 @pytest.fixture(scope="module")
 def local_search(tmp_path_factory, tiny_model, chain_data):
-    """Run a 1-trial search from a launch directory full of stray modules; record, right after Ray
-    started, every listening socket of this process tree and whether token authentication is on."""
+    """Run a 1-trial search from a launch directory full of stray modules, with RAY_AUTH_MODE=disabled
+    set (what a user might try); record, right after Ray started, every listening socket of this
+    process tree and whether token authentication is on, and what was said about it."""
+    import contextlib
+    import io
+    import logging
+
     import psutil
 
     import lora_rank_search.search.runner
@@ -59,12 +64,25 @@ def local_search(tmp_path_factory, tiny_model, chain_data):
         )
         return original(*args, **kwargs)
 
+    class Said(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    said: list = []
+    handler = Said()
+    ray_auth = logging.getLogger("ray._private.authentication")  # where Ray's hints about it come from
+    ray_auth.addHandler(handler)
     mp = pytest.MonkeyPatch()
     mp.setattr(search.runner, "build_tuner", recording)
+    mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.chdir(launch)
+    err = io.StringIO()
     try:
-        code = main(["search", str(launch / "search.yaml")])
+        with contextlib.redirect_stderr(err):
+            code = main(["search", str(launch / "search.yaml")])
+        seen.update(said=said + err.getvalue().splitlines())
     finally:
+        ray_auth.removeHandler(handler)
         mp.undo()
     return code, launch, seen
 
@@ -86,5 +104,8 @@ def test_a_local_search_listens_only_behind_token_authentication(local_search):
     for name, ip, port in exposed:
         assert name in ("gcs_server", "raylet", "python", "python3") or name.startswith("ray::"), (name, ip, port)
     assert seen["token"] is True, "Ray's token authentication is off"
+    said = "\n".join(seen["said"])
+    assert "warning: RAY_AUTH_MODE: 'disabled' ignored" in said, said
+    assert "opt out" not in said and "RAY_AUTH_MODE=disabled" not in said, f"Ray's hint to turn it off: {said}"
     assert "connected" not in seen["anonymous"].stdout
     assert "Authentication" in seen["anonymous"].stderr or "auth" in seen["anonymous"].stderr.lower(), seen["anonymous"].stderr[-2000:]
