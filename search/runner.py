@@ -543,7 +543,12 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     if plan is None:
         trainable = tune.with_parameters(lora_trial, settings=settings, data=prepared.data)
     else:
-        trainable = tune.with_parameters(packed_trial, settings=settings, data=prepared.data, plan=plan)
+        import ray
+
+        from lora_rank_search.trainables.pack_server import StoredData
+
+        data = StoredData(ray.put(prepared.data))  # the clients pass it on; only their servers deserialize it
+        trainable = tune.with_parameters(packed_trial, settings=settings, data=data, plan=plan)
     trainable = tune.with_resources(trainable, resources)
     if resume:
         return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -53,6 +53,15 @@ class PackPlan:
     packs_per_node: int = 1
 
 
+@dataclass(frozen=True)
+class StoredData:
+    """The search's tokenized data, put once in Ray's object store by the driver (`ref`). A packed
+    trial only passes it on to its pack server, which alone deserializes it: the clients never hold
+    a copy of the dataset (one per arm, in host memory, is what a trial alone holds)."""
+
+    ref: Any
+
+
 def read_folder(folder: str) -> dict[str, bytes]:
     """Every file of a folder: relative path -> bytes (how checkpoints travel between client and server)."""
     root = Path(folder)
@@ -265,9 +274,10 @@ class PackServer:
                     self._cond.notify_all()
 
 
-def node_servers(settings: TrialSettings, data: TokenizedData, plan: PackPlan) -> list:
+def node_servers(settings: TrialSettings, data: StoredData | TokenizedData, plan: PackPlan) -> list:
     """The pack servers of this trial's GPU (one) or, on CPU, of its node (`plan.packs_per_node`),
-    started if there are none yet."""
+    started if there are none yet (a `StoredData` reaches the server as its data: Ray resolves an
+    object reference passed as an argument in the process that receives it)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -282,7 +292,7 @@ def node_servers(settings: TrialSettings, data: TokenizedData, plan: PackPlan) -
             num_cpus=0, num_gpus=0, max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
         )
-        return actor.remote(settings, data, plan, gpu)
+        return actor.remote(settings, data.ref if isinstance(data, StoredData) else data, plan, gpu)
 
     return [start(slot) for slot in slots]
 
@@ -338,10 +348,11 @@ def stop_servers(experiment: str) -> int:
     return killed
 
 
-def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: Optional[TokenizedData] = None,
+def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: Optional[StoredData] = None,
                  plan: Optional[PackPlan] = None) -> None:
     """Ray Tune function trainable of one arm trained in its node's pack (wrap with
-    tune.with_parameters(settings=..., data=..., plan=...)). Reports as `trainables.trial.lora_trial` does."""
+    tune.with_parameters(settings=..., data=StoredData(ray.put(...)), plan=...)). Reports as
+    `trainables.trial.lora_trial` does."""
     import ray
     from ray import tune
 
