@@ -1,6 +1,6 @@
 """The same search packed (arms sharing one 4-bit base) and one arm per worker, side by side.
 
-    .venv/bin/python bench/packing.py [--quickstart] [--planted] [--steps N]
+    .venv/bin/python bench/packing.py [--quickstart] [--planted] [--steps N] [--train-examples N]
 
 Each search runs through the CLI (`lora-rank search`) in its own process, with
 `resources.arms_per_worker` N (packed: a pack per core, the arms split between them) and 1 (one arm
@@ -14,7 +14,8 @@ packed / one arm per worker. Targets (issue 19, 2 CPU cores): wall <= 0.6, memor
 arm <= 0.35, the same verdict.
 
 --quickstart: configs/quickstart.yaml (what `make demo` runs). --planted: a planted rank-4 task on
-the tiny 4-bit Llama (ranks 1-8 x two learning rates, successive halving).
+the tiny 4-bit Llama (ranks 1-8 x two learning rates, successive halving); --steps and
+--train-examples size it.
 """
 
 from __future__ import annotations
@@ -104,15 +105,16 @@ def outcome(experiment: Path) -> tuple[dict, int]:
     return rec, steps
 
 
-def planted_search(root: str, storage: str, steps: int) -> Path:
+def planted_search(root: str, storage: str, steps: int, train_examples: int = 3000) -> Path:
     """A search config file for a planted rank-4 task on the tiny 4-bit Llama (built under root):
-    ranks 1-8 x learning rates 3e-3 and 1e-2, successive halving, `steps` steps."""
+    ranks 1-8 x learning rates 3e-3 and 1e-2, successive halving, `steps` steps, `train_examples`
+    training sequences of 24 tokens."""
     import yaml
 
     from lora_rank_search.trainables.planted import build_planted_task, planted_config
 
     os.environ.setdefault("LORA_RANK_SEARCH_CACHE", os.path.join(root, "cache"))
-    task = build_planted_task(os.path.join(root, "task"), rank=4)
+    task = build_planted_task(os.path.join(root, "task"), rank=4, n_train=train_examples)
     raw = planted_config(task, [1, 2, 4, 8], storage, name="planted", lora={"alpha": 16},
                          train={"max_steps": steps, "learning_rate": [3e-3, 1e-2]}, scheduler={"type": "sha"},
                          resources={"gpus_per_trial": 0, "cpus_per_trial": 1})
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--quickstart", action="store_true", help="compare on configs/quickstart.yaml")
     parser.add_argument("--planted", action="store_true", help="compare on a planted rank-4 task (tiny model)")
     parser.add_argument("--steps", type=int, default=120, help="train.max_steps of the planted task's search")
+    parser.add_argument("--train-examples", type=int, default=3000,
+                        help="training sequences of the planted task (more: what holding the dataset costs each process)")
     args = parser.parse_args()
     if not (args.quickstart or args.planted):
         args.quickstart = args.planted = True
@@ -154,7 +158,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         storage = os.path.join(root, "runs")
         if args.planted:
-            config = planted_search(root, storage, args.steps)
+            config = planted_search(root, storage, args.steps, args.train_examples)
             compare("planted rank-4 task", config, storage, packed="4")  # 8 arms: a pack of 4 per core
         if args.quickstart:
             compare("make demo's search", ROOT / "configs" / "quickstart.yaml", storage, packed="8")  # 15 arms: 2 packs
