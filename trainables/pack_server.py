@@ -56,8 +56,8 @@ class PackPlan:
 @dataclass(frozen=True)
 class StoredData:
     """The search's tokenized data, put once in Ray's object store by the driver (`ref`). A packed
-    trial only passes it on to its pack server, which alone deserializes it: the clients never hold
-    a copy of the dataset (one per arm, in host memory, is what a trial alone holds)."""
+    trial only passes it on to its pack server, which alone deserializes it: a client process holds
+    none of the dataset."""
 
     ref: Any
 
