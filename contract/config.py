@@ -166,7 +166,7 @@ class ResourcesConfig:
     """What one trial asks Ray for."""
 
     gpus_per_trial: Union[float, str] = _doc(
-        "fraction like 0.25, a whole number, 0 for CPU, or auto (fit by a memory estimate; 0 without GPUs)",
+        "fraction like 0.25, 1, 0 for CPU, or auto (fit by a memory estimate; 0 without GPUs); a trial trains on one GPU, so more than 1 is warned about (the rest sit idle)",
         default="auto",
     )
     cpus_per_trial: int = _doc("CPU cores per trial (also torch threads on CPU)", default=1)

@@ -270,4 +270,12 @@ def config_warnings(cfg: SearchConfig) -> list[str]:
             f"train.eval_every: {t.max_steps // t.eval_every:,} evaluations and checkpoints per trial "
             f"(max_steps {t.max_steps} / eval_every {t.eval_every}); each one costs an eval pass and a checkpoint write"
         )
+    g = cfg.resources.gpus_per_trial
+    if not isinstance(g, str) and g > 1:
+        idle = int(g) - 1
+        out.append(
+            f"resources.gpus_per_trial: {g:g} GPUs per trial, but a trial trains on one: its model is loaded on one "
+            f"device, never split (`device_map={{'': device}}`), so {idle} GPU{'s' if idle > 1 else ''} per trial "
+            f"stay{'' if idle > 1 else 's'} reserved and idle; use 1, or a fraction to share a GPU"
+        )
     return out

@@ -32,6 +32,18 @@ def test_unusual_but_possible_inputs_are_warned_about_on_stderr(raw_config, chai
     assert any(line.startswith("warning: lora.ranks[1]: rank 48 exceeds min(in, out) = ") for line in err), err
 
 
+@pytest.mark.parametrize("gpus, idle", [(2, "1 GPU per trial stays"), (4, "3 GPUs per trial stay"), (1, None), (0.5, None)])
+def test_more_than_one_gpu_per_trial_is_warned_about_as_idle(raw_config, gpus, idle):
+    """A trial's model is loaded on one device, never split: GPUs past the first sit idle."""
+    lines = [w for w in config_warnings(parse_config(raw_config(resources={"gpus_per_trial": gpus}))) if "gpus_per_trial" in w]
+    if idle is None:
+        assert lines == []
+    else:
+        assert lines == [f"resources.gpus_per_trial: {gpus} GPUs per trial, but a trial trains on one: its model is loaded on "
+                         f"one device, never split (`device_map={{'': device}}`), so {idle} reserved and idle; use 1, or a "
+                         f"fraction to share a GPU"]
+
+
 def test_an_eval_file_that_overlaps_the_training_file_is_warned_about_with_the_count(raw_config, chain_data, tmp_path, capsys):
     with open(chain_data) as handle:
         lines = handle.readlines()
