@@ -656,8 +656,8 @@ def run_search(
         from lora_rank_search.search import tracking
 
         trackers, tracked = tracking.callbacks(cfg, log) if not resume else _resumed_trackers(cfg, log)
-        # The budget above was fitted to one arm per worker at these resources: a pack of N arms
-        # advances each arm no faster than N arms taking turns, so that estimate bounds a packed search too.
+        # The budget above was fitted as one arm per worker at these resources, packed or not
+        # (docs/users-data-metric-trackers-budget.md says what that leaves out for a pack).
         plan, resources = plan_packs(prepared.cfg, prepared, resources, log)
         if not resume:
             _write_meta(cfg, prepared, resources, budget, tracked, plan)
