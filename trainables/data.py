@@ -320,7 +320,7 @@ def describe(data: TokenizedData) -> dict[str, Any]:
         "train_examples": len(data.train_ids),
         "eval_examples": len(data.eval_ids),
         "eval_tokens": data.eval_tokens,
-        "mean_train_len": float(np.mean([len(x) for x in data.train_ids])),
+        "mean_train_len": float(np.mean(data.train_ids.lengths())),
         "dropped_examples": data.dropped,
     }
 

@@ -162,7 +162,7 @@ class Pack:
         self._patched: set = set()
         self._names = 0
         self._base_loss: Optional[float] = None
-        self.lengths = [len(x) for x in data.train_ids]
+        self.lengths = data.train_ids.lengths()
         self.eval_batch = settings.train.eval_batch_size or 2 * settings.train.batch_size
         self.downstream = _downstream(settings, data, self.device)  # eval.metric: model -> {eval_metric, ...}, or None
         self._base_metric: Optional[dict] = None

@@ -47,7 +47,7 @@ def probe(settings: TrialSettings, data: TokenizedData, r: int, steps: int = 3) 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         t = settings.train
-        order = BatchOrder(len(data.train_ids), 0, lengths=[len(x) for x in data.train_ids], batch_size=t.batch_size)
+        order = BatchOrder(len(data.train_ids), 0, lengths=data.train_ids.lengths(), batch_size=t.batch_size)
         times = []
         for i in range(steps + 1):
             tick = time.perf_counter()
