@@ -334,13 +334,14 @@ def eval_batches(data: TokenizedData, batch_size: int):
     a few long examples then form a short batch of their own instead of padding fifteen short ones
     (the quickstart's eval: 1,984 padded tokens in batches of 16, 1,488 so; time on CPU and memory
     on a GPU grow with the padded tokens)."""
-    order = sorted(range(len(data.eval_ids)), key=lambda i: -len(data.eval_ids[i]))
+    lengths = data.eval_ids.lengths()
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     real = 0
     for i in order:
-        n = len(data.eval_ids[i])
+        n = lengths[i]
         batch = batches[-1] if batches else []
-        if not batch or len(batch) >= batch_size or len(data.eval_ids[batch[0]]) * (len(batch) + 1) * (1 - PAD_SHARE) > real + n:
+        if not batch or len(batch) >= batch_size or lengths[batch[0]] * (len(batch) + 1) * (1 - PAD_SHARE) > real + n:
             batches.append([])
             real = 0
         batches[-1].append(i)
