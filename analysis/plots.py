@@ -327,12 +327,13 @@ CHOICE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2
 
 def cost_by_choice(rec: Recommendation, out_dir: str) -> Optional[dict]:
     """Gain share (or loss) vs trainable parameters: one line per target choice, the Pareto frontier."""
-    units = [e for e in rec.units if math.isfinite(e.trainable_params)]
+    # gain shares are NaN where the best unit gained nothing over the base (no signal): then the loss
+    gain = rec.rule_name == "gain" and any(math.isfinite(e.gain_share) for e in rec.units)
+    value = (lambda e: 100 * e.gain_share) if gain else (lambda e: e.loss)
+    units = [e for e in rec.units if math.isfinite(e.trainable_params) and e.trainable_params > 0 and math.isfinite(value(e))]
     if not rec.several_choices or not units:
         return None
     plt = _plt()
-    gain = rec.rule_name == "gain"
-    value = (lambda e: 100 * e.gain_share) if gain else (lambda e: e.loss)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, choice in enumerate(sorted({e.target_choice for e in units})):
         mine = sorted((e for e in units if e.target_choice == choice), key=lambda e: e.trainable_params)
@@ -418,7 +419,17 @@ def all_plots(trials, history, rec, eff_table, out_dir: str) -> dict:
         mine = PlotInputs(trials, history, rec, eff_table, out_dir)
     out = {}
     for p in PLOTS:
-        figure = p.draw(every if p.every_choice else mine)
+        try:
+            figure = p.draw(every if p.every_choice else mine)
+        except Exception as exc:  # noqa: BLE001 - one figure that cannot be drawn must not cost the report
+            import sys
+
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+            print(f"warning: the figure {p.name} could not be drawn ({type(exc).__name__}: {exc}); "
+                  "the report is written without it", file=sys.stderr)
+            continue
         if figure:
             out[p.name] = figure
     return out

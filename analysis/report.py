@@ -358,6 +358,8 @@ def write_outputs(out_dir: str, experiment: str, trials: pd.DataFrame, rec: Reco
     """Write every file; returns {kind: path}."""
     os.makedirs(out_dir, exist_ok=True)
     dropout = (with_arm(config, rec.nuisance).get("lora") or {}).get("dropout")  # the recommended arm's
+    if rec.rank is None or isinstance(dropout, (list, tuple)):  # no arm recommended: the config's list is no arm's value
+        dropout = None
     snippet = lora_config_snippet(rec, dropout)
     frame = results_frame(trials, rec, eff)
     paths = {"csv": os.path.join(out_dir, RESULTS_CSV), "parquet": os.path.join(out_dir, RESULTS_PARQUET),

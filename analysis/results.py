@@ -14,7 +14,7 @@ import pandas as pd
 import yaml
 
 from lora_rank_search.analysis.integrity import arm_mismatch, base_loss_outliers, diverged_reason, duplicate_arms, nonfinite_eval
-from lora_rank_search.contract.arms import ARM_KEYS, LR_KEY, NUISANCE_KEYS, REPLICATE_KEY, format_lr
+from lora_rank_search.contract.arms import ARM_KEYS, LR_KEY, NUISANCE_KEYS, REPLICATE_KEY, format_lr, show_value
 from lora_rank_search.contract import layout, storage
 from lora_rank_search.contract.layout import read_config, read_meta  # noqa: F401 - the analysis side's readers of our files
 from lora_rank_search.contract.metrics import DIVERGED, OOM
@@ -355,10 +355,11 @@ def _count(n: float) -> str:
 
 def format_table(trials: pd.DataFrame) -> str:
     """The per-trial table the CLI prints at the end of a search (and `analyze` reuses)."""
-    headers = ["r", "alpha", "lr", "seed", "steps", "status", "best eval loss", "params", "adapter", "peak mem", "tokens/s"]
     several = "target_choice" in trials and trials["target_choice"].nunique() > 1
-    if several:
-        headers = ["targets"] + headers
+    # every further nuisance searched (lora.dropout as a list): without its column two arms read as one row
+    extra = [k for k in NUISANCE_KEYS if k != LR_KEY and k in trials and trials[k].nunique() > 1]
+    headers = [*(["targets"] if several else []), "r", "alpha", "lr", *extra, "seed", "steps", "status", "best eval loss",
+               "params", "adapter", "peak mem", "tokens/s"]
     rows = []
     for t in trials.itertuples():
         steps = f"{t.steps}/{t.max_steps}" if t.max_steps else str(t.steps)
@@ -373,6 +374,7 @@ def format_table(trials: pd.DataFrame) -> str:
             str(t.r),
             "-" if math.isnan(t.lora_alpha) else f"{t.lora_alpha:g}",
             "-" if math.isnan(getattr(t, "lr", math.nan)) else format_lr(t.lr),
+            *("-" if pd.isna(getattr(t, k)) else show_value(k, getattr(t, k)) for k in extra),
             str(t.seed),
             steps,
             status,

@@ -29,8 +29,9 @@ bottom; the cheapest-adapter part for several target choices is already `analysi
    reference is the best unit of any choice, and the recommendation is the **cheapest adequate
    adapter**, the adequate unit with the fewest trainable parameters (ties: the smaller rank);
    each choice's own verdict (its smallest adequate rank, if any) is reported beside it.
-8. **No signal**: when the best rank improves on the base by less than NO_SIGNAL of the base
-   loss, nothing is recommended: fine-tuning did not change the model measurably.
+8. **No signal**: when the best rank improves on the base by no more than NO_SIGNAL of the base
+   loss (or metric: a gain of 0 over a base metric of 0 is none), nothing is recommended:
+   fine-tuning did not change the model measurably.
 
 Why a share of the gain: the total loss is dominated by the data's own entropy, which no adapter
 can remove; a tolerance relative to it is loose on one task and strict on another. The gain over
@@ -194,6 +195,20 @@ class Recommendation:
         if choice is None:
             return next((e for e in self.ranks if e.r == r), None)
         return next((e for e in self.units if e.r == r and e.target_choice == choice), None)
+
+    @property
+    def quantity_name(self) -> str:
+        """What the loss columns hold, as reasons name it: 'eval loss', or the metric's name."""
+        return "eval loss" if self.quantity == "eval_loss" else self.quantity.split(":", 1)[1]
+
+    @property
+    def quantity_sign(self) -> float:
+        """-1 where the loss columns hold -metric (metric_mode max): a value times it is the quantity's own."""
+        return -1.0 if self.quantity != "eval_loss" and self.metric_mode == "max" else 1.0
+
+    def shown(self, loss: float) -> float:
+        """A loss-column value as the quantity's own (the metric, not -metric; never -0.0)."""
+        return self.quantity_sign * loss + 0.0
 
     @property
     def several_choices(self) -> bool:
@@ -404,9 +419,8 @@ def recommend_by_metric(trials: pd.DataFrame, history: pd.DataFrame, metric: str
                         tolerance: Optional[float] = None, rule: str = DEFAULT_RULE) -> "Recommendation":
     """The verdict on a downstream metric (eval.metric) instead of the eval loss."""
     view_trials, view_history, base = metric_view(trials, history, metric, mode)
-    rec = recommend(view_trials, view_history, tolerance, rule)
-    sign = -1.0 if mode == "max" else 1.0
-    rec.quantity, rec.metric_mode = f"eval_metric:{metric}", mode
+    rec = recommend(view_trials, view_history, tolerance, rule, quantity=f"eval_metric:{metric}", metric_mode=mode)
+    sign = rec.quantity_sign
     rec.base_eval_metric = base
     rec.eval_metric = sign * rec.loss if rec.loss == rec.loss else math.nan
     rec.base_eval_loss_measured = base_loss(trials)
@@ -467,7 +481,7 @@ def _choice(row) -> str:
 
 
 def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[float] = None,
-              rule: str = DEFAULT_RULE) -> Recommendation:
+              rule: str = DEFAULT_RULE, quantity: str = "eval_loss", metric_mode: str = "") -> Recommendation:
     """The smallest adequate rank by the module's rule, with the evidence for every rank.
 
     Args:
@@ -477,6 +491,8 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
         history: one row per report with at least trial_id, step, eval_loss.
         tolerance: the rule's tolerance (default: RULES[rule]).
         rule: gain (share of the gain over the base), relative (to the best loss) or absolute (nats).
+        quantity, metric_mode: what the loss columns hold ('eval_metric:<name>' and its mode when
+            `recommend_by_metric` put a metric there): the reasons name it and its values.
     """
     rule = check_rule(rule)
     tol = check_tolerance(RULES[rule] if tolerance is None else tolerance, rule)
@@ -487,7 +503,7 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
     curves = trial_curves(trials, history)
     lrs = sorted({float(v) for v in trials[LR_KEY].dropna()}) if trials is not None and LR_KEY in trials else []
     empty = Recommendation(None, tol, "", rule_name=used_rule, base_eval_loss=base, learning_rates=lrs, rule=rule_text(used_rule),
-                           curves=curves, searched=searched_nuisance(trials))
+                           curves=curves, searched=searched_nuisance(trials), quantity=quantity, metric_mode=metric_mode)
     if curves.empty:
         empty.excluded = _excluded(trials, curves, {})[0]
         empty.reason = "no trial produced a finite eval loss, so no rank can be recommended"
@@ -504,15 +520,21 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
         rank=None, tolerance=tol, reason="", rule_name=used_rule, base_eval_loss=base, best_rank=best_u[1],
         best_choice=best_u[0], best_step=deepest, best_loss=best_loss, units=units, excluded=excluded,
         learning_rates=lrs, rule=rule_text(used_rule), curves=curves, searched=searched_nuisance(trials),
+        quantity=quantity, metric_mode=metric_mode,
     )
     _set_choice(rec, best_u[0])
     if rule == "gain" and used_rule != "gain":
         rec.excluded.append("no step-0 (untouched base) evaluation in this experiment: judged by the relative rule instead")
-    if math.isfinite(base) and base - best_loss < NO_SIGNAL * abs(base):
+    # `<=`: a best rank no better than the base is no signal even where the base is 0 (a metric such
+    # as exact_match of an untuned model), where the share of the base allows no slack at all
+    if math.isfinite(base) and base - best_loss <= NO_SIGNAL * abs(base):
         rec.no_signal = True
-        rec.reason = (f"no fine-tuning signal: the best rank ({rec.unit_name(*best_u)} at step {deepest}) reaches {best_loss:.4f} against the "
-                      f"untouched base's {base:.4f}, a gain of {base - best_loss:+.4f} nats/token (less than {NO_SIGNAL:.1%} of the "
-                      "base loss), so no rank can be recommended; check the data, the learning rates and the steps")
+        name = rec.quantity_name
+        units = " nats/token" if rec.quantity == "eval_loss" else ""
+        rec.reason = (f"no fine-tuning signal: the best rank ({rec.unit_name(*best_u)} at step {deepest}) reaches {name} "
+                      f"{rec.shown(best_loss):.4f} against the untouched base's {rec.shown(base):.4f}, a gain of {base - best_loss:+.4f}"
+                      f"{units} (at most {NO_SIGNAL:.1%} of the base's {name}), so no rank can be recommended; check the data, "
+                      "the learning rates and the steps")
         return rec
     _not_established(units, table, rec.several_choices, rec.unit_name)
     # the reference unit itself always qualifies; with one target choice the cost follows the rank
@@ -613,13 +635,15 @@ def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
     if rec.rule_name == "gain":
         return (
             f"r={chosen.r}{at} is the smallest rank that recovers at least {1 - rec.tolerance:.0%} of the best rank's gain "
-            f"over the untouched base at step {chosen.evidence_step}{noise}: {chosen.gain_share:.1%} (eval loss {chosen.loss:.4f} "
-            f"vs r={chosen.ref_rank}'s {chosen.ref_loss:.4f}; base {rec.base_eval_loss:.4f})"
+            f"over the untouched base at step {chosen.evidence_step}{noise}: {chosen.gain_share:.1%} ({rec.quantity_name} "
+            f"{rec.shown(chosen.loss):.4f} vs r={chosen.ref_rank}'s {rec.shown(chosen.ref_loss):.4f}; base "
+            f"{rec.shown(rec.base_eval_loss):.4f})"
         )
     within = f"{rec.tolerance:.2%}" if rec.rule_name == "relative" else f"{rec.tolerance:g} nats/token"
     return (
         f"r={chosen.r}{at} is the smallest rank within {within}{noise} of the best at step {chosen.evidence_step}: "
-        f"{chosen.loss:.4f} vs r={chosen.ref_rank}'s {chosen.ref_loss:.4f} ({chosen.gap:+.2%})"
+        f"{rec.quantity_name} {rec.shown(chosen.loss):.4f} vs r={chosen.ref_rank}'s "
+        f"{rec.shown(chosen.ref_loss):.4f} ({chosen.gap:+.2%})"
     )
 
 

@@ -119,3 +119,34 @@ def test_the_verdict_round_trips_to_json_with_its_choice_and_cost():
     assert data["target_choice"] == "mlp" and data["rank"] == 4 and data["trainable_params"] == 1200
     assert [c["target_choice"] for c in data["choices"]] == ["all-linear", "attention", "mlp"]
     assert {(u["target_choice"], u["r"]) for u in data["units"]} == set(PLANTED_MLP)
+
+
+def test_no_gain_anywhere_is_no_signal_and_every_figure_still_draws_or_steps_aside(tmp_path):
+    """Every unit ends at the base's loss (a metric such as exact_match that no adapter moved off 0
+    looks the same): no verdict, and the gain-share figure, whose shares are all undefined, draws the
+    loss instead of failing the whole analysis."""
+    from lora_rank_search.analysis.plots import all_plots, cost_by_choice
+
+    flat = {(choice, r): BASE for choice in ("attention", "mlp") for r in (4, 8)}
+    trials, history = tables(flat)
+    rec = recommend(trials, history)
+    assert rec.rank is None and rec.no_signal, rec.reason
+    assert "a gain of +0.0000 nats/token" in rec.reason
+    figure = cost_by_choice(rec, str(tmp_path))
+    assert figure and (tmp_path / "cost_by_choice.png").stat().st_size > 0
+    assert "cost_by_choice" in all_plots(trials, history, rec, None, str(tmp_path / "all"))
+
+
+def test_a_figure_that_cannot_be_drawn_costs_the_report_nothing_but_itself(tmp_path, monkeypatch, capsys):
+    import lora_rank_search.analysis.plots as plots
+
+    trials, history = tables(PLANTED_MLP)
+    rec = recommend(trials, history)
+
+    def broken(_inputs):
+        raise ValueError("Data cannot be log-scaled because all values are <= 0.")
+
+    monkeypatch.setattr(plots, "PLOTS", (plots.Plot("broken", "a figure that fails", broken),) + plots.PLOTS)
+    drawn = plots.all_plots(trials, history, rec, None, str(tmp_path))
+    assert "broken" not in drawn and "cost_by_choice" in drawn and "loss_vs_rank" in drawn
+    assert "warning: the figure broken could not be drawn (ValueError: Data cannot be log-scaled" in capsys.readouterr().err

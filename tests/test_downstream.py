@@ -93,8 +93,9 @@ def test_a_trial_reports_the_metric_and_the_base_value_and_survives_a_raising_fu
             assert math.isfinite(reports[-1]["eval_loss"]), "the trial trained on and reported"
 
 
-def _experiment(root, curves: dict, metric: dict) -> str:
-    """A hand-made experiment folder (contract.layout): r -> {step: eval loss} and {step: metric}."""
+def _experiment(root, curves: dict, metric: dict, dropouts=None) -> str:
+    """A hand-made experiment folder (contract.layout): r -> {step: eval loss} and {step: metric};
+    with `dropouts` (a list searched as lora.dropout) every rank has one trial per dropout."""
     import json
     from pathlib import Path
 
@@ -102,13 +103,15 @@ def _experiment(root, curves: dict, metric: dict) -> str:
 
     root = Path(root)
     root.mkdir(parents=True)
-    layout.write_config(str(root), {"model": {"name_or_path": "tiny"}, "lora": {"dropout": 0.0},
+    layout.write_config(str(root), {"model": {"name_or_path": "tiny"}, "lora": {"dropout": list(dropouts) if dropouts else 0.0},
                                     "train": {"max_steps": 100, "learning_rate": 1e-3},
                                     "eval": {"metric": "exact_match", "metric_mode": "max", "max_new_tokens": 4}})
     states = []
-    for i, r in enumerate(sorted(curves)):
+    arms = [(r, dropout) for r in sorted(curves) for dropout in (dropouts or [None])]
+    for i, (r, dropout) in enumerate(arms):
         trial_id = f"fake_{i:05d}"
-        config = {"r": r, "lr": 1e-3, "seed": 0, "alpha_rule": "16", "target_preset": "attention"}
+        config = {"r": r, "lr": 1e-3, "seed": 0, "alpha_rule": "16", "target_preset": "attention",
+                  **({"dropout": dropout} if dropout is not None else {})}
         folder = root / layout.trial_dirname(config, trial_id)
         folder.mkdir()
         (folder / layout.PARAMS_FILE).write_text(json.dumps(config))
@@ -121,7 +124,7 @@ def _experiment(root, curves: dict, metric: dict) -> str:
                 "best_eval_loss": best, "train_loss": loss, "lr": 1e-3, "tokens_seen": 100 * step, "tokens_per_s": 1000.0,
                 "trainable_params": 1000 * r, "adapter_bytes": 4000 * r, "peak_memory_bytes": 2**20,
                 "time_total_s": float(step), "timestamp": 1e9 + step, "started_at": 1e9, "trial_status": "ok", "failure": "",
-                "eval_metric": metric[r][step], "base_eval_metric": 0.0}))
+                "eval_metric": metric[r][step], "base_eval_metric": 0.0, **({"dropout": dropout} if dropout is not None else {})}))
         (folder / layout.RESULT_FILE).write_text("\n".join(lines) + "\n")
         states.append([json.dumps({"trial_id": trial_id, "status": "TERMINATED"}), json.dumps({"num_failures": 0})])
     (root / f"{layout.STATE_PREFIX}2026-12-02_00-00-00.json").write_text(json.dumps({"trial_data": states}))
@@ -202,3 +205,45 @@ def test_a_real_search_is_judged_by_the_metric_and_one_whose_function_raises_fin
             assert "Judged by the downstream metric `exact_match`" in report
         else:
             assert f"the metric function '{mod}:broken' raised KeyError: 'answer'" in report
+
+
+def test_a_metric_no_adapter_moved_off_the_base_is_no_signal_in_its_own_words(tmp_path):
+    """exact_match of an untuned model is often 0; when no adapter raises it, the base's 0 left the
+    no-signal check no slack (a share of 0) and the cheapest rank was recommended for a gain of 0."""
+    import json
+
+    from lora_rank_search.analysis.pipeline import run_analysis
+
+    curves = {1: {50: 3.2, 100: 3.0}, 2: {50: 3.1, 100: 2.95}, 8: {50: 2.5, 100: 2.0}}
+    metric = {r: {50: 0.0, 100: 0.0} for r in curves}
+    result = run_analysis(_experiment(tmp_path / "exp", curves, metric, dropouts=[0.0, 0.1]))
+    rec = result.recommendation
+    assert rec.rank is None and rec.no_signal
+    assert "reaches exact_match 0.0000 against the untouched base's 0.0000" in rec.reason, rec.reason
+    assert "nats" not in rec.reason and "-0.0000" not in rec.reason
+    saved = json.loads(open(result.files["json"]).read())
+    assert saved["rank"] is None and saved["lora_dropout"] is None, "no arm chosen: no arm's dropout"
+
+
+def test_a_metric_verdict_gives_the_metric_not_its_negation(tmp_path):
+    from lora_rank_search.analysis.pipeline import run_analysis
+
+    curves = {1: {50: 3.2, 100: 3.0}, 2: {50: 3.1, 100: 2.95}, 8: {50: 2.5, 100: 2.0}}
+    metric = {1: {50: 0.05, 100: 0.10}, 2: {50: 0.50, 100: 0.60}, 8: {50: 0.55, 100: 0.61}}
+    rec = run_analysis(_experiment(tmp_path / "exp", curves, metric)).recommendation
+    assert rec.rank == 2
+    assert "(exact_match 0.6000 vs r=8's 0.6100; base 0.0000)" in rec.reason, rec.reason
+
+
+def test_the_table_of_trials_has_a_column_for_each_further_dimension_searched(tmp_path):
+    from lora_rank_search.analysis.results import format_table, load_experiment
+
+    curves = {1: {50: 3.2, 100: 3.0}, 8: {50: 2.5, 100: 2.0}}
+    metric = {r: {50: 0.1, 100: 0.2} for r in curves}
+    trials, _ = load_experiment(_experiment(tmp_path / "exp", curves, metric, dropouts=[0.0, 0.1]))
+    lines = format_table(trials).splitlines()
+    assert lines[0].split()[:5] == ["r", "alpha", "lr", "dropout", "seed"]
+    rows = [line.split()[:4] for line in lines[2:]]
+    assert sorted(rows) == [["1", "16", "1e-3", "0"], ["1", "16", "1e-3", "0.1"], ["8", "16", "1e-3", "0"], ["8", "16", "1e-3", "0.1"]]
+    one, _ = load_experiment(_experiment(tmp_path / "one", curves, metric))
+    assert "dropout" not in format_table(one).splitlines()[0], "one dropout: no column"
