@@ -208,7 +208,14 @@ def _checkpointed(files: dict) -> bool:
 
 def _reported(files: dict, ray_status: str) -> bool:
     """The trial reported at least once: Tune ended it normally (every trial reports before it ends;
-    one that raised first is ERROR), or it saved a checkpoint (one per report)."""
+    one that raised first is ERROR), or it saved a checkpoint (one per report).
+
+    Not so for the first checkpoint of a trial Tune had not ended (RUNNING, PAUSED, PENDING in the
+    snapshot): a trial's worker writes its checkpoint before the driver records the report that
+    came with it, and a driver stopped (Ctrl-C) between the two leaves exactly that; `--resume`
+    trains the trial again from its last recorded checkpoint (none: the start)."""
+    if ray_status in ("RUNNING", "PAUSED", "PENDING"):
+        return any(n.startswith(layout.CHECKPOINT_PREFIX) and n != f"{layout.CHECKPOINT_PREFIX}000000" for n in files)
     return ray_status == "TERMINATED" or _checkpointed(files)
 
 

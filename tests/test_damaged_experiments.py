@@ -348,3 +348,30 @@ def test_a_resume_that_cannot_finish_the_experiment_exits_2_instead_of_asking_to
     err = capsys.readouterr().err
     assert f"error: name: the experiment {experiment!r} holds {len(FAKE_TRIALS)} trials but the config asks for 4; resuming cannot finish it" in err
     assert "Continue with" not in err
+
+
+@pytest.mark.parametrize("status, checkpoints, expected", [
+    ("RUNNING", ["checkpoint_000000"], "pending"),  # Ctrl-C between the worker's first checkpoint and the driver's record
+    ("PAUSED", ["checkpoint_000000"], "pending"),
+    ("RUNNING", ["checkpoint_000000", "checkpoint_000001"], "damaged"),  # earlier reports were recorded, then lost
+    ("TERMINATED", ["checkpoint_000000"], "damaged"),  # an ended trial's reports were all recorded
+])
+def test_an_unrecorded_first_report_of_an_interrupted_trial_is_not_damage(tmp_path, status, checkpoints, expected):
+    from lora_rank_search.analysis.results import load_experiment
+    from lora_rank_search.contract import layout
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    layout.write_config(str(root), {"train": {"max_steps": 60}})
+    config = {"r": 4, "lr": 1e-3, "seed": 0}
+    folder = root / layout.trial_dirname(config, "ab12_00000")
+    folder.mkdir()
+    (folder / layout.PARAMS_FILE).write_text(json.dumps(config))
+    (folder / layout.RESULT_FILE).write_text("")
+    for name in checkpoints:
+        (folder / name).mkdir()
+    state = [json.dumps({"trial_id": "ab12_00000", "status": status}), json.dumps({"num_failures": 0})]
+    (root / f"{layout.STATE_PREFIX}2026-12-06_00-00-00.json").write_text(json.dumps({"trial_data": [state]}))
+    (root / layout.TUNER_FILE).write_bytes(b"")
+    trials, _ = load_experiment(str(root))
+    assert trials["status"].tolist() == [expected], trials["failure"].tolist()
