@@ -484,6 +484,12 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         total = local_gpu_memory() or cluster_gpu_memory() or 0
         fit = arms_that_fit(estimate, int(total * pack_gpu), MAX_ARMS_PER_PACK) if total else MAX_ARMS_PER_PACK
         arms = min(trials, fit if wanted == "auto" else int(wanted))
+        room = arms_that_fit(estimate, int(total * pack_gpu), arms) if total else arms
+        if wanted != "auto" and room < arms:
+            log(f"warning: resources.arms_per_worker: {arms} arms per pack, but the memory estimate fits {room} beside the "
+                f"base in {pack_gpu:g} of a {total / 2**30:.0f} GiB GPU (~{pack_memory(estimate, arms) / 2**30:.1f} GiB "
+                f"needed); passes that run out of memory are split, and an arm that still does not fit ends as oom "
+                f"(arms_per_worker: auto packs what fits)")
         threads = cfg.resources.cpus_per_trial
         note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}

@@ -273,3 +273,28 @@ def test_an_arm_moves_to_a_less_busy_pack_only_when_it_balances(active, here, ex
 
     # `active` counts the arms training in each pack besides the one deciding (it asks for nothing while it decides)
     assert less_busy(active, here) == expected
+
+
+def test_on_a_gpu_a_number_of_arms_beyond_the_memory_estimate_packs_as_asked_with_a_warning(raw_config, monkeypatch):
+    from lora_rank_search.search import resources, runner
+    from lora_rank_search.search.config import parse_config
+
+    def plan(arms_per_worker):
+        cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, train={"learning_rate": [1e-3, 3e-3]},
+                                      resources={"gpus_per_trial": "auto", "arms_per_worker": arms_per_worker}))
+        prepared = prepare(cfg, log=lambda _: None)
+        est = runner.memory_estimate(cfg, prepared)
+        device = math.ceil((est.base_weights + est.context + 2.5 * (est.adapter_and_optimizer + est.activations)) / resources.USABLE_FRACTION)
+        for module in (runner, resources):
+            monkeypatch.setattr(module, "local_gpu_memory", lambda: device)
+        lines = []
+        packs, per_trial = runner.plan_packs(cfg, prepared, {"cpu": 1, "gpu": 1.0}, lines.append)
+        return packs, per_trial, lines
+
+    packs, per_trial, lines = plan(6)
+    assert packs.arms == 6 and per_trial["gpu"] == pytest.approx(1 / 6), "as asked"
+    assert lines[0].startswith("warning: resources.arms_per_worker: 6 arms per pack, but the memory estimate fits 2 beside the base"), lines
+    packs, _, lines = plan(2)
+    assert packs.arms == 2 and not any(line.startswith("warning") for line in lines), lines
+    packs, _, lines = plan("auto")
+    assert packs.arms == 2 and not any(line.startswith("warning") for line in lines), lines
