@@ -184,7 +184,11 @@ def test_a_real_search_is_judged_by_the_metric_and_one_whose_function_raises_fin
 
     from lora_rank_search.search.cli import main
 
-    source = _mapping_task(tmp_path / "map.jsonl")
+    # every prompt answered 'w7': learnable for the held-out prompts too (eval is split by prompt), so
+    # exact_match leaves the base's 0; on the permutation task it stays 0 there, which is no signal
+    source = tmp_path / "constant.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"w{i % 40}", "response": "w7"}) + "\n" for i in range(240)))
+    source = str(source)
     mod = _module(tmp_path, monkeypatch, "def broken(gens, refs):\n    raise KeyError('answer')\n", "search_metric")
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # for the Ray workers
     for name, metric in (("judged", "exact_match"), ("raising", f"{mod}:broken")):
@@ -201,7 +205,7 @@ def test_a_real_search_is_judged_by_the_metric_and_one_whose_function_raises_fin
         report = (analysis / "REPORT.md").read_text()
         if name == "judged":
             assert saved["quantity"] == "eval_metric:exact_match" and saved["base_eval_metric"] == 0.0
-            assert saved["rank"] in (1, 8) and 0.0 <= saved["eval_metric"] <= 1.0
+            assert saved["rank"] in (1, 8) and 0.5 <= saved["eval_metric"] <= 1.0, saved["reason"]
             assert "Judged by the downstream metric `exact_match`" in report
         else:
             assert f"the metric function '{mod}:broken' raised KeyError: 'answer'" in report
