@@ -547,17 +547,24 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
 
     settings = dataclasses.replace(trial_settings(cfg, prepared.model_path, prepared.choices or prepared.targets), storage_marker=storage_marker)
     if plan is None:
-        trainable = tune.with_parameters(lora_trial, settings=settings, data=prepared.data)
+        parameters = {"settings": settings, "data": prepared.data}
     else:
         import ray
 
         from lora_rank_search.trainables.pack_server import StoredData
 
-        data = StoredData(ray.put(prepared.data))  # the clients pass it on; only their servers deserialize it
-        trainable = tune.with_parameters(packed_trial, settings=settings, data=data, plan=plan)
-    trainable = tune.with_resources(trainable, resources)
+        # the clients pass the data on; only their servers deserialize it
+        parameters = {"settings": settings, "data": StoredData(ray.put(prepared.data)), "plan": plan}
+    trainable = tune.with_resources(tune.with_parameters(lora_trial, **parameters), resources)
     if resume:
-        return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        except ValueError as exc:
+            if "expected 'packed_trial'" not in str(exc):
+                raise
+            # a packed search started when packing had a trainable of its own name: the same code under it
+            trainable = tune.with_resources(tune.with_parameters(packed_trial, **parameters), resources)
+            return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),

@@ -46,7 +46,7 @@ def test_the_trial_reports_only_declared_keys():
         tree = ast.parse((ROOT / "trainables" / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name in ("report", "failure_report", "process_metrics", "add", "run_trial",
-                                                                   "packed_trial", "advance"):
+                                                                   "train_in_pack", "advance"):
                 for inner in ast.walk(node):
                     if isinstance(inner, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in DECLARED for k in inner.keys):
                         written |= {k.value for k in inner.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}

@@ -156,3 +156,17 @@ def test_on_gpus_auto_packs_the_arms_of_each_gpu_in_one_process(raw_config, ray_
         pids.setdefault(row.gpu_ids, set()).update(r["train_pid"] for r in reports)
     assert sorted(pids) == ["0", "1"] and sorted(trials["gpu_ids"]) == ["0", "0", "1", "1"], "two arms per GPU"
     assert all(len(p) == 1 for p in pids.values()) and len(set.union(*pids.values())) == 2, f"one pack process per GPU: {pids}"
+
+
+def test_a_packed_search_resumes_with_packing_turned_off_and_back_on(raw_config, tmp_path, capsys):
+    """`resources.*` may change on --resume; packing too: both modes are one Tune trainable (Tune's
+    restore refused a packed search resumed with arms_per_worker: 1, with a traceback)."""
+    code, experiment = _search(raw_config, tmp_path, "switch", arms_per_worker=4)
+    assert code == 0
+    verdict = _verdict(experiment)
+    config = str(tmp_path / "switch.yaml")
+    for arms in ("1", "2"):
+        capsys.readouterr()
+        assert main(["search", config, "--set", f"resources.arms_per_worker={arms}", "--resume"]) == 0, capsys.readouterr().err[-3000:]
+        assert "Traceback" not in capsys.readouterr().err
+        assert _verdict(experiment)["rank"] == verdict["rank"]

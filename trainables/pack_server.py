@@ -2,7 +2,7 @@
 
 Ray Tune still sees one trial per arm, with its own name, folder, result.json, TensorBoard file,
 checkpoints (PEFT format), pauses, stops and retries. What changes is where the arm trains: the
-trial function (`packed_trial`) attaches its arm to the pack server of its GPU (its node on CPU),
+trial function (`lora_trial` given a plan runs `train_in_pack`) attaches its arm to the pack server of its GPU (its node on CPU),
 asks it for the steps up to its next report (`advance`), and reports what comes back, checkpoint
 included, as a trial alone would. The server (`PackServer`) trains whichever arms have asked, all
 stacked in one step (`trainables.pack.Pack`); an arm that is held at a rung, paused or stopped asks
@@ -131,7 +131,7 @@ class PackServer:
 
     def active(self) -> int:
         """Arms training now or on their way in (held and paused arms ask for nothing): what a client
-        compares to move to a less busy pack of its node (`packed_trial`)."""
+        compares to move to a less busy pack of its node (`train_in_pack`)."""
         with self._cond:
             return len(self._wanted) + len(self._adds)
 
@@ -348,11 +348,18 @@ def stop_servers(experiment: str) -> int:
     return killed
 
 
-def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: Optional[StoredData] = None,
+def packed_trial(config: dict, settings: Optional[TrialSettings] = None, data: Any = None,
                  plan: Optional[PackPlan] = None) -> None:
-    """Ray Tune function trainable of one arm trained in its node's pack (wrap with
-    tune.with_parameters(settings=..., data=StoredData(ray.put(...)), plan=...)). Reports as
-    `trainables.trial.lora_trial` does."""
+    """`trainables.trial.lora_trial` under the name Tune recorded for packed searches started before
+    both modes shared that name (`search.runner.build_tuner` resumes them with it)."""
+    from lora_rank_search.trainables.trial import lora_trial
+
+    lora_trial(config, settings, data, plan)
+
+
+def train_in_pack(config: dict, settings: TrialSettings, data: StoredData, plan: PackPlan) -> None:
+    """The body of a Tune trial whose arm trains in its node's pack (`lora_trial` with a plan; the
+    data as `StoredData(ray.put(...))`). Reports as a trial alone does."""
     import ray
     from ray import tune
 

@@ -355,9 +355,20 @@ def _node_ip() -> str:
         return socket.gethostname()
 
 
-def lora_trial(config: dict, settings: Optional[TrialSettings] = None, data: Optional[TokenizedData] = None) -> None:
-    """Ray Tune function trainable (wrap with tune.with_parameters(settings=..., data=...))."""
+def lora_trial(config: dict, settings: Optional[TrialSettings] = None, data: Optional[TokenizedData] = None,
+               plan=None) -> None:
+    """Ray Tune function trainable (wrap with tune.with_parameters(settings=..., data=...)). With a
+    `PackPlan` (and the data as `StoredData`) the arm trains in its node's pack
+    (`trainables.pack_server.train_in_pack`). One trainable name for both modes: Tune's resume
+    checks it, and a search may resume with `resources.arms_per_worker` changed, each arm from its
+    own checkpoint (the same files either way)."""
     from ray import tune
+
+    if plan is not None:
+        from lora_rank_search.trainables.pack_server import train_in_pack
+
+        train_in_pack(config, settings, data, plan)
+        return
 
     quiet_libraries()
     exit_quietly_on_sigterm()
