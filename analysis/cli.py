@@ -52,6 +52,7 @@ def verdict_lines(result, details: bool = False) -> str:
     """The verdict in three lines (rank, learning rate, targets, gain share; why; the report), plus
     every diagnosis with details."""
     from lora_rank_search.contract.arms import format_lr
+    from lora_rank_search.contract.config import describe_targets
 
     rec = result.recommendation
     lines = []
@@ -61,9 +62,9 @@ def verdict_lines(result, details: bool = False) -> str:
         if rec.several_choices:
             cost = f"{rec.trainable_params:,.0f} trainable params" if rec.trainable_params == rec.trainable_params else "cost ?"
             lines.append(f"recommended (cheapest adequate adapter): {rec.target_choice} r={rec.rank}, {lr}, lora_alpha "
-                         f"{rec.lora_alpha:g}, targets {','.join(rec.targets)}, {cost}{share}")
+                         f"{rec.lora_alpha:g}, targets {describe_targets(rec.targets)}, {cost}{share}")
         else:
-            lines.append(f"recommended: r={rec.rank}, {lr}, lora_alpha {rec.lora_alpha:g}, targets {','.join(rec.targets)}{share}")
+            lines.append(f"recommended: r={rec.rank}, {lr}, lora_alpha {rec.lora_alpha:g}, targets {describe_targets(rec.targets)}{share}")
     else:
         lines.append("no recommendation")
     lines.append(f"  {rec.reason}")

@@ -25,6 +25,23 @@ RECOMMENDATION_JSON, REPORT_MD, REPORT_HTML = "recommendation.json", "REPORT.md"
 PLOTS_DIR = "plots"
 
 
+def _target_lines(targets, r: int, alpha: Optional[float]) -> list[str]:
+    """LoraConfig's target arguments: target_modules, and for MoE expert / router weights
+    target_parameters, with the fused ones at PEFT's rank and alpha multiple (as the trial set them)."""
+    from lora_rank_search.contract.config import fused_patterns, split_targets
+
+    modules, params = split_targets(list(targets))
+    lines = [f"    target_modules={json.dumps(modules)},"]
+    if params:
+        lines.append(f"    target_parameters={json.dumps(params)},  # MoE expert / router weights, adapted as parameters")
+        fused = fused_patterns(params)
+        if fused:
+            lines.append(f"    rank_pattern={json.dumps({k: r * m for k, m in fused.items()})},  # fused expert weights: 2r")
+            if alpha is not None:
+                lines.append(f"    alpha_pattern={json.dumps({k: alpha * m for k, m in fused.items()})},")
+    return lines
+
+
 def lora_config_snippet(rec: Recommendation, dropout: Optional[float]) -> str:
     """Ready-to-paste `peft.LoraConfig(...)` for the recommended rank, as the search trained it."""
     if rec.rank is None:
@@ -46,7 +63,7 @@ def lora_config_snippet(rec: Recommendation, dropout: Optional[float]) -> str:
         lines.append("    use_rslora=True,")
     lines += [
         f"    lora_dropout={dropout if dropout is not None else 0.05:g},",
-        f"    target_modules={json.dumps(list(rec.targets))},",
+        *_target_lines(rec.targets, rec.rank, alpha),
         '    bias="none",',
         '    task_type="CAUSAL_LM",',
         ")",

@@ -13,6 +13,33 @@ from typing import Any, Literal, Optional, Union
 
 ALPHA_RULES = ("r", "2r", "rslora")
 TARGET_PRESETS = ("attention-qv", "attention", "mlp", "experts", "all-linear")  # resolved by trainables.lora
+PARAM_PREFIX = "param:"  # a resolved target that is a parameter (LoraConfig.target_parameters), not a module
+
+
+FUSED_PARAMS = {"gate_up_proj": 2}  # PEFT's rank (and alpha) multiplier for fused expert weights
+
+
+def fused_patterns(params) -> dict[str, int]:
+    """{regex of a targeted parameter: PEFT's multiplier of its rank and alpha} for the fused expert
+    weights among `params` (LoraConfig's rank_pattern / alpha_pattern keys)."""
+    import re
+
+    return {re.escape(p): FUSED_PARAMS[p.rsplit(".", 1)[-1]] for p in params if p.rsplit(".", 1)[-1] in FUSED_PARAMS}
+
+
+def split_targets(targets) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) of a resolved target list (as trials record it)."""
+    modules = [t for t in targets if not t.startswith(PARAM_PREFIX)]
+    params = [t[len(PARAM_PREFIX):] for t in targets if t.startswith(PARAM_PREFIX)]
+    return modules, params
+
+
+def describe_targets(targets) -> str:
+    """A resolved target list as people read it: 'q_proj,v_proj', or with expert / router weights
+    'parameters down_proj,gate_up_proj' (after the modules, if any)."""
+    modules, params = split_targets(targets)
+    parts = ([",".join(modules)] if modules else []) + ([f"parameters {','.join(params)}"] if params else [])
+    return " + ".join(parts)
 DATA_FORMATS = ("auto", "instruction", "completion", "alpaca", "chat", "sharegpt", "text")  # = trainables.formats.FORMATS + auto
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_TYPES = ("nf4", "fp4")

@@ -476,6 +476,12 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         log("packing: off (MoE expert weights are adapted as parameters, which one pass cannot split between arms);"
             " one arm per worker")
         return None, resources
+    param_sets = {tuple(sorted(split_targets(t)[1])) for t in (prepared.choices or {"": prepared.targets}).values()} - {()}
+    if len(param_sets) > 1:
+        log(f"warning: resources.arms_per_worker: {wanted}: the target choices adapt different MoE expert / router "
+            f"weights ({'; '.join(', '.join(p) for p in sorted(param_sets))}), which PEFT cannot hold as adapters of one "
+            "model; one arm per worker")
+        return None, resources
     gpu = resources["gpu"] > 0
     rows_per_pass, how = None, "arms stacked in one pass"
     if gpu:

@@ -251,3 +251,20 @@ def test_the_table_of_trials_has_a_column_for_each_further_dimension_searched(tm
     assert sorted(rows) == [["1", "16", "1e-3", "0"], ["1", "16", "1e-3", "0.1"], ["8", "16", "1e-3", "0"], ["8", "16", "1e-3", "0.1"]]
     one, _ = load_experiment(_experiment(tmp_path / "one", curves, metric))
     assert "dropout" not in format_table(one).splitlines()[0], "one dropout: no column"
+
+
+def test_the_lora_config_snippet_of_moe_expert_weights_is_what_the_trial_trained(tiny_model):
+    """Expert weights are target_parameters, and PEFT gives a fused gate_up_proj 2r and 2 alpha:
+    the pasted snippet must build that, not target_modules=['param:...']."""
+    from lora_rank_search.analysis.report import lora_config_snippet
+    from lora_rank_search.analysis.selection import Recommendation
+    from lora_rank_search.trainables.lora import peft_config
+
+    targets = ["q_proj", "param:mlp.experts.down_proj", "param:mlp.experts.gate_up_proj"]
+    rec = Recommendation(4, 0.05, "", targets=targets, lora_alpha=16.0, alpha_rule="16")
+    namespace: dict = {}
+    exec(lora_config_snippet(rec, 0.0).split("# trained at")[0], namespace)
+    pasted, trained = namespace["lora_config"], peft_config(4, 16.0, 0.0, targets)
+    for field in ("r", "lora_alpha", "target_parameters", "rank_pattern", "alpha_pattern"):
+        assert getattr(pasted, field) == getattr(trained, field), field
+    assert set(pasted.target_modules) == set(trained.target_modules) == {"q_proj"}

@@ -298,3 +298,74 @@ def test_on_a_gpu_a_number_of_arms_beyond_the_memory_estimate_packs_as_asked_wit
     assert packs.arms == 2 and not any(line.startswith("warning") for line in lines), lines
     packs, _, lines = plan("auto")
     assert packs.arms == 2 and not any(line.startswith("warning") for line in lines), lines
+
+
+@pytest.fixture
+def moe_setup(raw_config, tmp_path):
+    """(prepared, settings) of a search over [attention, experts] on a tiny 4-bit Qwen3-MoE."""
+    from lora_rank_search.trainables.tiny import build_tiny_moe
+
+    model = build_tiny_moe(tmp_path / "moe")
+    raw = raw_config(model={"name_or_path": str(model)},
+                     lora={"target_modules": ["attention", "experts"], "dropout": 0.0, "alpha": 16},
+                     train={"max_steps": 6, "eval_every": 3, "batch_size": 4, "learning_rate": [3e-3, 1e-2]},
+                     scheduler={"type": "none"})
+    cfg = parse_config(raw)
+    prepared = prepare(cfg, log=lambda _: None)
+    return prepared, trial_settings(cfg, prepared.model_path, prepared.choices)
+
+
+@pytest.mark.slow
+def test_moe_expert_weights_train_alone_and_packed_exactly_alike(moe_setup, tmp_path):
+    """Expert weights are adapted as parameters (PEFT's ParamWrapper), not as layers: a trial alone
+    on them failed (the pack's row routing took them for linear layers), and packed they must take
+    turns, each pass applying only its own arm's delta."""
+    from safetensors.torch import load_file
+
+    prepared, settings = moe_setup
+    arms = {"a": {"r": 2, "lr": 1e-2, "seed": 0, "target_choice": "attention"},
+            "b": {"r": 4, "lr": 1e-2, "seed": 1, "target_choice": "experts"},
+            "c": {"r": 2, "lr": 3e-2, "seed": 2, "target_choice": "experts"}}
+
+    def train(keys, folder):
+        pack = Pack(settings, prepared.data, threads=2)
+        for key in keys:
+            pack.add(key, arms[key])
+        evals = _train(pack, keys, 6, 3)
+        for key in keys:
+            pack.save(key, folder / key)
+        return pack, evals
+
+    packed, packed_evals = train(list(arms), tmp_path / "packed")
+    assert packed.mode == TURNS
+    for key in arms:
+        alone, alone_evals = train([key], tmp_path / "alone")
+        losses = list(zip(packed.arms[key].step_losses + packed_evals[key], alone.arms[key].step_losses + alone_evals[key]))
+        assert len(losses) == 8 and all(_close(p, a) for p, a in losses), (key, losses)
+        assert alone_evals[key][-1] < alone.base_eval_loss(), "the arm learned"
+        w_packed = load_file(str(tmp_path / "packed" / key / "adapter" / "adapter_model.safetensors"))
+        w_alone = load_file(str(tmp_path / "alone" / key / "adapter" / "adapter_model.safetensors"))
+        assert set(w_packed) == set(w_alone) and all(float((w_packed[n] - w_alone[n]).abs().max()) <= 1e-6 for n in w_alone)
+    assert math.isclose(packed.base_eval_loss(), alone.base_eval_loss(), rel_tol=1e-6), "the base: no arm's delta"
+
+
+def test_moe_target_choices_over_different_expert_weights_are_not_packed(raw_config, tmp_path, monkeypatch):
+    import ray
+
+    from lora_rank_search.search.runner import plan_packs
+    from lora_rank_search.trainables.tiny import build_tiny_moe
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    model = build_tiny_moe(tmp_path / "moe")
+
+    def plan(choices):
+        cfg = parse_config(raw_config(model={"name_or_path": str(model)}, lora={"target_modules": choices, "dropout": 0.0},
+                                      resources={"cpus_per_trial": 1, "arms_per_worker": 4}))
+        lines = []
+        packs, _ = plan_packs(cfg, prepare(cfg, log=lambda _: None), {"cpu": 1, "gpu": 0.0}, lines.append)
+        return packs, lines
+
+    packs, lines = plan(["experts", "all-linear"])  # all-linear on a MoE: the experts and the router
+    assert packs is None and lines[0].startswith("warning: resources.arms_per_worker: 4: the target choices adapt different")
+    packs, lines = plan(["attention", "experts"])
+    assert packs is not None and packs.arms == 4 and "take turns" in lines[0], lines

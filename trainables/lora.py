@@ -29,8 +29,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 from lora_rank_search.contract.config import TARGET_PRESETS as PRESETS  # the preset names, defined once with the schema
 
 RSLORA_ALPHA = 16.0  # lora_alpha used with the 'rslora' rule: scale = 16 / sqrt(r)
-PARAM_PREFIX = "param:"  # a target that is a parameter (LoraConfig.target_parameters), not a module
-FUSED_PARAMS = {"gate_up_proj": 2}  # PEFT's rank (and alpha) multiplier for fused expert weights
+from lora_rank_search.contract.config import PARAM_PREFIX, split_targets  # noqa: E402,F401 - one definition, re-exported
+from lora_rank_search.contract.config import FUSED_PARAMS, fused_patterns  # noqa: E402 - one definition
 
 _OUTPUT_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 _Q = {"q_proj", "query", "q", "wq", "q_lin"}
@@ -265,13 +265,6 @@ def resolve_targets(spec: Union[str, Sequence[str]], layer_names: Iterable[str])
     return modules + [PARAM_PREFIX + p for p in params]
 
 
-def split_targets(targets: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(target_modules, target_parameters) of a resolved target list."""
-    modules = [t for t in targets if not t.startswith(PARAM_PREFIX)]
-    params = [t[len(PARAM_PREFIX):] for t in targets if t.startswith(PARAM_PREFIX)]
-    return modules, params
-
-
 def targeted_layers(shapes: Mapping[str, tuple[int, int]], targets: Sequence[str]) -> dict[str, tuple[int, int]]:
     """The linear layers (modules) of `linear_layers` output that a resolved target list selects."""
     modules, _ = split_targets(targets)  # PEFT's rule: a layer matches a target equal to its name or a dotted suffix of it
@@ -317,7 +310,7 @@ def peft_config(r: int, rule: Union[float, str], dropout: float, targets: Sequen
         raise ValueError(problems[0])
     alpha, rs = lora_alpha(rule, r)
     modules, params = split_targets(targets)
-    fused = {re.escape(p): FUSED_PARAMS[_leaf(p)] for p in params if _leaf(p) in FUSED_PARAMS}
+    fused = fused_patterns(params)
     return LoraConfig(
         r=int(r),
         lora_alpha=alpha,

@@ -155,6 +155,7 @@ class Pack:
         self.load_seconds = time.time() - self.started
         self.model = None  # the PeftModel, made with the first arm
         self.arms: dict[str, Arm] = {}
+        self._param_layers: list = []  # PEFT's ParamWrapper layers (expert / router weights adapted as parameters)
         self.segments: list[tuple[str, int, int]] = []  # (adapter name, first row, end row) of the current pass
         self.mode = mode
         default_rows = GPU_ROWS_PER_PASS if self.device.startswith("cuda") else CPU_ROWS_PER_PASS
@@ -166,6 +167,24 @@ class Pack:
         self.eval_batch = settings.train.eval_batch_size or 2 * settings.train.batch_size
         self.downstream = _downstream(settings, data, self.device)  # eval.metric: model -> {eval_metric, ...}, or None
         self._base_metric: Optional[dict] = None
+
+    @property
+    def segments(self) -> list[tuple[str, int, int]]:
+        return self._segments
+
+    @segments.setter
+    def segments(self, value: list[tuple[str, int, int]]) -> None:
+        """The current pass's arms, told to every LoRA layer: a Linear layer reads them in
+        `_segment_forward`; a ParamWrapper (an expert or router weight adapted as a parameter) adds
+        the delta of PEFT's active adapters to the whole weight, so it is given the pass's one arm, or
+        none for the untouched base (such a pack takes turns: `_wire`)."""
+        if self._param_layers:
+            if len(value) > 1:
+                raise PackLayoutError("expert or router weights adapted as parameters cannot be split between stacked arms")
+            names = [value[0][0]] if value else []
+            for layer in self._param_layers:
+                layer._active_adapter = names  # PEFT's own attribute (peft 0.21, pinned); set_adapter would also flip requires_grad
+        self._segments = value
 
     # ---- arms in and out
 
@@ -247,12 +266,16 @@ class Pack:
 
     def _wire(self, arm: Arm) -> None:
         """Route every LoRA layer through `_segment_forward` and give the arm its keyed dropout."""
-        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
         dropout_class = _keyed_dropout_class()
         p = float(self.settings.for_arm(arm.config).lora.dropout)
         for module_name, module in self.model.named_modules():
             if not isinstance(module, LoraLayer) or arm.name not in getattr(module, "lora_A", {}):
+                continue
+            if isinstance(module, ParamWrapper):  # PEFT's forward, routed by `segments` (no dropout: config-checked)
+                if all(module is not known for known in self._param_layers):
+                    self._param_layers.append(module)
                 continue
             if id(module) not in self._patched:
                 module.forward = _segment_forward(module, self)

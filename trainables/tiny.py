@@ -76,6 +76,23 @@ def build_tiny_llama(
     return folder
 
 
+def build_tiny_moe(folder: str | Path, words: Optional[list[str]] = None, seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer Qwen3-MoE (4 experts, 2 per token; the experts' weights
+    fused 3-D parameters, as transformers 5 holds them) + word-level tokenizer to `folder`."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(words or word_list(60), folder)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                            num_experts_per_tok=2, head_dim=16, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
 def chain_records(words: list[str], n: int, length: int = 12, seed: int = 0, perm_seed: int = 1234) -> list[dict]:
     """Instruction records: prompt = a start word, response = the next `length` words of its
     chain under a fixed permutation of `words` (the same permutation for every record)."""
