@@ -123,6 +123,9 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         check_weights(out.model_path)
         out.linear_shapes = linear_layers(meta)
         out.dims = _model_dims(meta, out.linear_shapes)
+        note = base_dropout_note(meta.config)
+        if note:
+            log(note)
         choices = target_choices(cfg)
         for i, (label, spec) in enumerate(choices):
             where = "lora.target_modules" + (f"[{i}]" if len(choices) > 1 else "")
@@ -450,6 +453,19 @@ def describe_choices(prepared: Prepared) -> list[str]:
 # A number in arms_per_worker packs; a model from this hidden size up is compute-bound on CPU and
 # its arms take turns on the base instead of stacking.
 SMALL_HIDDEN = 256
+
+
+def base_dropout_note(config) -> str:
+    """The start-up line for a base model whose config trains with dropout of its own ('' without):
+    every trial turns it off (`trainables.trial.base_dropout_off`)."""
+    fields = {k: v for k, v in sorted(config.to_dict().items())
+              if isinstance(v, float) and v > 0 and k.endswith(("dropout", "pdrop", "layerdrop"))
+              and not k.startswith(("summary", "classifier"))}  # a causal LM's own layers only
+    if not fields:
+        return ""
+    listed = ", ".join(f"{k} {v:g}" for k, v in fields.items())
+    return (f"model: the base model's own dropout ({listed}) is off in every trial; the adapter's (lora.dropout) is the "
+            "only one, so arms differ only by what the search varies and packed arms train exactly as alone")
 
 
 def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Callable[[str], None] = print):

@@ -369,3 +369,71 @@ def test_moe_target_choices_over_different_expert_weights_are_not_packed(raw_con
     assert packs is None and lines[0].startswith("warning: resources.arms_per_worker: 4: the target choices adapt different")
     packs, lines = plan(["attention", "experts"])
     assert packs is not None and packs.arms == 4 and "take turns" in lines[0], lines
+
+
+def _variable_length_records(n: int = 300) -> list:
+    import random
+
+    from lora_rank_search.trainables.tiny import chain_records, word_list
+
+    rng = random.Random(0)
+    return [r for i in range(n) for r in chain_records(word_list(60), 1, length=rng.randint(3, 14), seed=i)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_arms_train_as_alone_on_rows_of_different_lengths_and_a_base_with_dropout(arch, raw_config, tmp_path):
+    """Packed, an arm's rows are padded to the pack's longest row, alone to its own: its LoRA
+    dropout masks must not depend on that (they did: 1e-3 apart after 4 steps). GPT-2 trains with
+    dropout in its own layers, drawn from the global random stream: off in every trial."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from lora_rank_search.trainables.tiny import build_tokenizer, word_list, write_jsonl
+
+    data = write_jsonl(_variable_length_records(), tmp_path / "variable.jsonl")
+    model = tmp_path / arch
+    if arch == "gpt2":
+        tokenizer = build_tokenizer(word_list(60) + ["user", "assistant", "system"], model)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                    pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+        over = {"model": {"name_or_path": str(model)}}
+    else:
+        over = {}
+    cfg = parse_config(raw_config(data={"source": str(data)}, lora={"target_modules": ["attention", "mlp"], "dropout": 0.1, "alpha": 16},
+                                  train={"max_steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": [1e-2]},
+                                  scheduler={"type": "none"}, **over))
+    prepared = prepare(cfg, log=lambda _: None)
+    settings = trial_settings(cfg, prepared.model_path, prepared.choices)
+    arms = {"a": {"r": 2, "lr": 1e-2, "seed": 0, "target_choice": "attention"},
+            "b": {"r": 4, "lr": 1e-2, "seed": 1, "target_choice": "mlp"}}
+    lengths = prepared.data.train_ids.lengths()
+    assert min(lengths) < max(lengths), "rows of different lengths"
+
+    def train(keys):
+        pack = Pack(settings, prepared.data, threads=2)
+        for key in keys:
+            pack.add(key, arms[key])
+        evals = _train(pack, keys, 4, 2)
+        return {key: pack.arms[key].step_losses + evals[key] for key in keys}
+
+    packed = train(list(arms))
+    for key in arms:
+        alone = train([key])[key]
+        assert all(_close(p, a) for p, a in zip(packed[key], alone)), (key, packed[key], alone)
+
+
+def test_a_base_with_dropout_of_its_own_is_named_at_start_up_and_turned_off():
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from lora_rank_search.search.runner import base_dropout_note
+    from lora_rank_search.trainables.trial import base_dropout_off
+
+    assert base_dropout_note(LlamaConfig()) == ""
+    note = base_dropout_note(GPT2Config())
+    assert note.startswith("model: the base model's own dropout (attn_pdrop 0.1, embd_pdrop 0.1, resid_pdrop 0.1) is off")
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    assert base_dropout_off(model) and not base_dropout_off(model), "turned off once, nothing left"
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

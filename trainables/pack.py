@@ -79,18 +79,27 @@ def _keyed_dropout_class():
     import torch
 
     class KeyedDropout(torch.nn.Module):
-        """Dropout whose mask is drawn from a generator seeded by `mask_key` (see the module doc)."""
+        """Dropout whose mask is drawn from a generator seeded by `mask_key` (see the module doc).
 
-        def __init__(self, p: float, seed: int, layer: str, clock: _Clock):
+        A (rows, tokens, features) input's mask is drawn for `length` tokens (the longest training
+        row) and cut to the input's: a token's mask then does not depend on how far the batch is padded,
+        which differs alone (the arm's longest row) and packed (the pack's longest row)."""
+
+        def __init__(self, p: float, seed: int, layer: str, clock: _Clock, length: int = 0):
             super().__init__()
-            self.p, self.seed, self.layer, self.clock = float(p), int(seed), layer, clock
+            self.p, self.seed, self.layer, self.clock, self.length = float(p), int(seed), layer, clock, int(length)
 
         def forward(self, x):
             if not self.training or self.p == 0.0:
                 return x
             generator = torch.Generator(device=x.device)
             generator.manual_seed(mask_key(self.seed, self.clock.micro, self.layer))
-            keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p, generator=generator)
+            shape = list(x.shape)
+            if x.dim() == 3:
+                shape[1] = max(shape[1], self.length)
+            keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p, generator=generator)
+            if x.dim() == 3:
+                keep = keep[:, :x.shape[1]]
             return x * keep / (1.0 - self.p)
 
     return KeyedDropout
@@ -164,6 +173,7 @@ class Pack:
         self._names = 0
         self._base_loss: Optional[float] = None
         self.lengths = data.train_ids.lengths()
+        self.longest = int(max(self.lengths)) if len(self.lengths) else 0  # tokens: the widest a training batch gets
         self.eval_batch = settings.train.eval_batch_size or 2 * settings.train.batch_size
         self.downstream = _downstream(settings, data, self.device)  # eval.metric: model -> {eval_metric, ...}, or None
         self._base_metric: Optional[dict] = None
@@ -281,7 +291,8 @@ class Pack:
                 module.forward = _segment_forward(module, self)
                 self._patched.add(id(module))
             if p > 0:
-                module.lora_dropout[arm.name] = dropout_class(p, arm.seed, module_name.replace(f".{arm.name}", ""), arm.clock)
+                module.lora_dropout[arm.name] = dropout_class(p, arm.seed, module_name.replace(f".{arm.name}", ""), arm.clock,
+                                                              self.longest)
         _, params = split_targets(arm.targets)
         if params and self.mode == STACKED:
             self.mode = TURNS  # expert weights are parametrized, not layers whose rows we can split

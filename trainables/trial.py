@@ -88,12 +88,37 @@ def load_base(settings: TrialSettings, device: str):
     from lora_rank_search.trainables.model import load_base_model
 
     base = load_base_model(settings.model_path, settings.quantization, device, settings.model.trust_remote_code)
+    base_dropout_off(base)
     if device == "cpu":
         keep_4bit_layout_fixed(base)
     if settings.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     return base
+
+
+def base_dropout_off(model) -> dict[str, float]:
+    """Turn the frozen base's own dropout off (returns {module or attribute: the p it had}).
+
+    Some bases train with dropout in their layers (GPT-2's attn/resid/embd_pdrop, Phi-2's
+    resid_pdrop), drawn from the global random stream: an arm's masks would then depend on which
+    arms shared its passes, and the attention's dropout (a float handed to the attention kernel)
+    cannot be keyed per arm. With it off, the adapter's dropout (`lora.dropout`, keyed per arm) is
+    the only one: packed arms train exactly as alone. `search.runner.base_dropout_note` says so at
+    start-up."""
+    import torch
+
+    off = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            off[name] = module.p
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "layerdrop"):
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value > 0:
+                off[f"{name}.{attr}"] = value
+                setattr(module, attr, 0.0)
+    return off
 
 
 def keep_4bit_layout_fixed(model) -> None:
