@@ -9,8 +9,9 @@ it runs, the process tree is sampled every 0.5 s: the proportional set size (PSS
 pages split between the processes that map them) of every Ray worker process (trials, pack
 servers), and how many trial processes (arms) are alive. It prints per mode: the search's wall
 time, the peak memory held at once by the workers divided by the number of arms training at that
-moment (memory per concurrent arm), arm-steps per second, and the verdict; then the ratios
-packed / one arm per worker. Targets (issue 19, 2 CPU cores): wall <= 0.6, memory per concurrent
+moment (memory per concurrent arm), arm-steps per second, and the verdict; then every report
+of an arm at a step that both searches reached, paired (packed arms train as alone: the largest
+relative difference of their eval losses), and the ratios packed / one arm per worker. Targets (issue 19, 2 CPU cores): wall <= 0.6, memory per concurrent
 arm <= 0.35, the same verdict.
 
 --quickstart: configs/quickstart.yaml (what `make demo` runs). --planted: a planted rank-4 task on
@@ -84,6 +85,7 @@ def run(config: Path, name: str, arms_per_worker: str, storage: str) -> dict:
         print(out[-4000:])
         raise SystemExit(f"{name}: the search exited {proc.returncode}")
     rec, steps = outcome(Path(storage) / name)
+    losses = arm_losses(Path(storage) / name)
     peak = max(samples, key=lambda s: s[1]) if samples else (0, 0, 0)
     packing = next((line for line in out.splitlines() if line.startswith("packing:")), "packing: one arm per worker")
     opposed = sorted({(c.get("unit"), c.get("step")) for c in rec.get("confirmations") or []
@@ -92,7 +94,23 @@ def run(config: Path, name: str, arms_per_worker: str, storage: str) -> dict:
     return {"name": name, "wall": wall, "opposed": opposed, "peak_bytes": peak[1], "arms_at_peak": max(1, peak[2]),
             "per_arm": peak[1] / max(1, peak[2]), "max_arms": max((s[2] for s in samples), default=0),
             "steps": steps, "rank": rec.get("rank"), "lr": rec.get("learning_rate"),
-            "targets": rec.get("target_choice") or "", "packing": packing}
+            "targets": rec.get("target_choice") or "", "packing": packing, "losses": losses}
+
+
+def arm_losses(experiment: Path) -> dict:
+    """{(arm name, step): eval loss} of every report of a finished search (arms named as Tune's
+    trials are, without their trial ids, so two searches' reports pair up)."""
+    from lora_rank_search.contract.arms import Arm
+
+    out = {}
+    for result in experiment.glob("*/result.json"):
+        parsed = Arm.parse_dirname(result.parent.name)
+        if parsed is None:
+            continue
+        for line in result.read_text().splitlines():
+            report = json.loads(line)
+            out[(parsed[0].name(), report["step"])] = report["eval_loss"]
+    return out
 
 
 def outcome(experiment: Path) -> tuple[dict, int]:
@@ -138,6 +156,10 @@ def compare(title: str, config: Path, storage: str, packed: str) -> None:
         print(f"{'':>19}  {res['packing']}")
     one, packed = results["one arm per worker"], results["packed"]
     same = (one["rank"], one["lr"], one["targets"]) == (packed["rank"], packed["lr"], packed["targets"])
+    shared = sorted(set(one["losses"]) & set(packed["losses"]))
+    worst = max((abs(packed["losses"][k] - one["losses"][k]) / abs(one["losses"][k]) for k in shared), default=float("nan"))
+    print(f"per-arm eval losses, packed vs one arm per worker: {len(shared)} reports at the same (arm, step) "
+          f"({len(one['losses'])} and {len(packed['losses'])} in all), largest relative difference {worst:.1e}")
     print(f"RATIO packed / one arm per worker ({title}): wall {packed['wall'] / one['wall']:.2f} (target <= {WALL_TARGET}), "
           f"memory per concurrent arm {packed['per_arm'] / one['per_arm']:.2f} (target <= {MEMORY_TARGET}), "
           f"arm-steps/s {(packed['steps'] / packed['wall']) / (one['steps'] / one['wall']):.2f}x; "
