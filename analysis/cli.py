@@ -127,7 +127,9 @@ def _export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(_flag_names(exc))
     early = stop_note(info)
-    print(f"exported r={info['rank']} lr={format_lr(result.recommendation.learning_rate)} (trial {info['trial_dir']}, {info['checkpoint']} at step {info['step']}, "
+    rec = result.recommendation
+    print(f"exported {rec.unit_name(rec.target_choice, info['rank'])} lr={format_lr(rec.learning_rate)} (trial {info['trial_dir']}, "
+          f"{info['checkpoint']} at step {info['step']}, "
           f"eval loss {info['eval_loss']:.4f}){early} to {args.out}")
     print(f"base model in adapter_config.json: {info['base_model_name_or_path']}"
           + (f" ({info['base_model_note']})" if info["base_model_note"] else ""))
