@@ -26,11 +26,12 @@ import math
 import re
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from lora_rank_search.contract.config import TARGET_PRESETS as PRESETS  # the preset names, defined once with the schema
+# the preset names, the `param:` prefix of expert / router weights and PEFT's fused-weight rule:
+# defined once with the schema (the analysis side reads them too); split_targets re-exported
+from lora_rank_search.contract.config import FUSED_PARAMS, PARAM_PREFIX, fused_patterns, split_targets  # noqa: F401
+from lora_rank_search.contract.config import TARGET_PRESETS as PRESETS
 
 RSLORA_ALPHA = 16.0  # lora_alpha used with the 'rslora' rule: scale = 16 / sqrt(r)
-from lora_rank_search.contract.config import PARAM_PREFIX, split_targets  # noqa: E402,F401 - one definition, re-exported
-from lora_rank_search.contract.config import FUSED_PARAMS, fused_patterns  # noqa: E402 - one definition
 
 _OUTPUT_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 _Q = {"q_proj", "query", "q", "wq", "q_lin"}
