@@ -437,3 +437,25 @@ def test_a_base_with_dropout_of_its_own_is_named_at_start_up_and_turned_off():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     assert base_dropout_off(model) and not base_dropout_off(model), "turned off once, nothing left"
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_peft_s_pattern_warning_on_expert_weights_is_quieted_and_the_pattern_applies(tmp_path):
+    """PEFT warns that rank_pattern / alpha_pattern keys matched no targeted *module* when they name
+    an expert weight (a target parameter); they do apply there, so trials and pack servers drop it."""
+    import warnings
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_rank_search.trainables.lora import peft_config
+    from lora_rank_search.trainables.tiny import build_tiny_moe
+    from lora_rank_search.trainables.trial import quiet_libraries
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_moe(tmp_path / "moe"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        peft = get_peft_model(model, peft_config(4, 16.0, 0.0, ["param:down_proj", "param:gate_up_proj"]))
+    assert not [w for w in caught if "pattern keys did not match" in str(w.message)]
+    # 2 layers x 4 experts; down_proj (32 -> 64) at r = 4, the fused gate_up_proj (64 -> 2 x 32) at 2r = 8
+    assert sum(p.numel() for p in peft.parameters() if p.requires_grad) == 2 * 4 * (4 * (32 + 64) + 8 * (64 + 64))
