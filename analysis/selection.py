@@ -639,7 +639,8 @@ def _reason(rec: Recommendation, chosen: RankEvidence) -> str:
             f"{rec.shown(chosen.loss):.4f} vs r={chosen.ref_rank}'s {rec.shown(chosen.ref_loss):.4f}; base "
             f"{rec.shown(rec.base_eval_loss):.4f})"
         )
-    within = f"{rec.tolerance:.2%}" if rec.rule_name == "relative" else f"{rec.tolerance:g} nats/token"
+    units = " nats/token" if rec.quantity == "eval_loss" else f" of {rec.quantity_name}"
+    within = f"{rec.tolerance:.2%}" if rec.rule_name == "relative" else f"{rec.tolerance:g}{units}"
     return (
         f"r={chosen.r}{at} is the smallest rank within {within}{noise} of the best at step {chosen.evidence_step}: "
         f"{rec.quantity_name} {rec.shown(chosen.loss):.4f} vs r={chosen.ref_rank}'s "

@@ -237,6 +237,8 @@ def test_a_metric_verdict_gives_the_metric_not_its_negation(tmp_path):
     rec = run_analysis(_experiment(tmp_path / "exp", curves, metric)).recommendation
     assert rec.rank == 2
     assert "(exact_match 0.6000 vs r=8's 0.6100; base 0.0000)" in rec.reason, rec.reason
+    absolute = run_analysis(str(tmp_path / "exp"), rule="absolute", tolerance=0.02).recommendation
+    assert absolute.rank == 2 and "within 0.02 of exact_match of the best" in absolute.reason and "nats" not in absolute.reason, absolute.reason
 
 
 def test_the_table_of_trials_has_a_column_for_each_further_dimension_searched(tmp_path):
