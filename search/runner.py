@@ -179,6 +179,10 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
     from lora_rank_search.trainables.data import describe
 
     out.data_stats = {"format": d.format, **describe(out.data)}
+    n_train, batch = out.data_stats.get("train_examples", 0), cfg.train.batch_size
+    if n_train and batch > n_train:
+        warn(f"train.batch_size: {batch} is more than the {n_train} training examples: every micro-batch repeats "
+             f"examples ({batch / n_train:.1f} passes over the training data each)")
     return out
 
 

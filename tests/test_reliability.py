@@ -32,6 +32,14 @@ def test_unusual_but_possible_inputs_are_warned_about_on_stderr(raw_config, chai
     assert any(line.startswith("warning: lora.ranks[1]: rank 48 exceeds min(in, out) = ") for line in err), err
 
 
+def test_a_batch_larger_than_the_training_data_is_warned_about(raw_config, capsys):
+    prepare(parse_config(raw_config(train={"batch_size": 1500})), log=lambda _: None)
+    err = capsys.readouterr().err
+    assert "warning: train.batch_size: 1500 is more than the 542 training examples: every micro-batch repeats examples" in err, err
+    prepare(parse_config(raw_config(train={"batch_size": 16})), log=lambda _: None)
+    assert "train.batch_size" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("gpus, idle", [(2, "1 GPU per trial stays"), (4, "3 GPUs per trial stay"), (1, None), (0.5, None)])
 def test_more_than_one_gpu_per_trial_is_warned_about_as_idle(raw_config, gpus, idle):
     """A trial's model is loaded on one device, never split: GPUs past the first sit idle."""
