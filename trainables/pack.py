@@ -169,7 +169,7 @@ class Pack:
         self.mode = mode
         default_rows = GPU_ROWS_PER_PASS if self.device.startswith("cuda") else CPU_ROWS_PER_PASS
         self.rows_per_pass = rows_per_pass or max(default_rows, settings.train.batch_size)
-        self._patched: set = set()
+        self._patched: set = set()  # ids of the LoRA layers wired (`_wire`)
         self._names = 0
         self._base_loss: Optional[float] = None
         self.lengths = data.train_ids.lengths()
@@ -283,13 +283,14 @@ class Pack:
         for module_name, module in self.model.named_modules():
             if not isinstance(module, LoraLayer) or arm.name not in getattr(module, "lora_A", {}):
                 continue
-            if isinstance(module, ParamWrapper):  # PEFT's forward, routed by `segments` (no dropout: config-checked)
-                if all(module is not known for known in self._param_layers):
-                    self._param_layers.append(module)
-                continue
-            if id(module) not in self._patched:
-                module.forward = _segment_forward(module, self)
+            if id(module) not in self._patched:  # each layer wired once, by its kind
                 self._patched.add(id(module))
+                if isinstance(module, ParamWrapper):  # PEFT's forward, routed by `segments` (no dropout: config-checked)
+                    self._param_layers.append(module)
+                else:
+                    module.forward = _segment_forward(module, self)
+            if isinstance(module, ParamWrapper):
+                continue
             if p > 0:
                 module.lora_dropout[arm.name] = dropout_class(p, arm.seed, module_name.replace(f".{arm.name}", ""), arm.clock,
                                                               self.longest)
