@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 
 OK, DIVERGED, OOM = "ok", "diverged", "oom"  # values of the `trial_status` key (trainables.failures)
+PACK_ARMS, PACK_PARALLEL = "pack_arms", "pack_parallel"  # what the scheduler counts a packed search's free capacity by
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ METRICS = (
     Metric("pid", "", "the trial's worker process", kind=int, always=False),
     Metric("started_at", "seconds since the epoch", "when the trial's process started", always=False),
     Metric("load_seconds", "seconds", "loading the base and attaching the adapter", always=False),
+    Metric("pack_arms", "arms", "packed trials: the arms its pack holds at most (resources.arms_per_worker)", kind=int, always=False),
+    Metric("pack_parallel", "arms", "packed trials: the arms its pack trains at full speed at once (stacked on a GPU: "
+           "pack_arms; taking turns, or on CPU: 1)", kind=int, always=False),
     # eval.metric (a downstream metric beside the loss)
     Metric("eval_metric", "", "eval.metric on greedy generations of the eval prompts", always=False),
     Metric("base_eval_metric", "", "eval.metric of the untouched base", always=False),

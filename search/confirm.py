@@ -167,11 +167,18 @@ def _near(loss: float, at_rung: Mapping[Hashable, float], base: Optional[float])
     return loss <= best + NEAR_MISS_RELATIVE * abs(best)
 
 
-def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[Any], demand: Mapping[str, float]) -> int:
+def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[Any], demand: Mapping[str, float],
+               running: Optional[Mapping[Any, int]] = None, pack: Optional[tuple[int, int]] = None) -> int:
     """How many more trials of `demand` (Ray resources, e.g. {'CPU': 1, 'GPU': 0.5}) fit right now on
     the nodes in `held` (nodes already running a trial of this search), given each node's available
     resources. Nodes not held count for nothing: a confirmation never keeps an idle node busy and
-    never asks the autoscaler for one."""
+    never asks the autoscaler for one.
+
+    pack: (arms per pack N, arms a pack trains at full speed at once p) for packed trials, whose
+    demand is 1/N of their pack; running: node -> this search's trials running there. A pack whose
+    arms take turns (or stack on CPU, where a stacked pass costs nearly what its arms' passes cost
+    one by one) trains p = 1 arm at full speed: a slot beside a running arm in its pack is not free
+    capacity, it would slow that arm. A node's full-speed capacity is then its packs x p."""
     need = {k: float(v) for k, v in demand.items() if v and float(v) > 0}
     total = 0
     for node, have in available.items():
@@ -179,7 +186,12 @@ def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[An
             continue
         if not need:
             continue
-        total += int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items()))
+        fit = int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items()))
+        if pack is not None and 0 < pack[1] < pack[0]:
+            busy = int((running or {}).get(node, 0))
+            capacity = (fit + busy) // pack[0] * pack[1]
+            fit = max(0, min(fit, capacity - busy))
+        total += fit
     return total
 
 

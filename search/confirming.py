@@ -12,6 +12,7 @@ kept trial waits for it, ends the tail with the last kept arm, recognises challe
 from __future__ import annotations
 
 import json
+from collections import Counter
 import logging
 import math
 from typing import TYPE_CHECKING, Optional
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Optional
 from ray.tune.experiment import Trial
 
 from lora_rank_search.contract.arms import arm_of, unit_of
+from lora_rank_search.contract.metrics import PACK_ARMS, PACK_PARALLEL
 from lora_rank_search.search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots
 
 if TYPE_CHECKING:
@@ -168,8 +170,11 @@ class Confirmations:
         except Exception as exc:  # noqa: BLE001 - no Ray state (a test without Ray): nothing is free
             logger.debug("successive halving: no resource view (%s): no confirmation", exc)
             return 0
-        held = {t.last_result.get("node_id") for t in self._trials if t.status == Trial.RUNNING}
-        return free_slots(available, held - {None}, demand)
+        running = [t.last_result for t in self._trials if t.status == Trial.RUNNING]
+        nodes = Counter(r.get("node_id") for r in running if r.get("node_id"))
+        packed = [r for r in running if r.get(PACK_ARMS)]  # packed trials: their pack's arms, and how many run at full speed
+        pack = (int(packed[-1][PACK_ARMS]), int(packed[-1].get(PACK_PARALLEL) or 1)) if packed else None
+        return free_slots(available, set(nodes), demand, running=nodes, pack=pack)
 
     def _preempt(self, tune_controller) -> None:
         """A kept trial waits for a slot: a running challenger gives its slot back (it resumes later

@@ -93,6 +93,22 @@ def test_free_slots_count_only_nodes_already_held():
     assert free_slots({}, held={"a"}, demand={"CPU": 1}) == 0
 
 
+def test_a_packed_slot_beside_an_arm_that_would_slow_down_is_not_free():
+    # 2 CPU packs of 8 arms on node a (each client asks 1/8 CPU), one arm training: on CPU (or taking
+    # turns) a pack trains one arm at full speed, so only the other pack is free
+    available = {"a": {"CPU": 2 - 1 / 8}}
+    one_each = dict(held={"a"}, demand={"CPU": 1 / 8}, running={"a": 1})
+    assert free_slots(available, **one_each, pack=(8, 1)) == 1
+    assert free_slots({"a": {"CPU": 2 - 2 / 8}}, held={"a"}, demand={"CPU": 1 / 8}, running={"a": 2}, pack=(8, 1)) == 0
+    assert free_slots({"a": {"CPU": 2 - 3 / 8}}, held={"a"}, demand={"CPU": 1 / 8}, running={"a": 3}, pack=(8, 1)) == 0, "never below 0"
+    # stacked on a GPU a pack trains all its arms at once: every client slot is free capacity
+    assert free_slots(available, **one_each, pack=(8, 8)) == 15
+    assert free_slots(available, **one_each) == 15, "unpacked trials: Ray's slots as they are"
+    # a 4-GPU node, a pack of 4 arms per GPU taking turns (MoE expert weights), 3 arms on 3 GPUs
+    gpus = {"a": {"CPU": 16 - 3 * 0.25, "GPU": 4 - 3 * 0.25}}
+    assert free_slots(gpus, held={"a"}, demand={"CPU": 0.25, "GPU": 0.25}, running={"a": 3}, pack=(4, 1)) == 1
+
+
 def test_in_the_tail_a_challenger_close_to_the_step_finishes_and_one_far_from_it_stops():
     assert finishes_in_tail(50, 30, 60), "a third of its 30 steps left: it trains on to step 60"
     assert not finishes_in_tail(40, 30, 60), "two thirds left: it stops with the last kept arm"

@@ -135,6 +135,16 @@ class PackServer:
         with self._cond:
             return len(self._wanted) + len(self._adds)
 
+    def parallel(self) -> int:
+        """Arms this pack trains at full speed at once: all of them when they stack on a GPU (a small
+        arm's step leaves the card idle), one when they take turns or on CPU (a stacked pass costs
+        nearly what its arms' passes cost one by one). The scheduler's confirmations count free
+        capacity by it (`search.confirm.free_slots`)."""
+        from lora_rank_search.trainables.pack import STACKED
+
+        stacked_on_gpu = self.pack is not None and self.pack.mode == STACKED and str(self.pack.device).startswith("cuda")
+        return self.plan.arms if stacked_on_gpu else 1
+
     def _call(self, key: str, enqueue) -> Any:
         with self._cond:
             if self._error is not None:
@@ -194,7 +204,8 @@ class PackServer:
                     if folder:
                         shutil.rmtree(folder, ignore_errors=True)
                 self._clients[key] = client
-                self._deliver(key, {"step": arm.step, "load_seconds": self.load_seconds + time.time() - tick, "pid": os.getpid()})
+                self._deliver(key, {"step": arm.step, "load_seconds": self.load_seconds + time.time() - tick, "pid": os.getpid(),
+                                    "parallel": self.parallel()})
             except Exception as exc:  # noqa: BLE001 - this arm cannot join; its client raises it
                 self._deliver(key, RuntimeError(f"pack server: cannot add the arm: {type(exc).__name__}: {exc}"))
         if self.pack is None:
@@ -387,7 +398,7 @@ def train_in_pack(config: dict, settings: TrialSettings, data: StoredData, plan:
     server = least_loaded(servers, key)
     attached = ray.get(server.attach.remote(key, config, files, client))
     here = process_metrics(started, attached["load_seconds"])
-    here["train_pid"] = attached["pid"]
+    here.update(train_pid=attached["pid"], pack_arms=plan.arms, pack_parallel=attached["parallel"])
     step = attached["step"]
     try:
         while step < max_steps:
@@ -396,7 +407,7 @@ def train_in_pack(config: dict, settings: TrialSettings, data: StoredData, plan:
                 server.detach.remote(key)
                 server = other
                 moved = ray.get(server.attach.remote(key, config, files, client))
-                here["train_pid"] = moved["pid"]
+                here.update(train_pid=moved["pid"], pack_parallel=moved["parallel"])
             status, metrics, files = ray.get(server.advance.remote(key, next_report_step(step, settings)))
             metrics = {**here, **metrics, "elapsed_s": time.time() - started}
             if status != "ok":
