@@ -24,6 +24,7 @@ def markdown(results: dict) -> str:
         lines += ["", "A smoke run on CPU with tiny shapes: it checks that every code path runs, its numbers are not GPU numbers."]
     lines += _device(results.get("device"))
     lines += _correctness(results.get("correctness"))
+    lines += _packed_exact(results.get("packed_exact"))
     lines += _memory(results.get("memory"))
     lines += _packing(results.get("packing"))
     lines += _packed(results.get("packed"))
@@ -101,6 +102,19 @@ def _packing(rows) -> list[str]:
         vs = "-" if r.get("vs_1_per_gpu") is None else f"{r['vs_1_per_gpu']:.2f}x"
         out.append(f"| {r['trials_per_gpu']} | {r['gpus_per_trial']:.3g} | **{_num(r['aggregate_tokens_per_s'])}** | {vs} | "
                    f"{_gib(max(r['per_process_peak_bytes']))} | {_gib(r['device_used_peak_bytes'])} | {r['all_trained_together']} |")
+    return out
+
+
+def _packed_exact(d) -> list[str]:
+    if d is None:
+        return []
+    out = ["", "## packed_exact: three arms packed in one pass and each alone"]
+    if "error" in d:
+        return out + _error(d)
+    worst = d["largest_relative_difference"]
+    out += ["", f"{d['device']}, {d['mode']}, {d['steps']} steps; largest relative difference, packed vs alone: "
+            f"train loss {worst['train_loss']:.1e}, eval loss {worst['eval_loss']:.1e}, adapter weights {worst['adapter_weights']:.1e}", ""]
+    out += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in d["checks"].items()]
     return out
 
 

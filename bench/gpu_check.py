@@ -12,6 +12,9 @@ quantized in-process; scratch files go to --work (a temporary folder by default)
 - device: name, memory, versions, the measured dense bf16 matmul rate (TFLOP/s).
 - correctness: one trial in NF4 + double quant with bf16 compute, Linear4bit layers on the device:
   the loss falls over 50 steps, the saved adapter reloads with PEFT and reproduces the eval loss.
+- packed_exact: three arms (different ranks, learning rates, target choices; LoRA dropout on) trained
+  20 steps packed in one pass and each alone: the largest relative differences of their train and
+  eval losses and saved adapters (the CPU test holds them within 1e-4; bf16 kernels may differ).
 - memory: what `gpus_per_trial: auto` plans with (search.runner.memory_estimate) against the
   measured peak = CUDA max allocated + the process's CUDA context (on CPU: peak RSS), Llama-3.2-1B
   and Llama-3.1-8B shapes, r=64 on all linear layers, batch 4 x 512, gradient checkpointing off
@@ -85,7 +88,7 @@ GPU = Plan("cuda", 8192, 20, "small", 50, (("1b", "1b"), ("8b", "8b")), 4, 512, 
 # memory shape, packings of 1 and 2; mfu() and the report are tested on hand-made rows besides.
 SMOKE = Plan("cpu", 256, 5, "tiny", 50, (("1b", "tiny-1b"),), 4, 64, 64, 4, True,
              "tiny", (1, 2), 8, 32, 16, 40, 600, (("tiny", "tiny"),), 6)
-SECTIONS = ("device", "correctness", "memory", "packing", "packed")
+SECTIONS = ("device", "correctness", "packed_exact", "memory", "packing", "packed")
 EXPECTED_PACKED_1B_AT_4 = 3.0  # aggregate tokens/s, 4 arms in one process / 4 processes at 0.25 GPU (1B shape)
 
 
@@ -211,6 +214,85 @@ def check_correctness(plan: Plan, work: Path) -> dict:
     out["passed"] = all(out["checks"].values())
     del model
     _free()
+    return out
+
+
+EXACT_ARMS = {  # different ranks, learning rates and target choices, LoRA dropout on (tests/test_pack.py's arms)
+    "a": {"r": 2, "lr": 3e-3, "seed": 0, "target_choice": "attention"},
+    "b": {"r": 8, "lr": 1e-2, "seed": 1, "target_choice": "mlp"},
+    "c": {"r": 4, "lr": 1e-3, "seed": 2, "target_choice": "attention"},
+}
+EXACT_STEPS, EXACT_EVERY = 20, 5
+
+
+def check_packed_exact(plan: Plan, work: Path) -> dict:
+    """Three different arms trained packed (stacked in one pass on one base) and each alone, in this
+    process: the largest relative differences of their per-step train losses, eval losses and saved
+    adapter weights. On CPU they are equal (tests/test_pack.py: within 1e-4); with bf16 compute on a
+    GPU a stacked pass's matmuls have other shapes, whose kernels may sum in another order."""
+    from safetensors.torch import load_file
+
+    from lora_rank_search.contract.layout import ADAPTER_DIR, ADAPTER_WEIGHTS
+    from lora_rank_search.search.config import parse_config
+    from lora_rank_search.search.runner import prepare
+    from lora_rank_search.search.space import trial_settings
+    from lora_rank_search.trainables.pack import Pack
+    from lora_rank_search.trainables.trial import trial_device
+
+    model_path, words = build_random_llama(plan.correctness_shape, work / "exact-model", plan.device)
+    raw = raw_config("gpu-check-exact", model_path, chain_data(words, work / "exact.jsonl"), work, fmt="instruction",
+                     seq=32, rank=8, targets=["attention", "mlp"], batch=8, steps=EXACT_STEPS, eval_every=EXACT_EVERY)
+    raw["lora"].update(dropout=0.1, alpha=16)
+    cfg = parse_config(raw)
+    prepared = prepare(cfg, log=lambda _: None)
+    settings = trial_settings(cfg, prepared.model_path, prepared.choices)
+
+    def train(keys: list, folder: Path) -> tuple:
+        pack = Pack(settings, prepared.data, threads=1)
+        for key in keys:
+            pack.add(key, EXACT_ARMS[key])
+        evals = {k: [] for k in keys}
+        for step in range(1, EXACT_STEPS + 1):
+            failed = pack.train_step(keys)
+            if failed:
+                raise RuntimeError(f"arms failed: {failed}: {[pack.arms[k].failure for k in failed]}")
+            if step % EXACT_EVERY == 0:
+                for key, loss in pack.evaluate(keys).items():
+                    evals[key].append(loss)
+        for key in keys:
+            pack.save(key, folder / key)
+        out = {k: (list(pack.arms[k].step_losses), evals[k]) for k in keys}
+        mode = pack.mode
+        del pack
+        _free()
+        return out, mode
+
+    def rel(a: float, b: float) -> float:
+        return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+    packed, mode = train(list(EXACT_ARMS), work / "exact-packed")
+    worst = {"train_loss": 0.0, "eval_loss": 0.0, "adapter_weights": 0.0}
+    learned = True
+    for key in EXACT_ARMS:
+        alone, _ = train([key], work / "exact-alone")
+        (train_p, eval_p), (train_a, eval_a) = packed[key], alone[key]
+        worst["train_loss"] = max([worst["train_loss"], *(rel(x, y) for x, y in zip(train_p, train_a))])
+        worst["eval_loss"] = max([worst["eval_loss"], *(rel(x, y) for x, y in zip(eval_p, eval_a))])
+        learned &= train_a[-1] < train_a[0] and len(train_p) == len(train_a) == EXACT_STEPS
+        w_p = load_file(str(work / "exact-packed" / key / ADAPTER_DIR / ADAPTER_WEIGHTS))
+        w_a = load_file(str(work / "exact-alone" / key / ADAPTER_DIR / ADAPTER_WEIGHTS))
+        for name in w_a:
+            scale = float(w_a[name].float().abs().max()) or 1e-12
+            worst["adapter_weights"] = max(worst["adapter_weights"], float((w_p[name].float() - w_a[name].float()).abs().max()) / scale)
+    out = {"device": trial_device(), "mode": mode, "arms": EXACT_ARMS, "steps": EXACT_STEPS,
+           "largest_relative_difference": worst}
+    out["checks"] = {
+        "the packed arms stacked in one pass": mode == "stacked",
+        "every arm learned, packed and alone": learned,
+        "within 1e-4 relative (the CPU test's tolerance)": max(worst.values()) <= 1e-4,
+        "losses within bf16 rounding (1e-2 relative)": max(worst["train_loss"], worst["eval_loss"]) <= 1e-2,
+    }
+    out["passed"] = all(v for k, v in out["checks"].items() if not k.startswith("within 1e-4"))
     return out
 
 
@@ -393,6 +475,8 @@ def main() -> int:
     steps = [("device", lambda: check_device(plan))] if "device" in args.sections else []
     if "correctness" in args.sections:
         steps.append(("correctness", lambda: check_correctness(plan, work)))
+    if "packed_exact" in args.sections:
+        steps.append(("packed_exact", lambda: check_packed_exact(plan, work)))
     memory = [(label, shape) for label, shape in plan.memory_shapes] if "memory" in args.sections else []
     if memory:  # the 1B rows, then packing, then the 8B rows (the longest) last
         steps.append(("memory", lambda: measure_memory(run, work, *memory[0])))

@@ -46,6 +46,9 @@ def test_smoke_run_writes_every_section_without_ray(tmp_path):
     assert correctness["linear4bit_layers"] > 0 and correctness["quant_types"] == ["nf4"] and correctness["double_quant"]
     assert correctness["loss_first"] > correctness["loss_last"]
     assert correctness["reload_relative_difference"] <= 1e-3
+    exact = results["packed_exact"]
+    assert exact["passed"] and exact["mode"] == "stacked", exact["checks"]
+    assert max(exact["largest_relative_difference"].values()) <= 1e-4, "on CPU packed arms train as alone"
     memory = results["memory"]
     assert [(r["model"], r["gradient_checkpointing"]) for r in memory] == [("1b", False), ("1b", True)]
     for row in memory:
@@ -67,7 +70,7 @@ def test_smoke_run_writes_every_section_without_ray(tmp_path):
     assert packed[1]["packed_peak_bytes_per_row"] < packed[1]["processes_peak_bytes_per_row"], "one base, not two"
     assert 0 < results["mfu"]["1b"]["mfu"]
     text = (out / "results.md").read_text()
-    for heading in ("## device", "## correctness", "## memory", "## packing", "## packed", "## mfu"):
+    for heading in ("## device", "## correctness", "## packed_exact", "## memory", "## packing", "## packed", "## mfu"):
         assert heading in text
     assert "error" not in text and "**PASS**" in text
 
