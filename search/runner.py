@@ -366,7 +366,8 @@ def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: 
         "model": prepared.dims,
         "data": prepared.data_stats,
         "resources_per_trial": resources,
-        "packing": {"arms_per_worker": plan.arms, "threads": plan.threads, "packs_per_node": plan.packs_per_node}
+        "packing": {"arms_per_worker": plan.arms, "threads": plan.threads, "packs_per_node": plan.packs_per_node,
+                    **({"packs_per_gpu": plan.packs_per_gpu} if plan.packs_per_gpu > 1 else {})}
         if plan else {"arms_per_worker": 1},
         "num_trials": num_trials(prepared.cfg),
         "config": cfg.to_dict(),  # what lora_rank_search.yaml holds: rebuilds it if it goes missing
@@ -503,7 +504,7 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
             "model; one arm per worker")
         return None, resources
     gpu = resources["gpu"] > 0
-    rows_per_pass, how = None, "arms stacked in one pass"
+    rows_per_pass, how, per_gpu = None, "arms stacked in one pass", 1
     if gpu:
         pack_gpu = 1.0 if cfg.resources.gpus_per_trial == "auto" else max(float(cfg.resources.gpus_per_trial), resources["gpu"])
         estimate = memory_estimate(cfg, prepared)
@@ -519,6 +520,9 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         threads = cfg.resources.cpus_per_trial
         note = f", ~{pack_memory(estimate, arms) / 2**30:.1f} GiB estimated per pack (the base once + {arms} adapters)"
         per_trial = {"cpu": threads / arms, "gpu": pack_gpu / arms}
+        per_gpu = max(1, int(1 / pack_gpu + 1e-9)) if pack_gpu < 1 else 1
+        if per_gpu > 1:
+            note += f", {per_gpu} packs per GPU"
     else:
         if wanted == "auto":
             log("packing: off on CPU: packed searches measured slower than one arm per worker on 2 cores"
@@ -553,7 +557,7 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
         how = "arms take turns on it (MoE expert weights are adapted as parameters)"
     log(f"packing: {arms} arms per worker on one shared base, {packs} pack(s) of {where}{note}; {how}")
     return PackPlan(arms=arms, threads=threads, experiment=uuid.uuid4().hex[:8], rows_per_pass=rows_per_pass,
-                    packs_per_node=1 if gpu else per_node), per_trial
+                    packs_per_node=1 if gpu else per_node, packs_per_gpu=per_gpu), per_trial
 
 
 def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: bool, storage_marker: Optional[dict] = None,

@@ -257,6 +257,13 @@ def test_gradient_checkpointing_recomputes_the_same_arms_and_masks(raw_config):
         assert all(_close(x, y) for x, y in zip(evals_off[key], evals_on[key]))
 
 
+def test_trials_arriving_together_spread_over_equal_packs_by_their_number():
+    from lora_rank_search.trainables.pack_server import trial_number
+
+    assert [trial_number(f"239e2_{i:05d}") % 2 for i in range(4)] == [0, 1, 0, 1]
+    assert trial_number("no-number-here") == trial_number("no-number-here") >= 0
+
+
 @pytest.mark.parametrize("active, here, expected", [
     ([3, 0], 0, 1),  # after a rung the arms going on sit in pack 0: one moves to the idle pack 1
     ([1, 0], 0, 1),  # staying: 2 arms vs 0; moving: 1 vs 1

@@ -170,3 +170,36 @@ def test_a_packed_search_resumes_with_packing_turned_off_and_back_on(raw_config,
         assert main(["search", config, "--set", f"resources.arms_per_worker={arms}", "--resume"]) == 0, capsys.readouterr().err[-3000:]
         assert "Traceback" not in capsys.readouterr().err
         assert _verdict(experiment)["rank"] == verdict["rank"]
+
+
+def test_a_gpu_fraction_per_pack_puts_that_many_packs_on_a_gpu(raw_config, ray_session, monkeypatch):
+    """`gpus_per_trial: 0.5` with packing: a pack holds half a GPU, so one GPU holds two packs (two
+    processes, each with its base and its two arms), as the start-up summary says; before, every
+    client of the GPU joined one pack, whatever the plan said."""
+    import math
+
+    from lora_rank_search.contract import layout
+    from lora_rank_search.search import resources, runner
+    from lora_rank_search.search.config import parse_config
+
+    ray_session(num_cpus=4, num_gpus=1)
+    cfg = parse_config(raw_config(lora={"ranks": [1, 2, 4, 8]}, train={"max_steps": 10, "eval_every": 10},
+                                  scheduler={"type": "none"}, resources={"gpus_per_trial": 0.5, "arms_per_worker": "auto"}))
+    prepared = runner.prepare(cfg, log=lambda _: None)
+    est = runner.memory_estimate(cfg, prepared)
+    half = math.ceil((est.base_weights + est.context + 2.5 * (est.adapter_and_optimizer + est.activations)) / resources.USABLE_FRACTION)
+    for module in (runner, resources):
+        monkeypatch.setattr(module, "local_gpu_memory", lambda: 2 * half)
+    lines: list[str] = []
+    experiment = runner.run_search(cfg, log=lines.append)
+    assert any(line.startswith("packing: 2 arms per worker on one shared base, 2 pack(s) of 0.5 GPU") and "2 packs per GPU" in line
+               for line in lines), lines
+    assert layout.read_meta(experiment)["packing"]["packs_per_gpu"] == 2
+    trials, _ = load_experiment(experiment)
+    assert len(trials) == 4 and trials["status"].eq("completed").all()
+    pids = {}
+    for row in trials.itertuples():
+        for line in (Path(experiment) / row.trial_dir / "result.json").read_text().splitlines():
+            report = json.loads(line)
+            pids.setdefault(report["train_pid"], set()).add(row.trial_id)
+    assert len(pids) == 2, f"two pack processes on the one GPU: {pids}"

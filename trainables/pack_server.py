@@ -44,6 +44,7 @@ class PackPlan:
         arms: arms per pack (N). threads: torch CPU threads of a pack.
         experiment: a token naming this search's servers. rows_per_pass: rows per stacked pass (None: by device).
         packs_per_node: packs on one node on CPU (a trial joins the least loaded); on a GPU, one per GPU.
+        packs_per_gpu: packs on one GPU (a pack holds the fraction `gpus_per_trial` sets: 1 / that).
     """
 
     arms: int
@@ -51,6 +52,7 @@ class PackPlan:
     experiment: str
     rows_per_pass: Optional[int] = None
     packs_per_node: int = 1
+    packs_per_gpu: int = 1
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ class PackServer:
 
 
 def node_servers(settings: TrialSettings, data: StoredData | TokenizedData, plan: PackPlan) -> list:
-    """The pack servers of this trial's GPU (one) or, on CPU, of its node (`plan.packs_per_node`),
+    """The pack servers of this trial's GPU (`plan.packs_per_gpu`) or, on CPU, of its node (`plan.packs_per_node`),
     started if there are none yet (a `StoredData` reaches the server as its data: Ray resolves an
     object reference passed as an argument in the process that receives it)."""
     import ray
@@ -294,7 +296,10 @@ def node_servers(settings: TrialSettings, data: StoredData | TokenizedData, plan
 
     node = ray.get_runtime_context().get_node_id()
     gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if ray.get_gpu_ids() else ""
-    slots = [f"gpu{gpu.replace(',', '_')}"] if gpu else [f"cpu{i}" for i in range(max(1, plan.packs_per_node))]
+    if gpu:  # a pack per GPU, or per the fraction of one that gpus_per_trial sets
+        slots = [f"gpu{gpu.replace(',', '_')}" + (f"-{i}" if i else "") for i in range(max(1, plan.packs_per_gpu))]
+    else:
+        slots = [f"cpu{i}" for i in range(max(1, plan.packs_per_node))]
 
     def start(slot: str):
         actor = ray.remote(PackServer).options(
@@ -309,17 +314,25 @@ def node_servers(settings: TrialSettings, data: StoredData | TokenizedData, plan
 
 
 def least_loaded(servers: list, key: str = ""):
-    """The server with the fewest arms (attached or on their way in); trials arriving together spread
-    over equal packs by their key."""
-    import zlib
-
+    """The server with the fewest arms (attached or on their way in). Trials that arrive together
+    all read the same loads before any of them attaches, so ties go by the trial's number (Tune's
+    trial ids end in it: `..._00003`), which spreads consecutive trials over equal packs one each."""
     import ray
 
     if len(servers) == 1:
         return servers[0]
     loads = ray.get([s.load.remote() for s in servers])
     least = [i for i, load in enumerate(loads) if load == min(loads)]
-    return servers[least[zlib.crc32(key.encode()) % len(least)]]
+    return servers[least[trial_number(key) % len(least)]]
+
+
+def trial_number(key: str) -> int:
+    """The number a Tune trial id ends in (`a1b2c_00003` -> 3), else a stable hash of the id."""
+    import re
+    import zlib
+
+    digits = re.search(r"(\d+)$", key)
+    return int(digits.group(1)) if digits else zlib.crc32(key.encode())
 
 
 def less_busy(active: Sequence[int], here: int) -> Optional[int]:
