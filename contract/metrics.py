@@ -38,7 +38,7 @@ METRICS = (
     Metric("tokens_seen", "tokens", "training tokens (non-padding) so far", "data/tokens_seen", kind=int),
     Metric("tokens_per_s", "tokens/s", "training throughput since the last evaluation", "speed/tokens_per_s"),
     Metric("lr", "", "the optimizer's learning rate at the last step (after warm-up and decay)", "optim/lr"),
-    Metric("peak_memory_bytes", "bytes", "CUDA max allocated on GPU, process peak RSS on CPU", "memory/peak_bytes", kind=int),
+    Metric("peak_memory_bytes", "bytes", "CUDA max allocated on GPU, process peak RSS on CPU (a packed arm: its pack's, shared by the arms in it)", "memory/peak_bytes", kind=int),
     Metric("trainable_params", "parameters", "LoRA parameters being trained", kind=int),
     Metric("adapter_bytes", "bytes", "size of the saved adapter weights file", kind=int),
     Metric("r", "", "the LoRA rank of this arm", kind=int),
