@@ -124,7 +124,7 @@ def export_adapter(experiment: str, trials: pd.DataFrame, history: pd.DataFrame,
         "base_model": model.get("name_or_path"),
         "base_model_name_or_path": base,
         "base_model_note": base_note,
-        "trained_on": trained_on,  # the folder the trial loaded (a per-machine 4-bit cache)
+        "trained_on": trained_on,  # what the trial's checkpoint names: the model folder it resolved (per machine)
         "experiment": experiment,
         "tolerance": rec.tolerance,
         "rule_name": rec.rule_name,

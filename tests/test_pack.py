@@ -88,6 +88,16 @@ def test_three_different_arms_train_packed_exactly_as_alone(packed_setup, tmp_pa
             assert diff <= TOL * max(scale, 1e-6) + 1e-7, f"arm {key}: {name} differs by {diff} (max {scale})"
         del alone
 
+    # every arm's adapter_config.json names the base (PEFT sets it for a pack's first adapter only)
+    import json
+
+    named = {json.loads((tmp_path / where / key / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+             for where in ("packed", "alone") for key in ARMS}
+    assert len(named) == 1 and None not in named, named
+    from peft import AutoPeftModelForCausalLM
+
+    assert AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "packed" / "c" / "adapter")).peft_config["default"].r == 4
+
     # each saved adapter loads in PEFT onto the base, with its own rank and targets
     base = load_base_model(settings.model_path, settings.quantization, "cpu")
     model = PeftModel.from_pretrained(base, str(tmp_path / "packed" / "b" / "adapter"))

@@ -551,6 +551,10 @@ class Pack:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(adapter / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         config = self.model.peft_config[arm.name]
+        # the searched model's folder for every arm: PEFT names the base for a pack's first adapter only,
+        # and as whatever folder it was loaded from (the pre-quantized cache, or the model on the load
+        # that filled the cache); `lora-rank export` points it at the configured model
+        config.base_model_name_or_path = self.settings.model_path
         config.save_pretrained(str(adapter))
         state = {"step": arm.step, "tokens_seen": arm.tokens_seen, "order": arm.order.state(),
                  "base_eval_loss": arm.base_eval_loss, "base_eval_metric": arm.base_eval_metric, **arm.best}
