@@ -174,7 +174,9 @@ class Confirmations:
         nodes = Counter(r.get("node_id") for r in running if r.get("node_id"))
         packed = [r for r in running if r.get(PACK_ARMS)]  # packed trials: their pack's arms, and how many run at full speed
         pack = (int(packed[-1][PACK_ARMS]), int(packed[-1].get(PACK_PARALLEL) or 1)) if packed else None
-        return free_slots(available, set(nodes), demand, running=nodes, pack=pack)
+        free = free_slots(available, set(nodes), demand, running=nodes, pack=pack)
+        room = self.room()
+        return free if room is None else min(free, room)
 
     def _preempt(self, tune_controller) -> None:
         """A kept trial waits for a slot: a running challenger gives its slot back (it resumes later

@@ -277,13 +277,19 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         metric, mode: set by TuneConfig; a non-finite metric ends the trial.
         confirm: off | tail | full (`search.confirm`): cut arms that may be challengers stay paused,
             and free slots train them on to max_t.
+        max_concurrent: at most this many trials running at once (`resources.max_concurrent`). The
+            scheduler caps them itself, with every trial created up front: Tune's own cap creates a
+            trial only when one ends, so a rung would be decided among the first trials alone and
+            the later ones cut before they trained.
     """
 
     def __init__(self, time_attr: str, max_t: int, rungs: Sequence[int], reduction_factor: float,
                  score_attr: Optional[str] = None,
-                 metric: Optional[str] = None, mode: Optional[str] = None, confirm: str = "off"):
+                 metric: Optional[str] = None, mode: Optional[str] = None, confirm: str = "off",
+                 max_concurrent: Optional[int] = None):
         super().__init__()
         self._confirm = confirm
+        self._max_concurrent = int(max_concurrent) if max_concurrent else None
         self._time_attr = time_attr
         self._score_attr = score_attr
         self._max_t = int(max_t)
@@ -500,8 +506,18 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         self._held.discard(trial.trial_id)
         pass
 
+    def room(self) -> Optional[int]:
+        """Trials that may still start under `max_concurrent` (None: no cap). A trial held at a rung
+        in its worker counts: it holds the slot."""
+        cap = getattr(self, "_max_concurrent", None)  # a scheduler pickled before the cap (--resume)
+        if cap is None:
+            return None
+        return max(0, cap - sum(1 for t in self._trials if t.status == Trial.RUNNING))
+
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
         d = self._settle(tune_controller)
+        if self.room() == 0:
+            return None
         for trial in self._trials:
             if trial.status == Trial.PENDING and trial.trial_id not in d.stopped:
                 return trial

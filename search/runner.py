@@ -602,7 +602,9 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
             metric=METRIC,
             mode=MODE,
             scheduler=make_scheduler(cfg),
-            max_concurrent_trials=cfg.resources.max_concurrent,
+            # successive halving caps running trials itself: Tune's cap makes a trial only when one
+            # ends, and a rung would be decided before the later trials existed
+            max_concurrent_trials=None if cfg.scheduler.type == "sha" else cfg.resources.max_concurrent,
             reuse_actors=True,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,

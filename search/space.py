@@ -119,6 +119,7 @@ def _make_sha(cfg: SearchConfig) -> Any:
         reduction_factor=cfg.scheduler.reduction_factor,
         score_attr="best_eval_loss",  # best so far, as the selection rule compares ranks
         confirm=cfg.scheduler.confirm,
+        max_concurrent=cfg.resources.max_concurrent,  # capped by the scheduler (Tune's cap would cut unmade trials)
     )
 
 

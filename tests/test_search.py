@@ -97,3 +97,15 @@ def test_successive_halving_compares_all_ranks_at_each_rung_and_resumes_survivor
     # Every trial ended and the experiment snapshot says so (a resume would re-run nothing).
     assert set(trials["status"]) == {"completed", "stopped"}
     assert trials.loc[trials["status"] == "stopped", "steps"].lt(40).all()
+
+
+def test_successive_halving_under_max_concurrent_trains_every_rank_to_the_first_rung(raw_config, ray_two_cpus):
+    """resources.max_concurrent below what the machine holds: with Tune's own cap the later trials did
+    not exist when the first two reached step 10, the rung was decided without them, and they were
+    cut unstarted ("finished at step 0"), after which Tune failed on their missing folders."""
+    cfg = parse_config(raw_config(scheduler={"type": "sha", "grace_period": 10, "reduction_factor": 2},
+                                  resources={"max_concurrent": 1}))
+    experiment = run_search(cfg, log=lambda _: None)
+    trials, history = load_experiment(experiment)
+    assert sorted(trials["steps"]) == [10, 10, 20, 40], "every rank trained to the first rung, then halving as without a cap"
+    assert set(history.loc[history["step"] == 10, "r"]) == {1, 2, 16, 32}
