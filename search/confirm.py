@@ -168,7 +168,7 @@ def _near(loss: float, at_rung: Mapping[Hashable, float], base: Optional[float])
 
 
 def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[Any], demand: Mapping[str, float],
-               running: Optional[Mapping[Any, int]] = None, pack: Optional[tuple[int, int]] = None) -> int:
+               running: Optional[Mapping[Any, int]] = None, pack: Optional[tuple[int, int]] = None, idle: int = 0) -> int:
     """How many more trials of `demand` (Ray resources, e.g. {'CPU': 1, 'GPU': 0.5}) fit right now on
     the nodes in `held` (nodes already running a trial of this search), given each node's available
     resources. Nodes not held count for nothing: a confirmation never keeps an idle node busy and
@@ -178,7 +178,11 @@ def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[An
     demand is 1/N of their pack; running: node -> this search's trials running there. A pack whose
     arms take turns (or stack on CPU, where a stacked pass costs nearly what its arms' passes cost
     one by one) trains p = 1 arm at full speed: a slot beside a running arm in its pack is not free
-    capacity, it would slow that arm. A node's full-speed capacity is then its packs x p."""
+    capacity, it would slow that arm. A node's full-speed capacity is then its packs x p.
+
+    idle: workers Tune keeps for reuse (`reuse_actors`: a trial ended or paused, its worker waits for
+    the next trial): free slots whose resources Ray still counts as taken. They are on nodes of this
+    search; they count on the first node held."""
     need = {k: float(v) for k, v in demand.items() if v and float(v) > 0}
     total = 0
     for node, have in available.items():
@@ -186,7 +190,8 @@ def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[An
             continue
         if not need:
             continue
-        fit = int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items()))
+        fit = int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items())) + idle
+        idle = 0
         if pack is not None and 0 < pack[1] < pack[0]:
             busy = int((running or {}).get(node, 0))
             capacity = (fit + busy) // pack[0] * pack[1]

@@ -97,14 +97,14 @@ class Confirmations:
             self._why_none = self._why_none or ("no unit to confirm: no cheaper unit was cut within a few points of "
                                                 "adequacy and no costlier unit was cut")
             return
-        waiting = self._others_wait(tune_controller, d)
+        waiting = self._kept_short_of_slots(tune_controller, d)
         if waiting:
             self._preempt(tune_controller)
         held = [t for t in self._trials if (t.trial_id in self._held or t is reporting) and t.trial_id in d.stopped
                 and t.trial_id not in self._challengers and t.status == Trial.RUNNING]
         free = len(held)
         if not waiting and not free and self._candidate_arms and not self._starting():
-            free = self._free_capacity(next(t for t in self._trials if arm_of(t.config) in self._candidate_arms))
+            free = self._free_capacity(next(t for t in self._trials if arm_of(t.config) in self._candidate_arms), tune_controller)
         seeds = max(1, max((sum(1 for t in self._trials if arm_of(t.config) == a) for a in groups), default=1))
         picks = choose_challengers(table, d.survivors, groups, free=free // seeds if free >= seeds else (1 if free else 0),
                                    cost=cost, base=base, kept_waiting=waiting, filled=self._filled)
@@ -128,6 +128,23 @@ class Confirmations:
                         self._rungs[pick.rung], self._max_t)
         if picks:
             self._write_record()
+
+    def _kept_short_of_slots(self, tune_controller, d) -> bool:
+        """Kept trials wait for a slot that only a challenger could give them: more of them wait
+        (pending, or paused ready to go on, or not yet made by the search) than slots are free now,
+        idle workers Tune keeps for reuse included. A cut trial holding its worker may go on in
+        place while the free slots take the kept ones: before, any kept trial waiting blocked it,
+        so where a kept trial had just paused at the rung (its worker idle, kept for reuse) the near
+        miss was paused too, and on a short tail never confirmed."""
+        if not self._others_wait(tune_controller, d):
+            return False
+        search_alg = getattr(_controller(tune_controller), "search_alg", None)
+        if search_alg is not None and not search_alg.is_finished():
+            return True
+        need = sum(1 for t in self._trials if t.trial_id not in d.stopped
+                   and (t.status == Trial.PENDING or (t.status == Trial.PAUSED and not self._waiting(t, d))))
+        kept = next(t for t in self._trials if t.trial_id not in d.stopped)
+        return need > self._free_capacity(kept, tune_controller)
 
     def _replace(self, tune_controller, trial_id: str, reporting: Optional[Trial] = None) -> None:
         """A challenger whose role went to a unit cut at a later rung: it stops, judged where it got."""
@@ -153,9 +170,9 @@ class Confirmations:
         paused = [t for t in self._trials if t.trial_id in self._challengers and t.status == Trial.PAUSED]
         if not paused or self._starting() or self._others_wait(tune_controller, d):
             return None
-        return paused[0] if self._free_capacity(paused[0]) >= 1 else None
+        return paused[0] if self._free_capacity(paused[0], tune_controller) >= 1 else None
 
-    def _free_capacity(self, trial: Trial) -> int:
+    def _free_capacity(self, trial: Trial, tune_controller=None) -> int:
         """Trials of `trial`'s size that fit now on nodes that already run a trial of this search
         (`search.confirm.free_slots`): never a new node, never an idle one kept busy."""
         try:
@@ -174,7 +191,11 @@ class Confirmations:
         nodes = Counter(r.get("node_id") for r in running if r.get("node_id"))
         packed = [r for r in running if r.get(PACK_ARMS)]  # packed trials: their pack's arms, and how many run at full speed
         pack = (int(packed[-1][PACK_ARMS]), int(packed[-1].get(PACK_PARALLEL) or 1)) if packed else None
-        free = free_slots(available, set(nodes), demand, running=nodes, pack=pack)
+        # Tune keeps the worker of a trial that ended or paused for the next trial to start
+        # (reuse_actors): idle, but its resources still look taken to Ray
+        cache = getattr(_controller(tune_controller), "_actor_cache", None) if tune_controller is not None else None
+        idle = int(getattr(cache, "num_cached_objects", 0) or 0)
+        free = free_slots(available, set(nodes), demand, running=nodes, pack=pack, idle=idle)
         room = self.room()
         return free if room is None else min(free, room)
 

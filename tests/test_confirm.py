@@ -91,6 +91,9 @@ def test_free_slots_count_only_nodes_already_held():
     assert free_slots(available, held={"a", "b"}, demand={"CPU": 1, "GPU": 0.5}) == 3
     assert free_slots(available, held={"a"}, demand={"CPU": 0.25, "GPU": 0}) == 6, "pack clients: 1/N of a node"
     assert free_slots({}, held={"a"}, demand={"CPU": 1}) == 0
+    # a worker Tune keeps for the next trial (reuse_actors) holds its CPU in Ray's view, yet is free
+    assert free_slots({"a": {"CPU": 0}}, held={"a"}, demand={"CPU": 1}, idle=1) == 1
+    assert free_slots({"a": {"CPU": 0}, "b": {"CPU": 0}}, held={"a", "b"}, demand={"CPU": 1}, idle=1) == 1, "counted once"
 
 
 def test_a_packed_slot_beside_an_arm_that_would_slow_down_is_not_free():
@@ -325,3 +328,47 @@ def test_a_stop_that_completes_a_trial_inside_a_decision_does_not_start_a_held_t
     assert report(last, 2.8, 200) == TrialScheduler.STOP, "the rung is decided: only r=16 goes on"
     assert ctrl.stopped == ["a"] and kept.status == "RUNNING"
     assert ctrl.trained == ["b"], "the survivor is started once"
+
+
+def test_a_worker_tune_keeps_for_reuse_is_a_free_slot_for_a_kept_trial_so_a_near_miss_goes_on_in_place(monkeypatch):
+    """Four ranks on one node of two CPUs, rungs at 10 and 20, `confirm: full`. At step 20 the leader
+    (r=32) reported first and paused, as r=16 still waited for a slot; then r=16 reports step 20 and is
+    cut, a near miss. The leader's worker is idle, kept by Tune for the next trial (reuse_actors), and
+    Ray counts its CPU as taken: before, the waiting leader blocked the near miss, which paused and,
+    on a short tail, was never confirmed ("chosen but no slot came free"; the verdict then was r=32
+    where r=16 confirmed to step 80 is adequate). Now the kept worker is counted: r=16 goes on in place."""
+    import ray
+    import ray._private.state
+    from ray.tune.schedulers import TrialScheduler
+
+    from lora_rank_search.search.halving import SuccessiveHalving
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: {"n1": {"CPU": 0.0}})
+    sched = SuccessiveHalving("step", 80, [10, 20], 2, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="full")
+    ctrl = _Controller()
+    ctrl._actor_cache = type("Cache", (), {"num_cached_objects": 1})()
+    ctrl._schedule_trial_train = lambda trial: None  # a held trial trains on in its worker
+    ctrl.pause_trial = lambda trial, should_checkpoint=True: trial.set_status("PAUSED")
+    trials = {r: _Trial(f"t{r}", r, "RUNNING", 0) for r in (1, 2, 16, 32)}
+    for trial in trials.values():
+        trial.placement_group_factory = type("PGF", (), {"required_resources": {"CPU": 1.0}})()
+        sched.on_trial_add(ctrl, trial)
+    costs = {1: 100, 2: 200, 16: 1600, 32: 3200}
+
+    def report(r, step, loss):
+        trial = trials[r]
+        trial.last_result = {"step": step, "eval_loss": loss, "best_eval_loss": loss, "base_eval_loss": BASE,
+                             "trainable_params": costs[r], "node_id": "n1"}
+        return sched.on_trial_result(ctrl, trial, trial.last_result)
+
+    for r, loss in ((1, 2.9), (2, 2.8), (16, 2.4), (32, 2.3)):
+        report(r, 10, loss)
+    for r in (1, 2):
+        trials[r].status = "TERMINATED"
+    trials[16].status = "PAUSED"  # waits for a slot to go on from step 10
+    assert report(32, 20, 2.0) == TrialScheduler.PAUSE, "r=16 waits for a slot: the leader gives its worker up"
+    trials[32].status, trials[16].status = "PAUSED", "RUNNING"  # Tune keeps the leader's worker for reuse
+    assert report(16, 20, 2.25) == TrialScheduler.CONTINUE, "cut (75% of the best gain), a near miss: confirmed in place"
+    assert sched._challengers["t16"]["role"] == NEAR_MISS
+    assert sched.choose_trial_to_run(ctrl) is trials[32], "the leader resumes in the kept worker"
