@@ -146,6 +146,21 @@ def min_max_steps(cfg: SearchConfig) -> int:
     return min(t.max_steps, math.ceil(first / GRACE_FRACTION))
 
 
+def floor_reason(cfg: SearchConfig, floor: int) -> str:
+    """Why shrinking stops at `floor` (min_max_steps), in the words of the config."""
+    from lora_rank_search.search.space import grace_steps
+
+    t, s = cfg.train, cfg.scheduler
+    if floor >= t.max_steps:
+        return "the configured max_steps: nothing to shrink"
+    if s.type != "none" and s.grace_period is not None:
+        return (f"the configured scheduler.grace_period {s.grace_period} kept, and one rung above it "
+                f"(x reduction_factor {s.reduction_factor:g})")
+    if s.type != "none" and grace_steps(cfg) < MIN_FIRST_RUNG:
+        return f"the first rung kept at its {grace_steps(cfg)} steps, already below the validated minimum of {MIN_FIRST_RUNG}"
+    return f"the first rung at the validated minimum of {MIN_FIRST_RUNG} steps"
+
+
 def describe(est: Estimate, on_gpu: bool) -> str:
     hours = f"~{est.gpu_hours:.3g} GPU-hours" if on_gpu else f"~{est.cpu_hours:.3g} CPU-hours"
     return (f"{est.steps:,} training steps + {est.evals:,} evaluations at max_steps {est.max_steps}: "
@@ -189,8 +204,8 @@ def fit(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elapsed_s:
                 f"({describe(est2, on_gpu)})")
             return shrunk, est2
         least = estimate(with_max_steps(cfg, floor), probe, resources, slots, elapsed_s)
-        problems.append(f"budget.fit: shrink: even train.max_steps {floor} (the first rung at the validated minimum "
-                        f"of {MIN_FIRST_RUNG} steps) would need {describe(least, on_gpu)}; raise the budget or search fewer arms")
+        problems.append(f"budget.fit: shrink: even train.max_steps {floor} ({floor_reason(cfg, floor)}) would need "
+                        f"{describe(least, on_gpu)}; raise the budget or search fewer arms")
     else:
         problems.append(f"budget.fit: refuse (the default): estimate {describe(est, on_gpu)}; set budget.fit: shrink to "
                         f"shrink train.max_steps (not below {floor}), raise the budget, or search fewer arms")

@@ -94,6 +94,11 @@ def test_shrink_gives_the_largest_max_steps_that_fits_and_never_cuts_the_first_r
     tight = _cfg(budget={"cpu_hours": 0.001, "fit": "shrink"}, train={"max_steps": 2000})
     with pytest.raises(ConfigError, match=r"budget.fit: shrink: even train.max_steps 120 \(the first rung at the validated minimum of 30"):
         budget.fit(tight, PROBE, RES, slots=2, log=lambda line: None)
+    # a configured grace_period is kept: the floor is one rung above it, and the error says so
+    graced = _cfg(budget={"cpu_hours": 0.001, "fit": "shrink"}, train={"max_steps": 2000},
+                  scheduler={"type": "sha", "grace_period": 10, "reduction_factor": 2})
+    with pytest.raises(ConfigError, match=r"even train.max_steps 20 \(the configured scheduler.grace_period 10 kept"):
+        budget.fit(graced, PROBE, RES, slots=2, log=lambda line: None)
 
 
 def test_budget_config_problems_are_collected():
