@@ -160,6 +160,10 @@ def compare(title: str, config: Path, storage: str, packed: str) -> None:
     worst = max((abs(packed["losses"][k] - one["losses"][k]) / abs(one["losses"][k]) for k in shared), default=float("nan"))
     print(f"per-arm eval losses, packed vs one arm per worker: {len(shared)} reports at the same (arm, step) "
           f"({len(one['losses'])} and {len(packed['losses'])} in all), largest relative difference {worst:.1e}")
+    for mode, mine, other in (("packed", packed, one), ("one arm per worker", one, packed)):
+        extra = sorted(set(mine["losses"]) - set(other["losses"]))  # arms trained further in one search (confirmations)
+        if extra:
+            print(f"reports only {mode}: " + ", ".join(f"{arm} at step {step}" for arm, step in extra))
     print(f"RATIO packed / one arm per worker ({title}): wall {packed['wall'] / one['wall']:.2f} (target <= {WALL_TARGET}), "
           f"memory per concurrent arm {packed['per_arm'] / one['per_arm']:.2f} (target <= {MEMORY_TARGET}), "
           f"arm-steps/s {(packed['steps'] / packed['wall']) / (one['steps'] / one['wall']):.2f}x; "

@@ -200,5 +200,26 @@ def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[An
     return total
 
 
+def pack_room(available: Mapping[Any, Mapping[str, float]], held: Collection[Any], demand: Mapping[str, float],
+              running: Mapping[Any, int], pack: Optional[tuple[int, int]], idle: int = 0,
+              resting: Optional[Mapping[Any, int]] = None) -> Optional[int]:
+    """How many `resting` trials (running, held at a rung: training nothing) can go on in place at
+    full speed, where packs limit it (`free_slots`' pack: p < N); None where they do not (a trial
+    alone in its worker goes on in its own slot). A node's full-speed capacity is its packs x p;
+    the arms training there are its running trials less the resting ones."""
+    if pack is None or not 0 < pack[1] < pack[0]:
+        return None
+    need = {k: float(v) for k, v in demand.items() if v and float(v) > 0}
+    room = 0
+    for node in held:
+        have = available.get(node, {})
+        fit = int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items())) if need else 0
+        fit, idle = fit + idle, 0
+        busy = int(running.get(node, 0))
+        capacity = (fit + busy) // pack[0] * pack[1]
+        room += max(0, capacity - (busy - int((resting or {}).get(node, 0))))
+    return room
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(float(value))

@@ -21,7 +21,7 @@ from ray.tune.experiment import Trial
 
 from lora_rank_search.contract.arms import arm_of, unit_of
 from lora_rank_search.contract.metrics import PACK_ARMS, PACK_PARALLEL
-from lora_rank_search.search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots
+from lora_rank_search.search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots, pack_room
 
 if TYPE_CHECKING:
     from lora_rank_search.search.halving import Decision
@@ -103,6 +103,9 @@ class Confirmations:
         held = [t for t in self._trials if (t.trial_id in self._held or t is reporting) and t.trial_id in d.stopped
                 and t.trial_id not in self._challengers and t.status == Trial.RUNNING]
         free = len(held)
+        room = self._room_in_packs(held, tune_controller) if held else None
+        if room is not None:
+            free = min(free, room)  # a held packed arm would train beside its pack's arms
         if not waiting and not free and self._candidate_arms and not self._starting():
             free = self._free_capacity(next(t for t in self._trials if arm_of(t.config) in self._candidate_arms), tune_controller)
         seeds = max(1, max((sum(1 for t in self._trials if arm_of(t.config) == a) for a in groups), default=1))
@@ -172,21 +175,20 @@ class Confirmations:
             return None
         return paused[0] if self._free_capacity(paused[0], tune_controller) >= 1 else None
 
-    def _free_capacity(self, trial: Trial, tune_controller=None) -> int:
-        """Trials of `trial`'s size that fit now on nodes that already run a trial of this search
-        (`search.confirm.free_slots`): never a new node, never an idle one kept busy."""
+    def _slot_view(self, trial: Trial, tune_controller=None) -> Optional[dict]:
+        """What `search.confirm.free_slots` and `pack_room` count by, now; None without Ray."""
         try:
             import ray
 
             from ray._private.state import available_resources_per_node
 
             if not ray.is_initialized():
-                return 0
+                return None
             demand = dict(trial.placement_group_factory.required_resources)
             available = available_resources_per_node()  # node id -> its free resources now
         except Exception as exc:  # noqa: BLE001 - no Ray state (a test without Ray): nothing is free
             logger.debug("successive halving: no resource view (%s): no confirmation", exc)
-            return 0
+            return None
         running = [t.last_result for t in self._trials if t.status == Trial.RUNNING]
         nodes = Counter(r.get("node_id") for r in running if r.get("node_id"))
         packed = [r for r in running if r.get(PACK_ARMS)]  # packed trials: their pack's arms, and how many run at full speed
@@ -195,9 +197,27 @@ class Confirmations:
         # (reuse_actors): idle, but its resources still look taken to Ray
         cache = getattr(_controller(tune_controller), "_actor_cache", None) if tune_controller is not None else None
         idle = int(getattr(cache, "num_cached_objects", 0) or 0)
-        free = free_slots(available, set(nodes), demand, running=nodes, pack=pack, idle=idle)
+        return {"available": available, "held": set(nodes), "demand": demand, "running": nodes, "pack": pack, "idle": idle}
+
+    def _free_capacity(self, trial: Trial, tune_controller=None) -> int:
+        """Trials of `trial`'s size that fit now on nodes that already run a trial of this search
+        (`search.confirm.free_slots`): never a new node, never an idle one kept busy."""
+        view = self._slot_view(trial, tune_controller)
+        if view is None:
+            return 0
+        free = free_slots(**view)
         room = self.room()
         return free if room is None else min(free, room)
+
+    def _room_in_packs(self, resting: list, tune_controller=None) -> Optional[int]:
+        """How many of `resting` (running trials held at a rung, training nothing) can go on in place
+        at full speed: None unless packs limit it (`search.confirm.pack_room`). A held trial alone in
+        its worker goes on in its own slot; a held packed arm trains in its pack, beside the others."""
+        view = self._slot_view(resting[0], tune_controller) if resting else None
+        if view is None:
+            return None
+        view["resting"] = Counter(t.last_result.get("node_id") for t in resting if t.last_result.get("node_id"))
+        return pack_room(**view)
 
     def _preempt(self, tune_controller) -> None:
         """A kept trial waits for a slot: a running challenger gives its slot back (it resumes later

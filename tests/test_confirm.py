@@ -96,6 +96,18 @@ def test_free_slots_count_only_nodes_already_held():
     assert free_slots({"a": {"CPU": 0}, "b": {"CPU": 0}}, held={"a", "b"}, demand={"CPU": 1}, idle=1) == 1, "counted once"
 
 
+def test_a_cut_arm_held_in_a_pack_goes_on_in_place_only_where_a_pack_is_free():
+    from lora_rank_search.search.confirm import pack_room
+
+    # make demo packed: 2 CPU packs of 8 arms; the leader and the near miss (held at its rung) run
+    view = dict(available={"a": {"CPU": 2 - 3 / 8}}, held={"a"}, demand={"CPU": 1 / 8}, pack=(8, 1))
+    assert pack_room(**view, running={"a": 3}, resting={"a": 1}) == 0, "two kept arms train: both packs busy"
+    assert pack_room(**{**view, "available": {"a": {"CPU": 2 - 2 / 8}}}, running={"a": 2}, resting={"a": 1}) == 1, \
+        "one kept arm trains: the other pack is free"
+    assert pack_room(**{**view, "pack": (8, 8)}, running={"a": 3}, resting={"a": 1}) is None, "stacked on a GPU: in its own slot"
+    assert pack_room(**{**view, "pack": None}, running={"a": 3}, resting={"a": 1}) is None, "one arm per worker"
+
+
 def test_a_packed_slot_beside_an_arm_that_would_slow_down_is_not_free():
     # 2 CPU packs of 8 arms on node a (each client asks 1/8 CPU), one arm training: on CPU (or taking
     # turns) a pack trains one arm at full speed, so only the other pack is free
