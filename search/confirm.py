@@ -190,8 +190,7 @@ def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[An
             continue
         if not need:
             continue
-        fit = int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items())) + idle
-        idle = 0
+        fit, idle = _fit(have, need) + idle, 0
         if pack is not None and 0 < pack[1] < pack[0]:
             busy = int((running or {}).get(node, 0))
             capacity = (fit + busy) // pack[0] * pack[1]
@@ -212,13 +211,16 @@ def pack_room(available: Mapping[Any, Mapping[str, float]], held: Collection[Any
     need = {k: float(v) for k, v in demand.items() if v and float(v) > 0}
     room = 0
     for node in held:
-        have = available.get(node, {})
-        fit = int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items())) if need else 0
-        fit, idle = fit + idle, 0
+        fit, idle = (_fit(available.get(node, {}), need) if need else 0) + idle, 0
         busy = int(running.get(node, 0))
         capacity = (fit + busy) // pack[0] * pack[1]
         room += max(0, capacity - (busy - int((resting or {}).get(node, 0))))
     return room
+
+
+def _fit(have: Mapping[str, float], need: Mapping[str, float]) -> int:
+    """How many of `need` (a trial's resources, each > 0) fit in `have` (a node's free resources)."""
+    return int(min(math.floor(float(have.get(k, 0.0)) / v + 1e-9) for k, v in need.items()))
 
 
 def _finite(value: Any) -> bool:
