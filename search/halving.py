@@ -444,6 +444,11 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         self._trials.append(trial)
+        if self.room() is not None and trial.status == Trial.PENDING:
+            # Under max_concurrent every trial waits paused until `choose_trial_to_run` gives it a
+            # slot: Tune starts every pending trial that resources allow, whatever the scheduler says
+            # (a trial starts from its checkpoint, or from scratch without one).
+            trial.set_status(Trial.PAUSED)
         last = trial.last_result.get(self._time_attr)
         if not last:
             return
@@ -508,11 +513,12 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
 
     def room(self) -> Optional[int]:
         """Trials that may still start under `max_concurrent` (None: no cap). A trial held at a rung
-        in its worker counts: it holds the slot."""
+        in its worker counts (it holds the slot), and so does a pending one: under the cap only a
+        trial given a slot (or a failed one Tune retries) is pending, on its way to a worker."""
         cap = getattr(self, "_max_concurrent", None)  # a scheduler pickled before the cap (--resume)
         if cap is None:
             return None
-        return max(0, cap - sum(1 for t in self._trials if t.status == Trial.RUNNING))
+        return max(0, cap - sum(1 for t in self._trials if t.status in (Trial.RUNNING, Trial.PENDING)))
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
         d = self._settle(tune_controller)

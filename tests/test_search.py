@@ -109,3 +109,9 @@ def test_successive_halving_under_max_concurrent_trains_every_rank_to_the_first_
     trials, history = load_experiment(experiment)
     assert sorted(trials["steps"]) == [10, 10, 20, 40], "every rank trained to the first rung, then halving as without a cap"
     assert set(history.loc[history["step"] == 10, "r"]) == {1, 2, 16, 32}
+    # one trial at a time: each run of a trial (from its start to its last report) overlaps no other
+    runs = history[history["step"] > 0].groupby(["trial_id", "started_at"])["elapsed_s"].max()
+    spans = sorted((start, start + elapsed) for (_, start), elapsed in runs.items())
+    assert len(spans) >= 4
+    overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1] - 0.05]
+    assert not overlaps, f"trials ran at once under max_concurrent 1: {overlaps}"
