@@ -184,18 +184,12 @@ def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[An
     the next trial): free slots whose resources Ray still counts as taken. They are on nodes of this
     search; they count on the first node held."""
     need = {k: float(v) for k, v in demand.items() if v and float(v) > 0}
+    if not need:
+        return 0
     total = 0
-    for node, have in available.items():
-        if node not in held:
-            continue
-        if not need:
-            continue
-        fit, idle = _fit(have, need) + idle, 0
-        if pack is not None and 0 < pack[1] < pack[0]:
-            busy = int((running or {}).get(node, 0))
-            capacity = (fit + busy) // pack[0] * pack[1]
-            fit = max(0, min(fit, capacity - busy))
-        total += fit
+    for _, fit, busy in _nodes(available, held, need, running, idle):
+        capacity = _full_speed(fit, busy, pack)
+        total += fit if capacity is None else max(0, min(fit, capacity - busy))
     return total
 
 
@@ -206,16 +200,33 @@ def pack_room(available: Mapping[Any, Mapping[str, float]], held: Collection[Any
     full speed, where packs limit it (`free_slots`' pack: p < N); None where they do not (a trial
     alone in its worker goes on in its own slot). A node's full-speed capacity is its packs x p;
     the arms training there are its running trials less the resting ones."""
-    if pack is None or not 0 < pack[1] < pack[0]:
+    if _full_speed(0, 0, pack) is None:
         return None
     need = {k: float(v) for k, v in demand.items() if v and float(v) > 0}
     room = 0
-    for node in held:
-        fit, idle = (_fit(available.get(node, {}), need) if need else 0) + idle, 0
-        busy = int(running.get(node, 0))
-        capacity = (fit + busy) // pack[0] * pack[1]
-        room += max(0, capacity - (busy - int((resting or {}).get(node, 0))))
+    for node, fit, busy in _nodes(available, held, need, running, idle):
+        room += max(0, _full_speed(fit, busy, pack) - (busy - int((resting or {}).get(node, 0))))
     return room
+
+
+def _nodes(available: Mapping[Any, Mapping[str, float]], held: Collection[Any], need: Mapping[str, float],
+           running: Optional[Mapping[Any, int]], idle: int) -> list[tuple[Any, int, int]]:
+    """(node, trials of `need` that fit there now, this search's trials running there) for each node
+    in `held` that Ray reports; workers Tune keeps for reuse (`idle`) count on the first."""
+    out = []
+    for node, have in available.items():
+        if node in held:
+            fit = _fit(have, need) if need else 0
+            out.append((node, fit + (idle if not out else 0), int((running or {}).get(node, 0))))
+    return out
+
+
+def _full_speed(fit: int, busy: int, pack: Optional[tuple[int, int]]) -> Optional[int]:
+    """Arms a node's packs train at full speed (its packs x p: `free_slots`), from the trials that
+    fit there now and those running; None where packs do not limit it (no pack, or p = N)."""
+    if pack is None or not 0 < pack[1] < pack[0]:
+        return None
+    return (fit + busy) // pack[0] * pack[1]
 
 
 def _fit(have: Mapping[str, float], need: Mapping[str, float]) -> int:

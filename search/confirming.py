@@ -31,7 +31,7 @@ logger = logging.getLogger("lora_rank_search.search.halving")
 
 class Confirmations:
     """Mixin of `SuccessiveHalving`: uses its _trials, _scores, _cost, _rungs, _max_t, _time_attr,
-    _held, _confirm and its _others_wait; `Decision` is `search.halving.Decision`."""
+    _held, _confirm and its _others_wait, _unmade and _kept_waiting; `Decision` is `search.halving.Decision`."""
 
     # ---- confirmations (`search.confirm`): cut arms trained on in free capacity
 
@@ -139,15 +139,10 @@ class Confirmations:
         place while the free slots take the kept ones: before, any kept trial waiting blocked it,
         so where a kept trial had just paused at the rung (its worker idle, kept for reuse) the near
         miss was paused too, and on a short tail never confirmed."""
-        if not self._others_wait(tune_controller, d):
-            return False
-        search_alg = getattr(_controller(tune_controller), "search_alg", None)
-        if search_alg is not None and not search_alg.is_finished():
+        if self._unmade(tune_controller):
             return True
-        need = sum(1 for t in self._trials if t.trial_id not in d.stopped
-                   and (t.status == Trial.PENDING or (t.status == Trial.PAUSED and not self._waiting(t, d))))
-        kept = next(t for t in self._trials if t.trial_id not in d.stopped)
-        return need > self._free_capacity(kept, tune_controller)
+        waiting = self._kept_waiting(d)
+        return bool(waiting) and len(waiting) > self._free_capacity(waiting[0], tune_controller)
 
     def _replace(self, tune_controller, trial_id: str, reporting: Optional[Trial] = None) -> None:
         """A challenger whose role went to a unit cut at a later rung: it stops, judged where it got."""

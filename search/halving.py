@@ -377,13 +377,17 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
     def _others_wait(self, tune_controller, d: Decision) -> bool:
         """A trial needs a slot: one queued, one paused whose arm passed its rung, or one the
         search has not created yet."""
+        return self._unmade(tune_controller) or bool(self._kept_waiting(d))
+
+    def _unmade(self, tune_controller) -> bool:
+        """The search has trials still to create."""
         search_alg = getattr(_controller(tune_controller), "search_alg", None)
-        if search_alg is not None and not search_alg.is_finished():
-            return True
-        return any(
-            t.trial_id not in d.stopped and (t.status == Trial.PENDING or (t.status == Trial.PAUSED and not self._waiting(t, d)))
-            for t in self._trials
-        )
+        return search_alg is not None and not search_alg.is_finished()
+
+    def _kept_waiting(self, d: Decision) -> list:
+        """Trials not cut that wait for a slot: queued, or paused with their arm past its rung."""
+        return [t for t in self._trials if t.trial_id not in d.stopped
+                and (t.status == Trial.PENDING or (t.status == Trial.PAUSED and not self._waiting(t, d)))]
 
     def _release_held(self, tune_controller, d: Decision) -> None:
         """Trials holding at a rung: stop those cut, let those that passed train on, and pause the
