@@ -393,6 +393,7 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
         """Trials holding at a rung: stop those cut, let those that passed train on, and pause the
         rest when another trial needs the slot (it resumes from the rung's checkpoint)."""
         controller = _controller(tune_controller)
+        actions = []
         for trial in [t for t in self._trials if t.trial_id in self._held]:
             if trial.status != Trial.RUNNING:
                 self._held.discard(trial.trial_id)
@@ -402,20 +403,44 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
                 # Tune asks `choose_trial_to_run` at every step of its loop.
                 continue
             elif trial.trial_id in self._challengers:
-                self._held.discard(trial.trial_id)
-                controller._schedule_trial_train(trial)  # confirmed in place, in its live worker
+                actions.append((trial, "train"))  # confirmed in place, in its live worker
             elif trial.trial_id in d.stopped and self._resumable(trial, d):
-                self._held.discard(trial.trial_id)
-                tune_controller.pause_trial(trial, should_checkpoint=False)  # resumable from its rung checkpoint
+                actions.append((trial, "pause"))  # resumable from its rung checkpoint
             elif trial.trial_id in d.stopped:
-                self._held.discard(trial.trial_id)
-                tune_controller.stop_trial(trial)
+                actions.append((trial, "stop"))
             elif not self._waiting(trial, d):
-                self._held.discard(trial.trial_id)
-                controller._schedule_trial_train(trial)
+                actions.append((trial, "train"))
             elif self._others_wait(tune_controller, d):
-                self._held.discard(trial.trial_id)
-                tune_controller.pause_trial(trial, should_checkpoint=False)  # its rung checkpoint is saved
+                actions.append((trial, "pause"))  # its rung checkpoint is saved
+        self._hand_over(tune_controller, d, sum(action != "train" for _, action in actions))
+        for trial, action in actions:
+            self._held.discard(trial.trial_id)
+            if action == "train":
+                controller._schedule_trial_train(trial)
+            elif action == "pause":
+                tune_controller.pause_trial(trial, should_checkpoint=False)
+            else:
+                tune_controller.stop_trial(trial)
+
+    def _hand_over(self, tune_controller, d: Decision, leaving: int) -> None:
+        """`leaving` trials are about to give up their workers: queue as many kept trials that wait
+        paused for a slot first, as Tune queues the trial `choose_trial_to_run` returns, so the
+        workers go to them. Tune keeps a freed worker for reuse (`reuse_actors`) only for a trial it
+        has queued, plus one spare: when a rung decision cut two running trials while two kept
+        trials waited paused, one kept trial took a worker and the other started a new process
+        (imports, CUDA context, the base's load) while the second worker was shut down."""
+        controller = _controller(tune_controller)
+        if leaving <= 0 or not all(hasattr(controller, name) for name in _STAGING):
+            return
+        ready = [t for t in self._trials if t.status == Trial.PAUSED and t.trial_id not in d.stopped
+                 and not self._waiting(t, d)]
+        room = self.room()
+        for trial in ready[:leaving if room is None else min(leaving, room + leaving)]:
+            # Ray 2.60's TuneController._maybe_add_actors, step 1, for a trial the scheduler chose
+            controller._set_trial_status(trial, Trial.PENDING)
+            controller._staged_trials.add(trial)
+            controller._actor_cache.increase_max(trial.placement_group_factory)
+            controller._schedule_trial_actor(trial)
 
     def _settle(self, tune_controller, reporting: Optional[Trial] = None) -> Decision:
         """Decide, then act on it. `reporting`: the trial whose result is being handled (it holds
@@ -482,15 +507,17 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
                 self._write_record()
                 return TrialScheduler.STOP
             return TrialScheduler.CONTINUE  # to max_t, past the rungs: it is compared, not halved
-        if trial.trial_id in d.stopped and self._resumable(trial, d):
-            return TrialScheduler.PAUSE  # cut, but it may be confirmed: paused with its rung checkpoint
         if trial.trial_id in d.stopped:
-            return TrialScheduler.STOP
+            self._hand_over(tune_controller, d, 1)
+            # cut, but it may be confirmed: paused with its rung checkpoint
+            return TrialScheduler.PAUSE if self._resumable(trial, d) else TrialScheduler.STOP
         if step >= self._max_t:
+            self._hand_over(tune_controller, d, 1)
             return TrialScheduler.STOP
         level = d.level[trial.trial_id]
         if level < len(self._rungs) and step >= self._rungs[level]:
             if self._others_wait(tune_controller, d):
+                self._hand_over(tune_controller, d, 1)
                 return TrialScheduler.PAUSE  # its slot goes to a waiting trial
             # Nothing waits for the slot: hold the trial in its worker (model loaded) until the rung
             # is decided, instead of a pause that would restart it in a new worker.
@@ -541,6 +568,10 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
     def debug_string(self) -> str:
         decided = "; ".join(f"step {self._rungs[k]}: {', '.join(map(str, v))}" for k, v in sorted(self._frozen.items()))
         return f"Successive halving at steps {self._rungs} (keep 1/{self._rf:g}); survivors {decided or 'none yet'}"
+
+
+# What `SuccessiveHalving._hand_over` uses of Tune's controller to queue a trial (Ray 2.60).
+_STAGING = ("_set_trial_status", "_staged_trials", "_actor_cache", "_schedule_trial_actor")
 
 
 def _reports(trial: Trial) -> list[dict]:

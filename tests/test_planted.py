@@ -100,6 +100,11 @@ def test_the_default_search_over_a_learning_rate_list_recommends_the_planted_ran
     rates = went_on.groupby("r")["lr"].nunique()
     assert (rates > 1).sum() <= 1, "one learning rate per surviving rank, but the leader's close ones at the first rung"
     assert trials["steps"].sum() <= 0.4 * 15 * BUDGET["max_steps"], "at most 40% of the full (rank x lr) grid's steps"
+    # Two slots, two worker processes for the whole search (reuse_actors): at each rung the workers
+    # of the cut trials went to the kept ones, which had waited paused (a third process is a new
+    # start, imports and base load; with a GPU, a new CUDA context)
+    workers = sorted(set(history["pid"].dropna().astype(int)))
+    assert len(workers) == 2, f"worker processes {workers}: a kept trial started a new one while a freed worker was shut down"
     # Tune registered every report's checkpoint and deleted the ones it does not keep: none is left
     # behind (a survivor started twice at a rung left four, search/halving.py::_settle)
     for folder in glob.glob(os.path.join(default_search, "*", "")):

@@ -97,6 +97,10 @@ def test_successive_halving_compares_all_ranks_at_each_rung_and_resumes_survivor
     # Every trial ended and the experiment snapshot says so (a resume would re-run nothing).
     assert set(trials["status"]) == {"completed", "stopped"}
     assert trials.loc[trials["status"] == "stopped", "steps"].lt(40).all()
+    # Two slots, two worker processes for the whole search (reuse_actors): at a rung the workers of
+    # the cut trials go to the kept ones (a third process meant a new start, imports and base load)
+    workers = sorted(set(history["pid"].dropna().astype(int)))
+    assert len(workers) == 2, f"worker processes {workers}: a trial started a new one while a freed worker was shut down"
 
 
 def test_successive_halving_under_max_concurrent_trains_every_rank_to_the_first_rung(raw_config, ray_two_cpus):
