@@ -476,3 +476,19 @@ def test_peft_s_pattern_warning_on_expert_weights_is_quieted_and_the_pattern_app
     assert not [w for w in caught if "pattern keys did not match" in str(w.message)]
     # 2 layers x 4 experts; down_proj (32 -> 64) at r = 4, the fused gate_up_proj (64 -> 2 x 32) at 2r = 8
     assert sum(p.numel() for p in peft.parameters() if p.requires_grad) == 2 * 4 * (4 * (32 + 64) + 8 * (64 + 64))
+
+
+def test_a_packed_trial_s_client_process_loads_neither_torch_nor_transformers():
+    """The client of a pack (one Tune trial per arm) only relays calls to its server: each is a
+    process per arm, so what it imports is paid per arm (ray.tune alone is ~115 MiB)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from lora_rank_search.trainables.trial import lora_trial, quiet_libraries, on_this_node, process_metrics\n"
+            "from lora_rank_search.trainables.pack_server import train_in_pack, node_servers, least_loaded\n"
+            "from lora_rank_search.trainables.pack import next_report_step\n"
+            "quiet_libraries(transformers=False)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -391,7 +391,7 @@ def train_in_pack(config: dict, settings: TrialSettings, data: StoredData, plan:
     from lora_rank_search.trainables.trial import exit_quietly_on_sigterm, on_this_node, process_metrics, quiet_libraries
     from lora_rank_search.trainables.trial import restorable_checkpoint, saved_step
 
-    quiet_libraries()
+    quiet_libraries(transformers=False)  # the client loads no model; its server does
     exit_quietly_on_sigterm()
     started = time.time()
     settings = on_this_node(settings)
