@@ -184,8 +184,13 @@ def _confirmed(rec: Recommendation) -> list[Finding]:
     if not text:
         return []
     if rec.confirmations and rec.unopposed_without_confirmations:
-        text += f"; without them {rec.unit_name(rec.target_choice, rec.rank)} would have been judged alone at its step"
-    return [Finding("confirmed" if rec.confirmations else "not-confirmed", text[0].upper() + text[1:] + ".")]
+        # the verdict without the confirmations (another unit where they changed it) stood alone at its step
+        w = rec.without_confirmations if rec.verdict_changed and rec.without_confirmations else {}
+        alone = rec.unit_name(w.get("target_choice", ""), w["rank"]) if w else rec.unit_name(rec.target_choice, rec.rank)
+        text += f"; without them {alone} would have been judged alone at its step"
+    if text.startswith(("confirmed", "nothing")):  # not a unit's name ('r=4 ...', 'attention r=4 ...'): kept as written
+        text = text[0].upper() + text[1:]
+    return [Finding("confirmed" if rec.confirmations else "not-confirmed", text + ".")]
 
 
 def _overtaken(rec: Recommendation) -> list[Finding]:

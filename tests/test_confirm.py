@@ -183,6 +183,22 @@ def test_a_confirmation_that_changes_the_verdict_says_what_it_would_have_been():
     assert rec.rank == 8 and rec.verdict_changed is True
     assert rec.without_confirmations["rank"] == 2
     assert "without them the verdict would have been r=2" in line
+    # the report's finding names the verdict without them (r=2) as the one that stood alone
+    from lora_rank_search.analysis.diagnosis import diagnose
+
+    trials, history = _tables(curves)
+    found = next(f.text for f in diagnose(rec, trials, history) if f.kind == "confirmed")
+    assert found.startswith("Confirmed against r=8") and "without them r=2 would have been judged alone" in found, found
+
+
+def test_a_confirmation_that_never_trained_is_named_as_written_in_the_report():
+    curves = {2: {10: 2.3, 30: 2.1, 60: 2.0}, 8: {10: 2.25, 30: 2.12}}
+    rec, _, _ = _analysed(curves, _record(step=30))
+    from lora_rank_search.analysis.diagnosis import diagnose
+
+    trials, history = _tables(curves)
+    found = next(f.text for f in diagnose(rec, trials, history) if f.kind == "confirmed")
+    assert found.startswith("r=8 lr 5e-4 (strongest costlier)"), found
 
 
 def test_why_nothing_was_confirmed_and_off_says_nothing():
