@@ -15,6 +15,7 @@ import json
 from collections import Counter
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ray.tune.experiment import Trial
@@ -257,18 +258,33 @@ class Confirmations:
                 "why_none": "" if rows else (self._why_none or "no unit was cut before the last kept arm ended")}
 
     def _write_record(self) -> None:
-        """Write `confirmations.json` into the experiment folder (local or remote storage)."""
+        """Write `confirmations.json` into the experiment folder (local or remote storage), and into
+        Tune's copy of that folder on the driver where Tune keeps one: on --resume Tune downloads
+        the folder's JSON files there and later uploads that copy over the folder, which put back
+        the record as it was when the search was interrupted (a confirmation that trained to the
+        end after the resume read "chosen but no slot came free")."""
         if self._confirm == "off" or not self._trials:
             return
-        try:
-            from lora_rank_search.contract.layout import CONFIRMATIONS_FILE
+        from lora_rank_search.contract.layout import CONFIRMATIONS_FILE
 
+        content = json.dumps(self.confirmation_record(), indent=2).encode("utf-8")
+        try:
             storage = self._trials[0].storage
             path = f"{storage.experiment_fs_path}/{CONFIRMATIONS_FILE}"
             with storage.storage_filesystem.open_output_stream(path) as handle:
-                handle.write(json.dumps(self.confirmation_record(), indent=2).encode("utf-8"))
+                handle.write(content)
         except (OSError, AttributeError, RuntimeError) as exc:
             logger.warning("successive halving: cannot write the confirmations record (%s)", exc)
+            return
+        try:
+            staging = Path(storage.experiment_driver_staging_path)
+        except (AttributeError, RuntimeError):  # no Ray session (tests), or a Tune without the copy
+            return
+        try:
+            if staging.is_dir():
+                (staging / CONFIRMATIONS_FILE).write_bytes(content)
+        except OSError as exc:
+            logger.warning("successive halving: cannot write the confirmations record into Tune's copy %s (%s)", staging, exc)
 
     def _base_loss(self) -> Optional[float]:
         """The base model's eval loss: the mean of the finite values the trials reported (None without)."""

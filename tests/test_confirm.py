@@ -265,6 +265,35 @@ def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and
     assert record["challengers"][0]["role"] == COSTLIER and record["challengers"][0]["step"] == 20
 
 
+def test_the_confirmations_record_also_goes_into_tunes_copy_of_the_experiment_folder(tmp_path):
+    """On --resume Tune downloads the experiment folder's JSON files into its copy on the driver and
+    later uploads that copy over the folder: a record written only to the folder was put back as it
+    was at the interruption (a confirmation that then trained to the end read "chosen but no slot
+    came free"; seen through the CLI with SIGINT and --resume)."""
+    import json
+    from types import SimpleNamespace
+
+    from pyarrow.fs import LocalFileSystem
+
+    from lora_rank_search.contract.layout import CONFIRMATIONS_FILE
+    from lora_rank_search.search.halving import SuccessiveHalving
+
+    folder, copy = tmp_path / "exp", tmp_path / "driver_artifacts"
+    folder.mkdir()
+    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="full")
+    trial = _Trial("a", 2, "RUNNING", 10)
+    trial.storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(folder),
+                                    experiment_driver_staging_path=str(copy))
+    sched.on_trial_add(_Controller(), trial)
+    sched._write_record()
+    assert (folder / CONFIRMATIONS_FILE).exists() and not copy.exists(), "no copy of Tune's: nothing made up"
+    copy.mkdir()
+    (copy / CONFIRMATIONS_FILE).write_text('{"stale": true}')  # what Tune downloaded at --resume
+    sched._write_record()
+    written = json.loads((folder / CONFIRMATIONS_FILE).read_text())
+    assert written["mode"] == "full" and json.loads((copy / CONFIRMATIONS_FILE).read_text()) == written
+
+
 def test_a_role_goes_again_to_a_unit_cut_at_a_later_rung():
     """make demo's case: at step 10 the costlier role went to r=8 (cut there); at step 30 r=16 is cut
     close behind the leader. r=16 can reach step 60 beside the leader, r=8 (from step 10) cannot: the
