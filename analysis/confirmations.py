@@ -53,7 +53,7 @@ def apply(rec, trials: pd.DataFrame, history: pd.DataFrame, record: Optional[dic
             "unit": rec.unit_name(choice, r), "target_choice": choice, "r": r, "lr": c.get("lr"), "seed": c.get("seed"),
             "trial_id": c.get("trial_id"), "role": c.get("role", ""), "from_step": int(c.get("from_step") or 0),
             "step": step, "target_step": target, "trained": step > int(c.get("from_step") or 0),
-            "replaced": bool(c.get("replaced")),
+            "replaced": bool(c.get("replaced")), "started": bool(c.get("started")) or step > int(c.get("from_step") or 0),
         })
     rec.confirm_why_none = "" if rec.confirmations else str(record.get("why_none") or "")
     if rec.rank is None or not any(c["trained"] for c in rec.confirmations):
@@ -95,6 +95,9 @@ def summary(rec) -> str:
         elif c["trained"]:
             parts.append(f"{c['unit']}{_lr(c)} ({c['role']}) trained from step {c['from_step']} to {c['step']} only, short of "
                          f"step {at}: the search's last kept arm ended first")
+        elif c.get("started"):
+            parts.append(f"{c['unit']}{_lr(c)} ({c['role']}) was started from step {c['from_step']}, but the last kept arm "
+                         "ended before it reported a later step")
         else:
             parts.append(f"{c['unit']}{_lr(c)} ({c['role']}) was chosen but no slot came free before the last kept arm ended")
     if rec.verdict_changed:

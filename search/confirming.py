@@ -221,6 +221,7 @@ class Confirmations:
         for trial in self._trials:
             if trial.trial_id in self._challengers and trial.status == Trial.RUNNING and trial.trial_id not in self._held \
                     and trial.trial_id not in self._ending and not trial.is_saving:
+                self._challengers[trial.trial_id]["started"] = True
                 tune_controller.pause_trial(trial, should_checkpoint=False)
                 return
 
@@ -236,6 +237,8 @@ class Confirmations:
                     self._confirm == "full" or finishes_in_tail(int(c.get("step", 0)), int(c["from_step"]), self._max_t)):
                 continue  # runs on to max_t
             if trial.status in (Trial.RUNNING, Trial.PAUSED, Trial.PENDING) and not trial.is_saving:  # saving: next call
+                if c is not None and trial.status == Trial.RUNNING:
+                    c["started"] = True  # it had a worker (the record says so, even if it reported nothing new)
                 self._ending.add(trial.trial_id)
                 self._held.discard(trial.trial_id)
                 tune_controller.stop_trial(trial)
@@ -252,6 +255,8 @@ class Confirmations:
             t = by_id.get(tid)
             rows.append({"trial_id": tid, "role": c["role"], "from_step": int(c["from_step"]), "step": int(c.get("step", 0)),
                          "replaced": bool(c.get("replaced")),
+                         "started": bool(c.get("started")) or int(c.get("step", 0)) > int(c["from_step"])
+                         or (t is not None and t.status == Trial.RUNNING),
                          "unit": list(unit_of(t.config)) if t else None, "lr": t.config.get("lr") if t else None,
                          "seed": t.config.get("seed") if t else None})
         return {"mode": self._confirm, "target_step": self._max_t, "challengers": rows,

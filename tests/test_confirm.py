@@ -265,6 +265,31 @@ def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and
     assert record["challengers"][0]["role"] == COSTLIER and record["challengers"][0]["step"] == 20
 
 
+def test_a_challenger_started_but_stopped_with_the_tail_before_its_next_report_is_not_called_slotless():
+    """Seen through the CLI (tiny model, confirm tail): the near miss resumed from step 30 in a free
+    worker, the leader ended a second later, and the verdict said it "was chosen but no slot came free"."""
+    from lora_rank_search.analysis.confirmations import summary
+    from lora_rank_search.search.halving import SuccessiveHalving
+
+    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="tail")
+    lead, challenger = _Trial("a", 2, "RUNNING", 30), _Trial("b", 16, "PAUSED", 10)
+    ctrl = _Controller()
+    for trial, loss, cost in ((lead, 2.5, 100), (challenger, 2.6, 800)):
+        sched.on_trial_add(ctrl, trial)
+        sched._record(trial, 10, loss, {"base_eval_loss": BASE, "trainable_params": cost})
+    sched._challengers["b"] = {"role": COSTLIER, "unit": ("", 16), "from_step": 10, "step": 10}
+    challenger.status = "RUNNING"  # given a worker; restoring its rung checkpoint, nothing reported yet
+    sched.on_trial_complete(ctrl, lead, {"step": 40})
+    assert ctrl.stopped == ["b"]
+    row = sched.confirmation_record()["challengers"][0]
+    assert row["started"] is True and row["step"] == 10
+    curves = {2: {10: 2.3, 30: 2.1, 40: 2.0}, 16: {10: 2.25}}
+    rec, line, _ = _analysed(curves, {"mode": "tail", "target_step": 40, "why_none": "",
+                                      "challengers": [{**row, "trial_id": "t16", "unit": ["", 16]}]})
+    assert "r=16 lr 3e-2 (strongest costlier) was started from step 10, but the last kept arm ended before it reported" in line, line
+    assert "no slot came free" not in line
+
+
 def test_the_confirmations_record_also_goes_into_tunes_copy_of_the_experiment_folder(tmp_path):
     """On --resume Tune downloads the experiment folder's JSON files into its copy on the driver and
     later uploads that copy over the folder: a record written only to the folder was put back as it
