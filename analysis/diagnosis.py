@@ -162,7 +162,9 @@ def _unopposed(rec: Recommendation) -> list[Finding]:
     others = [e for e in rec.units if e is not chosen]
     if any(e.evidence_step >= chosen.evidence_step for e in others):
         return []  # someone else got as far: it was opposed
-    dearer = [e for e in others if (e.trainable_params > chosen.trainable_params if rec.several_choices else e.r > chosen.r)]
+    # an unstable unit (worse than the base at the end, or diverged) is no challenger that may pull ahead
+    dearer = [e for e in others if not e.unstable
+              and (e.trainable_params > chosen.trainable_params if rec.several_choices else e.r > chosen.r)]
     close = [e for e in dearer if not math.isfinite(e.gain_share) or e.gain_share >= 1 - NEAR_MISS * rec.tolerance]
     if not close:
         return []
@@ -256,14 +258,24 @@ def _noise(rec: Recommendation) -> list[Finding]:
     ))]
 
 
-def _unstable(rec: Recommendation) -> list[Finding]:
-    """Ranks whose every learning rate ended worse than the untouched base."""
+def _unstable(rec: Recommendation, trials: pd.DataFrame | None = None) -> list[Finding]:
+    """Ranks whose every learning rate ended worse than the untouched base, or diverged (a training
+    loss or evaluation that became non-finite: the trial's status says `diverged`)."""
     bad = [e for e in rec.ranks if e.unstable]
     if not bad:
         return []
+    diverged = set()
+    if trials is not None and not trials.empty and {"status", "r"} <= set(trials.columns):
+        statuses = trials.groupby("r")["status"].agg(set)
+        diverged = {e.r for e in bad if statuses.get(e.r) == {"diverged"}}
     rates = ", ".join(sorted({format_lr(a.lr) for e in bad for a in e.arms if math.isfinite(a.lr)}, key=float))
+    what = []
+    for label, ranks in (("diverged (its training turned non-finite)", [e for e in bad if e.r in diverged]),
+                         ("ended worse than the untouched base", [e for e in bad if e.r not in diverged])):
+        if ranks:
+            what.append(f"{', '.join(f'r={e.r}' for e in ranks)} {label}")
     return [Finding("unstable", (
-        f"Unstable: {', '.join(f'r={e.r}' for e in bad)} ended worse than the untouched base at every learning rate tried"
+        f"Unstable: {'; '.join(what)} at every learning rate tried"
         + (f" ({rates})" if rates else "") + f"; the evidence for {'it' if len(bad) == 1 else 'them'} is its best loss before "
         f"it got worse. Lower the learning rate for {', '.join(f'r={e.r}' for e in bad)} (add smaller values to "
         "train.learning_rate) or use a fixed lora_alpha."
@@ -331,11 +343,11 @@ def diagnose(rec: Recommendation, trials: pd.DataFrame, history: pd.DataFrame) -
     if rec.rank is None:
         failed = int((trials["status"] == "error").sum()) if not trials.empty and "status" in trials else 0
         text = rec.reason + (f" ({failed} trial(s) failed: see error.txt in their folders)." if failed else ".")
-        return [Finding("no-signal" if rec.no_signal else "no-result", text)] + _unstable(rec)
+        return [Finding("no-signal" if rec.no_signal else "no-result", text)] + _unstable(rec, trials)
     out = _confirmed(rec) + _overtaken(rec) + _unopposed(rec) + _grid(rec, history)
     out += _judged_early(rec, trials, history)
     out += _cut_early(rec)
-    out += _unstable(rec)
+    out += _unstable(rec, trials)
     overfit = _overfit_after_choice(rec, history)
     out += _early_rate_choice(rec, overfit)
     out += _learning_rate_edges(rec, frozenset(e.r for e in overfit))

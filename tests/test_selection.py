@@ -426,6 +426,25 @@ def test_a_rank_that_reached_the_end_alone_with_larger_ranks_cut_close_behind_is
     assert "unopposed" not in {f.kind for f in diagnose(recommend(trials, history), trials, history)}
 
 
+def test_a_rank_that_diverged_is_named_so_and_is_no_challenger_close_behind():
+    # r=32 was as good as r=2 at step 10, then its training turned non-finite (status diverged) at
+    # both rates; r=2 reached step 60 alone. Seen through the CLI: the report called r=32 "cut earlier,
+    # close behind it" (train it to the end) and said it "ended worse than the untouched base".
+    curves = {
+        (2, 2e-4, 0): {10: 2.80, 30: 2.40, 60: 2.20},
+        (32, 2e-4, 0): {10: 2.79, 20: float("nan")},
+        (32, 1e-3, 0): {10: 2.85, 20: float("nan")},
+    }
+    trials, history = arm_tables(curves, max_steps=60)
+    trials.loc[trials["r"] == 32, ["status", "unstable"]] = ["diverged", True]
+    rec = recommend(trials, history)
+    assert rec.rank == 2 and rec.evidence(32).unstable
+    kinds = {f.kind: f.text for f in diagnose(rec, trials, history)}
+    assert "unopposed" not in kinds, kinds.get("unopposed")
+    assert kinds["unstable"].startswith("Unstable: r=32 diverged (its training turned non-finite) at every learning rate"), kinds
+    assert "worse than the untouched base" not in kinds["unstable"]
+
+
 def test_a_rate_that_led_at_the_first_rung_and_then_overfit_is_named_and_not_pushed_higher():
     curves = {
         (2, 1e-3, 0): {10: 2.50, 30: 2.10, 60: 2.30},  # led at step 10, best at 30, then rose
