@@ -167,6 +167,11 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         from lora_rank_search.trainables.downstream import metric_problem
 
         problem = metric_problem(cfg.eval.metric)
+        if not problem and out.data is not None:
+            from lora_rank_search.trainables.downstream import prompts_check
+
+            problem, note = prompts_check(out.data.eval_ids, out.data.eval_labels, d.format)
+            warnings.extend(filter(None, [note]))
         if problem:
             problems.append(f"eval.metric: {problem}")
     storage_problem = _check_storage(cfg.storage_path)

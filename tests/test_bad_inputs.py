@@ -84,6 +84,9 @@ CASES = [
     ("eval_fraction above 1", {"data": {"eval_fraction": 1.5}}, [], "data.eval_fraction: must be in (0, 1) when no eval_source is given, got 1.5"),
     ("max_seq_len zero", {"data": {"max_seq_len": 0}}, [], "data.max_seq_len: must be a positive integer, got 0"),
     ("max_seq_len leaves no response", {"data": {"max_seq_len": 1}}, [], "data.max_seq_len: no train example keeps a response token within max_seq_len=1"),
+    ("a metric on text data", {"data": {"source": "{bad}/text.jsonl", "format": "text"}, "eval": {"metric": "exact_match"}}, [],
+     "eval.metric: needs a prompt before the answer in the eval examples (a format with a response: instruction, completion, "
+     "alpaca, chat or sharegpt); the one eval example has none in data.format 'text' (loss on every token)"),
     # --- training and the scheduler
     ("batch_size zero", {"train": {"batch_size": 0}}, [], "train.batch_size: must be a positive integer, got 0"),
     ("batch_size negative", {"train": {"batch_size": -8}}, [], "train.batch_size: must be a positive integer, got -8"),

@@ -52,6 +52,24 @@ def test_prompts_and_references_are_cut_from_the_loss_masks():
     assert prompts == [[2, 10, 11], [2, 20]] and refs == [[12, 13, 3], [21]]
 
 
+def test_eval_examples_without_a_prompt_are_refused_when_all_lack_one_and_are_empty_generations_otherwise(tiny_model):
+    """data.format text puts loss on every token: every trial crashed generating from an empty prompt."""
+    from lora_rank_search.trainables.downstream import generate, prompts_check
+    from lora_rank_search.trainables.model import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    no_prompt = ([[2, 10, 11, 3]], [[10, 11, 3, IGNORE]])
+    problem, note = prompts_check(*no_prompt, "text")
+    assert note is None and "needs a prompt before the answer" in problem and "data.format 'text' (loss on every token)" in problem
+    ids, labels = [[2, 10, 11, 3], [2, 20, 21, 3]], [[IGNORE, 10, 11, 3], [2, 20, 21, 3]]
+    problem, note = prompts_check(ids, labels, "completion")
+    assert problem is None and note.startswith("eval.metric: 1 of 2 eval examples have no prompt"), note
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model, False)
+    out = generate(model, [[], [2]], 3, None, tokenizer.pad_token_id, "cpu")  # no EOS: 3 tokens each
+    assert out[0] == [] and len(out[1]) == 3, "the empty prompt gives an empty generation; the other is generated"
+
+
 def _mapping_task(path, n: int = 240, seed: int = 0) -> str:
     """prompt 'wI' -> response 'wJ' under a fixed permutation of 40 words: exact_match is checkable."""
     import json

@@ -78,6 +78,24 @@ def score(name: str, generations: Sequence[str], references: Sequence[str]) -> f
     return float(value)
 
 
+def prompts_check(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], data_format: str) -> tuple:
+    """(problem, warning) about the eval examples' prompts for the metric (checked before Ray
+    starts; either may be None). A prompt is the tokens before the first token with loss: `text`
+    puts loss on every token, so no example has one and the metric has nothing to generate from
+    (a refusal); an example without one among others counts as an empty generation (a warning)."""
+    prompts, _ = eval_pairs(ids, labels)
+    empty = sum(1 for p in prompts if not p)
+    if not empty:
+        return None, None
+    where = f"in data.format {data_format!r}" + (" (loss on every token)" if data_format == "text" else "")
+    if empty == len(prompts):
+        return (f"needs a prompt before the answer in the eval examples (a format with a response: instruction, completion, "
+                f"alpaca, chat or sharegpt); {'the one eval example has none' if len(prompts) == 1 else f'none of the {len(prompts)} eval examples has one'} "
+                f"{where}"), None
+    return None, (f"eval.metric: {empty} of {len(prompts)} eval examples have no prompt before their answer {where}; "
+                  "each counts as an empty generation")
+
+
 def eval_pairs(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> tuple[list, list]:
     """(prompt ids, reference ids) per example: the tokens before the first token with loss, and
     the tokens of that first span with loss."""
@@ -101,6 +119,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_i
     model.eval()
     with torch.no_grad():
         for prompt in prompts:
+            if not len(prompt):  # nothing to continue (`prompts_check` warned at start-up): an empty generation
+                out.append([])
+                continue
             ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
             new: list = []
             past = None
