@@ -167,6 +167,20 @@ def _near(loss: float, at_rung: Mapping[Hashable, float], base: Optional[float])
     return loss <= best + NEAR_MISS_RELATIVE * abs(best)
 
 
+def current_node(result: Mapping[str, Any], alive: Mapping[str, Optional[str]]) -> Optional[str]:
+    """The live node (id) a running trial is on, by its last report: the node id it reported; after
+    --resume (a new Ray session: new node ids, the old ones still in the reports until each trial
+    reports again) the live node with the IP it reported, else the only live node; else None.
+    alive: live node id -> its IP."""
+    node = result.get("node_id")
+    if node in alive:
+        return node
+    same_ip = [n for n, ip in alive.items() if ip and ip == result.get("node_ip")]
+    if len(same_ip) == 1:
+        return same_ip[0]
+    return next(iter(alive)) if len(alive) == 1 else None
+
+
 def free_slots(available: Mapping[Any, Mapping[str, float]], held: Collection[Any], demand: Mapping[str, float],
                running: Optional[Mapping[Any, int]] = None, pack: Optional[tuple[int, int]] = None, idle: int = 0) -> int:
     """How many more trials of `demand` (Ray resources, e.g. {'CPU': 1, 'GPU': 0.5}) fit right now on

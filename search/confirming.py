@@ -22,7 +22,7 @@ from ray.tune.experiment import Trial
 
 from lora_rank_search.contract.arms import arm_of, unit_of
 from lora_rank_search.contract.metrics import PACK_ARMS, PACK_PARALLEL
-from lora_rank_search.search.confirm import COSTLIER, choose_challengers, finishes_in_tail, free_slots, pack_room
+from lora_rank_search.search.confirm import COSTLIER, choose_challengers, current_node, finishes_in_tail, free_slots, pack_room
 
 if TYPE_CHECKING:
     from lora_rank_search.search.halving import Decision
@@ -59,9 +59,13 @@ class Confirmations:
                    for t in self._trials)
 
     def _resumable(self, trial: Trial, d: Decision) -> bool:
-        """A cut trial kept paused: a challenger, or one that may still become one."""
-        if self._confirm == "off" or self._kept_over:
+        """A cut trial kept paused: a challenger, or one that may still become one (after the last
+        kept arm ended, only a started challenger under confirm full: `resumed_after_tail`)."""
+        if self._confirm == "off":
             return False
+        if self._kept_over:
+            c = self._challengers.get(trial.trial_id)
+            return self._confirm == "full" and c is not None and _started(c) and trial.trial_id not in self._ending
         if trial.trial_id in self._challengers:
             return True
         return arm_of(trial.config) in self._candidate_arms
@@ -133,6 +137,15 @@ class Confirmations:
         if picks:
             self._write_record()
 
+    def resumed_after_tail(self) -> Optional[Trial]:
+        """confirm full: a started challenger that waits paused after the last kept arm ended (back
+        from --resume) runs on to max_t, as it would have without the interruption; before, the end
+        of the tail stopped it where it was."""
+        if self._confirm != "full" or not self._kept_over:
+            return None
+        return next((t for t in self._trials if t.trial_id in self._challengers and t.status == Trial.PAUSED
+                     and t.trial_id not in self._ending and _started(self._challengers[t.trial_id])), None)
+
     def _kept_short_of_slots(self, tune_controller, d) -> bool:
         """Kept trials wait for a slot that only a challenger could give them: more of them wait
         (pending, or paused ready to go on, or not yet made by the search) than slots are free now,
@@ -182,18 +195,22 @@ class Confirmations:
                 return None
             demand = dict(trial.placement_group_factory.required_resources)
             available = available_resources_per_node()  # node id -> its free resources now
+            alive = {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
         except Exception as exc:  # noqa: BLE001 - no Ray state (a test without Ray): nothing is free
             logger.debug("successive halving: no resource view (%s): no confirmation", exc)
             return None
         running = [t.last_result for t in self._trials if t.status == Trial.RUNNING]
-        nodes = Counter(r.get("node_id") for r in running if r.get("node_id"))
+        # after --resume a report names the last session's node until its trial reports again (a
+        # kept arm resumed there held no node: no slot was free, and a confirmation waited)
+        nodes = Counter(filter(None, (current_node(r, alive) for r in running)))
         packed = [r for r in running if r.get(PACK_ARMS)]  # packed trials: their pack's arms, and how many run at full speed
         pack = (int(packed[-1][PACK_ARMS]), int(packed[-1].get(PACK_PARALLEL) or 1)) if packed else None
         # Tune keeps the worker of a trial that ended or paused for the next trial to start
         # (reuse_actors): idle, but its resources still look taken to Ray
         cache = getattr(_controller(tune_controller), "_actor_cache", None) if tune_controller is not None else None
         idle = int(getattr(cache, "num_cached_objects", 0) or 0)
-        return {"available": available, "held": set(nodes), "demand": demand, "running": nodes, "pack": pack, "idle": idle}
+        return {"available": available, "held": set(nodes), "demand": demand, "running": nodes, "pack": pack, "idle": idle,
+                "alive": alive}
 
     def _free_capacity(self, trial: Trial, tune_controller=None) -> int:
         """Trials of `trial`'s size that fit now on nodes that already run a trial of this search
@@ -201,6 +218,7 @@ class Confirmations:
         view = self._slot_view(trial, tune_controller)
         if view is None:
             return 0
+        view.pop("alive")
         free = free_slots(**view)
         room = self.room()
         return free if room is None else min(free, room)
@@ -212,7 +230,8 @@ class Confirmations:
         view = self._slot_view(resting[0], tune_controller) if resting else None
         if view is None:
             return None
-        view["resting"] = Counter(t.last_result.get("node_id") for t in resting if t.last_result.get("node_id"))
+        alive = view.pop("alive")
+        view["resting"] = Counter(filter(None, (current_node(t.last_result, alive) for t in resting)))
         return pack_room(**view)
 
     def _preempt(self, tune_controller) -> None:
@@ -233,8 +252,9 @@ class Confirmations:
                     or trial.status in (Trial.TERMINATED, Trial.ERROR):
                 continue
             c = self._challengers.get(trial.trial_id)
-            if c and trial.status == Trial.RUNNING and (
-                    self._confirm == "full" or finishes_in_tail(int(c.get("step", 0)), int(c["from_step"]), self._max_t)):
+            if c and self._confirm == "full" and (trial.status == Trial.RUNNING or _started(c)):
+                continue  # runs on to max_t (paused, back from --resume: `resumed_after_tail` starts it again)
+            if c and trial.status == Trial.RUNNING and finishes_in_tail(int(c.get("step", 0)), int(c["from_step"]), self._max_t):
                 continue  # runs on to max_t
             if trial.status in (Trial.RUNNING, Trial.PAUSED, Trial.PENDING) and not trial.is_saving:  # saving: next call
                 if c is not None and trial.status == Trial.RUNNING:
@@ -255,8 +275,7 @@ class Confirmations:
             t = by_id.get(tid)
             rows.append({"trial_id": tid, "role": c["role"], "from_step": int(c["from_step"]), "step": int(c.get("step", 0)),
                          "replaced": bool(c.get("replaced")),
-                         "started": bool(c.get("started")) or int(c.get("step", 0)) > int(c["from_step"])
-                         or (t is not None and t.status == Trial.RUNNING),
+                         "started": _started(c) or (t is not None and t.status == Trial.RUNNING),
                          "unit": list(unit_of(t.config)) if t else None, "lr": t.config.get("lr") if t else None,
                          "seed": t.config.get("seed") if t else None})
         return {"mode": self._confirm, "target_step": self._max_t, "challengers": rows,
@@ -295,6 +314,11 @@ class Confirmations:
         """The base model's eval loss: the mean of the finite values the trials reported (None without)."""
         values = [float(v) for v in self._base.values() if math.isfinite(float(v))]
         return sum(values) / len(values) if values else None
+
+
+def _started(c: dict) -> bool:
+    """A challenger that had a worker: marked so, or it trained past the step it was cut at."""
+    return bool(c.get("started")) or int(c.get("step", 0) or 0) > int(c["from_step"])
 
 
 def _controller(tune_controller):

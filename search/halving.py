@@ -563,7 +563,7 @@ class SuccessiveHalving(Confirmations, TrialScheduler):
                 return trial  # its rank passed the rung: resume it from the rung's checkpoint
         if self._confirm != "off" and not self._kept_over:
             return self._challenger_to_run(tune_controller, d)
-        return None
+        return self.resumed_after_tail()
 
     def debug_string(self) -> str:
         decided = "; ".join(f"step {self._rungs[k]}: {', '.join(map(str, v))}" for k, v in sorted(self._frozen.items()))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from lora_rank_search.search.confirm import COSTLIER, NEAR_MISS, choose_challengers, cut_units, finishes_in_tail, free_slots, leader_of
+from lora_rank_search.search.confirm import (COSTLIER, NEAR_MISS, choose_challengers, current_node, cut_units, finishes_in_tail,
+                                                   free_slots, leader_of)
 
 BASE = 3.0
 UNIT = {r: r for r in (1, 2, 4, 8, 16)}  # one arm per unit: the arm is the rank
@@ -122,6 +123,17 @@ def test_a_packed_slot_beside_an_arm_that_would_slow_down_is_not_free():
     # a 4-GPU node, a pack of 4 arms per GPU taking turns (MoE expert weights), 3 arms on 3 GPUs
     gpus = {"a": {"CPU": 16 - 3 * 0.25, "GPU": 4 - 3 * 0.25}}
     assert free_slots(gpus, held={"a"}, demand={"CPU": 0.25, "GPU": 0.25}, running={"a": 3}, pack=(4, 1)) == 1
+
+
+def test_a_running_trial_is_on_the_live_node_its_report_names_or_after_a_resume_the_one_with_its_ip():
+    alive = {"new-a": "10.0.0.1", "new-b": "10.0.0.2"}
+    assert current_node({"node_id": "new-b", "node_ip": "10.0.0.2"}, alive) == "new-b"
+    # back from --resume: the report still names the last Ray session's node (SIGINT, then --resume:
+    # the kept arm held no node, so no slot looked free and the near miss waited until it reported)
+    assert current_node({"node_id": "old-a", "node_ip": "10.0.0.1"}, alive) == "new-a"
+    assert current_node({"node_id": "old-a", "node_ip": "10.9.9.9"}, {"new": "10.0.0.5"}) == "new", "one live node: that one"
+    assert current_node({"node_id": "old-a", "node_ip": "10.9.9.9"}, alive) is None, "unknown: it holds no node"
+    assert current_node({}, alive) is None
 
 
 def test_in_the_tail_a_challenger_close_to_the_step_finishes_and_one_far_from_it_stops():
@@ -263,6 +275,25 @@ def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and
     assert ctrl.stopped == ["b"], "the last kept arm ended: the paused challenger stops, so Tune's run ends"
     record = sched.confirmation_record()
     assert record["challengers"][0]["role"] == COSTLIER and record["challengers"][0]["step"] == 20
+
+
+def test_with_confirm_full_a_started_challenger_back_paused_from_resume_runs_on_after_the_tail():
+    """confirm full: "a challenger that has started runs to max_steps". Back from --resume it is
+    paused; when the last kept arm ended, the tail stopped it where it was (step 40 of 120)."""
+    from lora_rank_search.search.halving import SuccessiveHalving
+
+    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="full")
+    lead, challenger = _Trial("a", 2, "PENDING", 30), _Trial("b", 16, "PENDING", 20)
+    ctrl = _Controller()
+    for trial, loss, cost in ((lead, 2.5, 100), (challenger, 2.6, 800)):
+        sched.on_trial_add(ctrl, trial)
+        sched._record(trial, 10, loss, {"base_eval_loss": BASE, "trainable_params": cost})
+    assert sched.choose_trial_to_run(ctrl) is lead and challenger.status == "PAUSED"
+    lead.status = "RUNNING"
+    sched.on_trial_complete(ctrl, lead, {"step": 40})
+    lead.status = "TERMINATED"
+    assert ctrl.stopped == [], "started (it trained from 10 to 20): it is not stopped with the tail"
+    assert sched.choose_trial_to_run(ctrl) is challenger, "it gets a worker to train on to step 40"
 
 
 def test_a_challenger_started_but_stopped_with_the_tail_before_its_next_report_is_not_called_slotless():
@@ -427,6 +458,7 @@ def test_a_worker_tune_keeps_for_reuse_is_a_free_slot_for_a_kept_trial_so_a_near
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: {"n1": {"CPU": 0.0}})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "n1", "Alive": True, "NodeManagerAddress": "10.0.0.1"}])
     sched = SuccessiveHalving("step", 80, [10, 20], 2, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="full")
     ctrl = _Controller()
     ctrl._actor_cache = type("Cache", (), {"num_cached_objects": 1})()
