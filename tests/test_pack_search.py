@@ -68,6 +68,11 @@ def test_a_crashed_pack_resumes_its_arms_and_a_diverging_arm_leaves_its_pack_mat
         assert by_arm[(1, lr)].status == "diverged" and by_arm[(1, lr)].steps == 12
         assert by_arm[(1, lr)].failure == "training loss became nan at step 12 (r=1, seed=0)"
         assert by_arm[(4, lr)].status == "completed" and by_arm[(4, lr)].steps == 30
+    for log in crashed.glob("r0001*/result.json"):  # the failure row over its step-10 report, as a trial alone writes it
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [r["step"] for r in rows] == [10, 12] and rows[-1]["trial_status"] == "diverged"
+        for key in ("train_loss", "lr", "tokens_seen", "adapter_bytes"):
+            assert rows[-1].get(key) == rows[0][key], (log.parent.name, key, rows[-1].get(key))
     assert "retrying from its last checkpoint" in captured.out + captured.err
     resumed = [json.loads(line) for f in crashed.glob("r0004*/result.json") for line in f.read_text().splitlines()]
     assert any(r["resumed_from_step"] == 10 for r in resumed), "arms resumed from their step-10 checkpoints"

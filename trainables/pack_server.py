@@ -412,7 +412,7 @@ def train_in_pack(config: dict, settings: TrialSettings, data: StoredData, plan:
     attached = ray.get(server.attach.remote(key, config, files, client))
     here = process_metrics(started, attached["load_seconds"])
     here.update(train_pid=attached["pid"], pack_arms=plan.arms, pack_parallel=attached["parallel"])
-    step = attached["step"]
+    step, last = attached["step"], {}
     try:
         while step < max_steps:
             other = pack_to_move_to(servers, server) if files else None
@@ -422,10 +422,10 @@ def train_in_pack(config: dict, settings: TrialSettings, data: StoredData, plan:
                 moved = ray.get(server.attach.remote(key, config, files, client))
                 here.update(train_pid=moved["pid"], pack_parallel=moved["parallel"])
             status, metrics, files = ray.get(server.advance.remote(key, next_report_step(step, settings)))
-            metrics = {**here, **metrics, "elapsed_s": time.time() - started}
-            if status != "ok":
-                tune.report(checked_report(metrics))
+            if status != "ok":  # over the last report's values, as a trial alone reports its failure
+                tune.report(checked_report({**here, **last, **metrics, "elapsed_s": time.time() - started}))
                 return
+            metrics = last = {**here, **metrics, "elapsed_s": time.time() - started}
             folder = write_folder(files, Path(tempfile.mkdtemp(prefix="lrs-ckpt-")))
             try:
                 tune.report(checked_report(metrics), checkpoint=tune.Checkpoint.from_directory(str(folder)))
