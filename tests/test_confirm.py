@@ -256,16 +256,22 @@ class _Controller:
         trial.status = "TERMINATED"
 
 
-def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and_the_tail_ends_the_run():
+def _back_from_resume(confirm: str):
+    """(scheduler, kept trial, challenger, controller) back from --resume: r=2 (kept at step 10) was
+    at step 30, r=16 (cut at 10) had been confirming up to step 20; max_t 40."""
     from lora_rank_search.search.halving import SuccessiveHalving
 
-    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="tail")
-    # back from --resume: r=2 (kept at step 10) was at step 30, r=16 (cut at 10) had been confirming up to step 20
+    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm=confirm)
     lead, challenger = _Trial("a", 2, "PENDING", 30), _Trial("b", 16, "PENDING", 20)
     ctrl = _Controller()
     for trial, loss, cost in ((lead, 2.5, 100), (challenger, 2.6, 800)):
         sched.on_trial_add(ctrl, trial)
         sched._record(trial, 10, loss, {"base_eval_loss": BASE, "trainable_params": cost})
+    return sched, lead, challenger, ctrl
+
+
+def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and_the_tail_ends_the_run():
+    sched, lead, challenger, ctrl = _back_from_resume("tail")
     assert sched.choose_trial_to_run(ctrl) is lead, "the kept arm gets the slot first"
     assert sched._challengers["b"]["from_step"] == 10 and challenger.status == "PAUSED", \
         "recognised as a challenger, and paused (Tune would start a pending one whether a slot is free or not)"
@@ -280,14 +286,7 @@ def test_after_resume_a_cut_trial_that_trained_past_its_rung_is_a_challenger_and
 def test_with_confirm_full_a_started_challenger_back_paused_from_resume_runs_on_after_the_tail():
     """confirm full: "a challenger that has started runs to max_steps". Back from --resume it is
     paused; when the last kept arm ended, the tail stopped it where it was (step 40 of 120)."""
-    from lora_rank_search.search.halving import SuccessiveHalving
-
-    sched = SuccessiveHalving("step", 40, [10], 4, score_attr="best_eval_loss", metric="eval_loss", mode="min", confirm="full")
-    lead, challenger = _Trial("a", 2, "PENDING", 30), _Trial("b", 16, "PENDING", 20)
-    ctrl = _Controller()
-    for trial, loss, cost in ((lead, 2.5, 100), (challenger, 2.6, 800)):
-        sched.on_trial_add(ctrl, trial)
-        sched._record(trial, 10, loss, {"base_eval_loss": BASE, "trainable_params": cost})
+    sched, lead, challenger, ctrl = _back_from_resume("full")
     assert sched.choose_trial_to_run(ctrl) is lead and challenger.status == "PAUSED"
     lead.status = "RUNNING"
     sched.on_trial_complete(ctrl, lead, {"step": 40})
