@@ -184,8 +184,8 @@ class Confirmations:
             return None
         return paused[0] if self._free_capacity(paused[0], tune_controller) >= 1 else None
 
-    def _slot_view(self, trial: Trial, tune_controller=None) -> Optional[dict]:
-        """What `search.confirm.free_slots` and `pack_room` count by, now; None without Ray."""
+    def _slot_view(self, trial: Trial, tune_controller=None, resting: Optional[list] = None) -> Optional[dict]:
+        """What `search.confirm.free_slots` (and, given `resting`, `pack_room`) count by, now; None without Ray."""
         try:
             import ray
 
@@ -209,8 +209,10 @@ class Confirmations:
         # (reuse_actors): idle, but its resources still look taken to Ray
         cache = getattr(_controller(tune_controller), "_actor_cache", None) if tune_controller is not None else None
         idle = int(getattr(cache, "num_cached_objects", 0) or 0)
-        return {"available": available, "held": set(nodes), "demand": demand, "running": nodes, "pack": pack, "idle": idle,
-                "alive": alive}
+        view = {"available": available, "held": set(nodes), "demand": demand, "running": nodes, "pack": pack, "idle": idle}
+        if resting is not None:
+            view["resting"] = Counter(filter(None, (current_node(t.last_result, alive) for t in resting)))
+        return view
 
     def _free_capacity(self, trial: Trial, tune_controller=None) -> int:
         """Trials of `trial`'s size that fit now on nodes that already run a trial of this search
@@ -218,7 +220,6 @@ class Confirmations:
         view = self._slot_view(trial, tune_controller)
         if view is None:
             return 0
-        view.pop("alive")
         free = free_slots(**view)
         room = self.room()
         return free if room is None else min(free, room)
@@ -227,12 +228,8 @@ class Confirmations:
         """How many of `resting` (running trials held at a rung, training nothing) can go on in place
         at full speed: None unless packs limit it (`search.confirm.pack_room`). A held trial alone in
         its worker goes on in its own slot; a held packed arm trains in its pack, beside the others."""
-        view = self._slot_view(resting[0], tune_controller) if resting else None
-        if view is None:
-            return None
-        alive = view.pop("alive")
-        view["resting"] = Counter(filter(None, (current_node(t.last_result, alive) for t in resting)))
-        return pack_room(**view)
+        view = self._slot_view(resting[0], tune_controller, resting) if resting else None
+        return None if view is None else pack_room(**view)
 
     def _preempt(self, tune_controller) -> None:
         """A kept trial waits for a slot: a running challenger gives its slot back (it resumes later
