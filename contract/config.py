@@ -230,7 +230,8 @@ class EvalConfig:
 
     metric: Optional[str] = _doc(
         "exact_match | contains (on greedy generations of the eval prompts) | module:function (called with the "
-        "generations and the references, returning a number); null = the verdict uses the eval loss", default=None
+        "generations and the references, returning a number); null = the verdict uses the eval loss. Needs eval "
+        "examples with a prompt before the answer (not data.format text)", default=None
     )
     metric_mode: Literal[METRIC_MODES] = _doc("max (higher is better) | min", default="max")
     max_new_tokens: int = _doc("tokens generated per eval prompt for the metric", default=32)
