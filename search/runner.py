@@ -458,11 +458,12 @@ def describe_choices(prepared: Prepared) -> list[str]:
 
 
 # On CPU, `auto` does not pack: on the 2-core machine packed searches measured slower than one arm
-# per worker (bench/packing.py, 2026-12-06: 1.08-1.34x the wall time on a planted task with the tiny
-# Llama, 1.14-1.41x on the quickstart), though they held 0.48-0.53x and 0.24-0.27x the memory per concurrent arm.
+# per worker (the start-up line says what bench/packing.py measured, 2026-12-06, bench/RESULTS.md).
 # A number in arms_per_worker packs; a model from this hidden size up is compute-bound on CPU and
 # its arms take turns on the base instead of stacking.
 SMALL_HIDDEN = 256
+CPU_PACKING_WALL = "1.08-1.34x the wall time on a planted tiny-model task, 1.14-1.41x on the quickstart"
+CPU_PACKING_MEMORY = "0.48-0.53x and 0.24-0.27x the memory per arm"
 
 
 def base_dropout_note(config) -> str:
@@ -531,8 +532,7 @@ def plan_packs(cfg: SearchConfig, prepared: Prepared, resources: dict, log: Call
     else:
         if wanted == "auto":
             log("packing: off on CPU: packed searches measured slower than one arm per worker on 2 cores"
-                " (bench/packing.py: 1.08-1.34x the wall time on a planted tiny-model task, 1.14-1.41x on the quickstart),"
-                " though they held 0.48-0.53x and 0.24-0.27x the memory per arm; one arm per worker"
+                f" (bench/packing.py: {CPU_PACKING_WALL}), though they held {CPU_PACKING_MEMORY}; one arm per worker"
                 " (resources.arms_per_worker: N packs anyway)")
             return None, resources
         large = prepared.dims.get("hidden", 0) >= SMALL_HIDDEN
