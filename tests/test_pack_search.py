@@ -44,6 +44,8 @@ def _final_losses(experiment: Path) -> dict:
 
 
 def test_a_crashed_pack_resumes_its_arms_and_a_diverging_arm_leaves_its_pack_mates_finishing(raw_config, tmp_path, monkeypatch, capsys):
+    """A packed search keeps every per-arm artifact and resumes with packing turned off and on; then
+    the same search with a diverging arm and a crashing pack ends with the same verdict."""
     code, plain = _search(raw_config, tmp_path, "plain", arms_per_worker=4)
     out = capsys.readouterr().out
     assert code == 0 and "packing: 4 arms per worker" in out
@@ -55,6 +57,15 @@ def test_a_crashed_pack_resumes_its_arms_and_a_diverging_arm_leaves_its_pack_mat
         assert len((plain / folder / "result.json").read_text().splitlines()) == 3
     pids = {json.loads(line)["train_pid"] for f in folders for line in (plain / f / "result.json").read_text().splitlines()}
     assert len(pids) == 1, "every arm trained in the one pack process"
+
+    # `resources.*` may change on --resume, packing too: both modes are one Tune trainable (Tune's
+    # restore refused a packed search resumed with arms_per_worker: 1, with a traceback).
+    verdict = _verdict(plain)
+    for arms in ("1", "2"):
+        assert main(["search", str(tmp_path / "plain.yaml"), "--set", f"resources.arms_per_worker={arms}", "--resume"]) == 0
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err, captured.err[-3000:]
+        assert _verdict(plain)["rank"] == verdict["rank"]
 
     # Both faults in one search: the r=1 arms diverge at step 12 and leave the pack; then the whole
     # pack process dies at step 15 (an r=4 arm's fault) and its r=4 arms resume in a new one.
@@ -161,20 +172,6 @@ def test_on_gpus_auto_packs_the_arms_of_each_gpu_in_one_process(raw_config, ray_
         pids.setdefault(row.gpu_ids, set()).update(r["train_pid"] for r in reports)
     assert sorted(pids) == ["0", "1"] and sorted(trials["gpu_ids"]) == ["0", "0", "1", "1"], "two arms per GPU"
     assert all(len(p) == 1 for p in pids.values()) and len(set.union(*pids.values())) == 2, f"one pack process per GPU: {pids}"
-
-
-def test_a_packed_search_resumes_with_packing_turned_off_and_back_on(raw_config, tmp_path, capsys):
-    """`resources.*` may change on --resume; packing too: both modes are one Tune trainable (Tune's
-    restore refused a packed search resumed with arms_per_worker: 1, with a traceback)."""
-    code, experiment = _search(raw_config, tmp_path, "switch", arms_per_worker=4)
-    assert code == 0
-    verdict = _verdict(experiment)
-    config = str(tmp_path / "switch.yaml")
-    for arms in ("1", "2"):
-        capsys.readouterr()
-        assert main(["search", config, "--set", f"resources.arms_per_worker={arms}", "--resume"]) == 0, capsys.readouterr().err[-3000:]
-        assert "Traceback" not in capsys.readouterr().err
-        assert _verdict(experiment)["rank"] == verdict["rank"]
 
 
 def test_a_gpu_fraction_per_pack_puts_that_many_packs_on_a_gpu(raw_config, ray_session, monkeypatch):
