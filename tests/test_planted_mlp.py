@@ -40,7 +40,8 @@ RUNGS = halving_rungs(math.ceil(GRACE_FRACTION * STEPS), STEPS, 3)  # the defaul
 def test_presets_x_ranks_on_an_mlp_planted_task_recommend_the_mlp_at_the_planted_rank(tmp_path, capsys):
     task = build_planted_task(tmp_path / "task", rank=K, targets=MLP_TARGETS, n_train=1500, n_eval=300)
     raw = planted_config(task, RANKS, str(tmp_path / "runs"), name="mlp-planted", lora={"target_modules": CHOICES},
-                         train={"max_steps": STEPS, "eval_every": 10, "learning_rate": 2e-2})  # the full grid
+                         train={"max_steps": STEPS, "eval_every": 25, "learning_rate": 2e-2})  # the full grid
+    # (evaluated every 25 steps, which holds both rungs; bench/target_choices.py's every 10 gives the same verdict)
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["search", str(config)]) == 0
