@@ -344,13 +344,13 @@ def _record_spent(cfg: SearchConfig, grid, resources: dict, started_at: float) -
 
 
 def _resumed_trackers(cfg: SearchConfig, log) -> tuple[list, dict]:
-    """On --resume the trackers of the first start are not re-created (a second MLflow parent run
-    would split the search); the resumed trials log nowhere new, and the verdict still goes to the
-    trackers recorded in search_meta.json."""
+    """On --resume, the trackers of the first start as search_meta.json records them (a second
+    MLflow parent run would split the search): its parent run and W&B group, each resumed trial
+    logging on to its own run, the verdict logged as after a first start."""
+    from lora_rank_search.search import tracking
+
     record = layout.read_meta(cfg.experiment_path).get("tracking") or {}
-    if record:
-        log("tracking: resumed: the verdict goes to the trackers of the first start; resumed trials are not logged again")
-    return [], {}
+    return (tracking.resumed_callbacks(cfg, record, log) if record else []), record
 
 
 def _write_meta(cfg: SearchConfig, prepared: Prepared, resources: dict, budget: Optional[dict] = None,
@@ -593,13 +593,14 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
     trainable = tune.with_resources(tune.with_parameters(lora_trial, **parameters), resources)
     if resume:
         try:
-            return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         except ValueError as exc:
             if "expected 'packed_trial'" not in str(exc):
                 raise
             # a packed search started when packing had a trainable of its own name: the same code under it
             trainable = tune.with_resources(tune.with_parameters(packed_trial, **parameters), resources)
-            return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return _with_trackers(tuner, callbacks or [])
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
@@ -625,6 +626,18 @@ def build_tuner(cfg: SearchConfig, prepared: Prepared, resources: dict, resume: 
             verbose=0,
         ),
     )
+
+
+def _with_trackers(tuner, trackers: list):
+    """A restored Tuner with `trackers` in place of the tracker callbacks Tune saved at the first
+    start (pickled with that start's code; Ray's MLflow and W&B callbacks also need the environment
+    the first driver had set, and opened a second run for every resumed trial)."""
+    from lora_rank_search.search.ray_usage import INTEGRATIONS
+
+    run_config = tuner._local_tuner.get_run_config()  # Ray 2.60 internals: a restored Tuner's run config
+    kept = [c for c in run_config.callbacks or [] if type(c).__name__ not in INTEGRATIONS]
+    run_config.callbacks = kept + list(trackers)
+    return tuner
 
 
 class _QuietTuneHints(logging.Filter):

@@ -88,7 +88,8 @@ def callbacks(cfg: SearchConfig, log: Callable[[str], None] = print) -> tuple[li
         allow_folder(uri)
         try:
             from mlflow.tracking import MlflowClient
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            from lora_rank_search.search.tracker_callbacks import MLflowLoggerCallback
 
             with _quick_mlflow():
                 client = MlflowClient(tracking_uri=uri)
@@ -114,29 +115,42 @@ def callbacks(cfg: SearchConfig, log: Callable[[str], None] = print) -> tuple[li
         folder = wandb_dir(cfg)
         os.makedirs(folder, exist_ok=True)
         kwargs = {"mode": mode, "dir": folder, **({"entity": w.entity} if w.entity else {})}
-        out.append(_wandb_callback_class()(project=w.project, group=cfg.name, log_config=False, **kwargs))
+        from lora_rank_search.search.tracker_callbacks import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(project=w.project, group=cfg.name, log_config=False, **kwargs))
         record["wandb"] = {"project": w.project, "entity": w.entity, "group": cfg.name, "mode": mode, "dir": folder}
         log(f"tracking: W&B project {w.project!r}, group {cfg.name!r}, {mode}, files under {folder}")
     return out, record
 
 
-def _wandb_callback_class():
-    """Ray's WandbLoggerCallback whose per-trial logging actor also tears W&B down after
-    `wandb.finish()`: finish returns before W&B's service process has written the run's files,
-    and Ray kills the actor (and with it that process) as soon as finish returns, which lost whole
-    offline runs (a 7-byte run file)."""
-    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+def resumed_callbacks(cfg: SearchConfig, record: dict, log: Callable[[str], None] = print) -> list:
+    """The trackers of the first start (`record`, from search_meta.json), for a resumed search: the
+    same MLflow parent run and W&B group, and each resumed trial logging on to its own run
+    (`search.tracker_callbacks`). A tracker that cannot be set up warns and the search goes on."""
+    out, where = [], []
+    m = record.get("mlflow")
+    if m:
+        try:
+            from lora_rank_search.search.tracker_callbacks import MLflowLoggerCallback
 
-    class FlushingActor(_WandbLoggingActor):
-        def run(self):
-            super().run()
-            self._wandb.teardown()
+            allow_folder(m["tracking_uri"])
+            tags = {"mlflow.parentRunId": m["parent_run_id"], "lora_rank_search.search": cfg.name}
+            out.append(MLflowLoggerCallback(tracking_uri=m["tracking_uri"], experiment_name=m["experiment_name"], tags=tags,
+                                            save_artifact=False))
+            where.append(f"MLflow parent run {m['parent_run_id']}")
+        except Exception as exc:  # noqa: BLE001 - an unreachable tracker must not stop the search
+            warn(f"tracking.mlflow: cannot log the resumed trials ({type(exc).__name__}: {exc}); the search goes on without MLflow")
+    w = record.get("wandb")
+    if w:
+        from lora_rank_search.search.tracker_callbacks import WandbLoggerCallback
 
-    class Callback(WandbLoggerCallback):
-        _logger_actor_cls = FlushingActor
-
-    Callback.__name__ = Callback.__qualname__ = "WandbLoggerCallback"
-    return Callback
+        os.makedirs(w["dir"], exist_ok=True)
+        kwargs = {"mode": w["mode"], "dir": w["dir"], **({"entity": w["entity"]} if w.get("entity") else {})}
+        out.append(WandbLoggerCallback(project=w["project"], group=w["group"], log_config=False, **kwargs))
+        where.append(f"W&B group {w['group']!r}, {w['mode']}")
+    if where:
+        log(f"tracking: resumed: each trial logs on to its run of the first start ({'; '.join(where)})")
+    return out
 
 
 def wandb_dir(cfg: SearchConfig) -> str:

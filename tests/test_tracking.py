@@ -12,6 +12,7 @@ import yaml
 
 from lora_rank_search.search import tracking
 from lora_rank_search.search.config import parse_config
+from test_interrupt import driver_env  # noqa: F401 - a fixture used below
 
 # mlflow and wandb come with the tracking extra, which `make test` installs (pip install -e '.[dev,tracking]').
 
@@ -91,21 +92,43 @@ def test_a_local_folder_becomes_a_file_uri_and_uris_stay():
 
 
 @pytest.mark.slow
-def test_a_real_search_logs_every_trial_and_the_verdict_to_mlflow_and_offline_wandb(raw_config, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_and_resumed_search_logs_every_trial_once_and_the_verdict_to_mlflow_and_offline_wandb(
+        raw_config, tmp_path, driver_env):
+    """Ctrl-C mid-run, then --resume: the resumed trial logs on to its run of the first start (one
+    MLflow child run per trial, each ended; one W&B run id per trial), the Ctrl-C returns at once (Ray's
+    W&B callback waited its 30-minute upload timeout for the interrupted trial's actor), and the
+    resume sets up the trackers again (it died on MLflow's folder-store opt-in and W&B's offline mode)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
     from mlflow.tracking import MlflowClient
 
-    from lora_rank_search.search.cli import main
+    from lora_rank_search.trainables.failures import FAULT_ENV
+    from test_interrupt import _wait_for
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     store, wdir = tmp_path / "mlruns", tmp_path / "wandb-files"
     raw = raw_config(name="tracked", lora={"ranks": [1, 4]}, train={"max_steps": 20, "eval_every": 10},
                      scheduler={"type": "none"},
                      tracking={"mlflow": {"tracking_uri": str(store)},
                                "wandb": {"project": "rank-search", "mode": "offline", "dir": str(wdir)}})
-    code = main(["search", _write(tmp_path, raw)])
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
+    cli = [sys.executable, "-m", "lora_rank_search.search.cli", "search", _write(tmp_path, raw)]
+    env = {**driver_env, "WANDB_SILENT": "true", FAULT_ENV: "r=4:step=15:kind=hang:once"}  # r=4 waits in the first start
+    env.pop("WANDB_API_KEY", None)
+    env.pop("MLFLOW_ALLOW_FILE_STORE", None)
+    logs = [open(tmp_path / name, "w+") for name in ("out-0.txt", "err-0.txt", "out-1.txt", "err-1.txt")]
+    first = subprocess.Popen(cli, stdout=logs[0], stderr=logs[1], env=env)
+    _wait_for(str(tmp_path / "runs" / "tracked"), first, lambda snap: len(snap) == 2 and all(step >= 10 for _, step in snap.values()))
+    interrupted = time.time()
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=900) == 130, (logs[1].seek(0) or logs[1].read())[-3000:]
+    assert time.time() - interrupted < 120, "the Ctrl-C waited for the W&B actor of the interrupted trial"
+    second = subprocess.run([*cli, "--resume"], stdout=logs[2], stderr=logs[3], env=env, timeout=900)
+    out, err = (logs[2].seek(0) or logs[2].read()), (logs[3].seek(0) or logs[3].read())
+    assert second.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert "tracking: resumed: each trial logs on to its run of the first start" in out
     assert "tracking: verdict logged on MLflow run" in out and "tracking: verdict logged as the summary of W&B run" in out
 
     tracking.allow_folder("file://" + str(store))
@@ -114,7 +137,8 @@ def test_a_real_search_logs_every_trial_and_the_verdict_to_mlflow_and_offline_wa
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("lora_rank_search.role") == "search"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 2, "one child run per trial, the resumed one included"
+    assert {c.info.status for c in children} == {"FINISHED"}
     parent = parents[0]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.params["r"] for c in children) == ["1", "4"]
@@ -125,7 +149,8 @@ def test_a_real_search_logs_every_trial_and_the_verdict_to_mlflow_and_offline_wa
     assert {"gain_share", "base_eval_loss"} <= set(parent.data.metrics)
 
     run_dirs = sorted(glob.glob(str(wdir / "wandb" / "offline-run-*")))
-    assert len(run_dirs) == 3, run_dirs  # two trials and the verdict
+    # two trials (the resumed one continues its run id from a second folder: `wandb sync` joins them) and the verdict
+    assert len({d.rsplit("-", 1)[1] for d in run_dirs}) == 3 and len(run_dirs) == 4, run_dirs
     groups, verdicts, trial_histories = set(), [], 0
     for run_dir in run_dirs:
         records = wandb_records(run_dir)
