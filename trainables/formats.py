@@ -64,9 +64,13 @@ class Format:
 
 
 def render(tokenizer, messages: list, generation_prompt: bool, template: bool) -> str:
+    """The conversation through the chat template, or as plain `role: content` lines whose assistant
+    turns end with EOS: the adapter learns where an answer ends (as `prompt + response + EOS` does
+    for a pair), and a generation for eval.metric stops there instead of running on."""
     if template:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    eos = tokenizer.eos_token or ""
+    text = "".join(f"{m['role']}: {m['content']}{eos if m['role'] == 'assistant' else ''}\n" for m in messages)
     return text + ("assistant: " if generation_prompt else "")
 
 
