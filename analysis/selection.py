@@ -431,6 +431,11 @@ def recommend_by_metric(trials: pd.DataFrame, history: pd.DataFrame, metric: str
             note = f"{count} evaluation(s) without a {metric} value, left out of the verdict: {message}"
             rec.metric_errors.append(note)
             rec.excluded.append(note)
+        if rec.rank is None and len(errors) and not np.isfinite(view_history["eval_loss"].to_numpy(dtype=float)).any():
+            losses = pd.to_numeric(history.get("eval_loss", pd.Series(dtype=float)), errors="coerce").to_numpy(dtype=float)
+            finite = "the eval losses were finite; " if np.isfinite(losses).any() else ""
+            rec.reason = (f"no evaluation produced a value of {metric} ({finite}the metric failed every time: "
+                          f"{errors.value_counts().index[0]}), so no rank can be recommended")
     return rec
 
 
@@ -506,7 +511,7 @@ def recommend(trials: pd.DataFrame, history: pd.DataFrame, tolerance: Optional[f
                            curves=curves, searched=searched_nuisance(trials), quantity=quantity, metric_mode=metric_mode)
     if curves.empty:
         empty.excluded = _excluded(trials, curves, {})[0]
-        empty.reason = "no trial produced a finite eval loss, so no rank can be recommended"
+        empty.reason = f"no trial produced a finite {empty.quantity_name}{'' if quantity == 'eval_loss' else ' value'}, so no rank can be recommended"
         return empty
     table = _rank_table(_arm_table(curves, _unstable_ids(trials)))
     excluded, failed_by_rank = _excluded(trials, curves, table)

@@ -194,6 +194,28 @@ def test_evaluations_whose_metric_failed_are_named_in_the_diagnosis(tmp_path):
     assert result.recommendation.rank is not None, "the search's verdict still comes out"
 
 
+def test_a_metric_that_failed_at_every_evaluation_is_the_reason_given_not_the_eval_loss(tmp_path):
+    """The eval losses were finite; the verdict's reason said "no trial produced a finite eval loss"."""
+    import json
+    from pathlib import Path
+
+    from lora_rank_search.analysis.pipeline import run_analysis
+
+    curves = {1: {50: 3.2, 100: 3.0}, 2: {50: 3.1, 100: 2.95}}
+    metric = {r: {50: float("nan"), 100: float("nan")} for r in curves}
+    experiment = _experiment(tmp_path / "exp", curves, metric)
+    for result_file in Path(experiment).glob("*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines()]
+        for row in rows:
+            row["eval_metric_error"] = "the metric function 'm:f' raised TypeError: x"
+        result_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rec = run_analysis(experiment).recommendation
+    assert rec.rank is None
+    assert rec.reason == ("no evaluation produced a value of exact_match (the eval losses were finite; the metric failed every time: "
+                          "the metric function 'm:f' raised TypeError: x), so no rank can be recommended"), rec.reason
+    assert "eval loss" not in rec.reason.replace("the eval losses were finite", "")
+
+
 @pytest.mark.slow
 def test_a_real_search_is_judged_by_the_metric_and_one_whose_function_raises_finishes(raw_config, tmp_path, monkeypatch, capsys):
     import json
