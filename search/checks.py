@@ -279,3 +279,61 @@ def config_warnings(cfg: SearchConfig) -> list[str]:
             f"stay{'' if idle > 1 else 's'} reserved and idle; use 1, or a fraction to share a GPU"
         )
     return out
+
+
+# Settings that only act together with another: (dotted key, is it idle in this config?, why not).
+# A key the user wrote whose setting does nothing here is warned about (`idle_settings`).
+IDLE_WHEN = (
+    ("scheduler.confirm", lambda c: c.scheduler.type != "sha" and c.scheduler.confirm != "off",
+     lambda c: f"confirmations run under successive halving only (scheduler.type sha), not {c.scheduler.type}"),
+    ("scheduler.grace_period", lambda c: c.scheduler.type == "none", lambda c: "scheduler.type none stops no trial early"),
+    ("scheduler.reduction_factor", lambda c: c.scheduler.type == "none", lambda c: "scheduler.type none stops no trial early"),
+    ("quantization.quant_type", lambda c: not c.quantization.load_in_4bit, lambda c: "quantization.load_in_4bit is false"),
+    ("quantization.double_quant", lambda c: not c.quantization.load_in_4bit, lambda c: "quantization.load_in_4bit is false"),
+    ("quantization.prequantized_cache", lambda c: not c.quantization.load_in_4bit, lambda c: "quantization.load_in_4bit is false"),
+    ("eval.metric_mode", lambda c: not c.eval.metric, lambda c: "eval.metric is not set"),
+    ("eval.max_new_tokens", lambda c: not c.eval.metric, lambda c: "eval.metric is not set"),
+    ("budget.fit", lambda c: not _budgeted(c), lambda c: "no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"),
+    ("budget.probe_steps", lambda c: not _budgeted(c), lambda c: "no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"),
+    ("data.eval_fraction", lambda c: bool(c.data.eval_source or c.data.eval_split),
+     lambda c: "the eval examples come from " + ("data.eval_source" if c.data.eval_source else "data.eval_split")),
+    ("tracking.mlflow.experiment_name", lambda c: not c.tracking.mlflow.tracking_uri,
+     lambda c: "tracking.mlflow.tracking_uri is not set (MLflow is off)"),
+    ("tracking.wandb.entity", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
+    ("tracking.wandb.mode", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
+    ("tracking.wandb.dir", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
+)
+
+
+def _budgeted(cfg: SearchConfig) -> bool:
+    b = cfg.budget
+    return any(v is not None for v in (b.gpu_hours, b.cpu_hours, b.wall_minutes))
+
+
+def _written(raw: Any, dotted: str) -> bool:
+    """Whether the raw (YAML, after --set) config holds this key with a value other than null."""
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
+
+
+def idle_settings(raw: Any, cfg: SearchConfig) -> list[str]:
+    """Keys the user wrote that do nothing with the rest of this config: one warning line each,
+    `<key>: <value> has no effect: <why>`, so a setting that reads as doing something is never silently idle."""
+    out = []
+    for dotted, idle, why in IDLE_WHEN:
+        if _written(raw, dotted) and idle(cfg):
+            section, name = dotted.rsplit(".", 1)
+            value = getattr(_section(cfg, section), name)
+            out.append(f"{dotted}: {value!r} has no effect: {why(cfg)}")
+    return out
+
+
+def _section(cfg: SearchConfig, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

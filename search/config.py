@@ -25,7 +25,7 @@ from lora_rank_search.contract.config import (  # noqa: F401 - the schema, re-ex
     target_choices,
 )
 from lora_rank_search.contract.storage import is_uri as _is_uri
-from lora_rank_search.search.checks import check, check_limits, config_warnings  # noqa: F401 - config_warnings: re-exported
+from lora_rank_search.search.checks import check, check_limits, config_warnings, idle_settings  # noqa: F401 - config_warnings: re-exported
 
 
 # --------------------------------------------------------------------------- parsing (types)
@@ -260,7 +260,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
         raise ConfigError(errors, source) from None
     if errors:
         raise ConfigError(errors, source)
-    for line in config_warnings(cfg):
+    for line in config_warnings(cfg) + idle_settings(raw, cfg):
         warn(line)
     return cfg
 

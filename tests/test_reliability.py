@@ -40,6 +40,43 @@ def test_a_batch_larger_than_the_training_data_is_warned_about(raw_config, capsy
     assert "train.batch_size" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("over, warned", [
+    ({"scheduler": {"type": "asha", "confirm": "full"}},
+     ["scheduler.confirm: 'full' has no effect: confirmations run under successive halving only (scheduler.type sha), not asha"]),
+    ({"scheduler": {"type": "none", "confirm": "tail", "grace_period": 10}},
+     ["scheduler.confirm: 'tail' has no effect: confirmations run under successive halving only (scheduler.type sha), not none",
+      "scheduler.grace_period: 10 has no effect: scheduler.type none stops no trial early",
+      "scheduler.reduction_factor: 2.0 has no effect: scheduler.type none stops no trial early"]),  # conftest's base writes it
+    ({"scheduler": {"type": "asha", "confirm": "off"}}, []),
+    ({"scheduler": {"type": "sha", "confirm": "full"}}, []),
+    ({"quantization": {"load_in_4bit": False, "quant_type": "fp4"}},
+     ["quantization.quant_type: 'fp4' has no effect: quantization.load_in_4bit is false"]),
+    ({"eval": {"max_new_tokens": 8}}, ["eval.max_new_tokens: 8 has no effect: eval.metric is not set"]),
+    ({"budget": {"fit": "shrink"}},
+     ["budget.fit: 'shrink' has no effect: no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"]),
+    ({"budget": {"fit": "shrink", "wall_minutes": 30}}, []),
+    ({"tracking": {"wandb": {"mode": "offline"}}},
+     ["tracking.wandb.mode: 'offline' has no effect: tracking.wandb.project is not set (W&B is off)"]),
+])
+def test_a_written_setting_that_does_nothing_with_the_rest_of_the_config_is_warned_about(raw_config, over, warned):
+    """scheduler.confirm under ASHA was ignored without a word; the class: every key that acts only
+    together with another (`checks.IDLE_WHEN`), warned about only where the user wrote it."""
+    from lora_rank_search.search.config import idle_settings
+
+    raw = raw_config(**over)
+    assert idle_settings(raw, parse_config(raw)) == warned
+
+
+def test_idle_settings_are_printed_when_the_config_is_loaded(raw_config, tmp_path, capsys):
+    from lora_rank_search.search.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw_config()))
+    load_config(str(path), ["scheduler.confirm=full"])  # conftest's base config runs ASHA
+    assert ("warning: scheduler.confirm: 'full' has no effect: confirmations run under successive halving only "
+            "(scheduler.type sha), not asha") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("gpus, idle", [(2, "1 GPU per trial stays"), (4, "3 GPUs per trial stay"), (1, None), (0.5, None)])
 def test_more_than_one_gpu_per_trial_is_warned_about_as_idle(raw_config, gpus, idle):
     """A trial's model is loaded on one device, never split: GPUs past the first sit idle."""
