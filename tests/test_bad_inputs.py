@@ -61,6 +61,8 @@ CASES = [
     ("model path is a GGUF file", {"model": {"name_or_path": "{bad}/model.gguf"}}, [], "is a file, not a model folder (for a GGUF file, set model.name_or_path to its folder"),
     ("model folder without config.json", {"model": {"name_or_path": "{bad}/no-config"}}, [], "model.name_or_path: no config.json in '{bad}/no-config'"),
     ("model config without model_type", {"model": {"name_or_path": "{bad}/bad-config"}}, [], "model.name_or_path: cannot read the model config of '{bad}/bad-config'"),
+    ("model with its own code, not trusted", {"model": {"name_or_path": "{bad}/custom-code"}}, [],
+     "contains custom code which must be executed to correctly load the model. You can inspect the repository content at {bad}/custom-code .); if you trust this repository's code, set model.trust_remote_code: true"),
     ("model folder without weights", {"model": {"name_or_path": "{bad}/no-weights"}}, [], "model.name_or_path: no weights (model.safetensors, pytorch_model.bin) in '{bad}/no-weights'"),
     ("GGUF file missing", {"model": {"gguf_file": "missing.gguf"}}, [], "model.gguf_file: 'missing.gguf' not found in"),
     ("unknown builtin model", {"model": {"name_or_path": "builtin:gpt-5"}}, [], "unknown builtin model 'builtin:gpt-5'; builtins: builtin:smollm2-135m-instruct"),
@@ -192,6 +194,12 @@ def bad(tmp_path_factory, tiny_model, chain_data) -> str:
     shutil.copytree(tiny_model, root / "no-config", ignore=shutil.ignore_patterns("config.json"))
     shutil.copytree(tiny_model, root / "bad-config")
     (root / "bad-config" / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    shutil.copytree(tiny_model, root / "custom-code")  # a repository that ships its own config class
+    config = json.loads((root / "custom-code" / "config.json").read_text())
+    config.update(model_type="tinycustom", auto_map={"AutoConfig": "configuration_tinycustom.TinyCustomConfig"})
+    (root / "custom-code" / "config.json").write_text(json.dumps(config))
+    (root / "custom-code" / "configuration_tinycustom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyCustomConfig(LlamaConfig):\n    model_type = 'tinycustom'\n")
     (root / "model.gguf").write_bytes(b"GGUF")
     (root / "a-file").write_text("not a folder")
     (root / "empty.jsonl").write_text("")

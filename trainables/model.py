@@ -164,8 +164,11 @@ def meta_model(path: str, trust_remote_code: bool = False) -> Any:
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:  # a config.json without a known model_type
-        raise ModelSourceError(f"model.name_or_path: cannot read the model config of {path!r} ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:  # a config.json without a known model_type, or one whose code the repo ships
+        first = str(exc).splitlines()[0]
+        hint = ("; if you trust this repository's code, set model.trust_remote_code: true"
+                if "trust_remote_code" in str(exc) and not trust_remote_code else "")
+        raise ModelSourceError(f"model.name_or_path: cannot read the model config of {path!r} ({first}){hint}") from None
     not_causal = f"model.name_or_path: {path!r} is not a causal language model (model_type {getattr(config, 'model_type', '?')!r}"
     if getattr(config, "is_encoder_decoder", False):
         raise ModelSourceError(f"{not_causal}: an encoder-decoder model)")
