@@ -19,7 +19,7 @@ from typing import Optional
 
 from lora_rank_search.trainables.probe import Probe  # noqa: F401 - what `estimate` and `fit` take (re-exported)
 from lora_rank_search.contract.arms import CHOICE_KEY, NUISANCE_KEYS, RANK_KEY
-from lora_rank_search.search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, arm_values
+from lora_rank_search.search.config import GRACE_FRACTION, BudgetConfig, ConfigError, SearchConfig, arm_values, warn
 
 # The first rung the planted-task benchmarks validate: on tests/test_planted.py (200 steps, rf 3)
 # successive halving found the planted rank with its first rung at 30 steps and missed it at 20
@@ -179,9 +179,9 @@ def fit(cfg: SearchConfig, probe: Probe, resources: dict, slots: int, elapsed_s:
     log(f"budget: probe: {probe.step_s:.3g} s per optimizer step, {probe.eval_s:.3g} s per evaluation, "
         f"{probe.load_s:.3g} s to load (on {probe.device}, {probe.steps} steps timed)")
     if on_gpu and b.gpu_hours is None and b.cpu_hours is not None:
-        log("budget: trials run on GPU; budget.cpu_hours does not apply (set budget.gpu_hours)")
+        warn(f"budget.cpu_hours: {b.cpu_hours:g} has no effect: trials run on GPU (set budget.gpu_hours)")
     if not on_gpu and b.gpu_hours is not None and b.cpu_hours is None:
-        log("budget: trials run on CPU; budget.gpu_hours does not apply (set budget.cpu_hours)")
+        warn(f"budget.gpu_hours: {b.gpu_hours:g} has no effect: trials run on CPU (set budget.cpu_hours)")
     est = estimate(cfg, probe, resources, slots, elapsed_s)
     log(f"budget: estimate: {describe(est, on_gpu)}")
     problems = over_budget(est, b, on_gpu)

@@ -81,6 +81,14 @@ def test_over_budget_is_refused_with_the_numbers_by_default():
     assert "budget.fit: refuse (the default): estimate " in text and "training steps" in text
 
 
+def test_a_budget_on_the_other_resource_is_warned_about_as_having_no_effect(capsys):
+    """budget.gpu_hours on CPU caps nothing (a CPU trial spends no GPU-hours): a warning, not a budget: line."""
+    budget.fit(_cfg(budget={"gpu_hours": 0.0001}), PROBE, RES, slots=2, log=lambda line: None)
+    assert "warning: budget.gpu_hours: 0.0001 has no effect: trials run on CPU (set budget.cpu_hours)" in capsys.readouterr().err
+    budget.fit(_cfg(budget={"cpu_hours": 100}), PROBE, {"cpu": 1, "gpu": 1.0}, slots=2, log=lambda line: None)
+    assert "warning: budget.cpu_hours: 100 has no effect: trials run on GPU (set budget.gpu_hours)" in capsys.readouterr().err
+
+
 def test_shrink_gives_the_largest_max_steps_that_fits_and_never_cuts_the_first_rung_below_the_validated_one():
     cfg = _cfg(budget={"cpu_hours": 0.2, "fit": "shrink"}, train={"max_steps": 2000})
     lines = []
