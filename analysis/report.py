@@ -209,8 +209,9 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
         sign = "−" if rec.metric_mode == "max" else ""
         blocks.append(("p", f"**Judged by the downstream metric `{metric}` ({rec.metric_mode} is better), not the eval loss.** "
                             f"Untouched base model (step 0): {metric} {rec.base_eval_metric:.4f}, eval loss "
-                            f"{rec.base_eval_loss_measured:.4f}; the recommended adapter: {metric} {rec.eval_metric:.4f}. "
-                            f"In the tables below the 'loss' columns hold {sign}{metric}; the eval loss stays in the table of all trials."))
+                            f"{rec.base_eval_loss_measured:.4f}"
+                            + (f"; the recommended adapter: {metric} {rec.eval_metric:.4f}. " if rec.rank is not None else ". ")
+                            + f"In the tables below the 'loss' columns hold {sign}{metric}; the eval loss stays in the table of all trials."))
         if rec.metric_errors:
             blocks.append(("p", "The metric failed:"))
             blocks.append(("list", list(rec.metric_errors)))

@@ -209,8 +209,11 @@ def test_a_metric_that_failed_at_every_evaluation_is_the_reason_given_not_the_ev
         for row in rows:
             row["eval_metric_error"] = "the metric function 'm:f' raised TypeError: x"
         result_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    rec = run_analysis(experiment).recommendation
+    result = run_analysis(experiment)
+    rec = result.recommendation
     assert rec.rank is None
+    report = open(result.files["md"]).read()
+    assert "Judged by the downstream metric `exact_match`" in report and "the recommended adapter:" not in report
     assert rec.reason == ("no evaluation produced a value of exact_match (the eval losses were finite; the metric failed every time: "
                           "the metric function 'm:f' raised TypeError: x), so no rank can be recommended"), rec.reason
     assert "eval loss" not in rec.reason.replace("the eval losses were finite", "")
