@@ -634,7 +634,10 @@ def _with_trackers(tuner, trackers: list):
     the first driver had set, and opened a second run for every resumed trial)."""
     from lora_rank_search.search.ray_usage import INTEGRATIONS
 
-    run_config = tuner._local_tuner.get_run_config()  # Ray 2.60 internals: a restored Tuner's run config
+    local = getattr(tuner, "_local_tuner", None)  # Ray 2.60 internals; None through a Ray client (ray://)
+    if local is None:
+        return tuner
+    run_config = local.get_run_config()
     kept = [c for c in run_config.callbacks or [] if type(c).__name__ not in INTEGRATIONS]
     run_config.callbacks = kept + list(trackers)
     return tuner

@@ -142,12 +142,15 @@ def resumed_callbacks(cfg: SearchConfig, record: dict, log: Callable[[str], None
             warn(f"tracking.mlflow: cannot log the resumed trials ({type(exc).__name__}: {exc}); the search goes on without MLflow")
     w = record.get("wandb")
     if w:
-        from lora_rank_search.search.tracker_callbacks import WandbLoggerCallback
+        try:
+            from lora_rank_search.search.tracker_callbacks import WandbLoggerCallback
 
-        os.makedirs(w["dir"], exist_ok=True)
-        kwargs = {"mode": w["mode"], "dir": w["dir"], **({"entity": w["entity"]} if w.get("entity") else {})}
-        out.append(WandbLoggerCallback(project=w["project"], group=w["group"], log_config=False, **kwargs))
-        where.append(f"W&B group {w['group']!r}, {w['mode']}")
+            os.makedirs(w["dir"], exist_ok=True)
+            kwargs = {"mode": w["mode"], "dir": w["dir"], **({"entity": w["entity"]} if w.get("entity") else {})}
+            out.append(WandbLoggerCallback(project=w["project"], group=w["group"], log_config=False, **kwargs))
+            where.append(f"W&B group {w['group']!r}, {w['mode']}")
+        except Exception as exc:  # noqa: BLE001 - as above
+            warn(f"tracking.wandb: cannot log the resumed trials ({type(exc).__name__}: {exc}); the search goes on without W&B")
     if where:
         log(f"tracking: resumed: each trial logs on to its run of the first start ({'; '.join(where)})")
     return out
