@@ -116,7 +116,8 @@ def _evidence_rows(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
             mark = f"no: not established ({e.overtaken_by} was as good here, then fell short)"
         if e.unstable:
             mark += " (unstable)"
-        step = f"{e.evidence_step}" + (" (stopped early)" if e.stopped_early else "")
+        # an unstable rank's best arm may have ended on a diverged loss, not by the scheduler's stop
+        step = f"{e.evidence_step}" + ((" (ended early)" if e.unstable else " (stopped early)") if e.stopped_early else "")
         lr = [_best_arm(rec, e.nuisance) + "".join(f"; {_best_arm(rec, a.nuisance)} unstable" if rec.searched != [LR_KEY] else
                                                    f", {_best_arm(rec, a.nuisance)} unstable"
                                                    for a in e.arms if a.unstable and a.nuisance != e.nuisance)] if several else []

@@ -443,6 +443,11 @@ def test_a_rank_that_diverged_is_named_so_and_is_no_challenger_close_behind():
     assert "unopposed" not in kinds, kinds.get("unopposed")
     assert kinds["unstable"].startswith("Unstable: r=32 diverged (its training turned non-finite) at every learning rate"), kinds
     assert "worse than the untouched base" not in kinds["unstable"]
+    from lora_rank_search.analysis.report import _evidence_rows
+
+    _, rows = _evidence_rows(rec)
+    steps = {row[0]: row[2] for row in rows}
+    assert steps["32"] == "10 (ended early)", "it diverged; the scheduler stopped nothing"
 
 
 def test_a_rate_that_led_at_the_first_rung_and_then_overfit_is_named_and_not_pushed_higher():
