@@ -89,7 +89,7 @@ def callbacks(cfg: SearchConfig, log: Callable[[str], None] = print) -> tuple[li
         try:
             from mlflow.tracking import MlflowClient
 
-            from lora_rank_search.search.tracker_callbacks import MLflowLoggerCallback
+            from lora_rank_search.search.mlflow_callback import MLflowLoggerCallback
 
             with _quick_mlflow():
                 client = MlflowClient(tracking_uri=uri)
@@ -115,7 +115,7 @@ def callbacks(cfg: SearchConfig, log: Callable[[str], None] = print) -> tuple[li
         folder = wandb_dir(cfg)
         os.makedirs(folder, exist_ok=True)
         kwargs = {"mode": mode, "dir": folder, **({"entity": w.entity} if w.entity else {})}
-        from lora_rank_search.search.tracker_callbacks import WandbLoggerCallback
+        from lora_rank_search.search.wandb_callback import WandbLoggerCallback
 
         out.append(WandbLoggerCallback(project=w.project, group=cfg.name, log_config=False, **kwargs))
         record["wandb"] = {"project": w.project, "entity": w.entity, "group": cfg.name, "mode": mode, "dir": folder}
@@ -126,12 +126,12 @@ def callbacks(cfg: SearchConfig, log: Callable[[str], None] = print) -> tuple[li
 def resumed_callbacks(cfg: SearchConfig, record: dict, log: Callable[[str], None] = print) -> list:
     """The trackers of the first start (`record`, from search_meta.json), for a resumed search: the
     same MLflow parent run and W&B group, and each resumed trial logging on to its own run
-    (`search.tracker_callbacks`). A tracker that cannot be set up warns and the search goes on."""
+    (`search.mlflow_callback`, `search.wandb_callback`). A tracker that cannot be set up warns and the search goes on."""
     out, where = [], []
     m = record.get("mlflow")
     if m:
         try:
-            from lora_rank_search.search.tracker_callbacks import MLflowLoggerCallback
+            from lora_rank_search.search.mlflow_callback import MLflowLoggerCallback
 
             allow_folder(m["tracking_uri"])
             tags = {"mlflow.parentRunId": m["parent_run_id"], "lora_rank_search.search": cfg.name}
@@ -143,7 +143,7 @@ def resumed_callbacks(cfg: SearchConfig, record: dict, log: Callable[[str], None
     w = record.get("wandb")
     if w:
         try:
-            from lora_rank_search.search.tracker_callbacks import WandbLoggerCallback
+            from lora_rank_search.search.wandb_callback import WandbLoggerCallback
 
             os.makedirs(w["dir"], exist_ok=True)
             kwargs = {"mode": w["mode"], "dir": w["dir"], **({"entity": w["entity"]} if w.get("entity") else {})}
