@@ -657,7 +657,15 @@ class _QuietTuneHints(logging.Filter):
 def run_search(
     cfg: SearchConfig, *, resume: bool = False, address: Optional[str] = None, log: Callable[[str], None] = print
 ) -> str:
-    """Run (or resume) the search; returns the experiment path. Raises ConfigError before Ray starts."""
+    """Run (or resume) the search; returns the experiment path. Raises ConfigError before Ray starts,
+    also while another search runs in the same experiment (`search.lock`)."""
+    from lora_rank_search.search import lock
+
+    with lock.held(cfg):
+        return _run_search(cfg, resume=resume, address=address, log=log)
+
+
+def _run_search(cfg: SearchConfig, *, resume: bool, address: Optional[str], log: Callable[[str], None]) -> str:
     import ray
 
     from lora_rank_search.trainables.trial import quiet_libraries
