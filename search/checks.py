@@ -270,6 +270,15 @@ def config_warnings(cfg: SearchConfig) -> list[str]:
             f"train.eval_every: {t.max_steps // t.eval_every:,} evaluations and checkpoints per trial "
             f"(max_steps {t.max_steps} / eval_every {t.eval_every}); each one costs an eval pass and a checkpoint write"
         )
+    if cfg.scheduler.type != "none" and t.max_steps > 0:
+        from lora_rank_search.search.space import grace_steps, rung_steps
+
+        if not rung_steps(cfg):
+            out.append(
+                f"scheduler.grace_period: {grace_steps(cfg)} steps, as many as train.max_steps: {cfg.scheduler.type} has no rung "
+                f"before the end, so it stops no trial early and every arm trains {t.max_steps} steps (the full grid); "
+                "lower grace_period to compare the arms earlier, or set scheduler.type none"
+            )
     g = cfg.resources.gpus_per_trial
     if not isinstance(g, str) and g > 1:
         idle = int(g) - 1

@@ -77,6 +77,15 @@ def test_idle_settings_are_printed_when_the_config_is_loaded(raw_config, tmp_pat
             "(scheduler.type sha), not asha") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["sha", "asha"])
+def test_a_grace_period_as_long_as_the_training_is_warned_about_as_no_halving(raw_config, kind):
+    lines = config_warnings(parse_config(raw_config(train={"max_steps": 20}, scheduler={"type": kind, "grace_period": 20})))
+    assert lines == [f"scheduler.grace_period: 20 steps, as many as train.max_steps: {kind} has no rung before the end, so it "
+                     "stops no trial early and every arm trains 20 steps (the full grid); lower grace_period to compare the "
+                     "arms earlier, or set scheduler.type none"]
+    assert config_warnings(parse_config(raw_config(train={"max_steps": 20}, scheduler={"type": kind, "grace_period": 10}))) == []
+
+
 @pytest.mark.parametrize("gpus, idle", [(2, "1 GPU per trial stays"), (4, "3 GPUs per trial stay"), (1, None), (0.5, None)])
 def test_more_than_one_gpu_per_trial_is_warned_about_as_idle(raw_config, gpus, idle):
     """A trial's model is loaded on one device, never split: GPUs past the first sit idle."""
