@@ -106,6 +106,21 @@ def test_an_eval_file_that_overlaps_the_training_file_is_warned_about_with_the_c
     assert "warning: data.eval_source: 7 of 8 eval examples also appear in the training data;" in capsys.readouterr().err
 
 
+def test_an_eval_split_that_is_the_training_split_is_warned_about_like_an_eval_file():
+    from lora_rank_search.search.config import DataConfig
+    from lora_rank_search.trainables.data import overlap_warning
+
+    records = [{"prompt": f"w{i}", "response": "w1"} for i in range(5)]
+    same = DataConfig(source="/d", format="instruction", split="validation", eval_split="validation")
+    assert overlap_warning(records, records[:2], same) == (
+        "data.eval_split: is the training split (data.split 'validation'): 2 of 2 eval examples also appear in the training "
+        "data; their eval loss measures memorization, not generalization")
+    other = DataConfig(source="/d", format="instruction", split="train", eval_split="test")
+    assert overlap_warning(records, records[:1] + [{"prompt": "w9", "response": "w2"}], other).startswith(
+        "data.eval_split: 1 of 2 eval examples also appear")
+    assert overlap_warning(records, [{"prompt": "w9", "response": "w2"}], other) is None
+
+
 def test_the_cli_prints_config_warnings_and_goes_on(raw_config, tmp_path, capsys):
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(raw_config(train={"learning_rate": 1e-8}, model={"name_or_path": str(tmp_path / "none")})))

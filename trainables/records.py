@@ -277,8 +277,9 @@ def detect_format(records: list, data_cfg: DataConfig, where: str) -> str:
 
 
 def overlap_warning(train_records: list, eval_records: list, data_cfg: DataConfig) -> Optional[str]:
-    """`data.eval_source: ...` when eval examples also appear in the training data, with the count."""
-    if not data_cfg.eval_source:
+    """`data.eval_source: ...` (or `data.eval_split: ...`) when eval examples also appear in the
+    training data, with the count."""
+    if not (data_cfg.eval_source or data_cfg.eval_split):
         return None
 
     def key(record: dict) -> str:
@@ -288,9 +289,14 @@ def overlap_warning(train_records: list, eval_records: list, data_cfg: DataConfi
     shared = sum(1 for r in eval_records if key(r) in seen)
     if not shared:
         return None
-    same = os.path.realpath(str(data_cfg.eval_source)) == os.path.realpath(str(data_cfg.source))
-    what = "is the training file: " if same else ""
-    return (f"data.eval_source: {what}{shared} of {len(eval_records)} eval examples also appear in the training data; "
+    if data_cfg.eval_source:
+        field = "data.eval_source"
+        same = os.path.realpath(str(data_cfg.eval_source)) == os.path.realpath(str(data_cfg.source))
+        what = "is the training file: " if same else ""
+    else:
+        field = "data.eval_split"
+        what = f"is the training split (data.split {data_cfg.split!r}): " if data_cfg.eval_split == data_cfg.split else ""
+    return (f"{field}: {what}{shared} of {len(eval_records)} eval examples also appear in the training data; "
             "their eval loss measures memorization, not generalization")
 
 
