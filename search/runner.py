@@ -158,6 +158,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         warnings.extend(filter(None, [overlap_warning(train_records, eval_records, d)]))
         if tokenizer is not None:
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
+            warnings.extend(filter(None, [out.data.truncation_warning(d.max_seq_len)]))
     except DataError as exc:
         problems.append(str(exc))
     from lora_rank_search.search import tracking

@@ -52,6 +52,20 @@ def test_instruction_loss_only_on_response_and_eos(tokenizer):
     assert tokenizer.convert_ids_to_tokens(ids)[:2] == ["w1", "w2"]
 
 
+def test_examples_whose_response_truncation_cuts_away_are_counted_per_split_and_warned_about(tokenizer):
+    from lora_rank_search.trainables.data import tokenize_splits
+
+    long_prompt = " ".join(["w1"] * 40)  # past max_seq_len 32: no response token is left
+    train = [{"prompt": "w1", "response": "w2"}] * 3 + [{"prompt": long_prompt, "response": "w2"}]
+    held = [{"prompt": "w1", "response": "w3"}] + [{"prompt": long_prompt, "response": "w3"}] * 2
+    data = tokenize_splits(train, held, tokenizer, data_config())
+    assert (len(data.train_ids), len(data.eval_ids), data.dropped, data.dropped_eval) == (3, 1, 3, 2)
+    assert data.truncation_warning(32) == (
+        "data.max_seq_len: 1 training and 2 eval examples lose every response token to truncation at 32 tokens and are left "
+        "out (the eval set keeps 1); raise max_seq_len or shorten their prompts")
+    assert tokenize_splits(train[:3], held[:1], tokenizer, data_config()).truncation_warning(32) is None
+
+
 def test_instruction_through_a_chat_template(tokenizer):
     tokenizer.chat_template = TEMPLATE
     ids, labels = encode_record({"prompt": "w1", "response": "w2 w3"}, tokenizer, data_config(), template=True)

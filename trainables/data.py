@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -85,6 +85,17 @@ class TokenizedData:
     eval_labels: Ragged
     pad_id: int
     dropped: int = 0  # examples with no loss token left after truncation
+    dropped_eval: int = 0  # of which eval examples
+
+    def truncation_warning(self, max_seq_len: int) -> Optional[str]:
+        """`data.max_seq_len: ...` when truncation left examples without a response token (they are left out)."""
+        if not self.dropped:
+            return None
+        train, held = self.dropped - self.dropped_eval, self.dropped_eval
+        parts = [f"{n} {side}" for n, side in ((train, "training"), (held, "eval")) if n]
+        return (f"data.max_seq_len: {' and '.join(parts)} example{'s' if self.dropped > 1 else ''} lose every response token to "
+                f"truncation at {max_seq_len} tokens and are left out (the eval set keeps {len(self.eval_ids)}); "
+                "raise max_seq_len or shorten their prompts")
 
     @property
     def eval_tokens(self) -> int:
@@ -233,7 +244,7 @@ def tokenize_splits(train_records: list[dict], eval_records: list[dict], tokeniz
             f"data.max_seq_len: no {side} example keeps a response token within max_seq_len={data_cfg.max_seq_len}"
         )
     rows = [Ragged.from_rows(part) for part in (train_ids, train_labels, eval_ids, eval_labels)]
-    return TokenizedData(*rows, int(tokenizer.pad_token_id), dropped_t + dropped_e)
+    return TokenizedData(*rows, int(tokenizer.pad_token_id), dropped_t + dropped_e, dropped_e)
 
 
 def prepare_data(data_cfg: DataConfig, tokenizer) -> TokenizedData:
