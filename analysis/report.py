@@ -188,6 +188,20 @@ def _effective_rows(eff: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def export_command(experiment: str, rec: Recommendation) -> str:
+    """The `lora-rank export` command that writes this recommendation's adapter: the experiment
+    quoted for a shell, and the rule and tolerance when they are not export's defaults (a report
+    from `analyze --rule absolute` named a command that exported another rank)."""
+    import shlex
+
+    from lora_rank_search.analysis.selection import DEFAULT_RULE, RULES
+
+    rule = []
+    if rec.rule_name != DEFAULT_RULE or abs(rec.tolerance - RULES[DEFAULT_RULE]) > 1e-12:
+        rule = ["--rule", rec.rule_name, "--tolerance", f"{rec.tolerance:g}"]
+    return shlex.join(["lora-rank", "export", experiment, *rule, "--out", "DIR"])
+
+
 def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, findings: list[Finding],
                  eff_sentence: str, eff: Optional[pd.DataFrame], plots: dict, snippet: str, config: dict) -> list[tuple]:
     """The report as (kind, payload) blocks: h1/h2/p/list/code/table/figure."""
@@ -234,7 +248,7 @@ def build_blocks(experiment: str, trials: pd.DataFrame, rec: Recommendation, fin
     if snippet:
         blocks.append(("h2", "Use it"))
         blocks.append(("code", snippet))
-        blocks.append(("p", f"`lora-rank export {experiment} --out DIR` writes that trial's trained adapter (PEFT format)."))
+        blocks.append(("p", f"`{export_command(experiment, rec)}` writes that trial's trained adapter (PEFT format)."))
     if rec.several_choices:
         blocks.append(("h2", "Target choices: every adapter by its cost"))
         blocks.append(("p", "Each (target choice, rank) is judged against the best adapter of any choice at the same step; "

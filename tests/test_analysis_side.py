@@ -59,9 +59,20 @@ def test_analyze_writes_the_verdict_with_the_base_the_gain_shares_and_the_learni
 def test_other_rules_and_bad_flags(fake_experiment, capsys):
     assert main(["analyze", fake_experiment, "--rule", "relative", "--tolerance", "0.5", "--out", os.path.join(fake_experiment, "a2")]) == 0
     assert json.load(open(os.path.join(fake_experiment, "a2", "recommendation.json")))["rank"] == 2
+    report = open(os.path.join(fake_experiment, "a2", "REPORT.md")).read()
+    # the export it names recommends what this report does (export's default rule gave another rank)
+    assert f"`lora-rank export {fake_experiment} --rule relative --tolerance 0.5 --out DIR`" in report
     capsys.readouterr()
     assert main(["analyze", fake_experiment, "--tolerance", "1.5"]) == 2
     assert "--tolerance: must be a number >= 0 and < 1" in capsys.readouterr().err
+
+
+def test_the_export_command_in_the_report_is_quoted_for_a_shell():
+    from lora_rank_search.analysis.report import export_command
+    from lora_rank_search.analysis.selection import Recommendation
+
+    rec = Recommendation(2, 0.05, "", rule_name="gain")
+    assert export_command("runs/my search ü", rec) == "lora-rank export 'runs/my search ü' --out DIR"
 
 
 def test_tensorboard_folder_for_every_status(fake_experiment, tmp_path):
