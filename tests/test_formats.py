@@ -140,6 +140,8 @@ def test_save_to_disk_folder_with_split_and_eval_split(tmp_path):
         load_data(data_config(source=str(folder), split="test", eval_split="train"))
     with pytest.raises(DataError, match=r"data.source: no split 'validation' in .* \(splits: train, test\)"):
         load_data(data_config(source=str(folder), split="validation"))
+    with pytest.raises(DataError, match=r"data.subset: .* is a save_to_disk folder, which holds no subsets .*got 'foo'"):
+        load_data(data_config(source=str(folder), subset="foo"))  # was ignored: the search ran on the whole folder
 
 
 def test_hugging_face_data_folder_with_subsets(tmp_path):

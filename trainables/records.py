@@ -77,6 +77,9 @@ def _read_dataset(name: str, field: str, split: str, subset: Optional[str]) -> l
     saved = folder.is_dir() and any((folder / f).is_file() for f in ("dataset_dict.json", "state.json"))
     try:
         if saved:
+            if subset:  # save_to_disk keeps one configuration: a subset asked for would be ignored
+                raise DataError(f"data.subset: {name!r} is a save_to_disk folder, which holds no subsets (configurations); "
+                                f"remove data.subset, got {subset!r}")
             loaded = datasets.load_from_disk(str(folder))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
