@@ -21,7 +21,7 @@ def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     from lora_rank_search.search.runner import run_search
 
-    again = " ".join(["lora-rank search", shlex.quote(args.config), *(f"--set {shlex.quote(s)}" for s in args.set), "--resume"])
+    again = resume_command(args)
     try:
         experiment = run_search(cfg, resume=args.resume, address=args.address)
     except KeyboardInterrupt:
@@ -159,6 +159,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this search: the same config, overrides, cluster (--address: without
+    it the resume would start a local Ray instead) and analysis choice, plus --resume."""
+    options = [*(f"--set {shlex.quote(s)}" for s in args.set), *([f"--address {shlex.quote(args.address)}"] if args.address else []),
+               *(["--no-analyze"] if args.no_analyze else [])]
+    return " ".join(["lora-rank search", shlex.quote(args.config), *options, "--resume"])
 
 
 def _interrupted_message(cfg, args: argparse.Namespace, again: str) -> str:

@@ -108,3 +108,16 @@ def _tiny_llama_config():
 
     return LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, vocab_size=100)
+
+
+def test_the_resume_command_keeps_the_cluster_address_and_the_analysis_choice():
+    """After a Ctrl-C of a cluster search, the printed command dropped --address: it would have
+    resumed on a new local Ray instead of the cluster."""
+    import argparse
+
+    from lora_rank_search.search.cli import resume_command
+
+    args = argparse.Namespace(config="my search.yaml", set=["train.max_steps=40"], address="auto", no_analyze=True)
+    assert resume_command(args) == "lora-rank search 'my search.yaml' --set train.max_steps=40 --address auto --no-analyze --resume"
+    args = argparse.Namespace(config="a.yaml", set=[], address=None, no_analyze=False)
+    assert resume_command(args) == "lora-rank search a.yaml --resume"
