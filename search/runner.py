@@ -159,6 +159,11 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         if tokenizer is not None:
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
             warnings.extend(filter(None, [out.data.truncation_warning(d.max_seq_len)]))
+            if cfg.eval.metric and out.data.cut_eval:
+                warnings.append(
+                    f"eval.metric: {out.data.cut_eval} of {len(out.data.eval_ids)} eval examples have their answer cut at "
+                    f"data.max_seq_len={d.max_seq_len}: {cfg.eval.metric} compares each generation with the cut answer "
+                    "(an exact match cannot succeed there); raise data.max_seq_len")
     except DataError as exc:
         problems.append(str(exc))
     from lora_rank_search.search import tracking

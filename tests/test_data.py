@@ -56,14 +56,19 @@ def test_examples_whose_response_truncation_cuts_away_are_counted_per_split_and_
     from lora_rank_search.trainables.data import tokenize_splits
 
     long_prompt = " ".join(["w1"] * 40)  # past max_seq_len 32: no response token is left
-    train = [{"prompt": "w1", "response": "w2"}] * 3 + [{"prompt": long_prompt, "response": "w2"}]
-    held = [{"prompt": "w1", "response": "w3"}] + [{"prompt": long_prompt, "response": "w3"}] * 2
+    cut_prompt = " ".join(["w1"] * 30)  # the response "w3 w4 w5" loses its end
+    train = [{"prompt": "w1", "response": "w2"}] * 8 + [{"prompt": long_prompt, "response": "w2"}]
+    held = [{"prompt": "w1", "response": "w3"}, {"prompt": cut_prompt, "response": "w3 w4 w5"}] + [{"prompt": long_prompt, "response": "w3"}] * 2
     data = tokenize_splits(train, held, tokenizer, data_config())
-    assert (len(data.train_ids), len(data.eval_ids), data.dropped, data.dropped_eval) == (3, 1, 3, 2)
+    assert (len(data.train_ids), len(data.eval_ids), data.dropped, data.dropped_eval, data.cut_eval) == (8, 2, 3, 2, 1)
     assert data.truncation_warning(32) == (
         "data.max_seq_len: 1 training and 2 eval examples lose every response token to truncation at 32 tokens and are left "
-        "out (the eval set keeps 1); raise max_seq_len or shorten their prompts")
-    assert tokenize_splits(train[:3], held[:1], tokenizer, data_config()).truncation_warning(32) is None
+        "out (the eval set keeps 2); raise max_seq_len or shorten their prompts")
+    assert tokenize_splits(train[:8], held[:1], tokenizer, data_config()).truncation_warning(32) is None
+    # the minimum of training examples holds after truncation too (2 of 10 kept trained a "verdict")
+    with pytest.raises(DataError, match=r"data.max_seq_len: only 2 training examples of 10 keep a response token within "
+                                        r"max_seq_len=32; a rank search needs at least 8"):
+        tokenize_splits(train[:2] + [train[-1]] * 8, held, tokenizer, data_config())
 
 
 def test_instruction_through_a_chat_template(tokenizer):

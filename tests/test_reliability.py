@@ -121,6 +121,18 @@ def test_an_eval_split_that_is_the_training_split_is_warned_about_like_an_eval_f
     assert overlap_warning(records, [{"prompt": "w9", "response": "w2"}], other) is None
 
 
+def test_a_metric_over_eval_answers_cut_by_max_seq_len_is_warned_about(raw_config, tmp_path, capsys):
+    """exact_match compared the generations with answers truncation had cut: a learned task scored 0."""
+    rows = [{"prompt": " ".join(["w1"] * 30), "response": "w3 w4 w5"}] * 3 + [{"prompt": "w1", "response": "w3"}] * 2
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = raw_config(data={"eval_source": str(tmp_path / "eval.jsonl")}, eval={"metric": "exact_match"})
+    prepare(parse_config(raw), log=lambda _: None)
+    assert ("warning: eval.metric: 3 of 5 eval examples have their answer cut at data.max_seq_len=32: exact_match compares "
+            "each generation with the cut answer") in capsys.readouterr().err
+    prepare(parse_config(raw_config(data={"eval_source": str(tmp_path / "eval.jsonl")})), log=lambda _: None)
+    assert "eval.metric" not in capsys.readouterr().err, "the eval loss is not a comparison with the whole answer"
+
+
 def test_the_cli_prints_config_warnings_and_goes_on(raw_config, tmp_path, capsys):
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(raw_config(train={"learning_rate": 1e-8}, model={"name_or_path": str(tmp_path / "none")})))

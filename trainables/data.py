@@ -86,6 +86,7 @@ class TokenizedData:
     pad_id: int
     dropped: int = 0  # examples with no loss token left after truncation
     dropped_eval: int = 0  # of which eval examples
+    cut_eval: int = 0  # eval examples kept whose response truncation shortened (eval.metric's reference is cut too)
 
     def truncation_warning(self, max_seq_len: int) -> Optional[str]:
         """`data.max_seq_len: ...` when truncation left examples without a response token (they are left out)."""
@@ -163,18 +164,20 @@ def encode_record(record: dict, tokenizer, data_cfg: DataConfig, template: bool)
     return _segments_to_example(tokenizer, segments, plain_bos)
 
 
-def _tokenize(records: list[dict], tokenizer, data_cfg: DataConfig, template: bool) -> tuple[list, list, int]:
-    ids_out, labels_out, dropped = [], [], 0
+def _tokenize(records: list[dict], tokenizer, data_cfg: DataConfig, template: bool) -> tuple[list, list, int, int]:
+    """(ids, labels, examples dropped: no response token left, examples cut: some response tokens lost) after truncation."""
+    ids_out, labels_out, dropped, cut = [], [], 0, 0
     limit = data_cfg.max_seq_len
     for record in records:
-        ids, labels = encode_record(record, tokenizer, data_cfg, template)
-        ids, labels = ids[:limit], labels[:limit]
+        full_ids, full_labels = encode_record(record, tokenizer, data_cfg, template)
+        ids, labels = full_ids[:limit], full_labels[:limit]
         if not any(lab != IGNORE for lab in labels[1:]):  # position 0 never gets loss after the shift
             dropped += 1
             continue
+        cut += any(lab != IGNORE for lab in full_labels[limit:])
         ids_out.append(np.asarray(ids, dtype=np.int32))
         labels_out.append(np.asarray(labels, dtype=np.int32))
-    return ids_out, labels_out, dropped
+    return ids_out, labels_out, dropped, cut
 
 
 def load_data(data_cfg: DataConfig) -> tuple[list[dict], list[dict], DataConfig, list[str]]:
@@ -236,15 +239,20 @@ def load_splits(data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
 def tokenize_splits(train_records: list[dict], eval_records: list[dict], tokenizer, data_cfg: DataConfig) -> TokenizedData:
     """Token ids and loss masks for both splits, truncated to max_seq_len."""
     template = get_format(data_cfg.format).templated and _uses_template(tokenizer, data_cfg.use_chat_template)
-    train_ids, train_labels, dropped_t = _tokenize(train_records, tokenizer, data_cfg, template)
-    eval_ids, eval_labels, dropped_e = _tokenize(eval_records, tokenizer, data_cfg, template)
+    train_ids, train_labels, dropped_t, _ = _tokenize(train_records, tokenizer, data_cfg, template)
+    eval_ids, eval_labels, dropped_e, cut_e = _tokenize(eval_records, tokenizer, data_cfg, template)
     if not train_ids or not eval_ids:
         side = "train" if not train_ids else "eval"
         raise DataError(
             f"data.max_seq_len: no {side} example keeps a response token within max_seq_len={data_cfg.max_seq_len}"
         )
+    if len(train_ids) < MIN_TRAIN_EXAMPLES:  # the minimum load_data checks, after truncation
+        raise DataError(
+            f"data.max_seq_len: only {_count(len(train_ids), 'training example')} of {len(train_records)} keep a response token "
+            f"within max_seq_len={data_cfg.max_seq_len}; a rank search needs at least {MIN_TRAIN_EXAMPLES} (raise max_seq_len)"
+        )
     rows = [Ragged.from_rows(part) for part in (train_ids, train_labels, eval_ids, eval_labels)]
-    return TokenizedData(*rows, int(tokenizer.pad_token_id), dropped_t + dropped_e, dropped_e)
+    return TokenizedData(*rows, int(tokenizer.pad_token_id), dropped_t + dropped_e, dropped_e, cut_e)
 
 
 def prepare_data(data_cfg: DataConfig, tokenizer) -> TokenizedData:
