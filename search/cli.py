@@ -40,13 +40,13 @@ def _search(args: argparse.Namespace) -> int:
         print(f"\nfailed trials (the others are unaffected):\n{failures}")
     print(f"\nexperiment: {experiment}")
     # Tune catches the first Ctrl-C itself, saves its state and returns as if done: count what finished.
-    unfinished = max(0, planned - (int(trials["status"].isin(DONE).sum()) if not trials.empty else 0))
+    unfinished = planned - (int(trials["status"].isin(DONE).sum()) if not trials.empty else 0)  # < 0: more folders than arms
     if unfinished and args.resume and not trials.empty and len(trials) != planned:
         print(f"error: name: the experiment {experiment!r} holds {len(trials)} trials but the config asks for {planned}; "
               "resuming cannot finish it (was its stored config changed or lost?): start a new search under another name",
               file=sys.stderr)
         return 2
-    if unfinished:
+    if unfinished > 0:
         print(f"\ninterrupted with {unfinished} trial(s) unfinished; nothing finished is lost. Continue with:\n  {again}", file=sys.stderr)
         return 130
     errored = _trials_in_error(trials)
