@@ -145,4 +145,11 @@ def writable_problem(path: str) -> str | None:
         return f"storage_path: cannot write to {path!r} ({existing!r} is a file, not a folder)"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"storage_path: cannot write to {path!r} (permission denied on {existing!r})"
+    # os.access says yes to root everywhere, /proc and read-only mounts included: try a folder there (removed at once)
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lrs-probe-", dir=existing))
+    except OSError as exc:
+        return f"storage_path: cannot write to {path!r} (cannot create a folder in {existing!r}: {exc.strerror or exc})"
     return None

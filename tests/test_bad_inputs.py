@@ -114,6 +114,8 @@ CASES = [
     ("name with a slash", {"name": "a/b"}, [], "name: must be a non-empty folder name without '/', got 'a/b'"),
     ("storage path is a file", {"storage_path": "{bad}/a-file"}, [], "storage_path: cannot write to '{bad}/a-file'"),
     ("storage path under a file", {"storage_path": "{bad}/a-file/runs"}, [], "storage_path: cannot write to '{bad}/a-file/runs'"),
+    # os.access says yes to root there; the folder cannot be made (a traceback after preparing, before)
+    ("storage path in /proc", {"storage_path": "/proc/lrs-nope"}, [], "storage_path: cannot write to '/proc/lrs-nope'"),
     ("experiment exists", {"storage_path": "{bad}/runs", "name": "done"}, [], "name: experiment '{bad}/runs/done' already exists; add --resume to continue it, or choose another name"),
     ("folder of a run that died at once", {"storage_path": "{bad}/runs", "name": "died"}, [], "name: folder '{bad}/runs/died' already exists but holds no resumable search"),
     ("resume of nothing", {}, ["--resume"], "name: nothing to resume at '{tmp}/runs/test' (no experiment there; start without --resume)"),
