@@ -234,6 +234,10 @@ def test_cli_prints_the_table_and_names_bad_input(tmp_path, capsys):
     assert main(["params", str(tmp_path / "llama"), "--ranks", "4", "16", "--targets", "attention", "q_proj,v_proj"]) == 0
     out = capsys.readouterr().out
     assert "trainable params" in out and "q_proj,v_proj" in out and "no weights loaded" in out
+    # a config.json by its absolute path, as the help says (it was refused as 'a file, not a model folder')
+    assert main(["params", str(tmp_path / "llama" / "config.json"), "--ranks", "4", "16", "--targets", "attention", "q_proj,v_proj"]) == 0
+    by_file = capsys.readouterr().out
+    assert "trainable params" in by_file and "q_proj,v_proj" in by_file
     assert main(["params", str(tmp_path / "llama"), "--targets", "q_proj,qkv"]) == 2
     err = capsys.readouterr().err
     assert "'qkv' not found" in err and "down_proj" in err

@@ -20,6 +20,7 @@ params x 4 bytes (fp32, PEFT's default adapter dtype). A test checks it against 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
@@ -103,7 +104,8 @@ def parameter_table(
         raise ValueError("--targets: an empty value names no layer; give a preset (attention, mlp, all-linear, ...) or "
                          "comma-separated layer names, got ''")
     started = time.perf_counter()
-    path = resolve_model(model)
+    # a config.json is read as it is (resolve_model wants a model folder, and refused one by absolute path)
+    path = model if os.path.isfile(model) and model.endswith(".json") else resolve_model(model)
     problems = config_field_problems(path)
     if problems:
         raise ValueError("\n".join(problems))
