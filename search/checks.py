@@ -304,6 +304,8 @@ IDLE_WHEN = (
     ("eval.max_new_tokens", lambda c: not c.eval.metric, lambda c: "eval.metric is not set"),
     ("budget.fit", lambda c: not _budgeted(c), lambda c: "no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"),
     ("budget.probe_steps", lambda c: not _budgeted(c), lambda c: "no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"),
+    ("data.split", lambda c: not _dataset(c), lambda c: f"data.source {c.data.source!r} is a file or a builtin, which has no splits"),
+    ("data.subset", lambda c: not _dataset(c), lambda c: f"data.source {c.data.source!r} is a file or a builtin, which has no subsets"),
     ("data.eval_fraction", lambda c: bool(c.data.eval_source or c.data.eval_split),
      lambda c: "the eval examples come from " + ("data.eval_source" if c.data.eval_source else "data.eval_split")),
     ("tracking.mlflow.experiment_name", lambda c: not c.tracking.mlflow.tracking_uri,
@@ -312,6 +314,12 @@ IDLE_WHEN = (
     ("tracking.wandb.mode", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
     ("tracking.wandb.dir", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
 )
+
+
+def _dataset(cfg: SearchConfig) -> bool:
+    from lora_rank_search.trainables.records import is_dataset_source
+
+    return is_dataset_source(cfg.data.source)
 
 
 def _budgeted(cfg: SearchConfig) -> bool:

@@ -57,6 +57,7 @@ def test_a_batch_larger_than_the_training_data_is_warned_about(raw_config, capsy
     ({"budget": {"fit": "shrink", "wall_minutes": 30}}, []),
     ({"tracking": {"wandb": {"mode": "offline"}}},
      ["tracking.wandb.mode: 'offline' has no effect: tracking.wandb.project is not set (W&B is off)"]),
+    ({"data": {"split": "validation"}}, ["data.split: 'validation' has no effect: data.source '{source}' is a file or a builtin, which has no splits"]),
 ])
 def test_a_written_setting_that_does_nothing_with_the_rest_of_the_config_is_warned_about(raw_config, over, warned):
     """scheduler.confirm under ASHA was ignored without a word; the class: every key that acts only
@@ -64,7 +65,7 @@ def test_a_written_setting_that_does_nothing_with_the_rest_of_the_config_is_warn
     from lora_rank_search.search.config import idle_settings
 
     raw = raw_config(**over)
-    assert idle_settings(raw, parse_config(raw)) == warned
+    assert idle_settings(raw, parse_config(raw)) == [w.format(source=raw["data"]["source"]) for w in warned]
 
 
 def test_idle_settings_are_printed_when_the_config_is_loaded(raw_config, tmp_path, capsys):
