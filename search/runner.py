@@ -101,6 +101,20 @@ def _local_cpus() -> int:
         return len(os.sched_getaffinity(0))
 
 
+SMALL_EVAL = 20  # eval examples below which the verdict is warned to rest on a handful
+
+
+def small_eval_warning(data, d) -> Optional[str]:
+    """`<field>: ...` when the eval set is so small that differences between ranks are mostly noise."""
+    n = len(data.eval_ids)
+    if n >= SMALL_EVAL:
+        return None
+    field = ("data.max_eval_examples" if d.max_eval_examples and d.max_eval_examples < SMALL_EVAL else
+             "data.eval_source" if d.eval_source else "data.eval_split" if d.eval_split else "data.eval_fraction")
+    return (f"{field}: the eval set has {n} example{'s' if n != 1 else ''} ({data.eval_tokens} tokens with loss): every rank is judged "
+            f"on {'it' if n == 1 else 'them'}, and differences this small a sample shows are mostly noise; hold out at least {SMALL_EVAL}")
+
+
 def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bool = False) -> Prepared:
     """Resolve the model, the LoRA targets and the data; raise one ConfigError listing every problem.
 
@@ -158,7 +172,7 @@ def prepare(cfg: SearchConfig, log: Callable[[str], None] = print, local_ray: bo
         warnings.extend(filter(None, [overlap_warning(train_records, eval_records, d)]))
         if tokenizer is not None:
             out.data = tokenize_splits(train_records, eval_records, tokenizer, d)
-            warnings.extend(filter(None, [out.data.truncation_warning(d.max_seq_len)]))
+            warnings.extend(filter(None, [out.data.truncation_warning(d.max_seq_len), small_eval_warning(out.data, d)]))
             if cfg.eval.metric and out.data.cut_eval:
                 warnings.append(
                     f"eval.metric: {out.data.cut_eval} of {len(out.data.eval_ids)} eval examples have their answer cut at "

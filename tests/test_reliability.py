@@ -104,7 +104,12 @@ def test_an_eval_file_that_overlaps_the_training_file_is_warned_about_with_the_c
         lines = handle.readlines()
     (tmp_path / "eval.jsonl").write_text("".join(lines[:7]) + json.dumps({"prompt": "w1 w2", "response": "w3"}) + "\n")
     prepare(parse_config(raw_config(data={"eval_source": str(tmp_path / "eval.jsonl")})), log=lambda _: None)
-    assert "warning: data.eval_source: 7 of 8 eval examples also appear in the training data;" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: data.eval_source: 7 of 8 eval examples also appear in the training data;" in err
+    # and 8 examples are few to judge ranks on (a 1-example eval set was accepted without a word)
+    assert "warning: data.eval_source: the eval set has 8 examples (" in err and "hold out at least 20" in err
+    prepare(parse_config(raw_config()), log=lambda _: None)  # the fixture's hash split holds out 58
+    assert "the eval set has" not in capsys.readouterr().err
 
 
 def test_an_eval_split_that_is_the_training_split_is_warned_about_like_an_eval_file():
