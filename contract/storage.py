@@ -131,7 +131,8 @@ def write_marker(experiment_path: str) -> dict | None:
 
 
 def writable_problem(path: str) -> str | None:
-    """Why a local storage_path could not be created or written, or None; creates nothing.
+    """Why a local storage_path could not be created or written, or None; leaves nothing behind (a
+    probe folder is made in the nearest existing folder and removed at once).
 
     The nearest existing folder on the way must be a folder this user can write into.
     """
