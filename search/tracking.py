@@ -89,17 +89,14 @@ def callbacks(cfg: SearchConfig, log: Callable[[str], None] = print) -> tuple[li
         try:
             from mlflow.tracking import MlflowClient
 
-            from lora_rank_search.search.mlflow_callback import MLflowLoggerCallback
-
             with _quick_mlflow():
                 client = MlflowClient(tracking_uri=uri)
                 found = client.get_experiment_by_name(name)
                 experiment_id = found.experiment_id if found else client.create_experiment(name)
                 parent = client.create_run(experiment_id, run_name=cfg.name, tags={"lora_rank_search.role": "search"})
-            tags = {"mlflow.parentRunId": parent.info.run_id, "lora_rank_search.search": cfg.name}
-            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, tags=tags, save_artifact=False))
             record["mlflow"] = {"tracking_uri": uri, "experiment_name": name, "experiment_id": experiment_id,
                                 "parent_run_id": parent.info.run_id}
+            out.append(_mlflow_callback(record["mlflow"], cfg.name))
             log(f"tracking: MLflow at {uri}, experiment {name!r}, parent run {parent.info.run_id} (one child run per trial)")
         except Exception as exc:  # noqa: BLE001 - an unreachable tracker must not stop the search
             warn(f"tracking.mlflow.tracking_uri: cannot reach {uri} ({type(exc).__name__}: "
@@ -113,12 +110,8 @@ def callbacks(cfg: SearchConfig, log: Callable[[str], None] = print) -> tuple[li
                  "(upload later with `wandb sync`)")
             mode = "offline"
         folder = wandb_dir(cfg)
-        os.makedirs(folder, exist_ok=True)
-        kwargs = {"mode": mode, "dir": folder, **({"entity": w.entity} if w.entity else {})}
-        from lora_rank_search.search.wandb_callback import WandbLoggerCallback
-
-        out.append(WandbLoggerCallback(project=w.project, group=cfg.name, log_config=False, **kwargs))
         record["wandb"] = {"project": w.project, "entity": w.entity, "group": cfg.name, "mode": mode, "dir": folder}
+        out.append(_wandb_callback(record["wandb"]))
         log(f"tracking: W&B project {w.project!r}, group {cfg.name!r}, {mode}, files under {folder}")
     return out, record
 
@@ -131,29 +124,38 @@ def resumed_callbacks(cfg: SearchConfig, record: dict, log: Callable[[str], None
     m = record.get("mlflow")
     if m:
         try:
-            from lora_rank_search.search.mlflow_callback import MLflowLoggerCallback
-
             allow_folder(m["tracking_uri"])
-            tags = {"mlflow.parentRunId": m["parent_run_id"], "lora_rank_search.search": cfg.name}
-            out.append(MLflowLoggerCallback(tracking_uri=m["tracking_uri"], experiment_name=m["experiment_name"], tags=tags,
-                                            save_artifact=False))
+            out.append(_mlflow_callback(m, cfg.name))
             where.append(f"MLflow parent run {m['parent_run_id']}")
         except Exception as exc:  # noqa: BLE001 - an unreachable tracker must not stop the search
             warn(f"tracking.mlflow: cannot log the resumed trials ({type(exc).__name__}: {exc}); the search goes on without MLflow")
     w = record.get("wandb")
     if w:
         try:
-            from lora_rank_search.search.wandb_callback import WandbLoggerCallback
-
-            os.makedirs(w["dir"], exist_ok=True)
-            kwargs = {"mode": w["mode"], "dir": w["dir"], **({"entity": w["entity"]} if w.get("entity") else {})}
-            out.append(WandbLoggerCallback(project=w["project"], group=w["group"], log_config=False, **kwargs))
+            out.append(_wandb_callback(w))
             where.append(f"W&B group {w['group']!r}, {w['mode']}")
         except Exception as exc:  # noqa: BLE001 - as above
             warn(f"tracking.wandb: cannot log the resumed trials ({type(exc).__name__}: {exc}); the search goes on without W&B")
     if where:
         log(f"tracking: resumed: each trial logs on to its run of the first start ({'; '.join(where)})")
     return out
+
+
+def _mlflow_callback(m: dict, search: str):
+    """The MLflow callback of the search that search_meta.json's `tracking.mlflow` record (`m`) describes."""
+    from lora_rank_search.search.mlflow_callback import MLflowLoggerCallback
+
+    tags = {"mlflow.parentRunId": m["parent_run_id"], "lora_rank_search.search": search}
+    return MLflowLoggerCallback(tracking_uri=m["tracking_uri"], experiment_name=m["experiment_name"], tags=tags, save_artifact=False)
+
+
+def _wandb_callback(w: dict):
+    """The W&B callback of the search that search_meta.json's `tracking.wandb` record (`w`) describes."""
+    from lora_rank_search.search.wandb_callback import WandbLoggerCallback
+
+    os.makedirs(w["dir"], exist_ok=True)
+    kwargs = {"mode": w["mode"], "dir": w["dir"], **({"entity": w["entity"]} if w.get("entity") else {})}
+    return WandbLoggerCallback(project=w["project"], group=w["group"], log_config=False, **kwargs)
 
 
 def wandb_dir(cfg: SearchConfig) -> str:
