@@ -290,29 +290,26 @@ def config_warnings(cfg: SearchConfig) -> list[str]:
     return out
 
 
-# Settings that only act together with another: (dotted key, is it idle in this config?, why not).
+# Settings that only act together with another: (dotted keys, are they idle in this config?, why).
 # A key the user wrote whose setting does nothing here is warned about (`idle_settings`).
 IDLE_WHEN = (
-    ("scheduler.confirm", lambda c: c.scheduler.type != "sha" and c.scheduler.confirm != "off",
+    (("scheduler.confirm",), lambda c: c.scheduler.type != "sha" and c.scheduler.confirm != "off",
      lambda c: f"confirmations run under successive halving only (scheduler.type sha), not {c.scheduler.type}"),
-    ("scheduler.grace_period", lambda c: c.scheduler.type == "none", lambda c: "scheduler.type none stops no trial early"),
-    ("scheduler.reduction_factor", lambda c: c.scheduler.type == "none", lambda c: "scheduler.type none stops no trial early"),
-    ("quantization.quant_type", lambda c: not c.quantization.load_in_4bit, lambda c: "quantization.load_in_4bit is false"),
-    ("quantization.double_quant", lambda c: not c.quantization.load_in_4bit, lambda c: "quantization.load_in_4bit is false"),
-    ("quantization.prequantized_cache", lambda c: not c.quantization.load_in_4bit, lambda c: "quantization.load_in_4bit is false"),
-    ("eval.metric_mode", lambda c: not c.eval.metric, lambda c: "eval.metric is not set"),
-    ("eval.max_new_tokens", lambda c: not c.eval.metric, lambda c: "eval.metric is not set"),
-    ("budget.fit", lambda c: not _budgeted(c), lambda c: "no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"),
-    ("budget.probe_steps", lambda c: not _budgeted(c), lambda c: "no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"),
-    ("data.split", lambda c: not _dataset(c), lambda c: f"data.source {c.data.source!r} is a file or a builtin, which has no splits"),
-    ("data.subset", lambda c: not _dataset(c), lambda c: f"data.source {c.data.source!r} is a file or a builtin, which has no subsets"),
-    ("data.eval_fraction", lambda c: bool(c.data.eval_source or c.data.eval_split),
+    (("scheduler.grace_period", "scheduler.reduction_factor"), lambda c: c.scheduler.type == "none",
+     lambda c: "scheduler.type none stops no trial early"),
+    (("quantization.quant_type", "quantization.double_quant", "quantization.prequantized_cache"),
+     lambda c: not c.quantization.load_in_4bit, lambda c: "quantization.load_in_4bit is false"),
+    (("eval.metric_mode", "eval.max_new_tokens"), lambda c: not c.eval.metric, lambda c: "eval.metric is not set"),
+    (("budget.fit", "budget.probe_steps"), lambda c: not _budgeted(c),
+     lambda c: "no budget is set (budget.gpu_hours, cpu_hours, wall_minutes)"),
+    (("data.split",), lambda c: not _dataset(c), lambda c: f"data.source {c.data.source!r} is a file or a builtin, which has no splits"),
+    (("data.subset",), lambda c: not _dataset(c), lambda c: f"data.source {c.data.source!r} is a file or a builtin, which has no subsets"),
+    (("data.eval_fraction",), lambda c: bool(c.data.eval_source or c.data.eval_split),
      lambda c: "the eval examples come from " + ("data.eval_source" if c.data.eval_source else "data.eval_split")),
-    ("tracking.mlflow.experiment_name", lambda c: not c.tracking.mlflow.tracking_uri,
+    (("tracking.mlflow.experiment_name",), lambda c: not c.tracking.mlflow.tracking_uri,
      lambda c: "tracking.mlflow.tracking_uri is not set (MLflow is off)"),
-    ("tracking.wandb.entity", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
-    ("tracking.wandb.mode", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
-    ("tracking.wandb.dir", lambda c: not c.tracking.wandb.project, lambda c: "tracking.wandb.project is not set (W&B is off)"),
+    (("tracking.wandb.entity", "tracking.wandb.mode", "tracking.wandb.dir"), lambda c: not c.tracking.wandb.project,
+     lambda c: "tracking.wandb.project is not set (W&B is off)"),
 )
 
 
@@ -341,11 +338,12 @@ def idle_settings(raw: Any, cfg: SearchConfig) -> list[str]:
     """Keys the user wrote that do nothing with the rest of this config: one warning line each,
     `<key>: <value> has no effect: <why>`, so a setting that reads as doing something is never silently idle."""
     out = []
-    for dotted, idle, why in IDLE_WHEN:
-        if _written(raw, dotted) and idle(cfg):
-            section, name = dotted.rsplit(".", 1)
-            value = getattr(_section(cfg, section), name)
-            out.append(f"{dotted}: {value!r} has no effect: {why(cfg)}")
+    for keys, idle, why in IDLE_WHEN:
+        for dotted in keys:
+            if _written(raw, dotted) and idle(cfg):
+                section, name = dotted.rsplit(".", 1)
+                value = getattr(_section(cfg, section), name)
+                out.append(f"{dotted}: {value!r} has no effect: {why(cfg)}")
     return out
 
 
